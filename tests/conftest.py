@@ -1,0 +1,93 @@
+"""Shared fixtures: generated datasets on disk and one real MLflow SQLite store per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from click.testing import CliRunner, Result
+from mlflow.tracking import MlflowClient
+
+from training.cli import main
+from training.data.synthetic import write_synthetic_tinyimagenet
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+MINI_TINYIMAGENET = SHARED_DATA / "tiny-imagenet-200-mini"
+WIKITEXT_VALID = SHARED_DATA / "wikitext-2" / "valid.txt"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tracking_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real SQLite-backed MLflow store shared by the session (creating one costs ~1.3 s)."""
+    store = tmp_path_factory.mktemp("mlruns")
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # subprocesses inherit it too
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def client(tracking_store: str) -> MlflowClient:
+    return MlflowClient(tracking_store)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 learnable classes, 12 train and 4 val JPEGs each, in Tiny-ImageNet's original layout."""
+    return write_synthetic_tinyimagenet(
+        tmp_path_factory.mktemp("data") / "tiny", num_classes=4, train_per_class=12, val_per_class=4, progress=False
+    )
+
+
+def run_cli(*args: str) -> Result:
+    """Run `dlops ARGS` in-process; fail the test with the output when it exits non-zero."""
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def cli_error(*args: str) -> str:
+    """Run `dlops ARGS` expecting a clear failure (exit 1-2); return its output."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code in (1, 2), (result.exit_code, result.output, result.exception)
+    return result.output
+
+
+def dlops_process(*args: str, **kwargs) -> subprocess.Popen:
+    """`dlops ARGS` as a real subprocess (for kill/resume tests)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "training.cli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=REPO,
+        **kwargs,
+    )
+
+
+def latest_run(client: MlflowClient, experiment: str, **filters: str):
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment} was not created"
+    query = " and ".join(f"tags.{k} = '{v}'" for k, v in filters.items())
+    runs = client.search_runs([exp.experiment_id], filter_string=query, order_by=["start_time DESC"], max_results=1)
+    assert runs, f"no run in {experiment} matching {filters}"
+    return runs[0]
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found.extend(artifact_paths(client, run_id, item.path) if item.is_dir else [item.path])
+    return found
+
+
+def metric_steps(client: MlflowClient, run_id: str, metric: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, metric))

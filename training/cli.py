@@ -1,0 +1,195 @@
+"""`dlops`: Click commands only. Each parses options and calls one plain function."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from training.checkpoint import CheckpointError, config_for_resume, load_checkpoint
+from training.data.download import DownloadError
+from training.data.images import AUGMENTATIONS
+from training.data.tinyimagenet import DatasetError
+from training.devices import AMP_DTYPES, DeviceError
+from training.models.resnet import ARCHS, STEMS
+from training.train_resnet import RESUMABLE, SCHEDULERS, ResNetConfig, train_resnet
+
+USER_ERRORS = (DatasetError, DeviceError, CheckpointError, DownloadError, ValueError)
+
+
+class Group(click.Group):
+    """Turn expected failures (bad data, device, checkpoint) into one clear line and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as e:
+            raise click.ClickException(str(e)) from e
+
+
+def given_options(ctx: click.Context) -> dict[str, Any]:
+    """Options the user typed on the command line (not defaults)."""
+    return {k: v for k, v in ctx.params.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main() -> None:
+    """Train, evaluate and serve a ResNet (Tiny-ImageNet) and a word-level LM (WikiText-2), tracked in MLflow."""
+
+
+@main.group(cls=Group)
+def train() -> None:
+    """Train a model; every run is logged to MLflow."""
+
+
+R = ResNetConfig  # option defaults live in the config dataclass, declared once
+
+
+@train.command("resnet")
+@click.argument("data", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("-a", "--arch", type=click.Choice(ARCHS), default=R.arch, show_default=True)
+@click.option(
+    "--stem",
+    type=click.Choice(STEMS),
+    default=R.stem,
+    show_default=True,
+    help="small: 3x3 stride-1 first conv and no max-pool, the usual 64x64 adaptation",
+)
+@click.option("-b", "--batch-size", type=click.IntRange(1), default=R.batch_size, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=R.epochs, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=R.lr, show_default=True)
+@click.option("--momentum", type=click.FloatRange(0, 1), default=R.momentum, show_default=True)
+@click.option(
+    "--wd", "--weight-decay", "weight_decay", type=click.FloatRange(0), default=R.weight_decay, show_default=True
+)
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default=R.scheduler, show_default=True)
+@click.option(
+    "--lr-step-size",
+    type=click.IntRange(1),
+    default=R.lr_step_size,
+    show_default=True,
+    help="epochs between lr drops (step scheduler)",
+)
+@click.option("--lr-gamma", type=click.FloatRange(0, 1), default=R.lr_gamma, show_default=True)
+@click.option(
+    "--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=R.label_smoothing, show_default=True
+)
+@click.option("--augment", type=click.Choice(AUGMENTATIONS), default=R.augment, show_default=True)
+@click.option("--amp", type=click.Choice(list(AMP_DTYPES)), default=R.amp, show_default=True)
+@click.option("--channels-last/--no-channels-last", default=R.channels_last, show_default=True)
+@click.option("--compile/--no-compile", "compile", default=R.compile, show_default=True)
+@click.option("-j", "--workers", type=click.IntRange(0), default=R.workers, show_default=True)
+@click.option("--seed", type=int, default=R.seed, show_default=True)
+@click.option("--device", default=R.device, show_default=True, help="auto, cpu, cuda, cuda:N or mps")
+@click.option("--dummy", is_flag=True, help="synthetic tensors instead of files (throughput checks)")
+@click.option("--limit-train", type=click.IntRange(1), default=None, help="use N train images, spread over classes")
+@click.option("--limit-val", type=click.IntRange(1), default=None, help="use N val images, spread over classes")
+@click.option("-p", "--print-freq", type=click.IntRange(0), default=R.print_freq, show_default=True)
+@click.option(
+    "--early-stop-patience",
+    type=click.IntRange(0),
+    default=R.early_stop_patience,
+    show_default=True,
+    help="stop when val loss has not improved for N epochs (0: never)",
+)
+@click.option("--experiment", default=R.experiment, show_default=True)
+@click.option("--run-name", default=None)
+@click.option("--registered-model", default=R.registered_model, show_default=True)
+@click.option("--out-dir", default=R.out_dir, show_default=True, help="checkpoints go to OUT_DIR/<run id>/")
+@click.option(
+    "--resume",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="last.pt of an interrupted run: continue the same MLflow run at the next epoch",
+)
+@click.pass_context
+def train_resnet_command(ctx: click.Context, data: Path | None, resume: Path | None, **options: Any) -> None:
+    """Train a torchvision ResNet on Tiny-ImageNet at DATA (original layout; see README)."""
+    options["data"] = str(data) if data else None
+    if resume:
+        given = {k: v for k, v in given_options(ctx).items() if k != "resume"}
+        if data:
+            given["data"] = str(data)
+        saved = load_checkpoint(resume, kind="resnet")["config"]
+        options = config_for_resume(saved, given, RESUMABLE)
+    elif not data and not options["dummy"]:
+        raise click.UsageError("give DATA (a Tiny-ImageNet folder), or --dummy for synthetic tensors")
+    train_resnet(ResNetConfig(**options), resume=resume)
+
+
+@main.command("evaluate")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.argument("data", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
+@click.option("-b", "--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option("-j", "--workers", type=click.IntRange(0), default=R.workers, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--amp", type=click.Choice(list(AMP_DTYPES)), default="off", show_default=True)
+@click.option("--limit", type=click.IntRange(1), default=None)
+@click.option("-p", "--print-freq", type=click.IntRange(0), default=10, show_default=True)
+def evaluate_command(checkpoint: Path, data: Path, **options: Any) -> None:
+    """Evaluate a ResNet checkpoint on DATA and log the result to MLflow."""
+    from training.evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(checkpoint, data, **options)
+
+
+@main.command("summary")
+@click.option("-a", "--arch", type=click.Choice(ARCHS), default="resnet18", show_default=True)
+@click.option("--stem", type=click.Choice(STEMS), default="imagenet", show_default=True)
+@click.option("--image-size", type=click.IntRange(8), default=64, show_default=True)
+@click.option("--num-classes", type=click.IntRange(1), default=200, show_default=True)
+@click.option("--depth", type=click.IntRange(1), default=3, show_default=True)
+def summary_command(arch: str, stem: str, image_size: int, num_classes: int, depth: int) -> None:
+    """Print a ResNet's layer table: layer, input shape, output shape, parameters."""
+    import torch
+
+    from training.models.resnet import build_resnet
+    from training.models.summary import layer_table
+
+    model = build_resnet(arch, num_classes, stem)
+    click.echo(layer_table(model, torch.zeros(1, 3, image_size, image_size), depth=depth))
+
+
+@main.group(cls=Group)
+def data() -> None:
+    """Create, download and prepare datasets."""
+
+
+@data.command("synth")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--classes", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--train-per-class", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--val-per-class", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def synth_command(out: Path, classes: int, train_per_class: int, val_per_class: int, seed: int) -> None:
+    """Write a learnable synthetic dataset in Tiny-ImageNet's exact layout to OUT."""
+    from training.data.synthetic import write_synthetic_tinyimagenet
+
+    write_synthetic_tinyimagenet(out, classes, train_per_class, val_per_class, seed=seed, progress=sys.stderr.isatty())
+    click.echo(f"wrote {classes} classes x ({train_per_class} train + {val_per_class} val) images to {out}")
+
+
+@data.command("download")
+@click.argument("dataset", type=click.Choice(["tiny-imagenet"]))
+@click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=Path("data"), show_default=True)
+@click.option("--url", default=None, help="mirror of the official archive")
+@click.option(
+    "--archive",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="an already downloaded tiny-imagenet-200.zip: verify and extract it",
+)
+def download_command(dataset: str, dest: Path, url: str | None, archive: Path | None) -> None:
+    """Download, verify (MD5) and extract DATASET into --dest."""
+    from training.data.download import TINY_IMAGENET_URL, download_tinyimagenet, extract_verified
+
+    root = extract_verified(archive, dest) if archive else download_tinyimagenet(dest, url or TINY_IMAGENET_URL)
+    click.echo(f"{dataset} is ready at {root}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Choose the device a job runs on, say why, and never fall back to the CPU silently."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class DeviceError(RuntimeError):
+    """The requested device cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    device: torch.device
+    reason: str
+
+    @property
+    def name(self) -> str:
+        """Human-readable hardware name, logged as a run tag."""
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        if self.device.type == "mps":
+            return "Apple MPS"
+        return f"CPU ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
+
+
+def explain_cuda_unusable(cuda_version: str | None, device_count: int, index: int | None) -> str | None:
+    """Why a CUDA device cannot be used, or None when it can.
+
+    Kept free of torch calls so that every branch is testable on any machine.
+    """
+    if cuda_version is None:
+        return (
+            f"--device cuda was requested but this torch build ({torch.__version__}) has no CUDA "
+            "support (torch.version.cuda is None). Install a CUDA build of torch, or use --device cpu."
+        )
+    if device_count == 0:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        hint = f" CUDA_VISIBLE_DEVICES={visible!r}." if visible is not None else ""
+        return (
+            f"--device cuda was requested and torch is built with CUDA {cuda_version}, but no CUDA "
+            f"device is visible (no GPU, or the driver is missing).{hint} Use --device cpu to run on the CPU."
+        )
+    if index is not None and index >= device_count:
+        return f"--device cuda:{index} was requested but only {device_count} CUDA device(s) are visible."
+    return None
+
+
+def choose_device(spec: str = "auto") -> DeviceChoice:
+    """Resolve 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' into a usable device."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return DeviceChoice(torch.device("cuda", 0), "auto: a CUDA device is available")
+        if torch.backends.mps.is_available():
+            return DeviceChoice(torch.device("mps"), "auto: Apple MPS is available")
+        why = "torch has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+        return DeviceChoice(torch.device("cpu"), f"auto: {why}, using the CPU")
+    if spec == "cpu":
+        return DeviceChoice(torch.device("cpu"), "requested with --device cpu")
+    if spec == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError("--device mps was requested but Apple MPS is not available on this machine.")
+        return DeviceChoice(torch.device("mps"), "requested with --device mps")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        index = None
+        if ":" in spec:
+            suffix = spec.split(":", 1)[1]
+            if not suffix.isdigit():
+                raise DeviceError(f"--device {spec!r}: expected cuda:N with N a GPU index")
+            index = int(suffix)
+        count = torch.cuda.device_count() if torch.version.cuda is not None else 0
+        problem = explain_cuda_unusable(torch.version.cuda, count, index)
+        if problem:
+            raise DeviceError(problem)
+        return DeviceChoice(torch.device("cuda", index or 0), f"requested with --device {spec}")
+    raise DeviceError(f"--device {spec!r} is not one of auto, cpu, cuda, cuda:N, mps")
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """Autocast context for --amp off|bf16|fp16 on this device."""
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
+    """A gradient scaler, enabled only where fp16 needs one (bf16 has fp32's range)."""
+    return torch.amp.GradScaler(device.type, enabled=(amp == "fp16" and device.type == "cuda"))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work so that wall-clock timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,74 @@
+"""Evaluate a ResNet checkpoint on a dataset split and log the result as an MLflow run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from torch import nn
+
+from training import tracking
+from training.checkpoint import load_checkpoint
+from training.data.images import ImageFiles, eval_transform, make_loader, take_evenly
+from training.data.tinyimagenet import DatasetError, load_tinyimagenet
+from training.devices import choose_device
+from training.loops.classify import EpochResult, evaluate
+from training.models.resnet import resnet_from_checkpoint
+
+
+def check_same_classes(checkpoint_classes: list[str], dataset_classes: list[str], checkpoint: Path, data: Path) -> None:
+    if checkpoint_classes != dataset_classes:
+        missing = sorted(set(dataset_classes) - set(checkpoint_classes))[:5]
+        raise DatasetError(
+            f"{data} has {len(dataset_classes)} classes but checkpoint {checkpoint} was trained on "
+            f"{len(checkpoint_classes)} different ones (e.g. not in the checkpoint: {missing})"
+        )
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    data: Path,
+    split: str = "val",
+    batch_size: int = 256,
+    workers: int = 0,
+    device: str = "auto",
+    amp: str = "off",
+    print_freq: int = 10,
+    limit: int | None = None,
+) -> EpochResult:
+    state = load_checkpoint(checkpoint, kind="resnet")
+    ds = load_tinyimagenet(data)
+    check_same_classes(state["classes"], ds.wnids, checkpoint, data)
+    choice = choose_device(device)
+    print(f"=> using device {choice.device} [{choice.name}]: {choice.reason}", flush=True)
+    model = resnet_from_checkpoint(state).to(choice.device)
+    dataset = ImageFiles(take_evenly(ds.split(split), limit), eval_transform(state["image_size"]))
+    loader = make_loader(dataset, batch_size, workers, choice.device)
+
+    source_run = state.get("run_id")
+    tags = {"job": "evaluate", "source_run_id": str(source_run), "device_name": choice.name}
+    if source_run:
+        tags[MLFLOW_PARENT_RUN_ID] = source_run  # shows the evaluation under its training run
+    experiment = state.get("experiment") or "resnet-tinyimagenet"
+    with tracking.start_run(experiment, run_name=f"evaluate-{split}", tags=tags, system_metrics=False) as run:
+        run.log_params(
+            {
+                "checkpoint": str(Path(checkpoint).resolve()),
+                "data": str(Path(data).resolve()),
+                "split": split,
+                "images": len(dataset),
+                "batch_size": batch_size,
+                "amp": amp,
+            }
+        )
+        result = evaluate(model, loader, nn.CrossEntropyLoss(), choice.device, amp, print_freq)
+        run.log_metrics(
+            {
+                "eval/loss": result.loss,
+                "eval/acc1": result.acc1,
+                "eval/acc5": result.acc5,
+                "time/images_per_second": result.images_per_second,
+            },
+            step=0,
+        )
+    return result

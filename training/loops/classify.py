@@ -1,0 +1,165 @@
+"""Train and evaluate a classifier for one epoch, in the style of PyTorch's ImageNet example.
+
+Losses and correct counts are summed on the device and read back only at print points, so the
+GPU is not synchronised every batch; sums (not averages) also make cross-process reduction exact.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from training.devices import autocast, synchronize
+from training.loops.progress import Progress
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    acc1: float
+    acc5: float
+    images: int
+    seconds: float
+    data_seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+    @property
+    def data_wait_share(self) -> float:
+        return self.data_seconds / self.seconds if self.seconds else 0.0
+
+
+class Totals:
+    """Running sums [loss * n, correct@1, correct@5, n] kept on the device."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+
+    def add(self, loss: torch.Tensor, output: torch.Tensor, target: torch.Tensor) -> None:
+        n = target.size(0)
+        top5 = output.topk(min(5, output.size(1)), dim=1).indices
+        hits = top5.eq(target[:, None])
+        self.sums += torch.stack(
+            [
+                loss.detach().double() * n,
+                hits[:, :1].sum().double(),
+                hits.sum().double(),
+                torch.tensor(n, device=loss.device, dtype=torch.float64),
+            ]
+        )
+
+    def averages(self) -> tuple[float, float, float, int]:
+        loss, c1, c5, n = self.sums.tolist()
+        n = max(n, 1)
+        return loss / n, 100 * c1 / n, 100 * c5 / n, int(n)
+
+
+def _line(header: str, i: int, total: int, batch_time: float, data_time: float, totals: Totals) -> str:
+    loss, acc1, acc5, _ = totals.averages()
+    width = len(str(total))
+    return (
+        f"{header}[{i:>{width}}/{total}]  Time {batch_time:6.3f}  Data {data_time:6.3f}  "
+        f"Loss {loss:.4e}  Acc@1 {acc1:6.2f}  Acc@5 {acc5:6.2f}"
+    )
+
+
+def to_device(images: torch.Tensor, target: torch.Tensor, device: torch.device, channels_last: bool):
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, target.to(device, non_blocking=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    amp: str,
+    epoch: int,
+    print_freq: int,
+    channels_last: bool = False,
+    batch_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    reduce: Reduce | None = None,
+) -> EpochResult:
+    model.train()
+    totals = Totals(device)
+    progress = Progress(loader, len(loader), f"epoch {epoch}")
+    data_seconds = 0.0
+    start = last = time.perf_counter()
+    for i, (images, target) in enumerate(progress, 1):
+        data_time = time.perf_counter() - last
+        data_seconds += data_time
+        images, target = to_device(images, target, device, channels_last)
+        with autocast(device, amp):
+            output = model(images)
+            loss = criterion(output, target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if batch_scheduler is not None:
+            batch_scheduler.step()
+        totals.add(loss, output.float(), target)
+        if print_freq and (i % print_freq == 0 or i == len(loader)):
+            progress.print(_line(f"Epoch: [{epoch}]", i, len(loader), time.perf_counter() - last, data_time, totals))
+        last = time.perf_counter()
+    progress.close()
+    synchronize(device)
+    return _result(totals, time.perf_counter() - start, data_seconds, reduce)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    criterion: nn.Module,
+    device: torch.device,
+    amp: str,
+    print_freq: int,
+    channels_last: bool = False,
+    reduce: Reduce | None = None,
+    on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> EpochResult:
+    """One pass over `loader`; `on_batch(output, target)` sees every batch's logits (e.g. to keep predictions)."""
+    model.eval()
+    totals = Totals(device)
+    progress = Progress(loader, len(loader), "eval")
+    data_seconds = 0.0
+    start = last = time.perf_counter()
+    for i, (images, target) in enumerate(progress, 1):
+        data_time = time.perf_counter() - last
+        data_seconds += data_time
+        images, target = to_device(images, target, device, channels_last)
+        with autocast(device, amp):
+            output = model(images)
+            loss = criterion(output, target)
+        totals.add(loss, output.float(), target)
+        if on_batch is not None:
+            on_batch(output.float(), target)
+        if print_freq and (i % print_freq == 0 or i == len(loader)):
+            progress.print(_line("Test: ", i, len(loader), time.perf_counter() - last, data_time, totals))
+        last = time.perf_counter()
+    progress.close()
+    synchronize(device)
+    result = _result(totals, time.perf_counter() - start, data_seconds, reduce)
+    print(f" * Acc@1 {result.acc1:.3f} Acc@5 {result.acc5:.3f}", flush=True)
+    return result
+
+
+def _result(totals: Totals, seconds: float, data_seconds: float, reduce: Reduce | None) -> EpochResult:
+    if reduce is not None:
+        totals.sums = reduce(totals.sums)
+    loss, acc1, acc5, n = totals.averages()
+    return EpochResult(loss, acc1, acc5, n, seconds, data_seconds)

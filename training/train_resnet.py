@@ -1,0 +1,329 @@
+"""The ResNet job: data -> model -> epochs -> MLflow/TensorBoard and checkpoints, top to bottom."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from training import tracking
+from training.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint, seed_everything
+from training.data.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageFiles,
+    eval_transform,
+    make_loader,
+    take_evenly,
+    train_transform,
+)
+from training.data.synthetic import RandomImages, synthetic_wnid
+from training.data.tinyimagenet import load_tinyimagenet
+from training.devices import choose_device, grad_scaler
+from training.loops.classify import EpochResult, evaluate, train_one_epoch
+from training.models.resnet import build_resnet
+from training.models.summary import layer_table
+
+SCHEDULERS = ("step", "cosine", "one-cycle")
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+DUMMY_SIZES = (100_000, 10_000)  # Tiny-ImageNet's train and val sizes
+# Options a resumed run may change without making its logged params untrue.
+RESUMABLE = {"epochs", "workers", "print_freq", "device", "early_stop_patience", "out_dir"}
+
+
+@dataclass
+class ResNetConfig:
+    data: str | None = None
+    arch: str = "resnet18"
+    stem: str = "imagenet"
+    image_size: int = 64
+    batch_size: int = 256
+    epochs: int = 20
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    scheduler: str = "step"
+    lr_step_size: int = 30
+    lr_gamma: float = 0.1
+    label_smoothing: float = 0.0
+    augment: str = "flip-crop"
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+    workers: int = DEFAULT_WORKERS
+    seed: int = 0
+    device: str = "auto"
+    dummy: bool = False
+    limit_train: int | None = None
+    limit_val: int | None = None
+    print_freq: int = 10
+    early_stop_patience: int = 0
+    experiment: str = "resnet-tinyimagenet"
+    run_name: str | None = None
+    registered_model: str = "resnet-tinyimagenet"
+    out_dir: str = "runs"
+
+
+@dataclass
+class TrainState:
+    """What survives between epochs and across a resume."""
+
+    epoch: int = 0
+    best_acc1: float = -1.0
+    best_epoch: int = 0
+    best_val_loss: float = math.inf
+    epochs_since_improvement: int = 0
+    train_seconds: float = 0.0
+    seconds_to_best: float = 0.0
+
+
+@dataclass
+class Datasets:
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    classes: list[str]
+    labels: list[str]
+    tags: dict[str, Any]
+
+
+def load_datasets(config: ResNetConfig) -> Datasets:
+    if config.dummy:
+        n_train, n_val = config.limit_train or DUMMY_SIZES[0], config.limit_val or DUMMY_SIZES[1]
+        classes = [synthetic_wnid(i) for i in range(200)]
+        train = RandomImages(n_train, len(classes), config.image_size, seed=config.seed)
+        val = RandomImages(n_val, len(classes), config.image_size, seed=config.seed + 1)
+        return Datasets(
+            train, val, classes, classes, {"dataset": "dummy", "train_images": n_train, "val_images": n_val}
+        )
+    if not config.data:
+        raise ValueError("DATA is required unless --dummy is given")
+    ds = load_tinyimagenet(config.data)
+    train = ImageFiles(take_evenly(ds.train, config.limit_train), train_transform(config.augment, config.image_size))
+    val = ImageFiles(take_evenly(ds.val, config.limit_val), eval_transform(config.image_size))
+    tags = {
+        "dataset": str(Path(config.data).resolve()),
+        "train_images": len(train),
+        "val_images": len(val),
+        "num_classes": ds.num_classes,
+        "val_layout": ds.val_layout,
+    }
+    return Datasets(train, val, ds.wnids, [ds.labels[w] for w in ds.wnids], tags)
+
+
+def build_scheduler(config: ResNetConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """Return (scheduler, steps_per_batch): one-cycle steps every batch, the others every epoch."""
+    if config.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, config.lr_step_size, config.lr_gamma), False
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs), False
+    if config.scheduler == "one-cycle":
+        return (
+            torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=config.lr, epochs=config.epochs, steps_per_epoch=steps_per_epoch
+            ),
+            True,
+        )
+    raise ValueError(f"--scheduler {config.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+
+
+def epoch_metrics(train: EpochResult, val: EpochResult, lr: float, seconds: float) -> dict[str, float]:
+    return {
+        "train/loss": train.loss,
+        "train/acc1": train.acc1,
+        "train/acc5": train.acc5,
+        "val/loss": val.loss,
+        "val/acc1": val.acc1,
+        "val/acc5": val.acc5,
+        "lr": lr,
+        "time/epoch_seconds": seconds,
+        "time/images_per_second": train.images_per_second,
+        "time/data_wait_share": train.data_wait_share,
+    }
+
+
+def train_resnet(config: ResNetConfig, resume: Path | None = None) -> Path:
+    """Train (or resume) a ResNet; return the run directory holding best.pt and last.pt."""
+    saved = load_checkpoint(resume, kind="resnet") if resume else None
+    choice = choose_device(config.device)
+    device = choice.device
+    print(f"=> using device {device} [{choice.name}]: {choice.reason}", flush=True)
+    seed_everything(config.seed)
+
+    data = load_datasets(config)
+    print(f"=> {data.tags['train_images']} train / {data.tags['val_images']} val images, {len(data.classes)} classes")
+    train_loader = make_loader(data.train, config.batch_size, config.workers, device, shuffle=True, seed=config.seed)
+    val_loader = make_loader(data.val, config.batch_size, config.workers, device)
+
+    model = build_resnet(config.arch, len(data.classes), config.stem).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    scheduler, per_batch = build_scheduler(config, optimizer, len(train_loader))
+    scaler = grad_scaler(device, config.amp)
+    train_criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    val_criterion = nn.CrossEntropyLoss()
+    state = TrainState()
+
+    if saved:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        restore_rng_state(saved["rng"])
+        state = TrainState(**saved["train_state"])
+        print(f"=> resuming run {saved['run_id']} after epoch {state.epoch} from {resume}")
+
+    with tracking.start_run(
+        config.experiment,
+        run_name=config.run_name,
+        resume_run_id=saved["run_id"] if saved else None,
+        tags={"job": "train-resnet"},
+    ) as run:
+        run_dir = Path(resume).parent if saved else Path(config.out_dir) / run.run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run.open_tensorboard(run_dir / "tensorboard")
+        example = next(iter(val_loader))[0][:1].to(device)
+        if not saved:
+            run.log_params(asdict(config))
+            run.set_tags(
+                {
+                    **tracking.environment_tags(choice.name),
+                    **data.tags,
+                    "device": str(device),
+                    "device_reason": choice.reason,
+                }
+            )
+            run.log_text(layer_table(model, example), "model_summary.txt")
+            _add_graph(run, model, example)
+        else:
+            run.set_tags({"resumed_after_epoch": state.epoch})
+            _catch_up_metrics(run, saved)
+        print(f"=> MLflow run {run.run_id}; checkpoints and TensorBoard logs in {run_dir}")
+
+        trained = torch.compile(model) if config.compile else model
+        stop_reason = f"completed {config.epochs} epochs"
+        for epoch in range(state.epoch + 1, config.epochs + 1):
+            lr = optimizer.param_groups[0]["lr"]
+            start = time.perf_counter()
+            train = train_one_epoch(
+                trained,
+                train_loader,
+                train_criterion,
+                optimizer,
+                scaler,
+                device,
+                config.amp,
+                epoch,
+                config.print_freq,
+                config.channels_last,
+                scheduler if per_batch else None,
+            )
+            val = evaluate(
+                trained, val_loader, val_criterion, device, config.amp, config.print_freq, config.channels_last
+            )
+            if not per_batch:
+                scheduler.step()
+            seconds = time.perf_counter() - start
+            state.epoch = epoch
+            state.train_seconds += seconds
+            improved = val.acc1 > state.best_acc1
+            if improved:
+                state.best_acc1, state.best_epoch, state.seconds_to_best = val.acc1, epoch, state.train_seconds
+            if val.loss < state.best_val_loss:
+                state.best_val_loss, state.epochs_since_improvement = val.loss, 0
+            else:
+                state.epochs_since_improvement += 1
+            metrics = epoch_metrics(train, val, lr, seconds)
+            print(
+                f"=> epoch {epoch}/{config.epochs}: train loss {train.loss:.4f} Acc@1 {train.acc1:.2f} | "
+                f"val loss {val.loss:.4f} Acc@1 {val.acc1:.2f} Acc@5 {val.acc5:.2f} | {seconds:.1f} s, "
+                f"{train.images_per_second:.0f} img/s, {100 * train.data_wait_share:.0f}% waiting for data",
+                flush=True,
+            )
+            checkpoint = {
+                "kind": "resnet",
+                "format_version": 1,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "train_state": asdict(state),
+                "metrics": metrics,
+                "rng": rng_state(),
+                "config": asdict(config),
+                "classes": data.classes,
+                "labels": data.labels,
+                "image_size": config.image_size,
+                "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+                "run_id": run.run_id,
+                "experiment": config.experiment,
+            }
+            # Checkpoint first, then metrics: a resume logs whatever a crash in between left out.
+            save_checkpoint(checkpoint, run_dir / "last.pt")
+            if improved:
+                save_checkpoint(checkpoint, run_dir / "best.pt")
+            print(f"=> epoch {epoch} saved to {run_dir / 'last.pt'}" + (" (new best)" if improved else ""), flush=True)
+            run.log_metrics(metrics, step=epoch)
+            run.sync_tensorboard()
+            if config.early_stop_patience and state.epochs_since_improvement >= config.early_stop_patience:
+                stop_reason = (
+                    f"early stop: val loss has not improved for {state.epochs_since_improvement} epochs "
+                    f"(best {state.best_val_loss:.4f})"
+                )
+                print(f"=> {stop_reason}")
+                break
+
+        _finish(run, run_dir, state, stop_reason, config.registered_model)
+    return run_dir
+
+
+def _add_graph(run: tracking.RunTracker, model: nn.Module, example: torch.Tensor) -> None:
+    model.eval()
+    try:
+        with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns it is deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            run.writer.add_graph(model, example)
+    except Exception as e:  # tracing is a nicety; never fail a training run over it
+        print(f"warning: TensorBoard graph not written: {e}")
+
+
+def _catch_up_metrics(run: tracking.RunTracker, saved: dict[str, Any]) -> None:
+    """Log the saved epoch's metrics if the process died between checkpoint and logging."""
+    epoch = saved["train_state"]["epoch"]
+    if epoch not in run.logged_steps("val/acc1"):
+        run.log_metrics(saved["metrics"], step=epoch)
+
+
+def _finish(run: tracking.RunTracker, run_dir: Path, state: TrainState, stop_reason: str, model_name: str) -> None:
+    final = {
+        "time/total_seconds": state.train_seconds,
+        "time/to_best_seconds": state.seconds_to_best,
+        "best/val_acc1": state.best_acc1,
+        "best/epoch": state.best_epoch,
+    }
+    run.log_metrics(final, step=state.epoch)
+    run.set_tags({"stop_reason": stop_reason})
+    for name in ("best.pt", "last.pt"):
+        if (run_dir / name).exists():
+            run.log_artifact(run_dir / name, "checkpoints")
+    if (run_dir / "best.pt").exists():
+        version = tracking.register_model(
+            run.run_id,
+            "checkpoints/best.pt",
+            model_name,
+            tags={"val_acc1": f"{state.best_acc1:.3f}", "epoch": str(state.best_epoch)},
+        )
+        run.set_tags({"registered_model": f"{model_name}/{version}"})
+        print(
+            f"=> registered {model_name} version {version} "
+            f"(best val Acc@1 {state.best_acc1:.3f}, epoch {state.best_epoch})"
+        )
