@@ -29,6 +29,9 @@ class DeviceChoice:
             return "Apple MPS"
         return f"CPU ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
 
+    def describe(self) -> str:
+        return f"=> using device {self.device} [{self.name}]: {self.reason}"
+
 
 def explain_cuda_unusable(cuda_version: str | None, device_count: int, index: int | None) -> str | None:
     """Why a CUDA device cannot be used, or None when it can.

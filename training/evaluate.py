@@ -40,7 +40,7 @@ def evaluate_checkpoint(
     ds = load_tinyimagenet(data)
     check_same_classes(state["classes"], ds.wnids, checkpoint, data)
     choice = choose_device(device)
-    print(f"=> using device {choice.device} [{choice.name}]: {choice.reason}", flush=True)
+    print(choice.describe(), flush=True)
     model = resnet_from_checkpoint(state).to(choice.device)
     dataset = ImageFiles(take_evenly(ds.split(split), limit), eval_transform(state["image_size"]))
     loader = make_loader(dataset, batch_size, workers, choice.device)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from training import tracking
-from training.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint, seed_everything
+from training.checkpoint import restore_rng_state, rng_state, seed_everything
 from training.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -30,6 +30,7 @@ from training.devices import choose_device, grad_scaler
 from training.loops.classify import EpochResult, evaluate, train_one_epoch
 from training.models.resnet import build_resnet
 from training.models.summary import layer_table
+from training.session import load_resume, training_session
 
 SCHEDULERS = ("step", "cosine", "one-cycle")
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -82,6 +83,19 @@ class TrainState:
     epochs_since_improvement: int = 0
     train_seconds: float = 0.0
     seconds_to_best: float = 0.0
+
+    def update(self, epoch: int, val: EpochResult, seconds: float) -> bool:
+        """Record a finished epoch; return whether it is the best so far by val Acc@1."""
+        self.epoch = epoch
+        self.train_seconds += seconds
+        improved = val.acc1 > self.best_acc1
+        if improved:
+            self.best_acc1, self.best_epoch, self.seconds_to_best = val.acc1, epoch, self.train_seconds
+        if val.loss < self.best_val_loss:
+            self.best_val_loss, self.epochs_since_improvement = val.loss, 0
+        else:
+            self.epochs_since_improvement += 1
+        return improved
 
 
 @dataclass
@@ -150,10 +164,10 @@ def epoch_metrics(train: EpochResult, val: EpochResult, lr: float, seconds: floa
 
 def train_resnet(config: ResNetConfig, resume: Path | None = None) -> Path:
     """Train (or resume) a ResNet; return the run directory holding best.pt and last.pt."""
-    saved = load_checkpoint(resume, kind="resnet") if resume else None
+    saved = load_resume(resume, "resnet")
     choice = choose_device(config.device)
     device = choice.device
-    print(f"=> using device {device} [{choice.name}]: {choice.reason}", flush=True)
+    print(choice.describe(), flush=True)
     seed_everything(config.seed)
 
     data = load_datasets(config)
@@ -172,7 +186,6 @@ def train_resnet(config: ResNetConfig, resume: Path | None = None) -> Path:
     train_criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     val_criterion = nn.CrossEntropyLoss()
     state = TrainState()
-
     if saved:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -180,34 +193,15 @@ def train_resnet(config: ResNetConfig, resume: Path | None = None) -> Path:
         scaler.load_state_dict(saved["scaler"])
         restore_rng_state(saved["rng"])
         state = TrainState(**saved["train_state"])
-        print(f"=> resuming run {saved['run_id']} after epoch {state.epoch} from {resume}")
 
-    with tracking.start_run(
-        config.experiment,
-        run_name=config.run_name,
-        resume_run_id=saved["run_id"] if saved else None,
-        tags={"job": "train-resnet"},
-    ) as run:
-        run_dir = Path(resume).parent if saved else Path(config.out_dir) / run.run_id
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run.open_tensorboard(run_dir / "tensorboard")
-        example = next(iter(val_loader))[0][:1].to(device)
-        if not saved:
-            run.log_params(asdict(config))
-            run.set_tags(
-                {
-                    **tracking.environment_tags(choice.name),
-                    **data.tags,
-                    "device": str(device),
-                    "device_reason": choice.reason,
-                }
-            )
+    with training_session(config, "resnet", saved, resume, choice, data.tags) as session:
+        run = session.run
+        if saved:
+            session.catch_up(saved, "val/acc1")
+        else:
+            example = next(iter(val_loader))[0][:1].to(device)
             run.log_text(layer_table(model, example), "model_summary.txt")
             _add_graph(run, model, example)
-        else:
-            run.set_tags({"resumed_after_epoch": state.epoch})
-            _catch_up_metrics(run, saved)
-        print(f"=> MLflow run {run.run_id}; checkpoints and TensorBoard logs in {run_dir}")
 
         trained = torch.compile(model) if config.compile else model
         stop_reason = f"completed {config.epochs} epochs"
@@ -215,33 +209,16 @@ def train_resnet(config: ResNetConfig, resume: Path | None = None) -> Path:
             lr = optimizer.param_groups[0]["lr"]
             start = time.perf_counter()
             train = train_one_epoch(
-                trained,
-                train_loader,
-                train_criterion,
-                optimizer,
-                scaler,
-                device,
-                config.amp,
-                epoch,
-                config.print_freq,
-                config.channels_last,
-                scheduler if per_batch else None,
-            )
+                trained, train_loader, train_criterion, optimizer, scaler, device, config.amp, epoch,
+                config.print_freq, config.channels_last, scheduler if per_batch else None,
+            )  # fmt: skip
             val = evaluate(
                 trained, val_loader, val_criterion, device, config.amp, config.print_freq, config.channels_last
             )
             if not per_batch:
                 scheduler.step()
             seconds = time.perf_counter() - start
-            state.epoch = epoch
-            state.train_seconds += seconds
-            improved = val.acc1 > state.best_acc1
-            if improved:
-                state.best_acc1, state.best_epoch, state.seconds_to_best = val.acc1, epoch, state.train_seconds
-            if val.loss < state.best_val_loss:
-                state.best_val_loss, state.epochs_since_improvement = val.loss, 0
-            else:
-                state.epochs_since_improvement += 1
+            improved = state.update(epoch, val, seconds)
             metrics = epoch_metrics(train, val, lr, seconds)
             print(
                 f"=> epoch {epoch}/{config.epochs}: train loss {train.loss:.4f} Acc@1 {train.acc1:.2f} | "
@@ -249,29 +226,28 @@ def train_resnet(config: ResNetConfig, resume: Path | None = None) -> Path:
                 f"{train.images_per_second:.0f} img/s, {100 * train.data_wait_share:.0f}% waiting for data",
                 flush=True,
             )
-            checkpoint = {
-                "kind": "resnet",
-                "format_version": 1,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "train_state": asdict(state),
-                "metrics": metrics,
-                "rng": rng_state(),
-                "config": asdict(config),
-                "classes": data.classes,
-                "labels": data.labels,
-                "image_size": config.image_size,
-                "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-                "run_id": run.run_id,
-                "experiment": config.experiment,
-            }
             # Checkpoint first, then metrics: a resume logs whatever a crash in between left out.
-            save_checkpoint(checkpoint, run_dir / "last.pt")
-            if improved:
-                save_checkpoint(checkpoint, run_dir / "best.pt")
-            print(f"=> epoch {epoch} saved to {run_dir / 'last.pt'}" + (" (new best)" if improved else ""), flush=True)
+            session.save_epoch(
+                {
+                    "kind": "resnet",
+                    "format_version": 1,
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "train_state": asdict(state),
+                    "metrics": metrics,
+                    "rng": rng_state(),
+                    "config": asdict(config),
+                    "classes": data.classes,
+                    "labels": data.labels,
+                    "image_size": config.image_size,
+                    "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+                    "experiment": config.experiment,
+                },
+                improved,
+            )
             run.log_metrics(metrics, step=epoch)
             run.sync_tensorboard()
             if config.early_stop_patience and state.epochs_since_improvement >= config.early_stop_patience:
@@ -282,8 +258,18 @@ def train_resnet(config: ResNetConfig, resume: Path | None = None) -> Path:
                 print(f"=> {stop_reason}")
                 break
 
-        _finish(run, run_dir, state, stop_reason, config.registered_model)
-    return run_dir
+        run.log_metrics(
+            {
+                "time/total_seconds": state.train_seconds,
+                "time/to_best_seconds": state.seconds_to_best,
+                "best/val_acc1": state.best_acc1,
+                "best/epoch": state.best_epoch,
+            },
+            step=state.epoch,
+        )
+        run.set_tags({"stop_reason": stop_reason})
+        session.publish(config.registered_model, {"val_acc1": f"{state.best_acc1:.3f}", "epoch": str(state.best_epoch)})
+    return session.run_dir
 
 
 def _add_graph(run: tracking.RunTracker, model: nn.Module, example: torch.Tensor) -> None:
@@ -294,36 +280,3 @@ def _add_graph(run: tracking.RunTracker, model: nn.Module, example: torch.Tensor
             run.writer.add_graph(model, example)
     except Exception as e:  # tracing is a nicety; never fail a training run over it
         print(f"warning: TensorBoard graph not written: {e}")
-
-
-def _catch_up_metrics(run: tracking.RunTracker, saved: dict[str, Any]) -> None:
-    """Log the saved epoch's metrics if the process died between checkpoint and logging."""
-    epoch = saved["train_state"]["epoch"]
-    if epoch not in run.logged_steps("val/acc1"):
-        run.log_metrics(saved["metrics"], step=epoch)
-
-
-def _finish(run: tracking.RunTracker, run_dir: Path, state: TrainState, stop_reason: str, model_name: str) -> None:
-    final = {
-        "time/total_seconds": state.train_seconds,
-        "time/to_best_seconds": state.seconds_to_best,
-        "best/val_acc1": state.best_acc1,
-        "best/epoch": state.best_epoch,
-    }
-    run.log_metrics(final, step=state.epoch)
-    run.set_tags({"stop_reason": stop_reason})
-    for name in ("best.pt", "last.pt"):
-        if (run_dir / name).exists():
-            run.log_artifact(run_dir / name, "checkpoints")
-    if (run_dir / "best.pt").exists():
-        version = tracking.register_model(
-            run.run_id,
-            "checkpoints/best.pt",
-            model_name,
-            tags={"val_acc1": f"{state.best_acc1:.3f}", "epoch": str(state.best_epoch)},
-        )
-        run.set_tags({"registered_model": f"{model_name}/{version}"})
-        print(
-            f"=> registered {model_name} version {version} "
-            f"(best val Acc@1 {state.best_acc1:.3f}, epoch {state.best_epoch})"
-        )
