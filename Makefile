@@ -8,18 +8,27 @@ DLOPS  := $(BIN)/dlops
 STAMP  := $(VENV)/.installed
 
 # make train-resnet DATA=... EPOCHS=... ARCH=... (any other option: ARGS="--amp bf16 ...")
+# make train-lm DATA=... MODEL=... EPOCHS=... LR=...; make generate CHECKPOINT=... WORDS=... PROMPT=...
 DATA        ?= data/synthetic
 EPOCHS      ?= 20
 ARCH        ?= resnet18
 BATCH       ?= 256
 LR          ?= 0.1
 DEVICE      ?= auto
-CHECKPOINT  ?= $(lastword $(sort $(wildcard runs/*/best.pt)))
+CHECKPOINT  ?=
 ARGS        ?=
+LM_DATA     ?= data/corpus
+MODEL       ?= LSTM
+LM_EPOCHS   ?= 6
+LM_LR       ?= 20
+WORDS       ?= 1000
+PROMPT      ?=
+TEMPERATURE ?= 1.0
+OUTF        ?= generated.txt
 MLFLOW_PORT ?= 5000
 TB_PORT     ?= 6006
 
-.PHONY: setup demo train-resnet evaluate mlflow-ui tensorboard test lint format clean
+.PHONY: setup demo train-resnet evaluate train-lm generate mlflow-ui tensorboard test lint format clean
 
 setup: $(STAMP)
 
@@ -34,8 +43,17 @@ $(STAMP): requirements.lock pyproject.toml
 data/synthetic/wnids.txt: | $(STAMP)
 	$(DLOPS) data synth data/synthetic --classes 10 --train-per-class 100 --val-per-class 20
 
-demo: setup data/synthetic/wnids.txt
-	$(DLOPS) train resnet data/synthetic --epochs 3 -b 32 --lr 0.02 --scheduler cosine -p 10 --run-name demo-resnet
+data/corpus/train.txt: | $(STAMP)
+	$(DLOPS) data synth-corpus data/corpus
+
+demo: setup data/synthetic/wnids.txt data/corpus/train.txt
+	$(DLOPS) train resnet data/synthetic --epochs 3 -b 32 --lr 0.02 --scheduler cosine -p 10 \
+		--out-dir runs/demo-resnet --run-name demo-resnet
+	$(DLOPS) train lm data/corpus --model LSTM --epochs 3 --emsize 64 --nhid 64 --lr 20 --log-interval 100 \
+		--out-dir runs/demo-lm --run-name demo-lm
+	$(DLOPS) generate --checkpoint $$(ls -t runs/demo-lm/*/best.pt | head -1) --words 60 \
+		--prompt "the old cat" --outf runs/demo-lm/generated.txt
+	@echo; echo "Generated text (runs/demo-lm/generated.txt):"; cat runs/demo-lm/generated.txt
 	@echo
 	@echo "Done. Browse the runs with: make mlflow-ui   (then open http://127.0.0.1:$(MLFLOW_PORT))"
 	@echo "TensorBoard:                  make tensorboard (then open http://127.0.0.1:$(TB_PORT))"
@@ -44,8 +62,16 @@ train-resnet: setup
 	$(DLOPS) train resnet $(DATA) --epochs $(EPOCHS) -a $(ARCH) -b $(BATCH) --lr $(LR) --device $(DEVICE) $(ARGS)
 
 evaluate: setup
-	@test -n "$(CHECKPOINT)" || { echo "no checkpoint: pass CHECKPOINT=runs/<run id>/best.pt"; exit 1; }
+	@test -n "$(CHECKPOINT)" || { echo "pass CHECKPOINT=runs/<run id>/best.pt"; exit 1; }
 	$(DLOPS) evaluate --checkpoint $(CHECKPOINT) $(DATA) $(ARGS)
+
+train-lm: setup
+	$(DLOPS) train lm $(LM_DATA) --model $(MODEL) --epochs $(LM_EPOCHS) --lr $(LM_LR) --device $(DEVICE) $(ARGS)
+
+generate: setup
+	@test -n "$(CHECKPOINT)" || { echo "pass CHECKPOINT=runs/<run id>/best.pt (a language-model checkpoint)"; exit 1; }
+	$(DLOPS) generate --checkpoint $(CHECKPOINT) --words $(WORDS) --temperature $(TEMPERATURE) \
+		--prompt "$(PROMPT)" --outf $(OUTF) $(ARGS)
 
 mlflow-ui: setup
 	@mkdir -p mlruns

@@ -11,10 +11,13 @@ from click.core import ParameterSource
 
 from training.checkpoint import CheckpointError, config_for_resume, load_checkpoint
 from training.data.download import DownloadError
+from training.data.errors import DatasetError
 from training.data.images import AUGMENTATIONS
-from training.data.tinyimagenet import DatasetError
 from training.devices import AMP_DTYPES, DeviceError
 from training.models.resnet import ARCHS, STEMS
+from training.models.wordlm import MODEL_TYPES
+from training.train_lm import RESUMABLE as LM_RESUMABLE
+from training.train_lm import LMConfig, train_lm
 from training.train_resnet import RESUMABLE, SCHEDULERS, ResNetConfig, train_resnet
 
 USER_ERRORS = (DatasetError, DeviceError, CheckpointError, DownloadError, ValueError)
@@ -35,9 +38,23 @@ def given_options(ctx: click.Context) -> dict[str, Any]:
     return {k: v for k, v in ctx.params.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
 
 
+def _resumed_options(
+    ctx: click.Context, resume: Path, kind: str, changeable: set[str], data: Path | None
+) -> dict[str, Any]:
+    """The interrupted run's options, with the ones typed now where changing them is safe."""
+    given = {k: v for k, v in given_options(ctx).items() if k != "resume"}
+    if data:
+        given["data"] = str(data)
+    return config_for_resume(load_checkpoint(resume, kind=kind)["config"], given, changeable)
+
+
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def main() -> None:
     """Train, evaluate and serve a ResNet (Tiny-ImageNet) and a word-level LM (WikiText-2), tracked in MLflow."""
+    # A console in a non-UTF-8 codec (e.g. gbk) must not crash a run over one printed word.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 @main.group(cls=Group)
@@ -45,7 +62,8 @@ def train() -> None:
     """Train a model; every run is logged to MLflow."""
 
 
-R = ResNetConfig  # option defaults live in the config dataclass, declared once
+R = ResNetConfig  # option defaults live in the config dataclasses, declared once
+L = LMConfig
 
 
 @train.command("resnet")
@@ -110,14 +128,79 @@ def train_resnet_command(ctx: click.Context, data: Path | None, resume: Path | N
     """Train a torchvision ResNet on Tiny-ImageNet at DATA (original layout; see README)."""
     options["data"] = str(data) if data else None
     if resume:
-        given = {k: v for k, v in given_options(ctx).items() if k != "resume"}
-        if data:
-            given["data"] = str(data)
-        saved = load_checkpoint(resume, kind="resnet")["config"]
-        options = config_for_resume(saved, given, RESUMABLE)
+        options = _resumed_options(ctx, resume, "resnet", RESUMABLE, data)
     elif not data and not options["dummy"]:
         raise click.UsageError("give DATA (a Tiny-ImageNet folder), or --dummy for synthetic tensors")
     train_resnet(ResNetConfig(**options), resume=resume)
+
+
+@train.command("lm")
+@click.argument("data", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--model", type=click.Choice(MODEL_TYPES), default=L.model, show_default=True)
+@click.option("--emsize", type=click.IntRange(1), default=L.emsize, show_default=True, help="word embedding size")
+@click.option(
+    "--nhid",
+    type=click.IntRange(1),
+    default=L.nhid,
+    show_default=True,
+    help="hidden units per layer (feed-forward size for the Transformer)",
+)
+@click.option("--nlayers", type=click.IntRange(1), default=L.nlayers, show_default=True)
+@click.option(
+    "--nhead", type=click.IntRange(1), default=L.nhead, show_default=True, help="attention heads (Transformer)"
+)
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=L.dropout, show_default=True)
+@click.option("--tied", is_flag=True, help="tie the word embedding and softmax weights")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=L.lr, show_default=True)
+@click.option("--clip", type=click.FloatRange(0), default=L.clip, show_default=True, help="gradient clipping")
+@click.option("--epochs", type=click.IntRange(1), default=L.epochs, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=L.batch_size, show_default=True)
+@click.option("--eval-batch-size", type=click.IntRange(1), default=L.eval_batch_size, show_default=True)
+@click.option("--bptt", type=click.IntRange(1), default=L.bptt, show_default=True, help="sequence length")
+@click.option("--amp", type=click.Choice(list(AMP_DTYPES)), default=L.amp, show_default=True)
+@click.option("--seed", type=int, default=L.seed, show_default=True)
+@click.option("--device", default=L.device, show_default=True, help="auto, cpu, cuda, cuda:N or mps")
+@click.option("--log-interval", type=click.IntRange(1), default=L.log_interval, show_default=True)
+@click.option("--dry-run", is_flag=True, help="one batch per epoch, to check the pipeline")
+@click.option("--experiment", default=L.experiment, show_default=True)
+@click.option("--run-name", default=None)
+@click.option("--registered-model", default=L.registered_model, show_default=True)
+@click.option("--out-dir", default=L.out_dir, show_default=True, help="checkpoints go to OUT_DIR/<run id>/")
+@click.option(
+    "--resume",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="last.pt of an interrupted run: continue the same MLflow run at the next epoch",
+)
+@click.pass_context
+def train_lm_command(ctx: click.Context, data: Path | None, resume: Path | None, **options: Any) -> None:
+    """Train a word-level language model on DATA (train.txt/valid.txt/test.txt or wiki.*.tokens)."""
+    options["data"] = str(data) if data else None
+    if resume:
+        options = _resumed_options(ctx, resume, "lm", LM_RESUMABLE, data)
+    elif not data:
+        raise click.UsageError("give DATA: a folder with train.txt, valid.txt and test.txt")
+    train_lm(LMConfig(**options), resume=resume)
+
+
+@main.command("generate")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--prompt", default="", help="text to continue; words outside the vocabulary become <unk>")
+@click.option("--words", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="> 0; higher is more diverse")
+@click.option("--seed", type=int, default=1111, show_default=True)
+@click.option(
+    "--outf", type=click.Path(dir_okay=False, path_type=Path), default=Path("generated.txt"), show_default=True
+)
+@click.option("--log-interval", type=click.IntRange(0), default=100, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def generate_command(checkpoint: Path, **options: Any) -> None:
+    """Generate text from a language-model checkpoint (written as UTF-8)."""
+    from training.generate import generate
+
+    if options["temperature"] <= 0:
+        raise click.BadParameter(f"must be > 0, got {options['temperature']}", param_hint="--temperature")
+    generate(checkpoint, **options)
 
 
 @main.command("evaluate")
@@ -171,6 +254,20 @@ def synth_command(out: Path, classes: int, train_per_class: int, val_per_class: 
 
     write_synthetic_tinyimagenet(out, classes, train_per_class, val_per_class, seed=seed, progress=sys.stderr.isatty())
     click.echo(f"wrote {classes} classes x ({train_per_class} train + {val_per_class} val) images to {out}")
+
+
+@data.command("synth-corpus")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--train-lines", type=click.IntRange(1), default=2000, show_default=True)
+@click.option("--valid-lines", type=click.IntRange(1), default=200, show_default=True)
+@click.option("--test-lines", type=click.IntRange(1), default=200, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def synth_corpus_command(out: Path, train_lines: int, valid_lines: int, test_lines: int, seed: int) -> None:
+    """Write a learnable WikiText-like corpus (train.txt, valid.txt, test.txt) to OUT."""
+    from training.data.synthetic import write_synthetic_corpus
+
+    write_synthetic_corpus(out, train_lines, valid_lines, test_lines, seed)
+    click.echo(f"wrote a corpus of {train_lines}/{valid_lines}/{test_lines} train/valid/test lines to {out}")
 
 
 @data.command("download")

@@ -9,8 +9,9 @@ from torch import nn
 
 from training import tracking
 from training.checkpoint import load_checkpoint
+from training.data.errors import DatasetError
 from training.data.images import ImageFiles, eval_transform, make_loader, take_evenly
-from training.data.tinyimagenet import DatasetError, load_tinyimagenet
+from training.data.tinyimagenet import load_tinyimagenet
 from training.devices import choose_device
 from training.loops.classify import EpochResult, evaluate
 from training.models.resnet import resnet_from_checkpoint

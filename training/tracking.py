@@ -194,3 +194,15 @@ def register_model(run_id: str, artifact_path: str, name: str, tags: Mapping[str
     source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
     version = client.create_model_version(name, source=source, run_id=run_id, tags=dict(tags or {}))
     return version.version
+
+
+def log_text_to_run(run_id: str, text: str, artifact_file: str) -> bool:
+    """Add a text artifact to an existing run (its status untouched); False when the store lacks the run."""
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return False
+    client.log_text(run_id, text, artifact_file)
+    return True

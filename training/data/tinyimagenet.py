@@ -17,14 +17,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from training.data.errors import DatasetError
+
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 WNID_PATTERN = re.compile(r"^n\d{8}$")
 
 Sample = tuple[Path, int]
-
-
-class DatasetError(ValueError):
-    """The dataset on disk is missing a file or holds a malformed one."""
 
 
 @dataclass(frozen=True)
