@@ -25,10 +25,14 @@ WORDS       ?= 1000
 PROMPT      ?=
 TEMPERATURE ?= 1.0
 OUTF        ?= generated.txt
+KIND        ?= resnet
+IMAGE       ?= data/synthetic/val/images/val_0.JPEG
+SERVE_ARGS  ?=
 MLFLOW_PORT ?= 5000
 TB_PORT     ?= 6006
 
-.PHONY: setup demo train-resnet evaluate train-lm generate mlflow-ui tensorboard test lint format clean
+.PHONY: setup demo train-resnet evaluate train-lm generate package serve stop predict generate-http mlflow-ui \
+	tensorboard test lint format clean
 
 setup: $(STAMP)
 
@@ -54,6 +58,16 @@ demo: setup data/synthetic/wnids.txt data/corpus/train.txt
 	$(DLOPS) generate --checkpoint $$(ls -t runs/demo-lm/*/best.pt | head -1) --words 60 \
 		--prompt "the old cat" --outf runs/demo-lm/generated.txt
 	@echo; echo "Generated text (runs/demo-lm/generated.txt):"; cat runs/demo-lm/generated.txt
+	$(DLOPS) package resnet --checkpoint $$(ls -t runs/demo-resnet/*/best.pt | head -1)
+	$(DLOPS) package lm --checkpoint $$(ls -t runs/demo-lm/*/best.pt | head -1)
+	@if ! command -v java >/dev/null; then \
+		echo "Skipping the HTTP part of the demo: TorchServe needs Java 17 (apt-get install -y openjdk-17-jre-headless)"; \
+	else \
+		$(DLOPS) serve $(SERVE_ARGS) && { \
+			echo "POST $(IMAGE) to /predictions/resnet:"; $(DLOPS) predict $(IMAGE) --topk 3 && \
+			echo "POST a prompt to /predictions/lm:"; $(DLOPS) generate-http --prompt "the old cat" --max-words 20 --seed 1; \
+			rc=$$?; $(DLOPS) stop; exit $$rc; }; \
+	fi
 	@echo
 	@echo "Done. Browse the runs with: make mlflow-ui   (then open http://127.0.0.1:$(MLFLOW_PORT))"
 	@echo "TensorBoard:                  make tensorboard (then open http://127.0.0.1:$(TB_PORT))"
@@ -73,6 +87,23 @@ generate: setup
 	$(DLOPS) generate --checkpoint $(CHECKPOINT) --words $(WORDS) --temperature $(TEMPERATURE) \
 		--prompt "$(PROMPT)" --outf $(OUTF) $(ARGS)
 
+package: setup
+	@test -n "$(CHECKPOINT)" || { echo "pass KIND=resnet|lm CHECKPOINT=runs/<run id>/best.pt"; exit 1; }
+	$(DLOPS) package $(KIND) --checkpoint $(CHECKPOINT) $(ARGS)
+
+serve: setup
+	@command -v java >/dev/null || { echo "TorchServe needs Java 17: sudo apt-get install -y openjdk-17-jre-headless"; exit 1; }
+	$(DLOPS) serve $(SERVE_ARGS)
+
+stop: setup
+	$(DLOPS) stop
+
+predict: setup
+	$(DLOPS) predict $(IMAGE) $(ARGS)
+
+generate-http: setup
+	$(DLOPS) generate-http --prompt "$(PROMPT)" $(ARGS)
+
 mlflow-ui: setup
 	@mkdir -p mlruns
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
@@ -85,12 +116,12 @@ test: setup
 	$(BIN)/pytest -q tests
 
 lint: setup
-	$(BIN)/ruff check training tests
-	$(BIN)/ruff format --check training tests
+	$(BIN)/ruff check training serving tests bench
+	$(BIN)/ruff format --check training serving tests bench
 
 format: setup
-	$(BIN)/ruff format training tests
-	$(BIN)/ruff check --fix training tests
+	$(BIN)/ruff format training serving tests bench
+	$(BIN)/ruff check --fix training serving tests bench
 
 clean:
 	rm -rf runs data/synthetic model_store logs .pytest_cache .ruff_cache

@@ -9,6 +9,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from serving.server import ServeError
 from training.checkpoint import CheckpointError, config_for_resume, load_checkpoint
 from training.data.download import DownloadError
 from training.data.errors import DatasetError
@@ -20,7 +21,7 @@ from training.train_lm import RESUMABLE as LM_RESUMABLE
 from training.train_lm import LMConfig, train_lm
 from training.train_resnet import RESUMABLE, SCHEDULERS, ResNetConfig, train_resnet
 
-USER_ERRORS = (DatasetError, DeviceError, CheckpointError, DownloadError, ValueError)
+USER_ERRORS = (DatasetError, DeviceError, CheckpointError, DownloadError, ServeError, ValueError)
 
 
 class Group(click.Group):
@@ -286,6 +287,111 @@ def download_command(dataset: str, dest: Path, url: str | None, archive: Path | 
 
     root = extract_verified(archive, dest) if archive else download_tinyimagenet(dest, url or TINY_IMAGENET_URL)
     click.echo(f"{dataset} is ready at {root}")
+
+
+@main.command("package")
+@click.argument("kind", type=click.Choice(["resnet", "lm"]))
+@click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None)
+@click.option("--model-uri", default=None, help="models:/NAME/VERSION from the MLflow registry")
+@click.option("--run-id", default=None, help="an MLflow run: its checkpoints/best.pt")
+@click.option(
+    "--model-store", type=click.Path(file_okay=False, path_type=Path), default=Path("model_store"), show_default=True
+)
+@click.option("--version", default=None, help="model version in TorchServe (default: registry version or epoch)")
+def package_command(
+    kind: str,
+    checkpoint: Path | None,
+    model_uri: str | None,
+    run_id: str | None,
+    model_store: Path,
+    version: str | None,
+) -> None:
+    """Build a TorchServe .mar of a KIND checkpoint into --model-store; log it to the source MLflow run."""
+    from serving.package import build_mar
+
+    build_mar(kind, checkpoint, model_uri, run_id, model_store, version)
+
+
+def _serve_options(function):
+    options = [
+        click.option(
+            "--model-store",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=Path("model_store"),
+            show_default=True,
+        ),
+        click.option(
+            "--state-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=Path("logs/torchserve"),
+            show_default=True,
+            help="effective config.properties, key_file.json and logs",
+        ),
+        click.option("--inference-port", type=click.IntRange(1, 65535), default=8080, show_default=True),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@main.command("serve")
+@_serve_options
+@click.option("--management-port", type=click.IntRange(1, 65535), default=8081, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8082, show_default=True)
+@click.option("--grpc-inference-port", type=click.IntRange(1, 65535), default=7070, show_default=True)
+@click.option("--grpc-management-port", type=click.IntRange(1, 65535), default=7071, show_default=True)
+@click.option("--no-auth", is_flag=True, help="turn token authorization off (local experiments only)")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True, help="workers per model")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="server-side batching")
+@click.option("--max-batch-delay", type=click.IntRange(0), default=20, show_default=True, help="milliseconds")
+@click.option("--torch-threads", type=click.IntRange(1), default=1, show_default=True, help="torch threads per worker")
+def serve_command(no_auth: bool, max_batch_delay: int, **options: Any) -> None:
+    """Start TorchServe on 127.0.0.1 with every .mar in --model-store and wait until they are healthy."""
+    from serving.server import ServeOptions, start
+
+    start(ServeOptions(auth=not no_auth, max_batch_delay_ms=max_batch_delay, **options))
+
+
+@main.command("stop")
+def stop_command() -> None:
+    """Stop the TorchServe started by `dlops serve`."""
+    from serving.server import stop
+
+    click.echo(stop())
+
+
+@main.command("predict")
+@click.argument("image", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@_serve_options
+@click.option("--topk", type=click.IntRange(1), default=None, help="number of classes to return (server default 5)")
+def predict_command(image: Path, model_store: Path, state_dir: Path, inference_port: int, topk: int | None) -> None:
+    """Classify IMAGE with the served ResNet (HTTP client)."""
+    import json
+
+    from serving.client import predict_image
+
+    status, answer = predict_image(image, inference_port, state_dir, topk)
+    click.echo(json.dumps(answer, indent=1, ensure_ascii=False))
+    if status != 200:
+        raise click.ClickException(f"HTTP {status}")
+
+
+@main.command("generate-http")
+@_serve_options
+@click.option("--prompt", default="")
+@click.option("--max-words", type=int, default=50, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+def generate_http_command(model_store: Path, state_dir: Path, inference_port: int, **request: Any) -> None:
+    """Generate text with the served language model (HTTP client)."""
+    import json
+
+    from serving.client import generate_http
+
+    status, answer = generate_http({k: v for k, v in request.items() if v is not None}, inference_port, state_dir)
+    click.echo(json.dumps(answer, indent=1, ensure_ascii=False))
+    if status != 200:
+        raise click.ClickException(f"HTTP {status}")
 
 
 if __name__ == "__main__":

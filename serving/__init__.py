@@ -1,0 +1,1 @@
+"""Packaging (.mar) and TorchServe control for the models that `training` produces."""
