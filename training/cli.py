@@ -15,6 +15,7 @@ from training.data.download import DownloadError
 from training.data.errors import DatasetError
 from training.data.images import AUGMENTATIONS
 from training.devices import AMP_DTYPES, DeviceError
+from training.distributed import launch, under_torchrun
 from training.models.resnet import ARCHS, STEMS
 from training.models.wordlm import MODEL_TYPES
 from training.train_lm import RESUMABLE as LM_RESUMABLE
@@ -47,6 +48,14 @@ def _resumed_options(
     if data:
         given["data"] = str(data)
     return config_for_resume(load_checkpoint(resume, kind=kind)["config"], given, changeable)
+
+
+def _parse_tags(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    pairs = [v.partition("=") for v in values]
+    bad = [v for v, (_, sep, _) in zip(values, pairs, strict=True) if not sep]
+    if bad:
+        raise click.BadParameter(f"expected KEY=VALUE, got {bad[0]!r}")
+    return {key: value for key, _, value in pairs}
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -124,6 +133,16 @@ L = LMConfig
     default=None,
     help="last.pt of an interrupted run: continue the same MLflow run at the next epoch",
 )
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="processes on this machine (DDP through torchrun; one per GPU, or gloo on the CPU)",
+)
+@click.option(
+    "--tag", "tags", multiple=True, callback=_parse_tags, metavar="KEY=VALUE", help="extra MLflow run tag (repeatable)"
+)
 @click.pass_context
 def train_resnet_command(ctx: click.Context, data: Path | None, resume: Path | None, **options: Any) -> None:
     """Train a torchvision ResNet on Tiny-ImageNet at DATA (original layout; see README)."""
@@ -132,7 +151,10 @@ def train_resnet_command(ctx: click.Context, data: Path | None, resume: Path | N
         options = _resumed_options(ctx, resume, "resnet", RESUMABLE, data)
     elif not data and not options["dummy"]:
         raise click.UsageError("give DATA (a Tiny-ImageNet folder), or --dummy for synthetic tensors")
-    train_resnet(ResNetConfig(**options), resume=resume)
+    config = ResNetConfig(**options)
+    if config.nproc_per_node > 1 and not under_torchrun():
+        ctx.exit(launch("training.train_resnet", config, config.nproc_per_node, resume))
+    train_resnet(config, resume=resume)
 
 
 @train.command("lm")
@@ -219,6 +241,52 @@ def evaluate_command(checkpoint: Path, data: Path, **options: Any) -> None:
     from training.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(checkpoint, data, **options)
+
+
+@main.command("compare")
+@click.argument("checkpoint_a", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.argument("checkpoint_b", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.argument("data", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
+@click.option("--limit", type=click.IntRange(1), default=None, help="compare on N images spread over classes")
+@click.option("--grid", type=click.IntRange(1), default=16, show_default=True, help="images in the PNG grid")
+@click.option("--show", type=click.IntRange(0), default=20, show_default=True, help="table rows printed")
+@click.option("-b", "--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option("-j", "--workers", type=click.IntRange(0), default=R.workers, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/compare"), show_default=True
+)
+@click.option("--experiment", default="compare", show_default=True)
+def compare_command(checkpoint_a: Path, checkpoint_b: Path, data: Path, **options: Any) -> None:
+    """List the DATA images two ResNet checkpoints classify differently (CSV, PNG grid, MLflow run)."""
+    from training.analysis.compare import compare_checkpoints
+
+    compare_checkpoints(checkpoint_a, checkpoint_b, data, **options)
+
+
+@main.group(cls=Group)
+def bench() -> None:
+    """Benchmarks that log to MLflow."""
+
+
+@bench.command("devices", context_settings={"ignore_unknown_options": True})
+@click.argument("data", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--configs",
+    default="cpu,cuda:1,cuda:2",
+    show_default=True,
+    help="comma-separated: cpu, cpu:N (N gloo processes), cuda:N (N GPUs), mps",
+)
+@click.option("--epochs", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--workers", default="2", show_default=True, help="DataLoader workers; a list (0,2,4) sweeps them")
+@click.option("--experiment", default="device-bench", show_default=True)
+@click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
+def bench_devices_command(data: Path, train_args: tuple[str, ...], **options: Any) -> None:
+    """Time the same ResNet training on each device configuration (extra args go to `train resnet`)."""
+    from training.analysis.bench import bench_devices
+
+    bench_devices(data, train_args=list(train_args), **options)
 
 
 @main.command("summary")

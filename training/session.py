@@ -25,6 +25,7 @@ from training.devices import DeviceChoice
 class TrainingSession:
     run: tracking.RunTracker
     run_dir: Path
+    active: bool = True  # False on processes other than rank 0: they neither log nor write checkpoints
 
     @property
     def last(self) -> Path:
@@ -36,6 +37,8 @@ class TrainingSession:
 
     def save_epoch(self, state: dict[str, Any], improved: bool) -> None:
         """Write last.pt (and best.pt when the epoch improved) before its metrics are logged."""
+        if not self.active:
+            return
         state = {**state, "run_id": self.run.run_id}
         save_checkpoint(state, self.last)
         if improved:
@@ -50,6 +53,8 @@ class TrainingSession:
 
     def publish(self, model_name: str, tags: dict[str, str]) -> str | None:
         """Log both checkpoints as artifacts and register best.pt; return the registered version."""
+        if not self.active:
+            return None
         for path in (self.best, self.last):
             if path.exists():
                 self.run.log_artifact(path, "checkpoints")
@@ -73,8 +78,17 @@ def training_session(
     resume: Path | None,
     device: DeviceChoice,
     tags: dict[str, Any],
+    params: dict[str, Any] | None = None,
+    active: bool = True,
 ) -> Iterator[TrainingSession]:
-    """Start (or continue, when `saved` is a checkpoint) the MLflow run of a `kind` training job."""
+    """Start (or continue, when `saved` is a checkpoint) the MLflow run of a `kind` training job.
+
+    `params` are logged beside the config's fields; `active=False` (ranks other than 0) yields a
+    session that logs and writes nothing.
+    """
+    if not active:
+        yield TrainingSession(tracking.NullTracker(), Path(config.out_dir), active=False)
+        return
     with tracking.start_run(
         config.experiment,
         run_name=config.run_name,
@@ -88,7 +102,7 @@ def training_session(
             run.set_tags({"resumed_after_epoch": saved["epoch"]})
             print(f"=> resuming run {run.run_id} after epoch {saved['epoch']} from {resume}")
         else:
-            run.log_params(dataclasses.asdict(config))
+            run.log_params({**dataclasses.asdict(config), **(params or {})})
             run.set_tags(
                 {
                     **tracking.environment_tags(device.name),

@@ -206,3 +206,36 @@ def log_text_to_run(run_id: str, text: str, artifact_file: str) -> bool:
         return False
     client.log_text(run_id, text, artifact_file)
     return True
+
+
+class NullTracker(RunTracker):
+    """Stands in for the run on processes that do not log (ranks other than 0)."""
+
+    def __init__(self) -> None:
+        self.run_id = ""
+        self.tensorboard_dir = None
+        self.writer = None
+
+    def open_tensorboard(self, directory: Path) -> None:
+        return None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def logged_steps(self, metric: str) -> set[int]:
+        return set()
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def sync_tensorboard(self) -> None:
+        pass

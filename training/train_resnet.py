@@ -6,12 +6,14 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler, Subset
 
 from training import tracking
 from training.checkpoint import restore_rng_state, rng_state, seed_everything
@@ -27,6 +29,7 @@ from training.data.images import (
 from training.data.synthetic import RandomImages, synthetic_wnid
 from training.data.tinyimagenet import load_tinyimagenet
 from training.devices import choose_device, grad_scaler
+from training.distributed import close_process_group, init_process_group
 from training.loops.classify import EpochResult, evaluate, train_one_epoch
 from training.models.resnet import build_resnet
 from training.models.summary import layer_table
@@ -36,7 +39,7 @@ SCHEDULERS = ("step", "cosine", "one-cycle")
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 DUMMY_SIZES = (100_000, 10_000)  # Tiny-ImageNet's train and val sizes
 # Options a resumed run may change without making its logged params untrue.
-RESUMABLE = {"epochs", "workers", "print_freq", "device", "early_stop_patience", "out_dir"}
+RESUMABLE = {"epochs", "workers", "print_freq", "device", "early_stop_patience", "out_dir", "tags"}
 
 
 @dataclass
@@ -70,6 +73,8 @@ class ResNetConfig:
     run_name: str | None = None
     registered_model: str = "resnet-tinyimagenet"
     out_dir: str = "runs"
+    nproc_per_node: int = 1
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -152,6 +157,7 @@ def epoch_metrics(train: EpochResult, val: EpochResult, lr: float, seconds: floa
         "train/loss": train.loss,
         "train/acc1": train.acc1,
         "train/acc5": train.acc5,
+        "train/images": train.images,
         "val/loss": val.loss,
         "val/acc1": val.acc1,
         "val/acc5": val.acc5,
@@ -167,13 +173,25 @@ def train_resnet(config: ResNetConfig, resume: Path | None = None) -> Path:
     saved = load_resume(resume, "resnet")
     choice = choose_device(config.device)
     device = choice.device
+    group = init_process_group(device)
+    if group.enabled and device.type == "cuda":
+        device = torch.device("cuda", group.local_rank)
     print(choice.describe(), flush=True)
     seed_everything(config.seed)
 
     data = load_datasets(config)
     print(f"=> {data.tags['train_images']} train / {data.tags['val_images']} val images, {len(data.classes)} classes")
-    train_loader = make_loader(data.train, config.batch_size, config.workers, device, shuffle=True, seed=config.seed)
-    val_loader = make_loader(data.val, config.batch_size, config.workers, device)
+    # --batch-size is the global batch, as in the ImageNet example: each process takes its share.
+    per_process_batch = config.batch_size // group.world_size
+    if per_process_batch < 1:
+        raise ValueError(f"--batch-size {config.batch_size} is smaller than the {group.world_size} processes")
+    train_sampler = (
+        DistributedSampler(data.train, group.world_size, group.rank, seed=config.seed) if group.enabled else None
+    )
+    val_set = Subset(data.val, range(group.rank, len(data.val), group.world_size)) if group.enabled else data.val
+    train_loader = make_loader(data.train, per_process_batch, config.workers, device, shuffle=True,
+                               sampler=train_sampler, seed=config.seed)  # fmt: skip
+    val_loader = make_loader(val_set, per_process_batch, config.workers, device)
 
     model = build_resnet(config.arch, len(data.classes), config.stem).to(device)
     if config.channels_last:
@@ -193,27 +211,41 @@ def train_resnet(config: ResNetConfig, resume: Path | None = None) -> Path:
         scaler.load_state_dict(saved["scaler"])
         restore_rng_state(saved["rng"])
         state = TrainState(**saved["train_state"])
+    # DDP averages gradients across processes; evaluation uses the plain module (no collectives).
+    trained = model
+    if group.enabled:
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    reduce = group.sum if group.enabled else None
+    parallel = {
+        "world_size": group.world_size,
+        "global_batch_size": per_process_batch * group.world_size,
+        "per_process_batch_size": per_process_batch,
+        "lr_scaling": "none (--batch-size is the global batch)",
+    }
 
-    with training_session(config, "resnet", saved, resume, choice, data.tags) as session:
+    tags = {**data.tags, **config.tags}
+    with training_session(config, "resnet", saved, resume, choice, tags, parallel, group.is_main) as session:
         run = session.run
         if saved:
             session.catch_up(saved, "val/acc1")
-        else:
+        elif session.active:
             example = next(iter(val_loader))[0][:1].to(device)
             run.log_text(layer_table(model, example), "model_summary.txt")
             _add_graph(run, model, example)
 
-        trained = torch.compile(model) if config.compile else model
+        trained = torch.compile(trained) if config.compile else trained
         stop_reason = f"completed {config.epochs} epochs"
         for epoch in range(state.epoch + 1, config.epochs + 1):
+            if train_sampler is not None:
+                train_sampler.set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]
             start = time.perf_counter()
             train = train_one_epoch(
                 trained, train_loader, train_criterion, optimizer, scaler, device, config.amp, epoch,
-                config.print_freq, config.channels_last, scheduler if per_batch else None,
+                config.print_freq, config.channels_last, scheduler if per_batch else None, reduce,
             )  # fmt: skip
             val = evaluate(
-                trained, val_loader, val_criterion, device, config.amp, config.print_freq, config.channels_last
+                model, val_loader, val_criterion, device, config.amp, config.print_freq, config.channels_last, reduce
             )
             if not per_batch:
                 scheduler.step()
@@ -269,6 +301,7 @@ def train_resnet(config: ResNetConfig, resume: Path | None = None) -> Path:
         )
         run.set_tags({"stop_reason": stop_reason})
         session.publish(config.registered_model, {"val_acc1": f"{state.best_acc1:.3f}", "epoch": str(state.best_epoch)})
+    close_process_group(group)
     return session.run_dir
 
 
@@ -280,3 +313,19 @@ def _add_graph(run: tracking.RunTracker, model: nn.Module, example: torch.Tensor
             run.writer.add_graph(model, example)
     except Exception as e:  # tracing is a nicety; never fail a training run over it
         print(f"warning: TensorBoard graph not written: {e}")
+
+
+def main() -> None:
+    """Entry point for torchrun: `python -m training.train_resnet --config CONFIG.json [--resume CKPT]`."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--resume", type=Path, default=None)
+    args = parser.parse_args()
+    train_resnet(ResNetConfig(**json.loads(args.config.read_text(encoding="utf-8"))), args.resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Multi-process training through torchrun: process-group set-up, reductions, the launcher call.
+
+`dlops train resnet --nproc-per-node N` runs `python -m torch.distributed.run --standalone` (torchrun)
+on `training.train_resnet` with the resolved options in a JSON file. Several machines use torchrun
+directly: `torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500
+-m training.cli train resnet DATA ...`. Either way every process finds WORLD_SIZE, RANK and
+LOCAL_RANK in its environment, as torchrun sets them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over all processes (metric totals)."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+
+def under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_process_group(device: torch.device) -> ProcessGroup:
+    """Join the group torchrun set up (nccl on GPUs, gloo on CPUs); a single process otherwise."""
+    if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return ProcessGroup()
+    group = ProcessGroup(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
+        torch.cuda.set_device(group.local_rank)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not group.is_main:  # one console: rank 0 speaks for all
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    return group
+
+
+def close_process_group(group: ProcessGroup) -> None:
+    if group.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch(module: str, config: Any, nproc_per_node: int, resume: Path | None = None) -> int:
+    """Run `python -m module --config CONFIG.json` in nproc_per_node processes through torchrun."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config_file = Path(tmp) / "config.json"
+        config_file.write_text(json.dumps(asdict(config)), encoding="utf-8")
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
+            "-m", module, "--config", str(config_file),
+        ]  # fmt: skip
+        if resume:
+            command += ["--resume", str(resume)]
+        print(f"=> launching {nproc_per_node} processes with torchrun: {' '.join(command[1:])}", flush=True)
+        return subprocess.run(command).returncode
