@@ -18,6 +18,7 @@ from training.devices import AMP_DTYPES, DeviceError
 from training.distributed import launch, under_torchrun
 from training.models.resnet import ARCHS, STEMS
 from training.models.wordlm import MODEL_TYPES
+from training.recipes import RECIPES, apply_recipe
 from training.train_lm import RESUMABLE as LM_RESUMABLE
 from training.train_lm import LMConfig, train_lm
 from training.train_resnet import RESUMABLE, SCHEDULERS, ResNetConfig, train_resnet
@@ -134,6 +135,33 @@ L = LMConfig
     help="last.pt of an interrupted run: continue the same MLflow run at the next epoch",
 )
 @click.option(
+    "--recipe",
+    type=click.Choice(list(RECIPES)),
+    default=R.recipe,
+    show_default=True,
+    help="option preset (see README); options given explicitly win",
+)
+@click.option("--nesterov/--no-nesterov", default=R.nesterov, show_default=True)
+@click.option(
+    "--norm-weight-decay/--no-norm-weight-decay",
+    default=R.norm_weight_decay,
+    show_default=True,
+    help="apply weight decay to BatchNorm weights and biases too",
+)
+@click.option(
+    "--data-cache",
+    default=R.data_cache,
+    show_default=True,
+    help="auto (use a matching decoded cache), off, or a cache folder (built when missing)",
+)
+@click.option(
+    "--data-on-gpu",
+    type=click.Choice(["auto", "on", "off"]),
+    default=R.data_on_gpu,
+    show_default=True,
+    help="keep the decoded cache on the GPU and augment there (CUDA only)",
+)
+@click.option(
     "--nproc-per-node",
     type=click.IntRange(1),
     default=1,
@@ -149,8 +177,10 @@ def train_resnet_command(ctx: click.Context, data: Path | None, resume: Path | N
     options["data"] = str(data) if data else None
     if resume:
         options = _resumed_options(ctx, resume, "resnet", RESUMABLE, data)
-    elif not data and not options["dummy"]:
-        raise click.UsageError("give DATA (a Tiny-ImageNet folder), or --dummy for synthetic tensors")
+    else:
+        if not data and not options["dummy"]:
+            raise click.UsageError("give DATA (a Tiny-ImageNet folder), or --dummy for synthetic tensors")
+        options = apply_recipe(options["recipe"], options, given_options(ctx))
     config = ResNetConfig(**options)
     if config.nproc_per_node > 1 and not under_torchrun():
         ctx.exit(launch("training.train_resnet", config, config.nproc_per_node, resume))
@@ -181,6 +211,7 @@ def train_resnet_command(ctx: click.Context, data: Path | None, resume: Path | N
 @click.option("--eval-batch-size", type=click.IntRange(1), default=L.eval_batch_size, show_default=True)
 @click.option("--bptt", type=click.IntRange(1), default=L.bptt, show_default=True, help="sequence length")
 @click.option("--amp", type=click.Choice(list(AMP_DTYPES)), default=L.amp, show_default=True)
+@click.option("--compile/--no-compile", "compile", default=L.compile, show_default=True, help="torch.compile the model")
 @click.option("--seed", type=int, default=L.seed, show_default=True)
 @click.option("--device", default=L.device, show_default=True, help="auto, cpu, cuda, cuda:N or mps")
 @click.option("--log-interval", type=click.IntRange(1), default=L.log_interval, show_default=True)
@@ -323,6 +354,25 @@ def synth_command(out: Path, classes: int, train_per_class: int, val_per_class: 
 
     write_synthetic_tinyimagenet(out, classes, train_per_class, val_per_class, seed=seed, progress=sys.stderr.isatty())
     click.echo(f"wrote {classes} classes x ({train_per_class} train + {val_per_class} val) images to {out}")
+
+
+@data.command("cache")
+@click.argument("data_dir", metavar="DATA", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--splits", default="train,val", show_default=True)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="default: $DLOPS_CACHE_DIR or data/cache",
+)
+@click.option("--image-size", type=click.IntRange(8), default=64, show_default=True)
+@click.option("-j", "--workers", type=click.IntRange(1), default=None, help="decoding processes (default: all cores)")
+def cache_command(data_dir: Path, splits: str, cache_dir: Path | None, image_size: int, workers: int | None) -> None:
+    """Decode DATA's images once into memory-mapped uint8 arrays that training reads instead of JPEGs."""
+    from training.data.cache import DEFAULT_ROOT, build_cache
+
+    for split in splits.split(","):
+        build_cache(data_dir, split.strip(), cache_dir or DEFAULT_ROOT, image_size, workers)
 
 
 @data.command("synth-corpus")

@@ -29,6 +29,19 @@ class DeviceChoice:
             return "Apple MPS"
         return f"CPU ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
 
+    def features(self) -> dict[str, str]:
+        """What the hardware offers the run (logged as params): vector ISA, native bf16, AMX, GPU."""
+        features = {
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_avx512_bf16": str(torch.cpu._is_avx512_bf16_supported()),
+            "cpu_amx": str(torch.cpu._is_amx_tile_supported()),
+        }
+        if self.device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(self.device)
+            features["gpu_compute_capability"] = f"{major}.{minor}"
+            features["gpu_bf16"] = str(torch.cuda.is_bf16_supported())
+        return features
+
     def describe(self) -> str:
         return f"=> using device {self.device} [{self.name}]: {self.reason}"
 

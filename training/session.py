@@ -102,7 +102,7 @@ def training_session(
             run.set_tags({"resumed_after_epoch": saved["epoch"]})
             print(f"=> resuming run {run.run_id} after epoch {saved['epoch']} from {resume}")
         else:
-            run.log_params({**dataclasses.asdict(config), **(params or {})})
+            run.log_params({**dataclasses.asdict(config), **device.features(), **(params or {})})
             run.set_tags(
                 {
                     **tracking.environment_tags(device.name),

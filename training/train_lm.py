@@ -37,6 +37,7 @@ class LMConfig:
     eval_batch_size: int = 10
     bptt: int = 35
     amp: str = "off"
+    compile: bool = False
     seed: int = 1111
     device: str = "auto"
     log_interval: int = 200
@@ -87,7 +88,8 @@ def train_lm(config: LMConfig, resume: Path | None = None) -> Path:
 
     model_config = config.model_config(ntokens)
     model = build_language_model(**model_config).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    # fused: one kernel per step for all parameters (CPU and CUDA)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, fused=device.type in ("cpu", "cuda"))
     state = LMState(lr=config.lr)
     if saved:
         model.load_state_dict(saved["model"])
@@ -117,11 +119,12 @@ def train_lm(config: LMConfig, resume: Path | None = None) -> Path:
             if step not in logged:
                 run.log_metrics({"train/loss": loss, "train/ppl": perplexity(loss)}, step=step)
 
+        trained = torch.compile(model) if config.compile else model
         for epoch in range(state.epoch + 1, config.epochs + 1):
             for group in optimizer.param_groups:
                 group["lr"] = state.lr
             train = train_lm_epoch(
-                model, train_data, optimizer, device, config.amp, epoch, config.bptt, config.clip,
+                trained, train_data, optimizer, device, config.amp, epoch, config.bptt, config.clip,
                 config.log_interval, state.global_step, log_interval, config.dry_run,
             )  # fmt: skip
             val = evaluate_lm(model, val_data, device, config.amp, config.bptt)

@@ -8,26 +8,15 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler, Subset
 
 from training import tracking
 from training.checkpoint import restore_rng_state, rng_state, seed_everything
-from training.data.images import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageFiles,
-    eval_transform,
-    make_loader,
-    take_evenly,
-    train_transform,
-)
-from training.data.synthetic import RandomImages, synthetic_wnid
-from training.data.tinyimagenet import load_tinyimagenet
+from training.data.images import IMAGENET_MEAN, IMAGENET_STD
+from training.data.pipeline import build_pipeline
 from training.devices import choose_device, grad_scaler
 from training.distributed import close_process_group, init_process_group
 from training.loops.classify import EpochResult, evaluate, train_one_epoch
@@ -37,7 +26,6 @@ from training.session import load_resume, training_session
 
 SCHEDULERS = ("step", "cosine", "one-cycle")
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
-DUMMY_SIZES = (100_000, 10_000)  # Tiny-ImageNet's train and val sizes
 # Options a resumed run may change without making its logged params untrue.
 RESUMABLE = {"epochs", "workers", "print_freq", "device", "early_stop_patience", "out_dir", "tags"}
 
@@ -52,12 +40,14 @@ class ResNetConfig:
     epochs: int = 20
     lr: float = 0.1
     momentum: float = 0.9
+    nesterov: bool = False
     weight_decay: float = 1e-4
+    norm_weight_decay: bool = True  # False: no weight decay on BatchNorm weights and biases
     scheduler: str = "step"
     lr_step_size: int = 30
     lr_gamma: float = 0.1
     label_smoothing: float = 0.0
-    augment: str = "flip-crop"
+    augment: str = "flip"
     amp: str = "off"
     channels_last: bool = False
     compile: bool = False
@@ -65,6 +55,9 @@ class ResNetConfig:
     seed: int = 0
     device: str = "auto"
     dummy: bool = False
+    data_cache: str = "auto"  # auto: use a decoded cache when one matches; off; or a cache folder to build/use
+    data_on_gpu: str = "auto"  # auto: with CUDA, when the cache fits in half the free GPU memory; on; off
+    recipe: str = "reference"
     limit_train: int | None = None
     limit_val: int | None = None
     print_freq: int = 10
@@ -103,37 +96,21 @@ class TrainState:
         return improved
 
 
-@dataclass
-class Datasets:
-    train: torch.utils.data.Dataset
-    val: torch.utils.data.Dataset
-    classes: list[str]
-    labels: list[str]
-    tags: dict[str, Any]
+def build_optimizer(config: ResNetConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """SGD (nesterov optional); weight decay on conv/linear weights only when norm_weight_decay is off."""
+    decay = [p for p in model.parameters() if p.ndim > 1 or config.norm_weight_decay]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1 and not config.norm_weight_decay]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    fused = device.type in ("cuda", "cpu")  # one kernel per step instead of one per parameter
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, fused=fused)
 
 
-def load_datasets(config: ResNetConfig) -> Datasets:
-    if config.dummy:
-        n_train, n_val = config.limit_train or DUMMY_SIZES[0], config.limit_val or DUMMY_SIZES[1]
-        classes = [synthetic_wnid(i) for i in range(200)]
-        train = RandomImages(n_train, len(classes), config.image_size, seed=config.seed)
-        val = RandomImages(n_val, len(classes), config.image_size, seed=config.seed + 1)
-        return Datasets(
-            train, val, classes, classes, {"dataset": "dummy", "train_images": n_train, "val_images": n_val}
-        )
-    if not config.data:
-        raise ValueError("DATA is required unless --dummy is given")
-    ds = load_tinyimagenet(config.data)
-    train = ImageFiles(take_evenly(ds.train, config.limit_train), train_transform(config.augment, config.image_size))
-    val = ImageFiles(take_evenly(ds.val, config.limit_val), eval_transform(config.image_size))
-    tags = {
-        "dataset": str(Path(config.data).resolve()),
-        "train_images": len(train),
-        "val_images": len(val),
-        "num_classes": ds.num_classes,
-        "val_layout": ds.val_layout,
-    }
-    return Datasets(train, val, ds.wnids, [ds.labels[w] for w in ds.wnids], tags)
+def _example_input(data, device: torch.device) -> torch.Tensor:
+    """One validation image as the model sees it (for the summary table and the graph)."""
+    images = next(iter(data.val))[0][:1].to(device)
+    return data.prepare_val(images) if data.prepare_val else images
 
 
 def build_scheduler(config: ResNetConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
@@ -179,27 +156,19 @@ def train_resnet(config: ResNetConfig, resume: Path | None = None) -> Path:
     print(choice.describe(), flush=True)
     seed_everything(config.seed)
 
-    data = load_datasets(config)
-    print(f"=> {data.tags['train_images']} train / {data.tags['val_images']} val images, {len(data.classes)} classes")
     # --batch-size is the global batch, as in the ImageNet example: each process takes its share.
     per_process_batch = config.batch_size // group.world_size
     if per_process_batch < 1:
         raise ValueError(f"--batch-size {config.batch_size} is smaller than the {group.world_size} processes")
-    train_sampler = (
-        DistributedSampler(data.train, group.world_size, group.rank, seed=config.seed) if group.enabled else None
-    )
-    val_set = Subset(data.val, range(group.rank, len(data.val), group.world_size)) if group.enabled else data.val
-    train_loader = make_loader(data.train, per_process_batch, config.workers, device, shuffle=True,
-                               sampler=train_sampler, seed=config.seed)  # fmt: skip
-    val_loader = make_loader(val_set, per_process_batch, config.workers, device)
+    data = build_pipeline(config, per_process_batch, device, group.rank, group.world_size)
+    print(f"=> {data.tags['train_images']} train / {data.tags['val_images']} val images, {len(data.classes)} "
+          f"classes; data path: {data.tags['data_path']}")  # fmt: skip
 
     model = build_resnet(config.arch, len(data.classes), config.stem).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
-    scheduler, per_batch = build_scheduler(config, optimizer, len(train_loader))
+    optimizer = build_optimizer(config, model, device)
+    scheduler, per_batch = build_scheduler(config, optimizer, len(data.train))
     scaler = grad_scaler(device, config.amp)
     train_criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     val_criterion = nn.CrossEntropyLoss()
@@ -229,24 +198,24 @@ def train_resnet(config: ResNetConfig, resume: Path | None = None) -> Path:
         if saved:
             session.catch_up(saved, "val/acc1")
         elif session.active:
-            example = next(iter(val_loader))[0][:1].to(device)
+            example = _example_input(data, device)
             run.log_text(layer_table(model, example), "model_summary.txt")
             _add_graph(run, model, example)
 
         trained = torch.compile(trained) if config.compile else trained
         stop_reason = f"completed {config.epochs} epochs"
         for epoch in range(state.epoch + 1, config.epochs + 1):
-            if train_sampler is not None:
-                train_sampler.set_epoch(epoch)
+            data.set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]
             start = time.perf_counter()
             train = train_one_epoch(
-                trained, train_loader, train_criterion, optimizer, scaler, device, config.amp, epoch,
-                config.print_freq, config.channels_last, scheduler if per_batch else None, reduce,
+                trained, data.train, train_criterion, optimizer, scaler, device, config.amp, epoch,
+                config.print_freq, config.channels_last, scheduler if per_batch else None, reduce, data.prepare_train,
             )  # fmt: skip
             val = evaluate(
-                model, val_loader, val_criterion, device, config.amp, config.print_freq, config.channels_last, reduce
-            )
+                model, data.val, val_criterion, device, config.amp, config.print_freq, config.channels_last, reduce,
+                prepare=data.prepare_val,
+            )  # fmt: skip
             if not per_batch:
                 scheduler.step()
             seconds = time.perf_counter() - start

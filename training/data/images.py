@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -61,12 +61,16 @@ class ImageFiles(Dataset):
         return [path for path, _ in self.samples]
 
 
+def evenly_spaced(n: int, limit: int | None) -> list[int]:
+    """At most `limit` of range(n), spread evenly: on a class-sorted list every class stays."""
+    if not limit or limit >= n:
+        return list(range(n))
+    step = n / limit
+    return [int(i * step) for i in range(limit)]
+
+
 def take_evenly(samples: Sequence[Sample], limit: int | None) -> list[Sample]:
-    """At most `limit` samples spread evenly over the (class-sorted) list, so every class stays."""
-    if not limit or limit >= len(samples):
-        return list(samples)
-    step = len(samples) / limit
-    return [samples[int(i * step)] for i in range(limit)]
+    return [samples[i] for i in evenly_spaced(len(samples), limit)]
 
 
 def make_loader(
@@ -77,6 +81,7 @@ def make_loader(
     shuffle: bool = False,
     sampler: Sampler | None = None,
     seed: int = 0,
+    collate_fn: Callable | None = None,
 ) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
@@ -88,4 +93,5 @@ def make_loader(
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         generator=generator,
+        collate_fn=collate_fn,
     )

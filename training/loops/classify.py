@@ -72,8 +72,16 @@ def _line(header: str, i: int, total: int, batch_time: float, data_time: float, 
     )
 
 
-def to_device(images: torch.Tensor, target: torch.Tensor, device: torch.device, channels_last: bool):
+Prepare = Callable[[torch.Tensor], torch.Tensor]
+
+
+def to_device(
+    images: torch.Tensor, target: torch.Tensor, device: torch.device, channels_last: bool, prepare: Prepare | None
+):
+    """Move a batch to the device; decoded uint8 batches are normalized (and augmented) there."""
     images = images.to(device, non_blocking=True)
+    if prepare is not None:
+        images = prepare(images)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, target.to(device, non_blocking=True)
@@ -92,6 +100,7 @@ def train_one_epoch(
     channels_last: bool = False,
     batch_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     reduce: Reduce | None = None,
+    prepare: Prepare | None = None,
 ) -> EpochResult:
     model.train()
     totals = Totals(device)
@@ -101,7 +110,7 @@ def train_one_epoch(
     for i, (images, target) in enumerate(progress, 1):
         data_time = time.perf_counter() - last
         data_seconds += data_time
-        images, target = to_device(images, target, device, channels_last)
+        images, target = to_device(images, target, device, channels_last, prepare)
         with autocast(device, amp):
             output = model(images)
             loss = criterion(output, target)
@@ -131,6 +140,7 @@ def evaluate(
     channels_last: bool = False,
     reduce: Reduce | None = None,
     on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    prepare: Prepare | None = None,
 ) -> EpochResult:
     """One pass over `loader`; `on_batch(output, target)` sees every batch's logits (e.g. to keep predictions)."""
     model.eval()
@@ -141,7 +151,7 @@ def evaluate(
     for i, (images, target) in enumerate(progress, 1):
         data_time = time.perf_counter() - last
         data_seconds += data_time
-        images, target = to_device(images, target, device, channels_last)
+        images, target = to_device(images, target, device, channels_last, prepare)
         with autocast(device, amp):
             output = model(images)
             loss = criterion(output, target)

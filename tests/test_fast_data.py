@@ -1,0 +1,108 @@
+"""The decoded cache, batch-level augmentation (the GPU code, run on CPU tensors) and the fast recipe."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import latest_run, run_cli
+from training.data.batches import BatchTransform, TensorBatches, random_crop, random_flip
+from training.data.cache import CachedImages, build_cache, collate_batch, find_cache
+from training.data.images import make_loader
+from training.data.tinyimagenet import load_tinyimagenet, open_rgb
+from training.recipes import RECIPES
+
+
+@pytest.fixture()
+def dataset(tiny_dataset: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
+
+
+def test_cache_round_trips_images_labels_and_file_names(dataset, tmp_path):
+    cached = build_cache(dataset, "val", tmp_path / "cache", workers=2)
+    samples = load_tinyimagenet(dataset).val
+    assert cached.images.shape == (16, 64, 64, 3) and cached.images.dtype == np.uint8
+    assert isinstance(cached.images, np.memmap), "the cache must be memory-mapped, not loaded"
+    for i, (path, label) in enumerate(samples):
+        assert np.array_equal(cached.images[i], np.asarray(open_rgb(path)))
+        assert cached.labels[i] == label and cached.files[i] == str(path.relative_to(dataset))
+
+
+def test_editing_or_adding_a_file_invalidates_the_cache(dataset, tmp_path):
+    root = tmp_path / "cache"
+    first = build_cache(dataset, "train", root, workers=1).directory
+    assert find_cache(dataset, "train", root).directory == first
+    image = next((dataset / "train").rglob("*.JPEG"))
+    image.write_bytes(image.read_bytes())  # same bytes, new modification time: an edit
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    assert find_cache(dataset, "train", root) is None
+    second = build_cache(dataset, "train", root, workers=1).directory
+    assert second != first
+    new = image.with_name("n90000000_extra.JPEG")
+    shutil.copy(image, new)
+    assert find_cache(dataset, "train", root) is None
+    assert len(build_cache(dataset, "train", root, workers=1).labels) == 49
+
+
+def test_dataloader_workers_read_batches_from_the_memory_map(dataset, tmp_path):
+    cached = build_cache(dataset, "train", tmp_path / "cache", workers=1)
+    loader = make_loader(CachedImages(cached), 10, 2, torch.device("cpu"), collate_fn=collate_batch)
+    seen = []
+    for images, labels in loader:
+        assert images.dtype == torch.uint8 and images.shape[1:] == (3, 64, 64)
+        for image, label in zip(images, labels, strict=True):
+            row = int(np.flatnonzero((cached.images == image.permute(1, 2, 0).numpy()).all(axis=(1, 2, 3)))[0])
+            assert cached.labels[row] == label  # labels stay with their images
+            seen.append(row)
+    assert sorted(seen) == list(range(48))
+
+
+def test_batch_augmentation_keeps_shapes_dtypes_and_labels():
+    torch.manual_seed(0)
+    images = torch.arange(4 * 3 * 8 * 8, dtype=torch.float32).view(4, 3, 8, 8)
+    cropped = random_crop(images, padding=2)
+    assert cropped.shape == images.shape and cropped.dtype == images.dtype
+    for i in range(4):  # each crop is a window of its own reflect-padded image
+        padded = torch.nn.functional.pad(images[i : i + 1], (2, 2, 2, 2), mode="reflect")[0]
+        windows = [padded[:, y : y + 8, x : x + 8] for y in range(5) for x in range(5)]
+        assert any(torch.equal(cropped[i], w) for w in windows)
+    flipped = random_flip(images)
+    for i in range(4):
+        assert torch.equal(flipped[i], images[i]) or torch.equal(flipped[i], images[i].flip(2))
+    transform = BatchTransform("flip-crop", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), train=True)
+    out = transform(torch.full((4, 3, 8, 8), 255, dtype=torch.uint8))
+    assert out.dtype == torch.float32 and torch.allclose(out, torch.full_like(out, 2.0))
+    with pytest.raises(ValueError, match="needs the JPEG loader"):
+        BatchTransform("trivialaugment", (0.5,) * 3, (0.25,) * 3, train=True)
+
+
+def test_tensor_batches_cover_each_sample_once_per_epoch_and_shard_by_rank():
+    images, labels = torch.arange(10).view(10, 1), torch.arange(10) * 10
+    batches = TensorBatches(lambda i: (images[i], labels[i]), 10, 3, shuffle=True, seed=1)
+    epoch1 = torch.cat([x for x, _ in batches]).flatten().tolist()
+    batches.set_epoch(1)
+    epoch2 = torch.cat([x for x, _ in batches]).flatten().tolist()
+    assert sorted(epoch1) == sorted(epoch2) == list(range(10)) and epoch1 != epoch2 and len(batches) == 4
+    assert all(torch.equal(y, x.flatten() * 10) for x, y in batches)
+    shards = [TensorBatches(lambda i: (images[i], labels[i]), 10, 3, True, 1, rank, 2) for rank in (0, 1)]
+    both = [v for s in shards for x, _ in s for v in x.flatten().tolist()]
+    assert sorted(both) == list(range(10))
+
+
+def test_fast_recipe_trains_from_the_cache_and_logs_every_resolved_value(dataset, tmp_path, client):
+    run_cli("train", "resnet", dataset, "--recipe", "fast", "--epochs", "1", "-b", "16", "-j", "0", "-p", "0",
+            "--data-cache", tmp_path / "cache", "--out-dir", tmp_path, "--experiment", "test-fast")  # fmt: skip
+    run = latest_run(client, "test-fast")
+    params = run.data.params
+    for name, value in RECIPES["fast"].items():
+        if name not in ("epochs", "batch_size"):  # given explicitly above
+            assert params[name] == str(value), name
+    assert params["recipe"] == "fast" and params["epochs"] == "1" and params["batch_size"] == "16"
+    assert params["cpu_capability"] and "cpu_avx512_bf16" in params
+    assert "decoded cache" in run.data.tags["data_path"]
+    assert run.data.metrics["time/images_per_second"] > 0

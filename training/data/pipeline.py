@@ -1,0 +1,179 @@
+"""Choose how the classification job gets its batches, and build it.
+
+    --dummy                          random tensors (throughput checks, no files)
+    --data-cache off (or no cache)   JPEG files decoded by PIL in DataLoader workers
+    a decoded cache, CPU             uint8 batches read from the memory map by DataLoader workers
+    a decoded cache, --data-on-gpu   the whole uint8 array on the GPU, batches indexed there
+
+The last two return uint8 batches plus a `prepare` function (normalize, augment) that the loop
+applies on the training device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DistributedSampler, RandomSampler, Subset
+
+from training.data.batches import BatchTransform, TensorBatches
+from training.data.cache import DEFAULT_ROOT, CachedImages, DecodedSplit, build_cache, collate_batch, find_cache
+from training.data.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageFiles,
+    eval_transform,
+    evenly_spaced,
+    make_loader,
+    take_evenly,
+    train_transform,
+)
+from training.data.synthetic import RandomImages, synthetic_wnid
+from training.data.tinyimagenet import load_tinyimagenet
+
+DUMMY_SIZES = (100_000, 10_000)  # Tiny-ImageNet's train and val sizes
+GPU_MEMORY_SHARE = 0.5  # put the cache on the GPU when it takes at most this share of free memory
+
+
+@dataclass
+class ImagePipeline:
+    train: Iterable
+    val: Iterable
+    classes: list[str]
+    labels: list[str]
+    tags: dict[str, Any]
+    prepare_train: Callable[[torch.Tensor], torch.Tensor] | None = None
+    prepare_val: Callable[[torch.Tensor], torch.Tensor] | None = None
+    epoch_setters: list = field(default_factory=list)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle per epoch, identically on every process."""
+        for target in self.epoch_setters:
+            target.set_epoch(epoch)
+
+
+def build_pipeline(config: Any, batch_size: int, device: torch.device, rank: int = 0, world_size: int = 1):
+    """Batches for `config` (a ResNetConfig), `batch_size` per process, this process's share."""
+    if config.dummy:
+        return _dummy(config, batch_size, device, rank, world_size)
+    caches = _find_caches(config)
+    if caches is None:
+        return _jpeg(config, batch_size, device, rank, world_size)
+    return _cached(config, caches, batch_size, device, rank, world_size)
+
+
+def _share(indices: list[int], rank: int, world_size: int) -> list[int]:
+    return indices[rank::world_size]
+
+
+def _loader(dataset, config, batch_size, device, rank, world_size, train: bool, collate=None):
+    """A DataLoader over `dataset`: shuffled with a DistributedSampler when training on several processes."""
+    sampler = None
+    if train and world_size > 1:
+        sampler = DistributedSampler(dataset, world_size, rank, seed=config.seed)
+    elif train:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(config.seed))
+    loader = make_loader(dataset, batch_size, config.workers, device, sampler=sampler, collate_fn=collate)
+    return loader, sampler
+
+
+def _dummy(config, batch_size, device, rank, world_size) -> ImagePipeline:
+    n_train, n_val = config.limit_train or DUMMY_SIZES[0], config.limit_val or DUMMY_SIZES[1]
+    classes = [synthetic_wnid(i) for i in range(200)]
+    train_set = RandomImages(n_train, len(classes), config.image_size, seed=config.seed)
+    val_set = Subset(RandomImages(n_val, len(classes), config.image_size, seed=config.seed + 1),
+                     _share(list(range(n_val)), rank, world_size))  # fmt: skip
+    train, sampler = _loader(train_set, config, batch_size, device, rank, world_size, train=True)
+    val, _ = _loader(val_set, config, batch_size, device, rank, world_size, train=False)
+    tags = {"dataset": "dummy", "train_images": n_train, "val_images": n_val, "data_path": "random tensors"}
+    return ImagePipeline(train, val, classes, classes, tags, epoch_setters=[sampler] if world_size > 1 else [])
+
+
+def _dataset_tags(config, ds, n_train: int, n_val: int, path: str) -> dict[str, Any]:
+    return {
+        "dataset": str(Path(config.data).resolve()),
+        "train_images": n_train,
+        "val_images": n_val,
+        "num_classes": ds.num_classes,
+        "val_layout": ds.val_layout,
+        "data_path": path,
+    }
+
+
+def _jpeg(config, batch_size, device, rank, world_size) -> ImagePipeline:
+    ds = load_tinyimagenet(config.data)
+    train_set = ImageFiles(
+        take_evenly(ds.train, config.limit_train), train_transform(config.augment, config.image_size)
+    )
+    val_samples = take_evenly(ds.val, config.limit_val)
+    val_set = ImageFiles(_share(val_samples, rank, world_size), eval_transform(config.image_size))
+    train, sampler = _loader(train_set, config, batch_size, device, rank, world_size, train=True)
+    val, _ = _loader(val_set, config, batch_size, device, rank, world_size, train=False)
+    tags = _dataset_tags(config, ds, len(train_set), len(val_samples), "jpeg (PIL in DataLoader workers)")
+    setters = [sampler] if world_size > 1 else []
+    return ImagePipeline(train, val, ds.wnids, [ds.labels[w] for w in ds.wnids], tags, epoch_setters=setters)
+
+
+def _find_caches(config) -> tuple[DecodedSplit, DecodedSplit] | None:
+    """The decoded caches of both splits: looked up (auto), built (PATH) or not used (off)."""
+    if config.data_cache == "off":
+        return None
+    if config.data_cache == "auto":
+        found = [find_cache(config.data, split, DEFAULT_ROOT, config.image_size) for split in ("train", "val")]
+        if None in found:
+            print(f"=> no decoded cache of {config.data} in {DEFAULT_ROOT}: decoding JPEGs every epoch "
+                  f"(`dlops data cache {config.data}` makes one)")  # fmt: skip
+            return None
+        return found[0], found[1]
+    root = Path(config.data_cache)
+    return build_cache(config.data, "train", root, config.image_size), build_cache(
+        config.data, "val", root, config.image_size
+    )
+
+
+def _on_gpu(config, caches: tuple[DecodedSplit, DecodedSplit], device: torch.device) -> bool:
+    if device.type != "cuda" or config.data_on_gpu == "off":
+        return False
+    if config.data_on_gpu == "on":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return sum(c.images.nbytes for c in caches) <= GPU_MEMORY_SHARE * free
+
+
+def _cached(config, caches, batch_size, device, rank, world_size) -> ImagePipeline:
+    ds = load_tinyimagenet(config.data)
+    train_cache, val_cache = caches
+    train_rows = evenly_spaced(len(train_cache.labels), config.limit_train)
+    val_rows = evenly_spaced(len(val_cache.labels), config.limit_val)
+    prepare_train = BatchTransform(config.augment, IMAGENET_MEAN, IMAGENET_STD, train=True)
+    prepare_val = BatchTransform("none", IMAGENET_MEAN, IMAGENET_STD, train=False)
+    if _on_gpu(config, caches, device):
+        train = _resident(train_cache, train_rows, batch_size, device, True, config.seed, rank, world_size)
+        val = _resident(val_cache, val_rows, batch_size, device, False, config.seed, rank, world_size)
+        setters, path = [train], f"decoded cache {train_cache.directory.parent} on the GPU"
+    else:
+        train, sampler = _loader(CachedImages(train_cache, np.array(train_rows)), config, batch_size, device, rank,
+                                 world_size, train=True, collate=collate_batch)  # fmt: skip
+        val, _ = _loader(CachedImages(val_cache, np.array(_share(val_rows, rank, world_size))), config, batch_size,
+                         device, rank, world_size, train=False, collate=collate_batch)  # fmt: skip
+        setters = [sampler] if world_size > 1 else []
+        path = f"decoded cache {train_cache.directory.parent} (memory-mapped)"
+    tags = _dataset_tags(config, ds, len(train_rows), len(val_rows), path)
+    return ImagePipeline(train, val, ds.wnids, [ds.labels[w] for w in ds.wnids], tags, prepare_train, prepare_val,
+                         setters)  # fmt: skip
+
+
+def _resident(cache: DecodedSplit, rows, batch_size, device, shuffle, seed, rank, world_size) -> TensorBatches:
+    """Copy the split's uint8 images to the device once; batches are index lookups there."""
+    images = torch.from_numpy(np.ascontiguousarray(cache.images[rows])).to(device).permute(0, 3, 1, 2)
+    labels = torch.from_numpy(cache.labels[rows]).to(device)
+
+    def fetch(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = indices.to(device, non_blocking=True)
+        return images[indices], labels[indices]
+
+    return TensorBatches(fetch, len(rows), batch_size, shuffle, seed, rank, world_size)
