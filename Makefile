@@ -29,8 +29,13 @@ KIND        ?= resnet
 IMAGE       ?= data/synthetic/val/images/val_0.JPEG
 SERVE_ARGS  ?=
 MLFLOW_PORT ?= 5000
+MLFLOW_HOST ?= 127.0.0.1
+# make mlflow-server MLFLOW_BACKEND_URI=postgresql://user:pass@127.0.0.1:5432/mlflow (SQLite in mlruns/ otherwise)
+MLFLOW_BACKEND_URI ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
+MLFLOW_ARTIFACTS   ?= $(CURDIR)/mlruns/artifacts
 TB_PORT     ?= 6006
 
+.PHONY: mlflow-server screenshots
 .PHONY: setup demo train-resnet evaluate train-lm generate package serve stop predict generate-http mlflow-ui \
 	tensorboard test lint format clean
 
@@ -109,6 +114,16 @@ mlflow-ui: setup
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
 		--backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --default-artifact-root $(CURDIR)/mlruns/artifacts
 
+mlflow-server: setup
+	@mkdir -p mlruns
+	$(BIN)/mlflow server --backend-store-uri $(MLFLOW_BACKEND_URI) --artifacts-destination $(MLFLOW_ARTIFACTS) \
+		--host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
+		--allowed-hosts $(MLFLOW_HOST):$(MLFLOW_PORT),localhost:$(MLFLOW_PORT) \
+		--cors-allowed-origins http://$(MLFLOW_HOST):$(MLFLOW_PORT),http://localhost:$(MLFLOW_PORT)
+
+screenshots: setup data/synthetic/wnids.txt
+	$(BIN)/python scripts/screenshots.py
+
 tensorboard: setup
 	$(BIN)/tensorboard --logdir runs --host 127.0.0.1 --port $(TB_PORT)
 
@@ -116,12 +131,13 @@ test: setup
 	$(BIN)/pytest -q tests
 
 lint: setup
-	$(BIN)/ruff check training serving tests bench
-	$(BIN)/ruff format --check training serving tests bench
+	$(BIN)/ruff check training serving tests bench scripts
+	$(BIN)/ruff format --check training serving tests bench scripts
+	$(BIN)/hadolint --failure-threshold info docker/Dockerfile.train docker/Dockerfile.serve
 
 format: setup
-	$(BIN)/ruff format training serving tests bench
-	$(BIN)/ruff check --fix training serving tests bench
+	$(BIN)/ruff format training serving tests bench scripts
+	$(BIN)/ruff check --fix training serving tests bench scripts
 
 clean:
 	rm -rf runs data/synthetic model_store logs .pytest_cache .ruff_cache

@@ -180,7 +180,8 @@ def train_resnet_command(ctx: click.Context, data: Path | None, resume: Path | N
     else:
         if not data and not options["dummy"]:
             raise click.UsageError("give DATA (a Tiny-ImageNet folder), or --dummy for synthetic tensors")
-        options = apply_recipe(options["recipe"], options, given_options(ctx))
+        given = {k: v for k, v in given_options(ctx).items() if k != "data"}  # DATA is set above, as a str
+        options = apply_recipe(options["recipe"], options, given)
     config = ResNetConfig(**options)
     if config.nproc_per_node > 1 and not under_torchrun():
         ctx.exit(launch("training.train_resnet", config, config.nproc_per_node, resume))

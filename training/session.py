@@ -19,6 +19,7 @@ from typing import Any
 from training import tracking
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.devices import DeviceChoice
+from training.plots import learning_curves
 
 
 @dataclasses.dataclass
@@ -51,10 +52,12 @@ class TrainingSession:
         if epoch not in self.run.logged_steps(metric):
             self.run.log_metrics(saved["metrics"], step=epoch)
 
-    def publish(self, model_name: str, tags: dict[str, str]) -> str | None:
-        """Log both checkpoints as artifacts and register best.pt; return the registered version."""
+    def publish(self, model_name: str, tags: dict[str, str], curves: dict[str, list[str]]) -> str | None:
+        """Log the learning curves and both checkpoints, register best.pt; return the registered version."""
         if not self.active:
             return None
+        picture = learning_curves(self.run.run_id, curves, self.run_dir / "learning_curves.png", model_name)
+        self.run.log_artifact(picture)
         for path in (self.best, self.last):
             if path.exists():
                 self.run.log_artifact(path, "checkpoints")

@@ -14,6 +14,7 @@ from training.devices import choose_device
 from training.loops.language import LMEpochResult, evaluate_lm, perplexity, train_lm_epoch
 from training.models.summary import layer_table
 from training.models.wordlm import build_language_model
+from training.plots import LM_PANELS
 from training.session import load_resume, training_session
 
 RESUMABLE = {"epochs", "device", "log_interval", "out_dir"}
@@ -46,6 +47,10 @@ class LMConfig:
     run_name: str | None = None
     registered_model: str = "wordlm-wikitext2"
     out_dir: str = "runs"
+
+    def __post_init__(self) -> None:
+        # checkpoints store this config and load with weights_only=True: plain strings, never Paths
+        self.data = None if self.data is None else str(self.data)
 
     def model_config(self, ntokens: int) -> dict:
         return {
@@ -183,6 +188,7 @@ def train_lm(config: LMConfig, resume: Path | None = None) -> Path:
             config.registered_model,
             {"val_ppl": f"{perplexity(state.best_val_loss):.2f}", "test_ppl": f"{test.ppl:.2f}",
              "epoch": str(state.best_epoch)},
+            LM_PANELS,
         )  # fmt: skip
     return session.run_dir
 

@@ -22,6 +22,7 @@ from training.distributed import close_process_group, init_process_group
 from training.loops.classify import EpochResult, evaluate, train_one_epoch
 from training.models.resnet import build_resnet
 from training.models.summary import layer_table
+from training.plots import RESNET_PANELS
 from training.session import load_resume, training_session
 
 SCHEDULERS = ("step", "cosine", "one-cycle")
@@ -68,6 +69,10 @@ class ResNetConfig:
     out_dir: str = "runs"
     nproc_per_node: int = 1
     tags: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # checkpoints store this config and load with weights_only=True: plain strings, never Paths
+        self.data = None if self.data is None else str(self.data)
 
 
 @dataclass
@@ -269,7 +274,8 @@ def train_resnet(config: ResNetConfig, resume: Path | None = None) -> Path:
             step=state.epoch,
         )
         run.set_tags({"stop_reason": stop_reason})
-        session.publish(config.registered_model, {"val_acc1": f"{state.best_acc1:.3f}", "epoch": str(state.best_epoch)})
+        best = {"val_acc1": f"{state.best_acc1:.3f}", "epoch": str(state.best_epoch)}
+        session.publish(config.registered_model, best, RESNET_PANELS)
     close_process_group(group)
     return session.run_dir
 

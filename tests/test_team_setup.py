@@ -1,0 +1,166 @@
+"""Team setup: an MLflow server on a real PostgreSQL, the docker/ files, learning-curve pictures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO, artifact_paths, latest_run, metric_steps, run_cli
+from training.data.synthetic import write_synthetic_corpus
+
+POSTGRES_URI = os.environ.get("DLOPS_TEST_POSTGRES_URI")
+FAST = ["-b", "16", "-j", "0", "-p", "0", "--lr", "0.02"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on the PostgreSQL database .ci/run prepared, artifacts proxied to a local folder."""
+    if not POSTGRES_URI:
+        pytest.skip("DLOPS_TEST_POSTGRES_URI is not set (.ci/run starts PostgreSQL and sets it)")
+    port = free_port()
+    log = tmp_path_factory.mktemp("mlflow-server") / "server.log"
+    artifacts = log.parent / "artifacts"
+    command = [
+        str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", POSTGRES_URI,
+        "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}", "--cors-allowed-origins", f"http://127.0.0.1:{port}",
+    ]  # fmt: skip
+    with log.open("w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            if server.poll() is not None:
+                pytest.fail(f"mlflow server exited: {log.read_text()[-3000:]}")
+            time.sleep(1)
+    else:
+        pytest.fail(f"mlflow server not healthy after 180 s: {log.read_text()[-3000:]}")
+    yield uri
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+def dlops(uri: str, *args, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "training.cli", *map(str, args)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600, **kwargs)  # fmt: skip
+
+
+def test_resnet_and_lm_runs_through_a_postgres_backed_server(mlflow_server, tiny_dataset, tmp_path):
+    client = MlflowClient(mlflow_server)
+    result = dlops(mlflow_server, "train", "resnet", tiny_dataset, "--epochs", "2", *FAST, "--out-dir", tmp_path,
+                   "--experiment", "pg-resnet", "--registered-model", "pg-resnet")  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = latest_run(client, "pg-resnet")
+    assert run.data.params["epochs"] == "2" and run.data.params["arch"] == "resnet18"
+    assert metric_steps(client, run.info.run_id, "val/acc1") == [1, 2]
+    artifacts = set(artifact_paths(client, run.info.run_id))
+    assert {"checkpoints/best.pt", "checkpoints/last.pt", "learning_curves.png", "model_summary.txt"} <= artifacts
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:"), "artifacts go through the server"
+    assert [v.name for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")] == ["pg-resnet"]
+
+    # a .mar built from the registry version, logged back to the run through the server
+    version = client.search_model_versions(f"run_id = '{run.info.run_id}'")[0].version
+    result = dlops(mlflow_server, "package", "resnet", "--model-uri", f"models:/pg-resnet/{version}",
+                   "--model-store", tmp_path / "store")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "serving/resnet.mar" in artifact_paths(client, run.info.run_id)
+    assert client.get_model_version("pg-resnet", version).tags["mar"].endswith("serving/resnet.mar")
+
+    corpus = write_synthetic_corpus(tmp_path / "corpus", 200, 30, 30)
+    result = dlops(mlflow_server, "train", "lm", corpus, "--epochs", "2", "--emsize", "16", "--nhid", "16",
+                   "--nlayers", "1", "--bptt", "20", "--log-interval", "10", "--out-dir", tmp_path,
+                   "--experiment", "pg-lm", "--registered-model", "pg-lm")  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lm = latest_run(client, "pg-lm")
+    assert metric_steps(client, lm.info.run_id, "val/ppl") == [1, 2]
+    assert len(metric_steps(client, lm.info.run_id, "train/loss")) >= 2
+    assert "checkpoints/best.pt" in artifact_paths(client, lm.info.run_id)
+    assert [v.name for v in client.search_model_versions(f"run_id = '{lm.info.run_id}'")] == ["pg-lm"]
+
+
+def test_resume_after_sigkill_continues_the_server_side_run(mlflow_server, tiny_dataset, tmp_path):
+    client = MlflowClient(mlflow_server)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training.cli", "train", "resnet", str(tiny_dataset), "--epochs", "3", *FAST,
+         "--out-dir", str(tmp_path), "--experiment", "pg-resume"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
+    )  # fmt: skip
+    for line in proc.stdout:
+        if line.startswith("=> epoch saved"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    run = latest_run(client, "pg-resume")
+    assert run.info.status == "RUNNING"
+    result = dlops(mlflow_server, "train", "resnet", "--resume", tmp_path / run.info.run_id / "last.pt", "-j", "0")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    resumed = client.get_run(run.info.run_id)
+    assert resumed.info.status == "FINISHED"
+    assert metric_steps(client, run.info.run_id, "val/acc1") == [1, 2, 3]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_learning_curve_picture_is_logged(tiny_dataset, tmp_path, client):
+    run_cli("train", "resnet", tiny_dataset, "--epochs", "2", *FAST, "--out-dir", tmp_path,
+            "--experiment", "test-curves")  # fmt: skip
+    run = latest_run(client, "test-curves")
+    assert "learning_curves.png" in artifact_paths(client, run.info.run_id)
+    picture = Path(client.download_artifacts(run.info.run_id, "learning_curves.png", str(tmp_path)))
+    from PIL import Image
+
+    with Image.open(picture) as image:
+        assert image.format == "PNG" and image.width >= 800 and image.height >= 300
+    assert picture.stat().st_size > 20_000
+
+
+@pytest.mark.parametrize("dockerfile", ["docker/Dockerfile.train", "docker/Dockerfile.serve"])
+def test_dockerfiles_pass_hadolint(dockerfile):
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
+    result = subprocess.run([hadolint, "--failure-threshold", "info", str(REPO / dockerfile)],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_file_names_the_services_volumes_and_ports():
+    compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"postgres", "mlflow", "trainer", "torchserve"}
+    assert set(compose["volumes"]) == {"pgdata", "mlflow-artifacts", "model-store"}
+    assert "pgdata:/var/lib/postgresql/data" in services["postgres"]["volumes"]
+    assert any(v.startswith("mlflow-artifacts:") for v in services["mlflow"]["volumes"])
+    assert any(v.startswith("model-store:") for v in services["torchserve"]["volumes"])
+    # published ports bind to loopback unless overridden
+    for name in ("mlflow", "torchserve"):
+        assert all(str(p).startswith("${BIND_ADDRESS:-127.0.0.1}:") for p in services[name]["ports"]), name
+    assert "postgresql://" in " ".join(services["mlflow"]["command"])
+    gpu = services["trainer"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    assert services["trainer"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert "healthcheck" in services["torchserve"] and "healthcheck" in services["postgres"]
+    for name, service in services.items():
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services, f"{name} depends on unknown {dependency}"
