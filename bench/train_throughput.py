@@ -41,17 +41,19 @@ from training.loops.classify import to_device
 from training.models.resnet import build_resnet
 
 
+def endless(batches):
+    """Batches without end: epochs repeat."""
+    while True:
+        yield from batches
+
+
 def timed_loader(batches, n: int, device, prepare=None) -> float:
     """images/s of fetching (and preparing) n batches, no model."""
-    it = iter(batches)
+    it = endless(batches)
     next(it)  # workers start-up is not throughput
     count, start = 0, time.perf_counter()
     for _ in range(n):
-        try:
-            images, target = next(it)
-        except StopIteration:
-            it = iter(batches)
-            images, target = next(it)
+        images, target = next(it)
         images, target = to_device(images, target, device, False, prepare)
         count += images.size(0)
     synchronize(device)
@@ -63,17 +65,13 @@ def timed_steps(batches, n: int, model, device, amp: str, channels_last: bool, p
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=not example_style)
     model.train()
-    it = iter(batches)
+    it = endless(batches)
     count, start = 0, None
     for step in range(n + 2):
         if step == 2:  # two warm-up steps
             synchronize(device)
             count, start = 0, time.perf_counter()
-        try:
-            images, target = next(it)
-        except StopIteration:
-            it = iter(batches)
-            images, target = next(it)
+        images, target = next(it)
         images, target = to_device(images, target, device, channels_last, prepare)
         with autocast(device, "off" if example_style else amp):
             output = model(images)

@@ -77,6 +77,31 @@ R = ResNetConfig  # option defaults live in the config dataclasses, declared onc
 L = LMConfig
 
 
+def _run_options(defaults: type):
+    """The options every training job shares: where it logs, what it registers, how it resumes."""
+    options = [
+        click.option("--experiment", default=defaults.experiment, show_default=True),
+        click.option("--run-name", default=None),
+        click.option("--registered-model", default=defaults.registered_model, show_default=True),
+        click.option(
+            "--out-dir", default=defaults.out_dir, show_default=True, help="checkpoints go to OUT_DIR/<run id>/"
+        ),
+        click.option(
+            "--resume",
+            type=click.Path(dir_okay=False, exists=True, path_type=Path),
+            default=None,
+            help="last.pt of an interrupted run: continue the same MLflow run at the next epoch",
+        ),
+    ]
+
+    def decorate(function):
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return decorate
+
+
 @train.command("resnet")
 @click.argument("data", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("-a", "--arch", type=click.Choice(ARCHS), default=R.arch, show_default=True)
@@ -124,16 +149,7 @@ L = LMConfig
     show_default=True,
     help="stop when val loss has not improved for N epochs (0: never)",
 )
-@click.option("--experiment", default=R.experiment, show_default=True)
-@click.option("--run-name", default=None)
-@click.option("--registered-model", default=R.registered_model, show_default=True)
-@click.option("--out-dir", default=R.out_dir, show_default=True, help="checkpoints go to OUT_DIR/<run id>/")
-@click.option(
-    "--resume",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    help="last.pt of an interrupted run: continue the same MLflow run at the next epoch",
-)
+@_run_options(R)
 @click.option(
     "--recipe",
     type=click.Choice(list(RECIPES)),
@@ -217,16 +233,7 @@ def train_resnet_command(ctx: click.Context, data: Path | None, resume: Path | N
 @click.option("--device", default=L.device, show_default=True, help="auto, cpu, cuda, cuda:N or mps")
 @click.option("--log-interval", type=click.IntRange(1), default=L.log_interval, show_default=True)
 @click.option("--dry-run", is_flag=True, help="one batch per epoch, to check the pipeline")
-@click.option("--experiment", default=L.experiment, show_default=True)
-@click.option("--run-name", default=None)
-@click.option("--registered-model", default=L.registered_model, show_default=True)
-@click.option("--out-dir", default=L.out_dir, show_default=True, help="checkpoints go to OUT_DIR/<run id>/")
-@click.option(
-    "--resume",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    help="last.pt of an interrupted run: continue the same MLflow run at the next epoch",
-)
+@_run_options(L)
 @click.pass_context
 def train_lm_command(ctx: click.Context, data: Path | None, resume: Path | None, **options: Any) -> None:
     """Train a word-level language model on DATA (train.txt/valid.txt/test.txt or wiki.*.tokens)."""
