@@ -58,7 +58,7 @@ data/corpus/train.txt: | $(STAMP)
 demo: setup data/synthetic/wnids.txt data/corpus/train.txt
 	$(DLOPS) train resnet data/synthetic --epochs 3 -b 32 --lr 0.02 --scheduler cosine -p 10 \
 		--out-dir runs/demo-resnet --run-name demo-resnet
-	$(DLOPS) train lm data/corpus --model LSTM --epochs 3 --emsize 64 --nhid 64 --lr 20 --log-interval 100 \
+	$(DLOPS) train lm data/corpus --model LSTM --epochs 3 --emsize 64 --nhid 64 --lr 20 --log-interval 20 \
 		--out-dir runs/demo-lm --run-name demo-lm
 	$(DLOPS) generate --checkpoint $$(ls -t runs/demo-lm/*/best.pt | head -1) --words 60 \
 		--prompt "the old cat" --outf runs/demo-lm/generated.txt

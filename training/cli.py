@@ -27,7 +27,7 @@ USER_ERRORS = (DatasetError, DeviceError, CheckpointError, DownloadError, ServeE
 
 
 class Group(click.Group):
-    """Turn expected failures (bad data, device, checkpoint) into one clear line and exit code 2."""
+    """Turn expected failures (bad data, device, checkpoint, server) into one clear line and exit code 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -77,9 +77,20 @@ R = ResNetConfig  # option defaults live in the config dataclasses, declared onc
 L = LMConfig
 
 
+def _options(*options):
+    """One decorator applying several click options: a group of options declared once."""
+
+    def decorate(function):
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return decorate
+
+
 def _run_options(defaults: type):
     """The options every training job shares: where it logs, what it registers, how it resumes."""
-    options = [
+    return _options(
         click.option("--experiment", default=defaults.experiment, show_default=True),
         click.option("--run-name", default=None),
         click.option("--registered-model", default=defaults.registered_model, show_default=True),
@@ -92,14 +103,7 @@ def _run_options(defaults: type):
             default=None,
             help="last.pt of an interrupted run: continue the same MLflow run at the next epoch",
         ),
-    ]
-
-    def decorate(function):
-        for option in reversed(options):
-            function = option(function)
-        return function
-
-    return decorate
+    )
 
 
 @train.command("resnet")
@@ -438,30 +442,32 @@ def package_command(
     build_mar(kind, checkpoint, model_uri, run_id, model_store, version)
 
 
-def _serve_options(function):
-    options = [
-        click.option(
-            "--model-store",
-            type=click.Path(file_okay=False, path_type=Path),
-            default=Path("model_store"),
-            show_default=True,
-        ),
-        click.option(
-            "--state-dir",
-            type=click.Path(file_okay=False, path_type=Path),
-            default=Path("logs/torchserve"),
-            show_default=True,
-            help="effective config.properties, key_file.json and logs",
-        ),
-        click.option("--inference-port", type=click.IntRange(1, 65535), default=8080, show_default=True),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+_client_options = _options(
+    click.option(
+        "--state-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=Path("logs/torchserve"),
+        show_default=True,
+        help="where `dlops serve` keeps config.properties, key_file.json and logs",
+    ),
+    click.option("--inference-port", type=click.IntRange(1, 65535), default=8080, show_default=True),
+)
+
+
+def _show_answer(status: int, answer: Any) -> None:
+    """Print a server answer as JSON; fail the command unless it is HTTP 200."""
+    import json
+
+    click.echo(json.dumps(answer, indent=1, ensure_ascii=False))
+    if status != 200:
+        raise click.ClickException(f"HTTP {status}")
 
 
 @main.command("serve")
-@_serve_options
+@click.option(
+    "--model-store", type=click.Path(file_okay=False, path_type=Path), default=Path("model_store"), show_default=True
+)
+@_client_options
 @click.option("--management-port", type=click.IntRange(1, 65535), default=8081, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8082, show_default=True)
 @click.option("--grpc-inference-port", type=click.IntRange(1, 65535), default=7070, show_default=True)
@@ -488,36 +494,26 @@ def stop_command() -> None:
 
 @main.command("predict")
 @click.argument("image", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-@_serve_options
+@_client_options
 @click.option("--topk", type=click.IntRange(1), default=None, help="number of classes to return (server default 5)")
-def predict_command(image: Path, model_store: Path, state_dir: Path, inference_port: int, topk: int | None) -> None:
+def predict_command(image: Path, state_dir: Path, inference_port: int, topk: int | None) -> None:
     """Classify IMAGE with the served ResNet (HTTP client)."""
-    import json
-
     from serving.client import predict_image
 
-    status, answer = predict_image(image, inference_port, state_dir, topk)
-    click.echo(json.dumps(answer, indent=1, ensure_ascii=False))
-    if status != 200:
-        raise click.ClickException(f"HTTP {status}")
+    _show_answer(*predict_image(image, inference_port, state_dir, topk))
 
 
 @main.command("generate-http")
-@_serve_options
+@_client_options
 @click.option("--prompt", default="")
 @click.option("--max-words", type=int, default=50, show_default=True)
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
-def generate_http_command(model_store: Path, state_dir: Path, inference_port: int, **request: Any) -> None:
+def generate_http_command(state_dir: Path, inference_port: int, **request: Any) -> None:
     """Generate text with the served language model (HTTP client)."""
-    import json
-
     from serving.client import generate_http
 
-    status, answer = generate_http({k: v for k, v in request.items() if v is not None}, inference_port, state_dir)
-    click.echo(json.dumps(answer, indent=1, ensure_ascii=False))
-    if status != 200:
-        raise click.ClickException(f"HTTP {status}")
+    _show_answer(*generate_http({k: v for k, v in request.items() if v is not None}, inference_port, state_dir))
 
 
 if __name__ == "__main__":

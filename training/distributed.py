@@ -36,6 +36,11 @@ class ProcessGroup:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def barrier(self) -> None:
+        """Wait until every process gets here (e.g. until rank 0 has built a shared file)."""
+        if self.enabled:
+            dist.barrier()
+
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over all processes (metric totals)."""
         if self.enabled:

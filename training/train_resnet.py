@@ -165,7 +165,7 @@ def train_resnet(config: ResNetConfig, resume: Path | None = None) -> Path:
     per_process_batch = config.batch_size // group.world_size
     if per_process_batch < 1:
         raise ValueError(f"--batch-size {config.batch_size} is smaller than the {group.world_size} processes")
-    data = build_pipeline(config, per_process_batch, device, group.rank, group.world_size)
+    data = build_pipeline(config, per_process_batch, device, group)
     print(f"=> {data.tags['train_images']} train / {data.tags['val_images']} val images, {len(data.classes)} "
           f"classes; data path: {data.tags['data_path']}")  # fmt: skip
 

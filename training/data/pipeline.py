@@ -34,6 +34,7 @@ from training.data.images import (
 )
 from training.data.synthetic import RandomImages, synthetic_wnid
 from training.data.tinyimagenet import load_tinyimagenet
+from training.distributed import ProcessGroup
 
 DUMMY_SIZES = (100_000, 10_000)  # Tiny-ImageNet's train and val sizes
 GPU_MEMORY_SHARE = 0.5  # put the cache on the GPU when it takes at most this share of free memory
@@ -56,10 +57,16 @@ class ImagePipeline:
             target.set_epoch(epoch)
 
 
-def build_pipeline(config: Any, batch_size: int, device: torch.device, rank: int = 0, world_size: int = 1):
+def build_pipeline(config: Any, batch_size: int, device: torch.device, group: ProcessGroup | None = None):
     """Batches for `config` (a ResNetConfig), `batch_size` per process, this process's share."""
+    group = group or ProcessGroup()
+    rank, world_size = group.rank, group.world_size
     if config.dummy:
         return _dummy(config, batch_size, device, rank, world_size)
+    if config.data_cache not in ("auto", "off") and group.enabled:
+        if group.is_main:  # one process decodes; the others wait, then find the finished cache
+            _find_caches(config)
+        group.barrier()
     caches = _find_caches(config)
     if caches is None:
         return _jpeg(config, batch_size, device, rank, world_size)
