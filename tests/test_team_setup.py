@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tests.conftest import REPO, artifact_paths, latest_run, metric_steps, run_c
 from training.data.synthetic import write_synthetic_corpus
 
 POSTGRES_URI = os.environ.get("DLOPS_TEST_POSTGRES_URI")
+SESSION = uuid.uuid4().hex[:8]  # experiment names unique per test session: the database may be reused
 FAST = ["-b", "16", "-j", "0", "-p", "0", "--lr", "0.02"]
 
 
@@ -71,9 +73,9 @@ def dlops(uri: str, *args, **kwargs) -> subprocess.CompletedProcess:
 def test_resnet_and_lm_runs_through_a_postgres_backed_server(mlflow_server, tiny_dataset, tmp_path):
     client = MlflowClient(mlflow_server)
     result = dlops(mlflow_server, "train", "resnet", tiny_dataset, "--epochs", "2", *FAST, "--out-dir", tmp_path,
-                   "--experiment", "pg-resnet", "--registered-model", "pg-resnet")  # fmt: skip
+                   "--experiment", f"pg-resnet-{SESSION}", "--registered-model", "pg-resnet")  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run = latest_run(client, "pg-resnet")
+    run = latest_run(client, f"pg-resnet-{SESSION}")
     assert run.data.params["epochs"] == "2" and run.data.params["arch"] == "resnet18"
     assert metric_steps(client, run.info.run_id, "val/acc1") == [1, 2]
     artifacts = set(artifact_paths(client, run.info.run_id))
@@ -92,9 +94,9 @@ def test_resnet_and_lm_runs_through_a_postgres_backed_server(mlflow_server, tiny
     corpus = write_synthetic_corpus(tmp_path / "corpus", 200, 30, 30)
     result = dlops(mlflow_server, "train", "lm", corpus, "--epochs", "2", "--emsize", "16", "--nhid", "16",
                    "--nlayers", "1", "--bptt", "20", "--log-interval", "10", "--out-dir", tmp_path,
-                   "--experiment", "pg-lm", "--registered-model", "pg-lm")  # fmt: skip
+                   "--experiment", f"pg-lm-{SESSION}", "--registered-model", "pg-lm")  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    lm = latest_run(client, "pg-lm")
+    lm = latest_run(client, f"pg-lm-{SESSION}")
     assert metric_steps(client, lm.info.run_id, "val/ppl") == [1, 2]
     assert len(metric_steps(client, lm.info.run_id, "train/loss")) >= 2
     assert "checkpoints/best.pt" in artifact_paths(client, lm.info.run_id)
@@ -106,7 +108,7 @@ def test_resume_after_sigkill_continues_the_server_side_run(mlflow_server, tiny_
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "training.cli", "train", "resnet", str(tiny_dataset), "--epochs", "3", *FAST,
-         "--out-dir", str(tmp_path), "--experiment", "pg-resume"],
+         "--out-dir", str(tmp_path), "--experiment", f"pg-resume-{SESSION}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
     )  # fmt: skip
     for line in proc.stdout:
@@ -114,7 +116,7 @@ def test_resume_after_sigkill_continues_the_server_side_run(mlflow_server, tiny_
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=60)
-    run = latest_run(client, "pg-resume")
+    run = latest_run(client, f"pg-resume-{SESSION}")
     assert run.info.status == "RUNNING"
     result = dlops(mlflow_server, "train", "resnet", "--resume", tmp_path / run.info.run_id / "last.pt", "-j", "0")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
