@@ -1,8 +1,8 @@
 """A training run's lifecycle, shared by every job: one MLflow run, one run directory, checkpoints.
 
-    with training_session(config, "resnet", saved, resume, device) as session:
+    with training_session(config, "resnet", saved, resume, device, tags) as session:
         ...each epoch: session.save_epoch(state, improved); session.run.log_metrics(...)
-        session.publish(model_name, tags)   # log best/last checkpoints, register best
+        session.publish(model_name, tags, curves)  # learning curves, best/last checkpoints, register best
 
 A new run logs every option as a param and the environment as tags; a resumed run (checkpoint of
 an interrupted one) continues the same MLflow run and the same directory.
