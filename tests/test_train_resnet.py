@@ -186,6 +186,11 @@ def test_resume_after_sigkill_continues_the_same_run(tiny_dataset, tmp_path, cli
             == [1, 2, 3]
         ), metric
     assert resumed.data.tags["resumed_after_epoch"] == "1"
+    # RNG states and a per-epoch data order are restored: the resumed run trains exactly like the straight one
+    for metric in ("train/loss", "val/loss"):
+        values = [[m.value for m in sorted(client.get_metric_history(r.info.run_id, metric), key=lambda m: m.step)]
+                  for r in (straight, resumed)]  # fmt: skip
+        assert values[0] == pytest.approx(values[1], rel=1e-5), metric
 
 
 def test_resume_refuses_to_change_what_the_run_logged(trained):

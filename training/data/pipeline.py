@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler, RandomSampler, Subset
+from torch.utils.data import DistributedSampler, Subset
 
 from training.data.batches import BatchTransform, TensorBatches
 from training.data.cache import DEFAULT_ROOT, CachedImages, DecodedSplit, build_cache, collate_batch, find_cache
@@ -78,12 +78,9 @@ def _share(indices: list[int], rank: int, world_size: int) -> list[int]:
 
 
 def _loader(dataset, config, batch_size, device, rank, world_size, train: bool, collate=None):
-    """A DataLoader over `dataset`: shuffled with a DistributedSampler when training on several processes."""
-    sampler = None
-    if train and world_size > 1:
-        sampler = DistributedSampler(dataset, world_size, rank, seed=config.seed)
-    elif train:
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(config.seed))
+    """A DataLoader over `dataset`; training batches are shuffled by a permutation of (seed, epoch),
+    as DistributedSampler draws it, so a resumed run sees the same order as an uninterrupted one."""
+    sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=config.seed) if train else None
     loader = make_loader(dataset, batch_size, config.workers, device, sampler=sampler, collate_fn=collate)
     return loader, sampler
 
@@ -97,7 +94,7 @@ def _dummy(config, batch_size, device, rank, world_size) -> ImagePipeline:
     train, sampler = _loader(train_set, config, batch_size, device, rank, world_size, train=True)
     val, _ = _loader(val_set, config, batch_size, device, rank, world_size, train=False)
     tags = {"dataset": "dummy", "train_images": n_train, "val_images": n_val, "data_path": "random tensors"}
-    return ImagePipeline(train, val, classes, classes, tags, epoch_setters=[sampler] if world_size > 1 else [])
+    return ImagePipeline(train, val, classes, classes, tags, epoch_setters=[sampler])
 
 
 def _dataset_tags(config, ds, n_train: int, n_val: int, path: str) -> dict[str, Any]:
@@ -121,8 +118,7 @@ def _jpeg(config, batch_size, device, rank, world_size) -> ImagePipeline:
     train, sampler = _loader(train_set, config, batch_size, device, rank, world_size, train=True)
     val, _ = _loader(val_set, config, batch_size, device, rank, world_size, train=False)
     tags = _dataset_tags(config, ds, len(train_set), len(val_samples), "jpeg (PIL in DataLoader workers)")
-    setters = [sampler] if world_size > 1 else []
-    return ImagePipeline(train, val, ds.wnids, [ds.labels[w] for w in ds.wnids], tags, epoch_setters=setters)
+    return ImagePipeline(train, val, ds.wnids, [ds.labels[w] for w in ds.wnids], tags, epoch_setters=[sampler])
 
 
 def _find_caches(config) -> tuple[DecodedSplit, DecodedSplit] | None:
@@ -167,7 +163,7 @@ def _cached(config, caches, batch_size, device, rank, world_size) -> ImagePipeli
                                  world_size, train=True, collate=collate_batch)  # fmt: skip
         val, _ = _loader(CachedImages(val_cache, np.array(_share(val_rows, rank, world_size))), config, batch_size,
                          device, rank, world_size, train=False, collate=collate_batch)  # fmt: skip
-        setters = [sampler] if world_size > 1 else []
+        setters = [sampler]
         path = f"decoded cache {train_cache.directory.parent} (memory-mapped)"
     tags = _dataset_tags(config, ds, len(train_rows), len(val_rows), path)
     return ImagePipeline(train, val, ds.wnids, [ds.labels[w] for w in ds.wnids], tags, prepare_train, prepare_val,
