@@ -40,6 +40,7 @@ class ImageClassifier:
         self.model.load_state_dict(weights)
         self.model.eval()
         size = self.meta["image_size"]
+        # training/data/images.py:eval_transform, restated: the .mar cannot import the project
         self.transform = transforms.Compose(
             [
                 transforms.Resize(size),
