@@ -19,7 +19,6 @@ from typing import Any
 
 import mlflow
 import torch
-from mlflow.tracking import MlflowClient
 
 from training import tracking
 from training.checkpoint import CheckpointError, load_checkpoint
@@ -52,12 +51,12 @@ def resolve_checkpoint(
         raise ValueError("give exactly one of --checkpoint, --model-uri or --run-id")
     if checkpoint:
         return Path(checkpoint), None
-    mlflow.set_tracking_uri(tracking.tracking_uri())
+    client = tracking.store_client()
     if model_uri:
         if not model_uri.startswith("models:/") or model_uri.count("/") != 2:
             raise ValueError(f"--model-uri {model_uri!r}: expected models:/NAME/VERSION")
         name, version = model_uri.removeprefix("models:/").split("/")
-        source = MlflowClient().get_model_version(name, version).source
+        source = client.get_model_version(name, version).source
         path = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(workdir))
         return Path(path), f"{name}/{version}"
     path = mlflow.artifacts.download_artifacts(
@@ -136,13 +135,10 @@ def _record_in_mlflow(mar: Path, run_id: str | None, registered: str | None) -> 
     """Log the .mar to its source run and tag the registered version(s) built from that run."""
     if not run_id:
         return
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    client = MlflowClient()
-    try:
-        client.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
+    if tracking.find_run(run_id) is None:
         print(f"warning: run {run_id} is not in {tracking.tracking_uri()}; the .mar is not logged to MLflow")
         return
+    client = tracking.store_client()
     client.log_artifact(run_id, str(mar), "serving")
     versions = client.search_model_versions(f"run_id = '{run_id}'")
     for v in versions:

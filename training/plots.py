@@ -6,7 +6,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # the object API draws to files with no display or pyplot state
 from matplotlib.ticker import MaxNLocator
-from mlflow.tracking import MlflowClient
+
+from training import tracking
 
 # One panel per entry: title -> metrics drawn in it.
 RESNET_PANELS = {"loss": ["train/loss", "val/loss"], "Acc@1 (%)": ["train/acc1", "val/acc1"]}
@@ -15,7 +16,7 @@ LM_PANELS = {"loss": ["train/epoch_loss", "val/loss"], "perplexity": ["val/ppl"]
 
 def learning_curves(run_id: str, panels: dict[str, list[str]], path: Path, title: str) -> Path:
     """Draw each panel's metric histories against their step; return the PNG path."""
-    client = MlflowClient()
+    client = tracking.store_client()
     figure = Figure(figsize=(6 * len(panels), 4))
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     for ax, (name, metrics) in zip(axes, panels.items(), strict=True):

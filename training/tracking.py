@@ -18,7 +18,7 @@ from typing import Any
 import mlflow
 import torch
 import torchvision
-from mlflow.entities import RunStatus
+from mlflow.entities import Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torch.utils.tensorboard import SummaryWriter
@@ -45,11 +45,24 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
+def store_client() -> MlflowClient:
+    """A client of the configured store; the fluent API (mlflow.*) is pointed at it too."""
+    mlflow.set_tracking_uri(tracking_uri())
+    return MlflowClient()
+
+
+def find_run(run_id: str) -> Run | None:
+    """The run with this id in the configured store, or None."""
+    try:
+        return store_client().get_run(run_id)
+    except MlflowException:
+        return None
+
+
 def ensure_experiment(name: str) -> str:
     """Id of the experiment called `name`, created on first use."""
     uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient()
+    client = store_client()
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -155,12 +168,10 @@ def start_run(
     if "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL" not in os.environ:
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     if resume_run_id:
-        try:
-            MlflowClient().get_run(resume_run_id)
-        except MlflowException as e:
+        if find_run(resume_run_id) is None:
             raise MlflowException(
                 f"run {resume_run_id} named in the checkpoint is not in the tracking store {tracking_uri()}"
-            ) from e
+            )
         mlflow.start_run(run_id=resume_run_id, log_system_metrics=system_metrics)
     else:
         mlflow.start_run(
@@ -198,13 +209,9 @@ def register_model(run_id: str, artifact_path: str, name: str, tags: Mapping[str
 
 def log_text_to_run(run_id: str, text: str, artifact_file: str) -> bool:
     """Add a text artifact to an existing run (its status untouched); False when the store lacks the run."""
-    mlflow.set_tracking_uri(tracking_uri())
-    client = MlflowClient()
-    try:
-        client.get_run(run_id)
-    except MlflowException:
+    if find_run(run_id) is None:
         return False
-    client.log_text(run_id, text, artifact_file)
+    store_client().log_text(run_id, text, artifact_file)
     return True
 
 

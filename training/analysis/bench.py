@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from mlflow.tracking import MlflowClient
 
 from training import tracking
 
@@ -83,7 +82,7 @@ def run_config(
     if result.returncode != 0:
         row.skipped = f"training failed (exit {result.returncode})"
         return row
-    client = MlflowClient()
+    client = tracking.store_client()
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     query = f"tags.comparison_id = '{comparison}' and tags.bench_config = '{config.name}'"
     runs = [r for r in client.search_runs([experiment_id], query) if r.data.params.get("workers") == str(workers)]
