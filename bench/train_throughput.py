@@ -138,7 +138,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         cache_root = args.cache_dir or Path(tmp)
-        cache = build_cache(args.data, "train", cache_root)
+        cache = build_cache(ds, "train", cache_root)
         example_tf = transforms.Compose([
             transforms.RandomResizedCrop(64), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),

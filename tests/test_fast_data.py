@@ -24,7 +24,7 @@ def dataset(tiny_dataset: Path, tmp_path: Path) -> Path:
 
 
 def test_cache_round_trips_images_labels_and_file_names(dataset, tmp_path):
-    cached = build_cache(dataset, "val", tmp_path / "cache", workers=2)
+    cached = build_cache(load_tinyimagenet(dataset), "val", tmp_path / "cache", workers=2)
     samples = load_tinyimagenet(dataset).val
     assert cached.images.shape == (16, 64, 64, 3) and cached.images.dtype == np.uint8
     assert isinstance(cached.images, np.memmap), "the cache must be memory-mapped, not loaded"
@@ -35,22 +35,22 @@ def test_cache_round_trips_images_labels_and_file_names(dataset, tmp_path):
 
 def test_editing_or_adding_a_file_invalidates_the_cache(dataset, tmp_path):
     root = tmp_path / "cache"
-    first = build_cache(dataset, "train", root, workers=1).directory
-    assert find_cache(dataset, "train", root).directory == first
+    first = build_cache(load_tinyimagenet(dataset), "train", root, workers=1).directory
+    assert find_cache(load_tinyimagenet(dataset), "train", root).directory == first
     image = next((dataset / "train").rglob("*.JPEG"))
     image.write_bytes(image.read_bytes())  # same bytes, new modification time: an edit
     os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
-    assert find_cache(dataset, "train", root) is None
-    second = build_cache(dataset, "train", root, workers=1).directory
+    assert find_cache(load_tinyimagenet(dataset), "train", root) is None
+    second = build_cache(load_tinyimagenet(dataset), "train", root, workers=1).directory
     assert second != first
     new = image.with_name("n90000000_extra.JPEG")
     shutil.copy(image, new)
-    assert find_cache(dataset, "train", root) is None
-    assert len(build_cache(dataset, "train", root, workers=1).labels) == 49
+    assert find_cache(load_tinyimagenet(dataset), "train", root) is None
+    assert len(build_cache(load_tinyimagenet(dataset), "train", root, workers=1).labels) == 49
 
 
 def test_dataloader_workers_read_batches_from_the_memory_map(dataset, tmp_path):
-    cached = build_cache(dataset, "train", tmp_path / "cache", workers=1)
+    cached = build_cache(load_tinyimagenet(dataset), "train", tmp_path / "cache", workers=1)
     loader = make_loader(CachedImages(cached), 10, 2, torch.device("cpu"), collate_fn=collate_batch)
     seen = []
     for images, labels in loader:

@@ -382,9 +382,11 @@ def synth_command(out: Path, classes: int, train_per_class: int, val_per_class: 
 def cache_command(data_dir: Path, splits: str, cache_dir: Path | None, image_size: int, workers: int | None) -> None:
     """Decode DATA's images once into memory-mapped uint8 arrays that training reads instead of JPEGs."""
     from training.data.cache import DEFAULT_ROOT, build_cache
+    from training.data.tinyimagenet import load_tinyimagenet
 
+    dataset = load_tinyimagenet(data_dir)
     for split in splits.split(","):
-        build_cache(data_dir, split.strip(), cache_dir or DEFAULT_ROOT, image_size, workers)
+        build_cache(dataset, split.strip(), cache_dir or DEFAULT_ROOT, image_size, workers)
 
 
 @data.command("synth-corpus")

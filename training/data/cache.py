@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from training.data.tinyimagenet import Sample, TinyImageNet, load_tinyimagenet, open_rgb
+from training.data.tinyimagenet import Sample, TinyImageNet, open_rgb
 
 DEFAULT_ROOT = Path(os.environ.get("DLOPS_CACHE_DIR", "data/cache"))
 CHUNK = 512
@@ -67,10 +67,13 @@ def _decode_chunk(args: tuple[str, int, list[str], int]) -> int:
 
 
 def build_cache(
-    data: Path | str, split: str = "train", root: Path = DEFAULT_ROOT, image_size: int = 64, workers: int | None = None
+    dataset: TinyImageNet,
+    split: str = "train",
+    root: Path = DEFAULT_ROOT,
+    image_size: int = 64,
+    workers: int | None = None,
 ) -> DecodedSplit:
-    """Decode `split` of the dataset at `data` into the cache (in parallel), unless it is there already."""
-    dataset = load_tinyimagenet(data)
+    """Decode `split` of `dataset` into the cache (in parallel), unless it is there already."""
     samples = dataset.split(split)
     key = cache_key(dataset, samples, image_size)
     target = cache_dir(Path(root), dataset, split, key)
@@ -115,9 +118,10 @@ def open_cache(directory: Path) -> DecodedSplit:
     return DecodedSplit(images, labels, meta["files"], directory)
 
 
-def find_cache(data: Path | str, split: str, root: Path = DEFAULT_ROOT, image_size: int = 64) -> DecodedSplit | None:
+def find_cache(
+    dataset: TinyImageNet, split: str, root: Path = DEFAULT_ROOT, image_size: int = 64
+) -> DecodedSplit | None:
     """The cache matching the dataset as it is now on disk, or None."""
-    dataset = load_tinyimagenet(data)
     samples = dataset.split(split)
     target = cache_dir(Path(root), dataset, split, cache_key(dataset, samples, image_size))
     return open_cache(target) if (target / "meta.json").is_file() else None

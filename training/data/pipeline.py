@@ -33,7 +33,7 @@ from training.data.images import (
     train_transform,
 )
 from training.data.synthetic import RandomImages, synthetic_wnid
-from training.data.tinyimagenet import load_tinyimagenet
+from training.data.tinyimagenet import TinyImageNet, load_tinyimagenet
 from training.distributed import ProcessGroup
 
 DUMMY_SIZES = (100_000, 10_000)  # Tiny-ImageNet's train and val sizes
@@ -63,14 +63,17 @@ def build_pipeline(config: Any, batch_size: int, device: torch.device, group: Pr
     rank, world_size = group.rank, group.world_size
     if config.dummy:
         return _dummy(config, batch_size, device, rank, world_size)
-    if config.data_cache not in ("auto", "off") and group.enabled:
-        if group.is_main:  # one process decodes; the others wait, then find the finished cache
-            _find_caches(config)
+    ds = load_tinyimagenet(config.data)
+    # With a cache folder to build, rank 0 decodes while the others wait, then they find it finished.
+    builds = config.data_cache not in ("auto", "off") and group.enabled
+    if builds and not group.is_main:
         group.barrier()
-    caches = _find_caches(config)
+    caches = _find_caches(config, ds)
+    if builds and group.is_main:
+        group.barrier()
     if caches is None:
-        return _jpeg(config, batch_size, device, rank, world_size)
-    return _cached(config, caches, batch_size, device, rank, world_size)
+        return _jpeg(config, ds, batch_size, device, rank, world_size)
+    return _cached(config, ds, caches, batch_size, device, rank, world_size)
 
 
 def _share(indices: list[int], rank: int, world_size: int) -> list[int]:
@@ -108,8 +111,7 @@ def _dataset_tags(config, ds, n_train: int, n_val: int, path: str) -> dict[str, 
     }
 
 
-def _jpeg(config, batch_size, device, rank, world_size) -> ImagePipeline:
-    ds = load_tinyimagenet(config.data)
+def _jpeg(config, ds: TinyImageNet, batch_size, device, rank, world_size) -> ImagePipeline:
     train_set = ImageFiles(
         take_evenly(ds.train, config.limit_train), train_transform(config.augment, config.image_size)
     )
@@ -121,21 +123,19 @@ def _jpeg(config, batch_size, device, rank, world_size) -> ImagePipeline:
     return ImagePipeline(train, val, ds.wnids, [ds.labels[w] for w in ds.wnids], tags, epoch_setters=[sampler])
 
 
-def _find_caches(config) -> tuple[DecodedSplit, DecodedSplit] | None:
+def _find_caches(config, ds: TinyImageNet) -> tuple[DecodedSplit, DecodedSplit] | None:
     """The decoded caches of both splits: looked up (auto), built (PATH) or not used (off)."""
     if config.data_cache == "off":
         return None
     if config.data_cache == "auto":
-        found = [find_cache(config.data, split, DEFAULT_ROOT, config.image_size) for split in ("train", "val")]
+        found = [find_cache(ds, split, DEFAULT_ROOT, config.image_size) for split in ("train", "val")]
         if None in found:
             print(f"=> no decoded cache of {config.data} in {DEFAULT_ROOT}: decoding JPEGs every epoch "
                   f"(`dlops data cache {config.data}` makes one)")  # fmt: skip
             return None
         return found[0], found[1]
     root = Path(config.data_cache)
-    return build_cache(config.data, "train", root, config.image_size), build_cache(
-        config.data, "val", root, config.image_size
-    )
+    return build_cache(ds, "train", root, config.image_size), build_cache(ds, "val", root, config.image_size)
 
 
 def _on_gpu(config, caches: tuple[DecodedSplit, DecodedSplit], device: torch.device) -> bool:
@@ -147,8 +147,7 @@ def _on_gpu(config, caches: tuple[DecodedSplit, DecodedSplit], device: torch.dev
     return sum(c.images.nbytes for c in caches) <= GPU_MEMORY_SHARE * free
 
 
-def _cached(config, caches, batch_size, device, rank, world_size) -> ImagePipeline:
-    ds = load_tinyimagenet(config.data)
+def _cached(config, ds: TinyImageNet, caches, batch_size, device, rank, world_size) -> ImagePipeline:
     train_cache, val_cache = caches
     train_rows = evenly_spaced(len(train_cache.labels), config.limit_train)
     val_rows = evenly_spaced(len(val_cache.labels), config.limit_val)
