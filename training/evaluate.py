@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from torch import nn
 
@@ -11,7 +13,7 @@ from training import tracking
 from training.checkpoint import load_checkpoint
 from training.data.errors import DatasetError
 from training.data.images import ImageFiles, eval_transform, make_loader, take_evenly
-from training.data.tinyimagenet import load_tinyimagenet
+from training.data.tinyimagenet import Sample, load_tinyimagenet
 from training.devices import choose_device
 from training.loops.classify import EpochResult, evaluate
 from training.models.resnet import resnet_from_checkpoint
@@ -24,6 +26,22 @@ def check_same_classes(checkpoint_classes: list[str], dataset_classes: list[str]
             f"{data} has {len(dataset_classes)} classes but checkpoint {checkpoint} was trained on "
             f"{len(checkpoint_classes)} different ones (e.g. not in the checkpoint: {missing})"
         )
+
+
+def evaluate_samples(
+    state: dict,
+    samples: list[Sample],
+    device: torch.device,
+    batch_size: int,
+    workers: int,
+    amp: str = "off",
+    print_freq: int = 0,
+    on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> EpochResult:
+    """One ordered, batched pass of a ResNet checkpoint's model over `samples` (evaluation transform)."""
+    model = resnet_from_checkpoint(state).to(device)
+    loader = make_loader(ImageFiles(samples, eval_transform(state["image_size"])), batch_size, workers, device)
+    return evaluate(model, loader, nn.CrossEntropyLoss(), device, amp, print_freq, on_batch=on_batch)
 
 
 def evaluate_checkpoint(
@@ -42,9 +60,7 @@ def evaluate_checkpoint(
     check_same_classes(state["classes"], ds.wnids, checkpoint, data)
     choice = choose_device(device)
     print(choice.describe(), flush=True)
-    model = resnet_from_checkpoint(state).to(choice.device)
-    dataset = ImageFiles(take_evenly(ds.split(split), limit), eval_transform(state["image_size"]))
-    loader = make_loader(dataset, batch_size, workers, choice.device)
+    samples = take_evenly(ds.split(split), limit)
 
     source_run = state.get("run_id")
     tags = {"job": "evaluate", "source_run_id": str(source_run), "device_name": choice.name}
@@ -57,12 +73,12 @@ def evaluate_checkpoint(
                 "checkpoint": str(Path(checkpoint).resolve()),
                 "data": str(Path(data).resolve()),
                 "split": split,
-                "images": len(dataset),
+                "images": len(samples),
                 "batch_size": batch_size,
                 "amp": amp,
             }
         )
-        result = evaluate(model, loader, nn.CrossEntropyLoss(), choice.device, amp, print_freq)
+        result = evaluate_samples(state, samples, choice.device, batch_size, workers, amp, print_freq)
         run.log_metrics(
             {
                 "eval/loss": result.loss,

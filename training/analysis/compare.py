@@ -13,16 +13,14 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure  # the object API draws to files with no display or pyplot state
-from torch import nn
 
 from training import tracking
 from training.checkpoint import CheckpointError, load_checkpoint
-from training.data.images import ImageFiles, eval_transform, make_loader, take_evenly
+from training.data.images import take_evenly
 from training.data.tinyimagenet import Sample, load_tinyimagenet, open_rgb
 from training.devices import choose_device
-from training.evaluate import check_same_classes
-from training.loops.classify import EpochResult, evaluate
-from training.models.resnet import resnet_from_checkpoint
+from training.evaluate import check_same_classes, evaluate_samples
+from training.loops.classify import EpochResult
 
 CSV_COLUMNS = ["file", "path", "true_wnid", "true_label", "a_wnid", "a_label", "a_confidence", "b_wnid", "b_label",
                "b_confidence"]  # fmt: skip
@@ -46,8 +44,6 @@ class Disagreement:
 
 def predict(state: dict, samples: list[Sample], device: torch.device, batch_size: int, workers: int) -> Predictions:
     """One batched pass of a checkpoint's model over `samples`, in order."""
-    model = resnet_from_checkpoint(state).to(device)
-    loader = make_loader(ImageFiles(samples, eval_transform(state["image_size"])), batch_size, workers, device)
     top1, confidence = [], []
 
     def keep(logits: torch.Tensor, _: torch.Tensor) -> None:
@@ -55,7 +51,7 @@ def predict(state: dict, samples: list[Sample], device: torch.device, batch_size
         top1.append(classes.cpu())
         confidence.append(probabilities.cpu())
 
-    result = evaluate(model, loader, nn.CrossEntropyLoss(), device, "off", print_freq=0, on_batch=keep)
+    result = evaluate_samples(state, samples, device, batch_size, workers, on_batch=keep)
     return Predictions(result, torch.cat(top1), torch.cat(confidence))
 
 
