@@ -35,7 +35,7 @@ MLFLOW_BACKEND_URI ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
 MLFLOW_ARTIFACTS   ?= $(CURDIR)/mlruns/artifacts
 TB_PORT     ?= 6006
 
-.PHONY: mlflow-server screenshots
+.PHONY: mlflow-server screenshots gpu-check doctor sync report
 .PHONY: setup demo train-resnet evaluate train-lm generate package serve stop predict generate-http mlflow-ui \
 	tensorboard test lint format clean
 
@@ -73,7 +73,11 @@ demo: setup data/synthetic/wnids.txt data/corpus/train.txt
 			echo "POST a prompt to /predictions/lm:"; $(DLOPS) generate-http --prompt "the old cat" --max-words 20 --seed 1; \
 			rc=$$?; $(DLOPS) stop; exit $$rc; }; \
 	fi
+	$(DLOPS) report --experiment resnet-tinyimagenet --experiment wordlm-wikitext2 --max-runs 1 \
+		--filter "tags.mlflow.runName LIKE 'demo-%'" --title "dlops demo" --out reports/demo \
+		--mlflow-url http://127.0.0.1:$(MLFLOW_PORT)
 	@echo
+	@echo "Report of the demo runs: reports/demo/report.html (and report.md)"
 	@echo "Done. Browse the runs with: make mlflow-ui   (then open http://127.0.0.1:$(MLFLOW_PORT))"
 	@echo "TensorBoard:                  make tensorboard (then open http://127.0.0.1:$(TB_PORT))"
 
@@ -130,6 +134,30 @@ tensorboard: setup
 test: setup
 	$(BIN)/pytest -q tests
 
+# What this machine offers (torch, CUDA, GPUs, CPU ISA, native bf16), a speed probe, the options to use.
+doctor: setup
+	$(DLOPS) doctor
+
+# Deliver tracking journals a tracking-server outage (or --offline) left behind: make sync RUNS=runs
+RUNS ?= runs
+sync: setup
+	$(DLOPS) sync $(RUNS)
+
+# A report of an experiment's runs: make report EXPERIMENT=resnet-tinyimagenet [FILTER="params.arch = 'resnet18'"]
+EXPERIMENT ?= resnet-tinyimagenet
+FILTER ?=
+report: setup
+	$(DLOPS) report --experiment $(EXPERIMENT) --filter "$(FILTER)" --out reports/$(EXPERIMENT) \
+		--mlflow-url http://127.0.0.1:$(MLFLOW_PORT)
+
+# Every GPU-only code path once, on a CUDA machine (refuses at once without one). Runs from a bare
+# checkout with the mini slice copied beside it; uses .venv when there, else python3.
+GPU_DATA   ?= $(firstword $(wildcard ../shared/data/tiny-imagenet-200-mini gpu-data/tiny-imagenet-200-mini))
+GPU_OUT    ?= gpu-check
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) bench/gpu_check.py $(if $(GPU_DATA),--data $(GPU_DATA)) --out $(GPU_OUT)
+
 lint: setup
 	$(BIN)/ruff check training serving tests bench scripts
 	$(BIN)/ruff format --check training serving tests bench scripts
@@ -140,6 +168,6 @@ format: setup
 	$(BIN)/ruff check --fix training serving tests bench scripts
 
 clean:
-	rm -rf runs data/synthetic model_store logs .pytest_cache .ruff_cache
+	rm -rf runs data/synthetic model_store logs reports gpu-check .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	@echo "kept mlruns/ (your tracking history) and .venv; remove them by hand if you mean to"

@@ -7,15 +7,19 @@ Run by hand (not a test), after `make demo` (or any `dlops package` of both mode
 Starts TorchServe on 127.0.0.1 (token auth on), then for each concurrency (1, 8, 32) sends at most
 --requests requests or for at most --seconds seconds, whichever ends first: 64x64 JPEG
 classification, then text generation (--words words per request). Reports requests/s, p50/p95/p99
-latency and errors; the in-process batched throughput of the same weights on this CPU; and the
-resident memory of each TorchServe worker. Only 127.0.0.1 is contacted.
+latency and errors; the memory (RSS and PSS) of each TorchServe worker; and, as baselines, the same
+handlers run in this process on batches of --batch-size requests with --torch-threads threads (the
+served code path without TorchServe's frontend, queue and IPC), so each served figure reads as a
+share of what the model code can do. Only 127.0.0.1 is contacted.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -30,8 +34,6 @@ from PIL import Image
 
 from serving.client import generate_http, predict_image
 from serving.server import ServeOptions, start, stop
-from training.models.resnet import build_resnet
-from training.models.wordlm import generate_text, lm_from_checkpoint
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -78,36 +80,51 @@ def mar_contents(mar: Path, workdir: Path) -> Path:
     return workdir / mar.stem
 
 
-def in_process_images_per_second(resnet_dir: Path, batch: int = 32, seconds: float = 5.0) -> float:
-    meta = json.loads((resnet_dir / "meta.json").read_text())
-    model = build_resnet(meta["arch"], len(meta["classes"]), meta["stem"]).eval()
-    model.load_state_dict(torch.load(resnet_dir / "weights.pt", weights_only=True))
-    x = torch.randn(batch, 3, meta["image_size"], meta["image_size"])
+class Context:
+    """What a handler reads from TorchServe's context, for running it in this process."""
+
+    def __init__(self, model_dir: Path):
+        self.system_properties = {"model_dir": str(model_dir)}
+        self.manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+
+    def get_all_request_header(self, idx: int) -> dict:
+        return {}
+
+    def set_response_status(self, code: int, phrase: str, idx: int) -> None:
+        raise AssertionError(f"the baseline request {idx} failed: {code} {phrase}")
+
+
+def in_process_handler(model_dir: Path, module: str, cls: str, threads: int):
+    """The .mar's own handler, initialized in this process (the served code path minus TorchServe)."""
+    os.environ["DLOPS_TORCH_THREADS"] = str(threads)
+    sys.path.insert(0, str(model_dir))
+    try:
+        handler = getattr(importlib.import_module(module), cls)()
+        handler.initialize(Context(model_dir))
+    finally:
+        sys.path.remove(str(model_dir))
+    return handler
+
+
+def in_process_rate(handler, batch: list[dict], seconds: float = 5.0) -> float:
+    """Requests per second of handler.handle(batch) repeated for `seconds` (after one warm-up call)."""
+    context = Context.__new__(Context)
+    handler.handle(batch, context)
     done, start = 0, time.perf_counter()
-    with torch.no_grad():
-        while time.perf_counter() - start < seconds:
-            torch.softmax(model(x), 1)
-            done += batch
+    while time.perf_counter() - start < seconds:
+        handler.handle(batch, context)
+        done += len(batch)
     return done / (time.perf_counter() - start)
 
 
-def in_process_words_per_second(lm_dir: Path, words: int) -> float:
-    meta = json.loads((lm_dir / "meta.json").read_text())
-    vocab = json.loads((lm_dir / "vocab.json").read_text())
-    weights = torch.load(lm_dir / "weights.pt", weights_only=True)
-    model = lm_from_checkpoint({"model_config": meta["model_config"], "model": weights})
-    start = time.perf_counter()
-    for seed in range(5):
-        generate_text(model, vocab, "the", words, 1.0, seed, meta["window"])
-    return 5 * words / (time.perf_counter() - start)
-
-
-def worker_memory_mb() -> dict[int, float]:
-    return {
-        p.pid: round(p.memory_info().rss / 2**20, 1)
-        for p in psutil.process_iter(["cmdline"])
-        if any("model_service_worker" in part for part in (p.info["cmdline"] or []))
-    }
+def worker_memory() -> dict[int, dict[str, float]]:
+    """RSS and PSS (shared pages split between the processes sharing them) of each TorchServe worker."""
+    found = {}
+    for p in psutil.process_iter(["cmdline"]):
+        if any("model_service_worker" in part for part in (p.info["cmdline"] or [])):
+            info = p.memory_full_info()
+            found[p.pid] = {"rss_mb": round(info.rss / 2**20, 1), "pss_mb": round(info.pss / 2**20, 1)}
+    return found
 
 
 def main() -> None:
@@ -159,19 +176,34 @@ def main() -> None:
                 row["words_per_s"] = round(row["req_per_s"] * args.words, 1)
                 results["generate"].append(row)
                 print("generate", row, flush=True)
-            results["worker_rss_mb"] = worker_memory_mb()
-            print("worker RSS (MB):", results["worker_rss_mb"], flush=True)
+            results["worker_memory"] = worker_memory()
+            print("worker memory (MB):", results["worker_memory"], flush=True)
         finally:
             print(stop(), file=sys.stderr)
-        torch.set_num_threads(args.torch_threads)
+        # Baselines: the same handlers in this process, same thread count, same batch size.
         resnet_dir = mar_contents(args.model_store / "resnet.mar", tmp_path)
         lm_dir = mar_contents(args.model_store / "lm.mar", tmp_path)
-        results["in_process"] = {
+        classify = in_process_handler(resnet_dir, "image_classifier", "ImageClassifier", args.torch_threads)
+        generate = in_process_handler(lm_dir, "text_generator", "TextGenerator", args.torch_threads)
+        images = [{"body": image.read_bytes()} for _ in range(args.batch_size)]
+        prompts = [{"body": {"prompt": "the", "max_words": args.words, "seed": i}} for i in range(args.batch_size)]
+        base = {
             "torch_threads": args.torch_threads,
-            "images_per_s_batch32": round(in_process_images_per_second(resnet_dir), 1),
-            "words_per_s": round(in_process_words_per_second(lm_dir, args.words), 1),
+            "batch_size": args.batch_size,
+            "classify_req_per_s": round(in_process_rate(classify, images), 1),
+            "generate_words_per_s": round(in_process_rate(generate, prompts) * args.words, 1),
+            "generate_words_per_s_one_stream": round(in_process_rate(generate, prompts[:1]) * args.words, 1),
         }
-        print("in-process (same weights, same thread count):", results["in_process"])
+        results["in_process"] = base
+        print(f"in-process baselines (the handlers themselves, batch {args.batch_size}, {args.torch_threads} "
+              f"torch thread(s)): {base}")  # fmt: skip
+        print("| load | classify req/s | share of in-process | p99 ms | generate req/s | words/s | share | p99 ms |")
+        print("|---|---|---|---|---|---|---|---|")
+        for c, g in zip(results["classify"], results["generate"], strict=True):
+            print(f"| concurrency {c['concurrency']} | {c['req_per_s']} | "
+                  f"{100 * c['req_per_s'] / base['classify_req_per_s']:.0f}% | {c['p99_ms']} | {g['req_per_s']} | "
+                  f"{g['words_per_s']} | {100 * g['words_per_s'] / base['generate_words_per_s']:.0f}% | "
+                  f"{g['p99_ms']} |")  # fmt: skip
         print(json.dumps(results))
 
 

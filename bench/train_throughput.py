@@ -38,7 +38,7 @@ from training.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, make_l
 from training.data.tinyimagenet import load_tinyimagenet
 from training.devices import autocast, choose_device, synchronize
 from training.loops.classify import to_device
-from training.models.resnet import build_resnet
+from training.models.classifier import build_classifier
 
 
 def endless(batches):
@@ -184,7 +184,7 @@ def main() -> None:
         for name, (batches, needs_prepare, example_style) in paths.items():
             p = prepare if needs_prepare else None
             loader_rate = timed_loader(batches, args.batches, device, p)
-            model = build_resnet("resnet18", n_classes, args.stem).to(device)
+            model = build_classifier("resnet18", n_classes, args.stem).to(device)
             channels_last = args.channels_last and not example_style
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)

@@ -1,9 +1,11 @@
 """Build TorchServe .mar archives from training checkpoints, traceable to their MLflow run.
 
-A .mar holds: the weights alone (a state dict), `meta.json` (what inference needs: classes and
-their names, input size and normalization; or the LM's config and context window), `vocab.json`
-for the LM, our handler, `handler_common.py`, and the model-definition file copied from
-`training/models/` under a `dlops_` name. Nothing in it imports this project.
+A .mar holds: the weights alone (a state dict), `meta.json` (the model config and what inference
+needs, as the job declares it: class names, input size and normalization; or the vocabulary and
+context window), the job's handler, `handler_common.py` (the base every handler shares),
+`dlops_hardware.py` and the model-definition file copied from `training/models/` under a `dlops_`
+name. Nothing in it imports this project. Which files a kind needs comes from its job
+declaration (training/jobs/), so a new job needs no change here.
 """
 
 from __future__ import annotations
@@ -13,32 +15,24 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
 
 from training import tracking
 from training.checkpoint import CheckpointError, load_checkpoint
+from training.jobs import Job, job_for
 
 SERVING_DIR = Path(__file__).resolve().parent
 HANDLERS = SERVING_DIR / "handlers"
-MODELS_DIR = SERVING_DIR.parent / "training" / "models"
+TRAINING_DIR = SERVING_DIR.parent / "training"
 DEFAULT_STORE = Path("model_store")
-
-
-@dataclass(frozen=True)
-class ModelKind:
-    name: str  # model name in TorchServe, i.e. /predictions/<name>
-    handler: str
-    model_file: str  # training/models/<model_file>, shipped as dlops_<model_file>
-
-
-KINDS = {
-    "resnet": ModelKind("resnet", "image_classifier.py", "resnet.py"),
-    "lm": ModelKind("lm", "text_generator.py", "wordlm.py"),
+# Shipped in every .mar: the handler base, the request-field declarations, the hardware facts.
+COMMON_FILES = {
+    HANDLERS / "handler_common.py": "handler_common.py",
+    HANDLERS / "request_fields.py": "request_fields.py",
+    TRAINING_DIR / "hardware.py": "dlops_hardware.py",
 }
 
 
@@ -51,42 +45,16 @@ def resolve_checkpoint(
         raise ValueError("give exactly one of --checkpoint, --model-uri or --run-id")
     if checkpoint:
         return Path(checkpoint), None
-    client = tracking.store_client()
     if model_uri:
-        if not model_uri.startswith("models:/") or model_uri.count("/") != 2:
-            raise ValueError(f"--model-uri {model_uri!r}: expected models:/NAME/VERSION")
-        name, version = model_uri.removeprefix("models:/").split("/")
-        source = client.get_model_version(name, version).source
-        path = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(workdir))
-        return Path(path), f"{name}/{version}"
-    path = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"runs:/{run_id}/checkpoints/best.pt", dst_path=str(workdir)
-    )
-    return Path(path), None
+        return tracking.download_registered_checkpoint(model_uri, workdir)
+    return tracking.download_run_checkpoint(run_id, workdir), None
 
 
-def inference_files(state: dict[str, Any], kind: str, workdir: Path) -> list[Path]:
-    """Write the weights and the metadata inference needs; return the files to archive."""
-    weights = workdir / "weights.pt"
-    torch.save(state["model"], weights)
-    meta: dict[str, Any] = {"kind": kind, "run_id": state.get("run_id"), "epoch": state.get("epoch")}
-    files = [weights, workdir / "meta.json"]
-    if kind == "resnet":
-        meta.update(
-            arch=state["config"]["arch"],
-            stem=state["config"]["stem"],
-            classes=state["classes"],
-            labels=state["labels"],
-            image_size=state["image_size"],
-            mean=state["normalization"]["mean"],
-            std=state["normalization"]["std"],
-        )
-    else:
-        meta.update(model_config=state["model_config"], window=state["config"]["bptt"])
-        (workdir / "vocab.json").write_text(json.dumps(state["vocab"], ensure_ascii=False), encoding="utf-8")
-        files.append(workdir / "vocab.json")
-    (workdir / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
-    return files
+def inference_meta(state: dict[str, Any], job: type[Job]) -> dict[str, Any]:
+    """meta.json: the model's config and what inference needs (the job's inference keys), traceable to its run."""
+    meta = {"kind": state["kind"], "run_id": state.get("run_id"), "epoch": state.get("epoch"),
+            "model_config": state["model_config"]}  # fmt: skip
+    return {**meta, **{key: state[key] for key in job.inference_keys}}
 
 
 def build_mar(
@@ -98,27 +66,33 @@ def build_mar(
     version: str | None = None,
 ) -> Path:
     """Package a checkpoint as `<store>/<name>.mar`; log it to the source run and tag the model version."""
-    spec = KINDS[kind]
+    job = job_for(kind)
+    spec = job.serving
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         path, registered = resolve_checkpoint(checkpoint, model_uri, run_id, workdir / "download")
         state = load_checkpoint(path)
+        state["run_id"] = tracking.server_run_id(path.parent, state.get("run_id"))
         if state["kind"] != kind:
             raise CheckpointError(f"{path} holds a {state['kind']!r} checkpoint; package it as `{state['kind']}`")
-        files = inference_files(state, kind, workdir)
-        shutil.copy(MODELS_DIR / spec.model_file, workdir / f"dlops_{spec.model_file}")
-        shutil.copy(HANDLERS / "handler_common.py", workdir / "handler_common.py")
-        shutil.copy(HANDLERS / spec.handler, workdir / spec.handler)
-        extra = [workdir / f"dlops_{spec.model_file}", workdir / "handler_common.py", *files[1:]]
+        weights = workdir / "weights.pt"
+        torch.save(state["model"], weights)
+        meta = workdir / "meta.json"
+        meta.write_text(json.dumps(inference_meta(state, job), ensure_ascii=False, indent=1), encoding="utf-8")
+        shipped = {**COMMON_FILES, TRAINING_DIR / "models" / spec.model_file: f"dlops_{spec.model_file}"}
+        extra = [meta]
+        for source, name in shipped.items():
+            extra.append(Path(shutil.copy(source, workdir / name)))
+        handler = Path(shutil.copy(HANDLERS / spec.handler, workdir / spec.handler))
         version = version or (registered.split("/")[1] if registered else f"epoch{state.get('epoch', 0)}")
         subprocess.run(
             [
                 str(Path(sys.executable).with_name("torch-model-archiver")),
                 "--model-name", spec.name,
                 "--version", version,
-                "--serialized-file", str(files[0]),
-                "--handler", str(workdir / spec.handler),
+                "--serialized-file", str(weights),
+                "--handler", str(handler),
                 "--extra-files", ",".join(str(p) for p in extra),
                 "--export-path", str(store),
                 "--force",

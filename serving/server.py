@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CONFIG_TEMPLATE = Path(__file__).resolve().parent / "config.properties"
+METRICS_CONFIG = Path(__file__).resolve().parent / "metrics.yaml"  # TorchServe's metrics plus our handlers' counters
 JAVA_HINT = "TorchServe needs Java 17: sudo apt-get install -y openjdk-17-jre-headless"
 
 
@@ -84,6 +85,7 @@ def effective_config(options: ServeOptions, mars: list[Path]) -> dict[str, str]:
             "load_models": ",".join(mar.name for mar in mars),
             "allowed_urls": f"file://{store}/.*",
             "default_workers_per_model": str(options.workers),
+            "metrics_config": str(METRICS_CONFIG),
             "models": json.dumps(models),
         }
     )

@@ -15,7 +15,7 @@ from training.checkpoint import load_checkpoint
 from training.data.images import eval_transform
 from training.data.synthetic import write_synthetic_tinyimagenet
 from training.data.tinyimagenet import load_tinyimagenet, open_rgb
-from training.models.resnet import resnet_from_checkpoint
+from training.models.classifier import classifier_from_checkpoint
 
 FAST = ["-b", "16", "-j", "0", "--print-freq", "0"]
 
@@ -40,7 +40,7 @@ def test_compare_lists_exactly_the_images_classified_differently(two_checkpoints
                      "--experiment", "test-compare").output  # fmt: skip
 
     # brute force: every image alone through each model, file names from the dataset listing
-    models = [resnet_from_checkpoint(load_checkpoint(p)) for p in (a, b)]
+    models = [classifier_from_checkpoint(load_checkpoint(p)) for p in (a, b)]
     transform = eval_transform(64)
     expected = {}
     with torch.no_grad():

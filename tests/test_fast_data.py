@@ -74,11 +74,29 @@ def test_batch_augmentation_keeps_shapes_dtypes_and_labels():
     flipped = random_flip(images)
     for i in range(4):
         assert torch.equal(flipped[i], images[i]) or torch.equal(flipped[i], images[i].flip(2))
+    # a seeded batch of 32 distinct, asymmetric images: some must be flipped, some not, most shifted
+    torch.manual_seed(1)
+    batch = torch.rand(32, 3, 16, 16)
+    out = BatchTransform("flip-crop", (0.0,) * 3, (1 / 255,) * 3, train=True)((batch * 255).round().to(torch.uint8))
+    source = (batch * 255).round()
+    was_flipped = [not torch.equal(out[i], source[i]) and _is_window(out[i].flip(2), source[i]) for i in range(32)]
+    as_is = [torch.equal(out[i], source[i]) for i in range(32)]
+    assert 0 < sum(was_flipped) < 32, "random_flip flipped none or all of 32 images"
+    assert sum(as_is) < 8, f"{sum(as_is)} of 32 images came out neither cropped nor flipped"
+    assert all(_is_window(o, s) or _is_window(o.flip(2), s) for o, s in zip(out, source, strict=True))
     transform = BatchTransform("flip-crop", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), train=True)
     out = transform(torch.full((4, 3, 8, 8), 255, dtype=torch.uint8))
     assert out.dtype == torch.float32 and torch.allclose(out, torch.full_like(out, 2.0))
     with pytest.raises(ValueError, match="needs the JPEG loader"):
         BatchTransform("trivialaugment", (0.5,) * 3, (0.25,) * 3, train=True)
+
+
+def _is_window(image: torch.Tensor, source: torch.Tensor, padding: int = 1) -> bool:
+    """Whether `image` is a crop of `source` reflect-padded by `padding` (16x16 images: 16 // 16 = 1)."""
+    padded = torch.nn.functional.pad(source[None], (padding,) * 4, mode="reflect")[0]
+    size = source.size(-1)
+    return any(torch.equal(image, padded[:, y : y + size, x : x + size])
+               for y in range(2 * padding + 1) for x in range(2 * padding + 1))  # fmt: skip
 
 
 def test_tensor_batches_cover_each_sample_once_per_epoch_and_shard_by_rank():
@@ -99,8 +117,10 @@ def test_fast_recipe_trains_from_the_cache_and_logs_every_resolved_value(dataset
             "--data-cache", tmp_path / "cache", "--out-dir", tmp_path, "--experiment", "test-fast")  # fmt: skip
     run = latest_run(client, "test-fast")
     params = run.data.params
-    for name, value in RECIPES["fast"].items():
-        if name not in ("epochs", "batch_size"):  # given explicitly above
+    for name, value in RECIPES["fast"][params["recipe_device_class"]].items():
+        if name == "amp":  # auto, resolved for this CPU
+            assert params["amp_requested"] == "auto" and params["amp"] in ("off", "bf16")
+        elif name not in ("epochs", "batch_size"):  # given explicitly above
             assert params[name] == str(value), name
     assert params["recipe"] == "fast" and params["epochs"] == "1" and params["batch_size"] == "16"
     assert params["cpu_capability"] and "cpu_avx512_bf16" in params

@@ -174,3 +174,23 @@ def test_vocabulary_unk_and_eos_on_real_wikitext(tmp_path):
     assert unseen, "the slice should have valid words absent from train"
     assert corpus.valid.tolist() == [vocab.index.get(w, vocab.index[UNK]) for w in valid_words]
     assert 0 < corpus.unknown_rate["valid"] < 0.5
+
+
+@pytest.mark.parametrize("model", ["LSTM", "GRU", "Transformer"])
+def test_a_batch_of_requests_samples_each_as_if_alone(model):
+    from training.models.wordlm import build_language_model, generate_batch
+
+    torch.manual_seed(0)
+    vocab = [f"w{i}" for i in range(40)] + ["<unk>", "<eos>"]
+    lm = build_language_model(model, len(vocab), 16, 16, 2, 2, 0.0, False).eval()
+    requests = [
+        {"prompt": "w1 w2 w3", "n_words": 12, "temperature": 1.0, "seed": 1},
+        {"prompt": "", "n_words": 3, "temperature": 0.7, "seed": 2},
+        {"prompt": "w5 unseen w6 w7 w8 w9 w10", "n_words": 20, "temperature": 1.5, "seed": 3},
+        {"prompt": "w4", "n_words": 1, "temperature": 0.2, "seed": 4},
+    ]
+    together = generate_batch(lm, vocab, requests, window=8)
+    for request, answer in zip(requests, together, strict=True):
+        assert generate_batch(lm, vocab, [request], window=8) == [answer]
+        assert answer["words"] == request["n_words"]
+    assert together[2]["unknown_words"] == ["unseen"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -24,7 +25,7 @@ from training.checkpoint import load_checkpoint
 from training.data.images import ImageFiles, eval_transform
 from training.data.synthetic import write_synthetic_corpus
 from training.data.tinyimagenet import load_tinyimagenet
-from training.models.resnet import resnet_from_checkpoint
+from training.models.classifier import classifier_from_checkpoint
 
 pytestmark = pytest.mark.skipif(
     subprocess.run(["which", "java"], capture_output=True).returncode != 0,
@@ -90,14 +91,14 @@ def test_mar_is_logged_to_its_run_and_the_version_is_tagged(model_store, checkpo
     with zipfile.ZipFile(model_store / "resnet.mar") as zf:
         names = set(zf.namelist())
         meta = json.loads(zf.read("meta.json"))
-    assert {"image_classifier.py", "handler_common.py", "dlops_resnet.py", "meta.json", "weights.pt"} <= names
+    assert {"image_classifier.py", "handler_common.py", "dlops_classifier.py", "meta.json", "weights.pt"} <= names
     assert meta["run_id"] == checkpoints["resnet_run"] and len(meta["labels"]) == 4
 
 
 def test_http_top1_equals_local_evaluation_for_every_val_image(server, checkpoints, tiny_dataset):
     options, _ = server
     state = load_checkpoint(checkpoints["resnet"])
-    model = resnet_from_checkpoint(state)
+    model = classifier_from_checkpoint(state)
     val = load_tinyimagenet(tiny_dataset).val
     images = ImageFiles(val, eval_transform(64))
     with torch.no_grad():
@@ -191,6 +192,10 @@ def worker_pids(options: ServeOptions, keys: dict, model: str) -> list[int]:
         ("lm", b'{"temperature": 0}', "application/json", 400, "'temperature' must be > 0"),
         ("lm", b'{"temperature": true}', "application/json", 400, "'temperature' must be a number"),
         ("lm", b'{"words": 3}', "application/json", 400, "unknown field"),
+        ("lm", b'{"temperature": NaN}', "application/json", 400, "'temperature' is not a finite number"),
+        ("lm", b'{"seed": Infinity}', "application/json", 400, "'seed' is not a finite number"),
+        ("lm", b'{"max_words": -Infinity, "prompt": "a"}', "application/json", 400, "'max_words' is not a finite"),
+        ("resnet", b'{"image": "AAAA", "topk": NaN}', "application/json", 400, "'topk' is not a finite number"),
     ],
 )
 def test_bad_input_gets_a_4xx_json_answer_and_the_worker_survives(
@@ -263,3 +268,72 @@ def test_serve_without_java_says_how_to_install_it(model_store, tmp_path):
 def test_package_refuses_the_wrong_kind(checkpoints, tmp_path):
     assert "package it as `lm`" in cli_error("package", "resnet", "--checkpoint", checkpoints["lm"],
                                              "--model-store", tmp_path)  # fmt: skip
+
+
+def metric_values(options: ServeOptions, name: str) -> dict[str, float]:
+    """The metrics endpoint's samples of one metric: labels text -> value."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{options.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(rf"^{name}\{{(.*?)\}} ([\d.eE+-]+)$", text, re.M)}
+
+
+def labelled(samples: dict[str, float], **labels: str) -> float:
+    return sum(v for k, v in samples.items() if all(f'{name}="{value}"' in k for name, value in labels.items()))
+
+
+MIXED = [
+    {"prompt": "the old cat", "max_words": 30, "temperature": 0.8, "seed": 42},
+    {"prompt": "", "max_words": 5, "temperature": 1.0, "seed": 7},
+    {"prompt": "a Atlantis word", "max_words": 17, "temperature": 2.0, "seed": 1},
+    {"prompt": "the", "max_words": 1, "temperature": 0.5, "seed": 99},
+    {"prompt": "old old old old old old old old", "max_words": 23, "temperature": 1.3, "seed": 5},
+    {"prompt": "cat", "max_words": 12, "temperature": 0.1, "seed": 3},
+]
+
+
+def test_a_request_gets_the_same_text_alone_in_a_batch_and_from_the_cli(server, checkpoints, tmp_path):
+    options, _ = server
+    send = lambda r: generate_http(r, options.inference_port, options.state_dir)  # noqa: E731
+    alone = [send(r) for r in MIXED]
+    before = metric_values(options, "DlopsBatches"), metric_values(options, "DlopsRequests")
+    with ThreadPoolExecutor(len(MIXED)) as pool:
+        together = list(pool.map(send, MIXED))
+    after = metric_values(options, "DlopsBatches"), metric_values(options, "DlopsRequests")
+    batches = labelled(after[0], ModelName="lm") - labelled(before[0], ModelName="lm")
+    requests = labelled(after[1], ModelName="lm", Status="200") - labelled(before[1], ModelName="lm", Status="200")
+    assert requests == len(MIXED) and batches < requests, "the concurrent requests were not batched"
+    for request, (status_a, a), (status_b, b) in zip(MIXED, alone, together, strict=True):
+        assert status_a == status_b == 200, (a, b)
+        assert a == b, request
+        assert a["words"] == request["max_words"]
+    for request, (_, answer) in zip(MIXED[:3], alone[:3], strict=True):
+        outf = tmp_path / f"seed{request['seed']}.txt"
+        run_cli("generate", "--checkpoint", checkpoints["lm"], "--prompt", request["prompt"], "--words",
+                request["max_words"], "--seed", request["seed"], "--temperature", request["temperature"],
+                "--outf", outf)  # fmt: skip
+        assert answer["text"] == outf.read_text(encoding="utf-8").rstrip("\n")
+
+
+def test_the_metrics_endpoint_counts_requests_latency_and_errors_per_model(server, tiny_dataset):
+    options, _ = server
+    before = metric_values(options, "DlopsRequests")
+    image = load_tinyimagenet(tiny_dataset).val[0][0]
+    assert predict_image(image, options.inference_port, options.state_dir)[0] == 200
+    bad = post(f"http://127.0.0.1:{options.inference_port}/predictions/lm", b'{"temperature": NaN}',
+               "application/json", options.state_dir)  # fmt: skip
+    assert bad[0] == 400
+    after = metric_values(options, "DlopsRequests")
+    assert labelled(after, ModelName="lm", Status="400") - labelled(before, ModelName="lm", Status="400") == 1
+    assert labelled(after, ModelName="resnet", Status="200") - labelled(before, ModelName="resnet", Status="200") == 1
+    for name in ("ts_inference_requests_total", "ts_inference_latency_microseconds"):
+        samples = metric_values(options, name)
+        assert labelled(samples, model_name="resnet") > 0 and labelled(samples, model_name="lm") > 0, name
+
+
+def test_the_readme_request_table_is_the_fields_table():
+    from serving.handlers.request_fields import GENERATION_FIELDS, markdown_table
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert markdown_table(GENERATION_FIELDS) in readme, "regenerate it: python serving/handlers/request_fields.py"

@@ -1,7 +1,16 @@
-"""Checkpoint I/O shared by every job: atomic writes, weights-only loads, RNG state.
+"""Checkpoint I/O shared by every job: atomic writes, weights-only loads, RNG state, one schema.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so that
-`torch.load(weights_only=True)` can read it without trusting pickled code.
+`torch.load(weights_only=True)` can read it without trusting pickled code. Schema (version 2):
+
+    format_version, kind, epoch, run_id, experiment
+    model            the state dict          model_config   what the job's build_model takes
+    <inference keys> what inference needs beside the weights, declared by the job
+                     (resnet: classes, labels, image_size, normalization; lm: vocab, window)
+    optimizer, scheduler, scaler, rng, train_state, job_state     everything a resume restores
+    metrics          the epoch's metrics     config         every option of the run
+
+Version 1 (written until 2026-11) is read and converted; any other version is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+FORMAT_VERSION = 2
 
 
 class CheckpointError(RuntimeError):
@@ -46,9 +57,45 @@ def load_checkpoint(path: Path | str, kind: str | None = None) -> dict[str, Any]
         raise CheckpointError(f"checkpoint {path} cannot be read: {e}") from e
     if not isinstance(state, dict) or "kind" not in state:
         raise CheckpointError(f"checkpoint {path} was not written by dlops (no 'kind' entry)")
+    version = state.get("format_version")
+    if version == 1:
+        state = upgrade_v1(state)
+    elif version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format_version {version!r}; this dlops reads versions 1 and {FORMAT_VERSION} "
+            "(was it written by a newer dlops?)"
+        )
     if kind is not None and state["kind"] != kind:
         raise CheckpointError(f"checkpoint {path} holds a {state['kind']!r} model, expected {kind!r}")
     return state
+
+
+def upgrade_v1(state: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 checkpoint in version 2's schema (the weights and every resume state kept)."""
+    old = state["train_state"]
+    config = state["config"]
+    if state["kind"] == "resnet":
+        model_config = {"arch": config["arch"], "num_classes": len(state["classes"]), "stem": config["stem"],
+                        "image_size": state["image_size"]}  # fmt: skip
+        best_value, job_state = old["best_acc1"], {}
+        extra: dict[str, Any] = {}
+    elif state["kind"] == "lm":
+        model_config = state["model_config"]
+        best_value, job_state = old["best_val_loss"], {"lr": old["lr"], "global_step": old["global_step"]}
+        extra = {"window": config["bptt"], "scheduler": None, "scaler": {}}
+    else:
+        raise CheckpointError(f"a version-1 checkpoint of unknown kind {state['kind']!r}")
+    train_state = {
+        "epoch": old["epoch"],
+        "best_value": best_value,
+        "best_epoch": old["best_epoch"],
+        "best_val_loss": old["best_val_loss"],
+        "epochs_since_improvement": old.get("epochs_since_improvement", 0),
+        "train_seconds": old["train_seconds"],
+        "seconds_to_best": old.get("seconds_to_best", 0.0),
+    }
+    return {**state, **extra, "format_version": FORMAT_VERSION, "model_config": model_config,
+            "train_state": train_state, "job_state": job_state}  # fmt: skip
 
 
 def rng_state() -> dict[str, Any]:
@@ -67,13 +114,25 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def restorable_cuda_states(saved: list[torch.Tensor], visible: int) -> list[torch.Tensor]:
+    """The per-GPU RNG states a process can restore: a run saved on 8 GPUs may resume on 1."""
+    return list(saved[:visible])
+
+
 def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), None))
     has_gauss, gauss = state["numpy_gauss"]
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for index, cuda_state in enumerate(restorable_cuda_states(state["cuda"], torch.cuda.device_count())):
+            torch.cuda.set_rng_state(cuda_state, index)
+
+
+def process_seed(seed: int, rank: int = 0, epoch: int = 0) -> int:
+    """The seed of one process at the start of `epoch`: each DDP rank draws its own crops and flips
+    (rank 0 of a new run keeps `seed`, so a single process seeds as it always did)."""
+    return seed + 1_000_003 * rank + 7_919 * epoch
 
 
 def seed_everything(seed: int) -> None:

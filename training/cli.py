@@ -9,21 +9,24 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from serving.handlers.request_fields import GENERATION_FIELDS
+from serving.handlers.request_fields import click_options as generation_field_options
 from serving.server import ServeError
-from training.checkpoint import CheckpointError, config_for_resume, load_checkpoint
+from training import trainer
+from training.checkpoint import CheckpointError
 from training.data.download import DownloadError
 from training.data.errors import DatasetError
-from training.data.images import AUGMENTATIONS
-from training.devices import AMP_DTYPES, DeviceError
+from training.devices import DeviceError
 from training.distributed import launch, under_torchrun
-from training.models.resnet import ARCHS, STEMS
-from training.models.wordlm import MODEL_TYPES
-from training.recipes import RECIPES, apply_recipe
-from training.train_lm import RESUMABLE as LM_RESUMABLE
-from training.train_lm import LMConfig, train_lm
-from training.train_resnet import RESUMABLE, SCHEDULERS, ResNetConfig, train_resnet
+from training.jobs import JOBS, Job, make_config
+from training.jobs.resnet import DEFAULT_WORKERS
+from training.models.classifier import ARCHS, STEMS, small_stem_applies
+from training.options import click_options
+from training.tracking import JournalBusy, TrackingUnavailable
 
-USER_ERRORS = (DatasetError, DeviceError, CheckpointError, DownloadError, ServeError, ValueError)
+USER_ERRORS = (
+    DatasetError, DeviceError, CheckpointError, DownloadError, ServeError, ValueError, TrackingUnavailable, JournalBusy
+)  # fmt: skip
 
 
 class Group(click.Group):
@@ -37,26 +40,20 @@ class Group(click.Group):
 
 
 def given_options(ctx: click.Context) -> dict[str, Any]:
-    """Options the user typed on the command line (not defaults)."""
-    return {k: v for k, v in ctx.params.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+    """Options the user gave, on the command line or through their environment variable (not defaults)."""
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return {k: v for k, v in ctx.params.items() if ctx.get_parameter_source(k) in given}
 
 
-def _resumed_options(
-    ctx: click.Context, resume: Path, kind: str, changeable: set[str], data: Path | None
-) -> dict[str, Any]:
-    """The interrupted run's options, with the ones typed now where changing them is safe."""
-    given = {k: v for k, v in given_options(ctx).items() if k != "resume"}
-    if data:
-        given["data"] = str(data)
-    return config_for_resume(load_checkpoint(resume, kind=kind)["config"], given, changeable)
+def _options(*options):
+    """One decorator applying several click options: a group of options declared once."""
 
+    def decorate(function):
+        for option in reversed(options):
+            function = option(function)
+        return function
 
-def _parse_tags(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
-    pairs = [v.partition("=") for v in values]
-    bad = [v for v, (_, sep, _) in zip(values, pairs, strict=True) if not sep]
-    if bad:
-        raise click.BadParameter(f"expected KEY=VALUE, got {bad[0]!r}")
-    return {key: value for key, _, value in pairs}
+    return decorate
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -73,180 +70,44 @@ def train() -> None:
     """Train a model; every run is logged to MLflow."""
 
 
-R = ResNetConfig  # option defaults live in the config dataclasses, declared once
-L = LMConfig
+def _train_command(job_class: type[Job]) -> None:
+    """`dlops train KIND DATA [options]`: the options come from the job's config fields."""
 
-
-def _options(*options):
-    """One decorator applying several click options: a group of options declared once."""
-
-    def decorate(function):
-        for option in reversed(options):
-            function = option(function)
-        return function
-
-    return decorate
-
-
-def _run_options(defaults: type):
-    """The options every training job shares: where it logs, what it registers, how it resumes."""
-    return _options(
-        click.option("--experiment", default=defaults.experiment, show_default=True),
-        click.option("--run-name", default=None),
-        click.option("--registered-model", default=defaults.registered_model, show_default=True),
-        click.option(
-            "--out-dir", default=defaults.out_dir, show_default=True, help="checkpoints go to OUT_DIR/<run id>/"
-        ),
-        click.option(
-            "--resume",
-            type=click.Path(dir_okay=False, exists=True, path_type=Path),
-            default=None,
-            help="last.pt of an interrupted run: continue the same MLflow run at the next epoch",
-        ),
+    @train.command(job_class.kind, help=job_class.__doc__)
+    @click.argument("data", required=False, type=click.Path(file_okay=False, path_type=Path))
+    @click_options(job_class.config_class)
+    @click.option(
+        "--resume",
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        default=None,
+        help="last.pt of an interrupted run: continue the same MLflow run at the next epoch",
     )
+    @click.pass_context
+    def command(ctx: click.Context, data: Path | None, resume: Path | None, **_: Any) -> None:
+        given = {k: v for k, v in given_options(ctx).items() if k not in ("data", "resume")}
+        if data:
+            given["data"] = str(data)
+        elif not resume and not given.get("dummy"):
+            raise click.UsageError(f"give DATA: {job_class.data_hint}")
+        config = make_config(job_class, given, resume)
+        processes = getattr(config, "nproc_per_node", 1)
+        if processes > 1 and not under_torchrun():
+            ctx.exit(launch(job_class.kind, config, processes, resume))
+        trainer.train(job_class, config, resume=resume)
 
 
-@train.command("resnet")
-@click.argument("data", required=False, type=click.Path(file_okay=False, path_type=Path))
-@click.option("-a", "--arch", type=click.Choice(ARCHS), default=R.arch, show_default=True)
-@click.option(
-    "--stem",
-    type=click.Choice(STEMS),
-    default=R.stem,
-    show_default=True,
-    help="small: 3x3 stride-1 first conv and no max-pool, the usual 64x64 adaptation",
-)
-@click.option("-b", "--batch-size", type=click.IntRange(1), default=R.batch_size, show_default=True)
-@click.option("--epochs", type=click.IntRange(1), default=R.epochs, show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=R.lr, show_default=True)
-@click.option("--momentum", type=click.FloatRange(0, 1), default=R.momentum, show_default=True)
-@click.option(
-    "--wd", "--weight-decay", "weight_decay", type=click.FloatRange(0), default=R.weight_decay, show_default=True
-)
-@click.option("--scheduler", type=click.Choice(SCHEDULERS), default=R.scheduler, show_default=True)
-@click.option(
-    "--lr-step-size",
-    type=click.IntRange(1),
-    default=R.lr_step_size,
-    show_default=True,
-    help="epochs between lr drops (step scheduler)",
-)
-@click.option("--lr-gamma", type=click.FloatRange(0, 1), default=R.lr_gamma, show_default=True)
-@click.option(
-    "--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=R.label_smoothing, show_default=True
-)
-@click.option("--augment", type=click.Choice(AUGMENTATIONS), default=R.augment, show_default=True)
-@click.option("--amp", type=click.Choice(list(AMP_DTYPES)), default=R.amp, show_default=True)
-@click.option("--channels-last/--no-channels-last", default=R.channels_last, show_default=True)
-@click.option("--compile/--no-compile", "compile", default=R.compile, show_default=True)
-@click.option("-j", "--workers", type=click.IntRange(0), default=R.workers, show_default=True)
-@click.option("--seed", type=int, default=R.seed, show_default=True)
-@click.option("--device", default=R.device, show_default=True, help="auto, cpu, cuda, cuda:N or mps")
-@click.option("--dummy", is_flag=True, help="synthetic tensors instead of files (throughput checks)")
-@click.option("--limit-train", type=click.IntRange(1), default=None, help="use N train images, spread over classes")
-@click.option("--limit-val", type=click.IntRange(1), default=None, help="use N val images, spread over classes")
-@click.option("-p", "--print-freq", type=click.IntRange(0), default=R.print_freq, show_default=True)
-@click.option(
-    "--early-stop-patience",
-    type=click.IntRange(0),
-    default=R.early_stop_patience,
-    show_default=True,
-    help="stop when val loss has not improved for N epochs (0: never)",
-)
-@_run_options(R)
-@click.option(
-    "--recipe",
-    type=click.Choice(list(RECIPES)),
-    default=R.recipe,
-    show_default=True,
-    help="option preset (see README); options given explicitly win",
-)
-@click.option("--nesterov/--no-nesterov", default=R.nesterov, show_default=True)
-@click.option(
-    "--norm-weight-decay/--no-norm-weight-decay",
-    default=R.norm_weight_decay,
-    show_default=True,
-    help="apply weight decay to BatchNorm weights and biases too",
-)
-@click.option(
-    "--data-cache",
-    default=R.data_cache,
-    show_default=True,
-    help="auto (use a matching decoded cache), off, or a cache folder (built when missing)",
-)
-@click.option(
-    "--data-on-gpu",
-    type=click.Choice(["auto", "on", "off"]),
-    default=R.data_on_gpu,
-    show_default=True,
-    help="keep the decoded cache on the GPU and augment there (CUDA only)",
-)
-@click.option(
-    "--nproc-per-node",
-    type=click.IntRange(1),
-    default=1,
-    show_default=True,
-    help="processes on this machine (DDP through torchrun; one per GPU, or gloo on the CPU)",
-)
-@click.option(
-    "--tag", "tags", multiple=True, callback=_parse_tags, metavar="KEY=VALUE", help="extra MLflow run tag (repeatable)"
-)
-@click.pass_context
-def train_resnet_command(ctx: click.Context, data: Path | None, resume: Path | None, **options: Any) -> None:
-    """Train a torchvision ResNet on Tiny-ImageNet at DATA (original layout; see README)."""
-    options["data"] = str(data) if data else None
-    if resume:
-        options = _resumed_options(ctx, resume, "resnet", RESUMABLE, data)
-    else:
-        if not data and not options["dummy"]:
-            raise click.UsageError("give DATA (a Tiny-ImageNet folder), or --dummy for synthetic tensors")
-        given = {k: v for k, v in given_options(ctx).items() if k != "data"}  # DATA is set above, as a str
-        options = apply_recipe(options["recipe"], options, given)
-    config = ResNetConfig(**options)
-    if config.nproc_per_node > 1 and not under_torchrun():
-        ctx.exit(launch("training.train_resnet", config, config.nproc_per_node, resume))
-    train_resnet(config, resume=resume)
+for _job in JOBS.values():
+    _train_command(_job)
 
 
-@train.command("lm")
-@click.argument("data", required=False, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--model", type=click.Choice(MODEL_TYPES), default=L.model, show_default=True)
-@click.option("--emsize", type=click.IntRange(1), default=L.emsize, show_default=True, help="word embedding size")
-@click.option(
-    "--nhid",
-    type=click.IntRange(1),
-    default=L.nhid,
-    show_default=True,
-    help="hidden units per layer (feed-forward size for the Transformer)",
-)
-@click.option("--nlayers", type=click.IntRange(1), default=L.nlayers, show_default=True)
-@click.option(
-    "--nhead", type=click.IntRange(1), default=L.nhead, show_default=True, help="attention heads (Transformer)"
-)
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=L.dropout, show_default=True)
-@click.option("--tied", is_flag=True, help="tie the word embedding and softmax weights")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=L.lr, show_default=True)
-@click.option("--clip", type=click.FloatRange(0), default=L.clip, show_default=True, help="gradient clipping")
-@click.option("--epochs", type=click.IntRange(1), default=L.epochs, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=L.batch_size, show_default=True)
-@click.option("--eval-batch-size", type=click.IntRange(1), default=L.eval_batch_size, show_default=True)
-@click.option("--bptt", type=click.IntRange(1), default=L.bptt, show_default=True, help="sequence length")
-@click.option("--amp", type=click.Choice(list(AMP_DTYPES)), default=L.amp, show_default=True)
-@click.option("--compile/--no-compile", "compile", default=L.compile, show_default=True, help="torch.compile the model")
-@click.option("--seed", type=int, default=L.seed, show_default=True)
-@click.option("--device", default=L.device, show_default=True, help="auto, cpu, cuda, cuda:N or mps")
-@click.option("--log-interval", type=click.IntRange(1), default=L.log_interval, show_default=True)
-@click.option("--dry-run", is_flag=True, help="one batch per epoch, to check the pipeline")
-@_run_options(L)
-@click.pass_context
-def train_lm_command(ctx: click.Context, data: Path | None, resume: Path | None, **options: Any) -> None:
-    """Train a word-level language model on DATA (train.txt/valid.txt/test.txt or wiki.*.tokens)."""
-    options["data"] = str(data) if data else None
-    if resume:
-        options = _resumed_options(ctx, resume, "lm", LM_RESUMABLE, data)
-    elif not data:
-        raise click.UsageError("give DATA: a folder with train.txt, valid.txt and test.txt")
-    train_lm(LMConfig(**options), resume=resume)
+@main.command("sync")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def sync_command(path: Path) -> None:
+    """Deliver to MLflow what run folders' tracking journals still hold: a run folder, or every run
+    under a folder (offline runs, runs that ended while the server was down, killed processes)."""
+    from training.tracking.sync import sync_runs
+
+    sync_runs(path)
 
 
 @main.command("generate")
@@ -274,9 +135,9 @@ def generate_command(checkpoint: Path, **options: Any) -> None:
 @click.argument("data", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
 @click.option("-b", "--batch-size", type=click.IntRange(1), default=256, show_default=True)
-@click.option("-j", "--workers", type=click.IntRange(0), default=R.workers, show_default=True)
+@click.option("-j", "--workers", type=click.IntRange(0), default=DEFAULT_WORKERS, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--amp", type=click.Choice(list(AMP_DTYPES)), default="off", show_default=True)
+@click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True)
 @click.option("--limit", type=click.IntRange(1), default=None)
 @click.option("-p", "--print-freq", type=click.IntRange(0), default=10, show_default=True)
 def evaluate_command(checkpoint: Path, data: Path, **options: Any) -> None:
@@ -295,7 +156,7 @@ def evaluate_command(checkpoint: Path, data: Path, **options: Any) -> None:
 @click.option("--grid", type=click.IntRange(1), default=16, show_default=True, help="images in the PNG grid")
 @click.option("--show", type=click.IntRange(0), default=20, show_default=True, help="table rows printed")
 @click.option("-b", "--batch-size", type=click.IntRange(1), default=256, show_default=True)
-@click.option("-j", "--workers", type=click.IntRange(0), default=R.workers, show_default=True)
+@click.option("-j", "--workers", type=click.IntRange(0), default=DEFAULT_WORKERS, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option(
     "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/compare"), show_default=True
@@ -306,6 +167,85 @@ def compare_command(checkpoint_a: Path, checkpoint_b: Path, data: Path, **option
     from training.analysis.compare import compare_checkpoints
 
     compare_checkpoints(checkpoint_a, checkpoint_b, data, **options)
+
+
+@main.command("sweep", context_settings={"ignore_unknown_options": True})
+@click.argument("kind", type=click.Choice(list(JOBS)))
+@click.argument("data", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--trials", type=click.IntRange(1), required=True, help="complete or pruned trials the study ends with")
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="NAME=SPEC",
+    help="a searched option: float:LOW:HIGH, log:LOW:HIGH, int:LOW:HIGH, intlog:LOW:HIGH, choice:A,B,...",
+)
+@click.option(
+    "--space",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="a YAML or TOML file of NAME: SPEC",
+)
+@click.option("--sampler", type=click.Choice(["tpe", "random"]), default="tpe", show_default=True)
+@click.option("--pruner", type=click.Choice(["median", "halving", "none"]), default="median", show_default=True)
+@click.option(
+    "--direction",
+    type=click.Choice(["maximize", "minimize"]),
+    default=None,
+    help="must agree with the metric (val Acc@1: maximize; val ppl: minimize)",
+)
+@click.option("--jobs", type=click.IntRange(1), default=1, show_default=True, help="trial processes on this machine")
+@click.option(
+    "--storage",
+    default=None,
+    help="Optuna storage URL shared by every process and machine [default: sqlite:///mlruns/optuna.db]",
+)
+@click.option("--study-name", default=None, help="default: derived from the command (the same command continues it)")
+@click.option("--seed", type=int, default=0, show_default=True, help="sampler seed (worker i uses seed + i)")
+@click.option(
+    "--heartbeat",
+    type=click.IntRange(1),
+    default=10,
+    show_default=True,
+    help="seconds between trial heartbeats; a trial silent for 3 of them is failed",
+)
+@click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
+def sweep_command(kind: str, data: Path, train_args: tuple[str, ...], params: tuple[str, ...], space: Path | None,
+                  jobs: int, storage: str | None, heartbeat: int, **settings: Any) -> None:  # fmt: skip
+    """Search KIND's options on DATA with Optuna; options after `--` are fixed for every trial."""
+    from training.sweep import DEFAULT_STORAGE, read_space, resolve_spec, run_sweep
+
+    job = JOBS[kind]
+    command = train.commands[kind]
+    with command.make_context(kind, [str(data), *train_args]) as train_ctx:  # the train command's own parsing
+        fixed = {k: v for k, v in given_options(train_ctx).items() if k != "resume"}
+    fixed["data"] = str(data)
+    spec = resolve_spec(kind, fixed, read_space(job, params, space), storage=storage or DEFAULT_STORAGE,
+                        heartbeat_s=heartbeat, **settings)  # fmt: skip
+    run_sweep(spec, jobs)
+
+
+@main.command("report")
+@click.argument("run_ids", nargs=-1)
+@click.option("--experiment", multiple=True, help="the runs of this experiment (newest --max-runs); repeatable")
+@click.option("--filter", "filter_string", default="", help="MLflow search filter, e.g. \"params.arch = 'resnet18'\"")
+@click.option("--max-runs", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--sweep", default=None, help="the runs of a sweep (its study name, tag sweep_id)")
+@click.option("--comparison", default=None, help="the runs of a device benchmark (tag comparison_id)")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("reports/latest"),
+    show_default=True,
+    help="folder for report.html, report.md and report_files/",
+)
+@click.option("--mlflow-url", default=None, help="link each run to this MLflow UI, e.g. http://127.0.0.1:5000")
+@click.option("--title", default=None)
+def report_command(run_ids: tuple[str, ...], out: Path, **selection: Any) -> None:
+    """Write an HTML report (self-contained) and its Markdown twin about runs recorded in MLflow."""
+    from training.report.build import build_report
+
+    build_report(out, run_ids, **selection)
 
 
 @main.group(cls=Group)
@@ -332,20 +272,41 @@ def bench_devices_command(data: Path, train_args: tuple[str, ...], **options: An
     bench_devices(data, train_args=list(train_args), **options)
 
 
+@main.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option(
+    "--probe-seconds",
+    type=click.FloatRange(0),
+    default=15.0,
+    show_default=True,
+    help="time budget of the training-step probe (0: skip it)",
+)
+def doctor_command(as_json: bool, probe_seconds: float) -> None:
+    """What this machine offers (torch, CUDA, GPUs, CPU ISA, bf16), a speed probe, and the options to use."""
+    from training.doctor import run_doctor
+
+    run_doctor(as_json, probe_seconds)
+
+
 @main.command("summary")
-@click.option("-a", "--arch", type=click.Choice(ARCHS), default="resnet18", show_default=True)
+@click.option("-a", "--arch", type=click.Choice(ARCHS), default="resnet18", show_default=True, show_choices=False)
 @click.option("--stem", type=click.Choice(STEMS), default="imagenet", show_default=True)
 @click.option("--image-size", type=click.IntRange(8), default=64, show_default=True)
 @click.option("--num-classes", type=click.IntRange(1), default=200, show_default=True)
 @click.option("--depth", type=click.IntRange(1), default=3, show_default=True)
-def summary_command(arch: str, stem: str, image_size: int, num_classes: int, depth: int) -> None:
-    """Print a ResNet's layer table: layer, input shape, output shape, parameters."""
+@click.option("--list", "list_archs", is_flag=True, help="list every model -a accepts")
+def summary_command(arch: str, stem: str, image_size: int, num_classes: int, depth: int, list_archs: bool) -> None:
+    """Print a classifier's layer table: layer, input shape, output shape, parameters."""
+    if list_archs:
+        for name in ARCHS:
+            click.echo(f"{name}{'  (--stem small)' if small_stem_applies(name) else ''}")
+        return
     import torch
 
-    from training.models.resnet import build_resnet
+    from training.models.classifier import build_classifier
     from training.models.summary import layer_table
 
-    model = build_resnet(arch, num_classes, stem)
+    model = build_classifier(arch, num_classes, stem, image_size)
     click.echo(layer_table(model, torch.zeros(1, 3, image_size, image_size), depth=depth))
 
 
@@ -507,10 +468,7 @@ def predict_command(image: Path, state_dir: Path, inference_port: int, topk: int
 
 @main.command("generate-http")
 @_client_options
-@click.option("--prompt", default="")
-@click.option("--max-words", type=int, default=50, show_default=True)
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None)
+@generation_field_options(GENERATION_FIELDS)  # the server's own request fields, ranges and defaults
 def generate_http_command(state_dir: Path, inference_port: int, **request: Any) -> None:
     """Generate text with the served language model (HTTP client)."""
     from serving.client import generate_http

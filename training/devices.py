@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from training.hardware import CpuFacts, GpuFacts, Precision, cpu_facts, gpu_facts, resolve_amp
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -19,6 +21,15 @@ class DeviceError(RuntimeError):
 class DeviceChoice:
     device: torch.device
     reason: str
+    cpu: CpuFacts = field(default_factory=cpu_facts)
+
+    @property
+    def gpu(self) -> GpuFacts | None:
+        return gpu_facts(self.device.index or 0) if self.device.type == "cuda" else None
+
+    def precision(self, requested: str) -> Precision:
+        """Resolve --amp (auto, off, bf16, fp16) for this device from its capability facts."""
+        return resolve_amp(requested, self.device.type, self.cpu, self.gpu)
 
     @property
     def name(self) -> str:
@@ -32,14 +43,15 @@ class DeviceChoice:
     def features(self) -> dict[str, str]:
         """What the hardware offers the run (logged as params): vector ISA, native bf16, AMX, GPU."""
         features = {
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_avx512_bf16": str(torch.cpu._is_avx512_bf16_supported()),
-            "cpu_amx": str(torch.cpu._is_amx_tile_supported()),
+            "cpu_capability": self.cpu.capability,
+            "cpu_avx512_bf16": str(self.cpu.avx512_bf16),
+            "cpu_amx": str(self.cpu.amx),
+            "cpu_native_bf16": str(self.cpu.native_bf16),
         }
-        if self.device.type == "cuda":
-            major, minor = torch.cuda.get_device_capability(self.device)
-            features["gpu_compute_capability"] = f"{major}.{minor}"
-            features["gpu_bf16"] = str(torch.cuda.is_bf16_supported())
+        gpu = self.gpu
+        if gpu is not None:
+            features["gpu_compute_capability"] = gpu.as_dict()["capability"]
+            features["gpu_bf16"] = str(gpu.bf16)
         return features
 
     def describe(self) -> str:
@@ -95,6 +107,8 @@ def choose_device(spec: str = "auto") -> DeviceChoice:
         problem = explain_cuda_unusable(torch.version.cuda, count, index)
         if problem:
             raise DeviceError(problem)
+        if index:  # kernels and allocations go to cuda:N without naming it each time
+            torch.cuda.set_device(index)
         return DeviceChoice(torch.device("cuda", index or 0), f"requested with --device {spec}")
     raise DeviceError(f"--device {spec!r} is not one of auto, cpu, cuda, cuda:N, mps")
 
@@ -109,7 +123,19 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
 
 def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
     """A gradient scaler, enabled only where fp16 needs one (bf16 has fp32's range)."""
-    return torch.amp.GradScaler(device.type, enabled=(amp == "fp16" and device.type == "cuda"))
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type in ("cuda", "cpu"))
+
+
+def configure_backend(device: torch.device) -> None:
+    """Per-device settings for training at fixed input shapes."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # pick the fastest convolution algorithm once per shape
+        torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls (Ampere+)
+
+
+def default_print_freq(device: torch.device) -> int:
+    """Batches between console lines: each line reads metrics back (a GPU sync), so fewer on GPUs."""
+    return 100 if device.type == "cuda" else 10
 
 
 def synchronize(device: torch.device) -> None:

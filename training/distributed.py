@@ -1,7 +1,7 @@
 """Multi-process training through torchrun: process-group set-up, reductions, the launcher call.
 
 `dlops train resnet --nproc-per-node N` runs `python -m torch.distributed.run --standalone` (torchrun)
-on `training.train_resnet` with the resolved options in a JSON file. Several machines use torchrun
+on `training.trainer` with the resolved options in a JSON file. Several machines use torchrun
 directly: `torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500
 -m training.cli train resnet DATA ...`. Either way every process finds WORLD_SIZE, RANK and
 LOCAL_RANK in its environment, as torchrun sets them.
@@ -58,8 +58,12 @@ def init_process_group(device: torch.device) -> ProcessGroup:
         return ProcessGroup()
     group = ProcessGroup(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
     if device.type == "cuda":
-        torch.cuda.set_device(group.local_rank)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        gpu = torch.device("cuda", group.local_rank)
+        torch.cuda.set_device(gpu)
+        # device_id binds this process to its GPU at once (NCCL eager init; no guessing of the device)
+        dist.init_process_group("nccl", device_id=gpu)
+    else:
+        dist.init_process_group("gloo")
     if not group.is_main:  # one console: rank 0 speaks for all
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     return group
@@ -70,14 +74,14 @@ def close_process_group(group: ProcessGroup) -> None:
         dist.destroy_process_group()
 
 
-def launch(module: str, config: Any, nproc_per_node: int, resume: Path | None = None) -> int:
-    """Run `python -m module --config CONFIG.json` in nproc_per_node processes through torchrun."""
+def launch(kind: str, config: Any, nproc_per_node: int, resume: Path | None = None) -> int:
+    """Run job `kind` with `config` in nproc_per_node processes through torchrun (training.trainer's main)."""
     with tempfile.TemporaryDirectory() as tmp:
         config_file = Path(tmp) / "config.json"
         config_file.write_text(json.dumps(asdict(config)), encoding="utf-8")
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
-            "-m", module, "--config", str(config_file),
+            "-m", "training.trainer", "--job", kind, "--config", str(config_file),
         ]  # fmt: skip
         if resume:
             command += ["--resume", str(resume)]

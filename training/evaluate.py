@@ -16,7 +16,7 @@ from training.data.images import ImageFiles, eval_transform, make_loader, take_e
 from training.data.tinyimagenet import Sample, load_tinyimagenet
 from training.devices import choose_device
 from training.loops.classify import EpochResult, evaluate
-from training.models.resnet import resnet_from_checkpoint
+from training.models.classifier import classifier_from_checkpoint
 
 
 def check_same_classes(checkpoint_classes: list[str], dataset_classes: list[str], checkpoint: Path, data: Path) -> None:
@@ -39,7 +39,7 @@ def evaluate_samples(
     on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> EpochResult:
     """One ordered, batched pass of a ResNet checkpoint's model over `samples` (evaluation transform)."""
-    model = resnet_from_checkpoint(state).to(device)
+    model = classifier_from_checkpoint(state).to(device)
     loader = make_loader(ImageFiles(samples, eval_transform(state["image_size"])), batch_size, workers, device)
     return evaluate(model, loader, nn.CrossEntropyLoss(), device, amp, print_freq, on_batch=on_batch)
 
@@ -62,12 +62,12 @@ def evaluate_checkpoint(
     print(choice.describe(), flush=True)
     samples = take_evenly(ds.split(split), limit)
 
-    source_run = state.get("run_id")
+    source_run = tracking.server_run_id(Path(checkpoint).parent, state.get("run_id"))
     tags = {"job": "evaluate", "source_run_id": str(source_run), "device_name": choice.name}
     if source_run:
         tags[MLFLOW_PARENT_RUN_ID] = source_run  # shows the evaluation under its training run
     experiment = state.get("experiment") or "resnet-tinyimagenet"
-    with tracking.start_run(experiment, run_name=f"evaluate-{split}", tags=tags, system_metrics=False) as run:
+    with tracking.start_run(experiment, run_name=f"evaluate-{split}", tags=tags) as run:
         run.log_params(
             {
                 "checkpoint": str(Path(checkpoint).resolve()),

@@ -32,7 +32,7 @@ def generate(
         if log_interval and count % log_interval == 0:
             print(f"| Generated {count}/{words} words", flush=True)
 
-    result = generate_text(model, state["vocab"], prompt, words, temperature, seed, state["config"]["bptt"], progress)
+    result = generate_text(model, state["vocab"], prompt, words, temperature, seed, state["window"], progress)
     if result["unknown_words"]:
         print(f"warning: prompt words not in the vocabulary, read as <unk>: {', '.join(result['unknown_words'])}")
     outf.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +40,7 @@ def generate(
     outf.write_text(result["text"] + "\n", encoding="utf-8", newline="\n")
     print(f"=> wrote {result['words']} words to {outf}")
 
-    run_id = state.get("run_id")
+    run_id = tracking.server_run_id(Path(checkpoint).parent, state.get("run_id"))
     name = f"generated/seed{seed}-t{temperature:g}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
     if run_id and tracking.log_text_to_run(run_id, result["text"], name):
         print(f"=> logged to MLflow run {run_id} as {name}")

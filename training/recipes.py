@@ -1,38 +1,76 @@
-"""Named option presets for the ResNet job. Explicit command-line options override a preset.
+"""Named option presets for the ResNet job, resolved per device class. Explicit options win.
 
 reference: PyTorch's ImageNet example as run on Tiny-ImageNet (ResNetConfig's own defaults):
     imagenet stem, fp32, SGD lr 0.1 momentum 0.9 wd 1e-4, batch 256, step schedule, flip.
-fast: the 64x64 recipe: 3x3 stride-1 stem without max-pool, bf16 autocast, channels_last,
-    nesterov SGD with a one-cycle schedule peaking at 0.4, wd 5e-4 on conv/linear weights only,
-    label smoothing 0.1, per-sample reflect-pad-4 crop + flip, 40 epochs, batch 256; it uses a
-    decoded cache when one exists (and keeps it on the GPU when it fits).
+fast: "the best validation accuracy per wall-clock second on this device". Its values depend on
+    the device class (training.hardware.device_class):
+    gpu       the 64x64 recipe: 3x3 stride-1 stem without max-pool, --amp auto (bf16, or fp16
+              before Ampere), channels_last, nesterov SGD with a one-cycle schedule peaking at 0.4,
+              wd 5e-4 on conv/linear weights only, label smoothing 0.1, per-sample reflect-pad crop
+              + flip, batch 256, 40 epochs; the decoded cache stays on the GPU when it fits.
+    cpu-bf16  a CPU with native bf16 (avx512_bf16 or AMX): imagenet stem, bf16, batch 128, peak lr 0.2;
+    cpu       any other CPU: imagenet stem, fp32, batch 64, peak lr 0.1.
+    The CPU values won bench/recipe_budget.py on the real Tiny-ImageNet slice, 150 s of training
+    each (README, "Choices per device"): on a CPU the small stem costs 6-15x per image, which its
+    per-epoch gain does not repay; bf16 where native, fp32 elsewhere; the batch that won per class.
+    The peak lr follows the batch (0.4 x batch / 256). --epochs sets the schedule's length.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-RECIPES: dict[str, dict[str, Any]] = {
-    "reference": {},
+DEVICE_CLASSES = ("gpu", "cpu-bf16", "cpu")
+
+_FAST_OPTIMIZER = {
+    "nesterov": True,
+    "scheduler": "one-cycle",
+    "weight_decay": 5e-4,
+    "norm_weight_decay": False,
+    "label_smoothing": 0.1,
+    "augment": "flip-crop",
+}
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "reference": {klass: {} for klass in DEVICE_CLASSES},
     "fast": {
-        "stem": "small",
-        "amp": "bf16",
-        "channels_last": True,
-        "nesterov": True,
-        "scheduler": "one-cycle",
-        "lr": 0.4,
-        "weight_decay": 5e-4,
-        "norm_weight_decay": False,
-        "label_smoothing": 0.1,
-        "augment": "flip-crop",
-        "batch_size": 256,
-        "epochs": 40,
+        "gpu": {
+            **_FAST_OPTIMIZER,
+            "stem": "small",
+            "amp": "auto",
+            "channels_last": True,
+            "lr": 0.4,
+            "batch_size": 256,
+            "epochs": 40,
+        },  # fmt: skip
+        "cpu-bf16": {
+            **_FAST_OPTIMIZER,
+            "stem": "imagenet",
+            "amp": "auto",
+            "channels_last": True,
+            "lr": 0.2,
+            "batch_size": 128,
+            "epochs": 16,
+        },  # fmt: skip
+        "cpu": {
+            **_FAST_OPTIMIZER,
+            "stem": "imagenet",
+            "amp": "auto",
+            "channels_last": True,
+            "lr": 0.2,
+            "batch_size": 128,
+            "epochs": 16,
+        },  # fmt: skip
     },
 }
 
 
-def apply_recipe(name: str, options: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    """Defaults, then the recipe's values, then what the user typed."""
+def recipe_values(name: str, device_class: str) -> dict[str, Any]:
     if name not in RECIPES:
         raise ValueError(f"--recipe {name!r} is not one of {', '.join(RECIPES)}")
-    return {**options, **RECIPES[name], **given, "recipe": name}
+    return dict(RECIPES[name][device_class])
+
+
+def apply_recipe(name: str, device_class: str, options: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """Defaults, then the recipe's values for this device class, then what the user typed."""
+    resolved = {**options, **recipe_values(name, device_class), **given}
+    return {**resolved, "recipe": name, "recipe_device_class": device_class}

@@ -1,11 +1,12 @@
 """A training run's lifecycle, shared by every job: one MLflow run, one run directory, checkpoints.
 
-    with training_session(config, "resnet", saved, resume, device, tags) as session:
+    with training_session(config, "resnet", saved, resume, device, tags, params) as session:
         ...each epoch: session.save_epoch(state, improved); session.run.log_metrics(...)
-        session.publish(model_name, tags, curves)  # learning curves, best/last checkpoints, register best
+        session.publish(model_name, tags, panels)  # learning curves, best/last checkpoints, register best
 
 A new run logs every option as a param and the environment as tags; a resumed run (checkpoint of
-an interrupted one) continues the same MLflow run and the same directory.
+an interrupted one) continues the same MLflow run and the same directory. Everything is logged
+through the run's journal (training/tracking/run.py): nothing here waits for the tracking server.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from training import tracking
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import save_checkpoint
 from training.devices import DeviceChoice
 from training.plots import learning_curves
 
@@ -27,6 +28,7 @@ class TrainingSession:
     run: tracking.RunTracker
     run_dir: Path
     active: bool = True  # False on processes other than rank 0: they neither log nor write checkpoints
+    registering: str | None = None
 
     @property
     def last(self) -> Path:
@@ -52,25 +54,20 @@ class TrainingSession:
         if epoch not in self.run.logged_steps(metric):
             self.run.log_metrics(saved["metrics"], step=epoch)
 
-    def publish(self, model_name: str, tags: dict[str, str], curves: dict[str, list[str]]) -> str | None:
-        """Log the learning curves and both checkpoints, register best.pt; return the registered version."""
+    def publish(self, model_name: str | None, tags: dict[str, str], panels: dict[str, list[str]]) -> None:
+        """Log the learning curves and both checkpoints; register best.pt as a version of `model_name`
+        (unless None) once it is delivered."""
         if not self.active:
-            return None
-        picture = learning_curves(self.run.run_id, curves, self.run_dir / "learning_curves.png", model_name)
+            return
+        title = model_name or self.run.run_id
+        picture = learning_curves(self.run.metric_history, panels, self.run_dir / "learning_curves.png", title)
         self.run.log_artifact(picture)
         for path in (self.best, self.last):
             if path.exists():
                 self.run.log_artifact(path, "checkpoints")
-        if not self.best.exists():
-            return None
-        version = tracking.register_model(self.run.run_id, "checkpoints/best.pt", model_name, tags=tags)
-        self.run.set_tags({"registered_model": f"{model_name}/{version}"})
-        print(f"=> registered {model_name} version {version} ({', '.join(f'{k} {v}' for k, v in tags.items())})")
-        return version
-
-
-def load_resume(path: Path | None, kind: str) -> dict[str, Any] | None:
-    return load_checkpoint(path, kind=kind) if path else None
+        if model_name is not None and self.best.exists():
+            self.run.register_model(model_name, "checkpoints/best.pt", tags)
+            self.registering = f"{model_name} ({', '.join(f'{k} {v}' for k, v in tags.items())})"
 
 
 @contextmanager
@@ -92,27 +89,23 @@ def training_session(
     if not active:
         yield TrainingSession(tracking.NullTracker(), Path(config.out_dir), active=False)
         return
-    with tracking.start_run(
-        config.experiment,
-        run_name=config.run_name,
-        resume_run_id=saved["run_id"] if saved else None,
-        tags={"job": f"train-{kind}"},
-    ) as run:
-        run_dir = Path(resume).parent if saved and resume else Path(config.out_dir) / run.run_id
-        run_dir.mkdir(parents=True, exist_ok=True)
+    run_tags = {"job": f"train-{kind}"}
+    resume_dir = Path(resume).parent if saved and resume else None
+    with tracking.open_run(config.experiment, Path(config.out_dir), config.run_name, run_tags, resume_dir,
+                           saved["run_id"] if saved else None, config.offline, config.sync_timeout) as run:  # fmt: skip
+        run_dir = run.journal.dir.parent
         run.open_tensorboard(run_dir / "tensorboard")
         if saved:
             run.set_tags({"resumed_after_epoch": saved["epoch"]})
             print(f"=> resuming run {run.run_id} after epoch {saved['epoch']} from {resume}")
         else:
-            run.log_params({**dataclasses.asdict(config), **device.features(), **(params or {})})
-            run.set_tags(
-                {
-                    **tracking.environment_tags(device.name),
-                    "device": str(device.device),
-                    "device_reason": device.reason,
-                    **tags,
-                }
-            )
-        print(f"=> MLflow run {run.run_id}; checkpoints and TensorBoard logs in {run_dir}", flush=True)
-        yield TrainingSession(run, run_dir)
+            run.log_params({**dataclasses.asdict(config), **(params or {})})
+            run.set_tags({**tracking.environment_tags(device.name), "device": str(device.device),
+                          "device_reason": device.reason, **tags})  # fmt: skip
+        where = "offline" if config.offline else f"MLflow run {run.run_id}"
+        print(f"=> {where}; checkpoints, TensorBoard logs and the tracking journal in {run_dir}", flush=True)
+        session = TrainingSession(run, run_dir)
+        yield session
+    version = run.registered_version()
+    if session.registering and version:
+        print(f"=> registered {session.registering}: version {version}", flush=True)

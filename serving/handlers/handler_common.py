@@ -1,23 +1,32 @@
-"""Request parsing and per-request error answers shared by the TorchServe handlers.
+"""What every TorchServe handler of ours shares: start-up, per-request errors, request parsing.
 
-Shipped inside each .mar next to the handler, so it imports only the standard library.
+    class MyHandler(BaseHandler):
+        def build_model(self, model_config): ...          # nn.Module from meta.json's model_config
+        def parse(self, request, headers): ...            # one request -> model input (or BadRequest)
+        def infer(self, inputs): ...                      # every good request of the batch -> answers
+
+The base loads meta.json and the weights, puts the model on the device TorchServe assigned
+(`cuda:{gpu_id}`, else the CPU), and answers each bad request of a batch with its own 4xx JSON
+while the others are served. Shipped inside each .mar next to the handler: it imports only the
+standard library and torch.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+from pathlib import Path
 from typing import Any
+
+import torch
+from request_fields import BadRequest, non_finite_path
+
+log = logging.getLogger(__name__)
+__all__ = ["BadRequest", "BaseHandler", "error_answer", "form_field", "json_object", "request_body"]
 
 # Keys under which TorchServe hands over a request body: raw body, or common multipart field names.
 BODY_KEYS = ("body", "data", "file", "image")
-
-
-class BadRequest(Exception):
-    """A request the handler refuses; `status` is the 4xx code answered to that request alone."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 PHRASES = {400: "Bad Request", 413: "Payload Too Large", 500: "Internal Server Error"}
@@ -41,9 +50,8 @@ def form_field(request: dict, name: str) -> str | None:
 
 
 def json_object(body: Any) -> dict:
-    """The body as a JSON object; TorchServe leaves malformed JSON as bytes."""
-    if isinstance(body, dict):
-        return body
+    """The body as a JSON object without NaN or Infinity; TorchServe decodes JSON bodies itself
+    (with Python's json, which accepts NaN) and leaves malformed JSON as bytes."""
     if isinstance(body, bytes | bytearray):
         try:
             body = body.decode("utf-8")
@@ -58,26 +66,10 @@ def json_object(body: Any) -> dict:
             raise BadRequest(f"malformed JSON: {e}") from e
     if not isinstance(body, dict):
         raise BadRequest(f"expected a JSON object, got {type(body).__name__}")
+    bad = non_finite_path(body)
+    if bad:
+        raise BadRequest(f"'{bad}' is not a finite number (NaN and Infinity are refused)")
     return body
-
-
-def bounded_int(value: Any, name: str, low: int, high: int) -> int:
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"'{name}' must be an integer, got {json.dumps(value)}")
-    if not low <= value <= high:
-        raise BadRequest(f"'{name}' must be between {low} and {high}, got {value}")
-    return value
-
-
-def bounded_float(value: Any, name: str, low: float, high: float, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadRequest(f"'{name}' must be a number, got {json.dumps(value)}")
-    if value < low or value > high or (low_open and value == low):
-        bound = f"> {low}" if low_open else f">= {low}"
-        raise BadRequest(f"'{name}' must be {bound} and <= {high}, got {value}")
-    return float(value)
 
 
 def error_answer(context: Any, index: int, error: Exception) -> dict:
@@ -85,3 +77,69 @@ def error_answer(context: Any, index: int, error: Exception) -> dict:
     status = error.status if isinstance(error, BadRequest) else 500
     context.set_response_status(status, PHRASES.get(status, "Error"), index)
     return {"error": str(error), "status": status}
+
+
+class BaseHandler:
+    """TorchServe calls initialize(context) once per worker, then handle(batch, context) per batch."""
+
+    def initialize(self, context: Any) -> None:
+        properties = context.system_properties
+        model_dir = Path(properties["model_dir"])
+        torch.set_num_threads(int(os.environ.get("DLOPS_TORCH_THREADS", "1")))
+        gpu = properties.get("gpu_id")
+        use_gpu = gpu is not None and torch.cuda.is_available()
+        self.device = torch.device("cuda", int(gpu)) if use_gpu else torch.device("cpu")
+        self.meta = json.loads((model_dir / "meta.json").read_text(encoding="utf-8"))
+        weights = torch.load(model_dir / context.manifest["model"]["serializedFile"], map_location="cpu",
+                             weights_only=True)  # fmt: skip
+        model = self.build_model(self.meta["model_config"])
+        model.load_state_dict(weights)
+        self.model = model.eval().to(self.device)
+        self.setup()
+        log.info("dlops handler %s running on %s", type(self).__name__, self.device)  # in TorchServe's model_log
+        self.initialized = True
+
+    def build_model(self, model_config: dict) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def setup(self) -> None:
+        """Anything else the handler needs once (transforms, vocabulary)."""
+
+    def parse(self, request: dict, headers: dict[str, str]) -> Any:
+        raise NotImplementedError
+
+    def infer(self, inputs: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def handle(self, data: list[dict], context: Any) -> list:
+        answers: list = [None] * len(data)
+        inputs, indices = [], []
+        for i, request in enumerate(data):
+            try:
+                headers = {k.lower(): v for k, v in context.get_all_request_header(i).items() if isinstance(v, str)}
+                inputs.append(self.parse(request, headers))
+                indices.append(i)
+            except Exception as e:  # any bad input answers that request only
+                answers[i] = error_answer(context, i, e)
+        if inputs:
+            for i, answer in zip(indices, self.infer(inputs), strict=True):
+                answers[i] = answer
+        count_requests(context, answers)
+        return answers
+
+
+def count_requests(context: Any, answers: list) -> None:
+    """Per-model counters for the metrics endpoint: requests by the status we answered, and batches."""
+    metrics = getattr(context, "metrics", None)
+    if metrics is None:  # outside TorchServe (tests that run the handler directly)
+        return
+    from ts.metrics.dimension import Dimension
+
+    statuses: dict[int, int] = {}
+    for answer in answers:
+        status = answer["status"] if isinstance(answer, dict) and "error" in answer else 200
+        statuses[status] = statuses.get(status, 0) + 1
+    for status, count in statuses.items():
+        metrics.add_counter("DlopsRequests", count, None, [Dimension("Status", str(status))])
+    metrics.add_counter("DlopsBatches", 1, None, [])

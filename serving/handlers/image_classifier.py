@@ -1,7 +1,7 @@
 """TorchServe handler: Tiny-ImageNet ResNet classification with class names.
 
-Runs from inside a .mar, next to `handler_common.py`, `dlops_resnet.py` (a copy of
-training/models/resnet.py) and `meta.json`; it needs torch, torchvision and Pillow, not this project.
+Runs from inside a .mar, next to `handler_common.py`, `dlops_classifier.py` (a copy of
+training/models/classifier.py) and `meta.json`; it needs torch, torchvision and Pillow, not this project.
 
 Request: image bytes (JPEG, PNG, anything Pillow reads) as the raw body or a multipart field
 `data`, or JSON {"image": "<base64>", "topk": N}. top-k (default 5) comes from the JSON field, a
@@ -14,47 +14,40 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
-import os
 import warnings
-from pathlib import Path
 
 import torch
-from dlops_resnet import build_resnet
-from handler_common import BadRequest, bounded_int, error_answer, form_field, request_body
+from dlops_classifier import build_classifier
+from handler_common import BadRequest, BaseHandler, form_field, json_object, request_body
 from PIL import Image, UnidentifiedImageError
+from request_fields import Field
 from torchvision import transforms
 
 MAX_PIXELS = 4096 * 4096  # larger images are refused before being decoded (decompression bombs)
 DEFAULT_TOPK = 5
 
 
-class ImageClassifier:
-    def initialize(self, context) -> None:
-        model_dir = Path(context.system_properties["model_dir"])
-        torch.set_num_threads(int(os.environ.get("DLOPS_TORCH_THREADS", "1")))
-        self.meta = json.loads((model_dir / "meta.json").read_text(encoding="utf-8"))
-        weights = torch.load(model_dir / context.manifest["model"]["serializedFile"], map_location="cpu",
-                             weights_only=True)  # fmt: skip
-        self.model = build_resnet(self.meta["arch"], len(self.meta["classes"]), self.meta["stem"])
-        self.model.load_state_dict(weights)
-        self.model.eval()
-        size = self.meta["image_size"]
+class ImageClassifier(BaseHandler):
+    def build_model(self, model_config: dict) -> torch.nn.Module:
+        return build_classifier(**model_config)
+
+    def setup(self) -> None:
+        size, normalization = self.meta["image_size"], self.meta["normalization"]
         # training/data/images.py:eval_transform, restated: the .mar cannot import the project
         self.transform = transforms.Compose(
             [
                 transforms.Resize(size),
                 transforms.CenterCrop(size),
                 transforms.ToTensor(),
-                transforms.Normalize(self.meta["mean"], self.meta["std"]),
+                transforms.Normalize(normalization["mean"], normalization["std"]),
             ]
         )
-        self.initialized = True
 
-    def decode(self, request: dict, headers: dict[str, str]) -> tuple[torch.Tensor, int]:
+    def parse(self, request: dict, headers: dict[str, str]) -> tuple[torch.Tensor, int]:
         body = request_body(request)
         topk = form_field(request, "topk") or headers.get("x-topk")
         if isinstance(body, dict):
+            body = json_object(body)  # refuses NaN and Infinity, naming the field
             if "image" not in body:
                 raise BadRequest("JSON body needs an 'image' field holding base64-encoded image bytes")
             topk = body.get("topk", topk)
@@ -67,35 +60,21 @@ class ImageClassifier:
         if not body:
             raise BadRequest("empty request body: send the image bytes")
         n_classes = len(self.meta["classes"])
-        k = min(DEFAULT_TOPK, n_classes) if topk is None else bounded_int(topk, "topk", 1, n_classes)
+        k = min(DEFAULT_TOPK, n_classes)
+        if topk is not None:
+            k = Field("topk", int, k, "classes to return", low=1, high=n_classes).check(topk)
         return self.transform(open_image(bytes(body))), k
 
-    @torch.no_grad()
-    def handle(self, data: list[dict], context) -> list:
-        answers: list = [None] * len(data)
-        images, topks, indices = [], [], []
-        for i, request in enumerate(data):
-            try:
-                headers = {k.lower(): v for k, v in context.get_all_request_header(i).items() if isinstance(v, str)}
-                image, k = self.decode(request, headers)
-            except Exception as e:  # any bad input answers that request only
-                answers[i] = error_answer(context, i, e)
-                continue
-            images.append(image)
-            topks.append(k)
-            indices.append(i)
-        if images:  # one forward pass for the whole batch
-            probabilities = torch.softmax(self.model(torch.stack(images)), dim=1)
-            for row, i, k in zip(probabilities, indices, topks, strict=True):
-                values, classes = row.topk(k)
-                answers[i] = [
-                    {
-                        "wnid": self.meta["classes"][c],
-                        "label": self.meta["labels"][c],
-                        "probability": round(float(p), 6),
-                    }
-                    for p, c in zip(values.tolist(), classes.tolist(), strict=True)
-                ]
+    def infer(self, inputs: list[tuple[torch.Tensor, int]]) -> list[list[dict]]:
+        images = torch.stack([image for image, _ in inputs]).to(self.device)
+        probabilities = torch.softmax(self.model(images).float(), dim=1).cpu()  # one forward pass for the batch
+        answers = []
+        for row, (_, k) in zip(probabilities, inputs, strict=True):
+            values, classes = row.topk(k)
+            answers.append([
+                {"wnid": self.meta["classes"][c], "label": self.meta["labels"][c], "probability": round(float(p), 6)}
+                for p, c in zip(values.tolist(), classes.tolist(), strict=True)
+            ])  # fmt: skip
         return answers
 
 

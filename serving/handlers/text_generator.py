@@ -1,65 +1,31 @@
-"""TorchServe handler: text generation with a word-level language model.
+"""TorchServe handler: text generation with a word-level language model, a batch at a time.
 
-Runs from inside a .mar, next to `handler_common.py`, `dlops_wordlm.py` (a copy of
-training/models/wordlm.py), `meta.json` and `vocab.json`; it needs torch, not this project.
+Runs from inside a .mar, next to `handler_common.py`, `request_fields.py`, `dlops_wordlm.py` (a
+copy of training/models/wordlm.py) and `meta.json` (model config, vocabulary, window); it needs
+torch, not this project.
 
-Request: JSON {"prompt": str, "max_words": int, "temperature": float, "seed": int}; every field is
-optional (defaults: "", 50, 1.0, random). Limits: max_words 1..MAX_WORDS, temperature in
-(0, MAX_TEMPERATURE], prompt up to MAX_PROMPT_CHARS characters.
-Answer: {"text": str, "words": int, "unknown_words": [str, ...]}.
+Request: a JSON object with the fields of request_fields.GENERATION_FIELDS (prompt, max_words,
+temperature, seed; each optional). Answer: {"text": str, "words": int, "unknown_words": [str, ...]}.
+All requests of a TorchServe batch are sampled together, one forward pass per step for the whole
+batch; each draws from its own seeded generator, so its text does not depend on its neighbours.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import random
-from pathlib import Path
-
 import torch
-from dlops_wordlm import generate_text, lm_from_checkpoint
-from handler_common import BadRequest, bounded_float, bounded_int, error_answer, json_object, request_body
-
-MAX_WORDS = 500
-MAX_TEMPERATURE = 10.0
-MAX_PROMPT_CHARS = 2000
-FIELDS = {"prompt", "max_words", "temperature", "seed"}
+from dlops_wordlm import build_language_model, generate_batch
+from handler_common import BaseHandler, json_object, request_body
+from request_fields import GENERATION_FIELDS, validate
 
 
-class TextGenerator:
-    def initialize(self, context) -> None:
-        model_dir = Path(context.system_properties["model_dir"])
-        torch.set_num_threads(int(os.environ.get("DLOPS_TORCH_THREADS", "1")))
-        self.meta = json.loads((model_dir / "meta.json").read_text(encoding="utf-8"))
-        self.vocab = json.loads((model_dir / "vocab.json").read_text(encoding="utf-8"))
-        weights = torch.load(model_dir / context.manifest["model"]["serializedFile"], map_location="cpu",
-                             weights_only=True)  # fmt: skip
-        self.model = lm_from_checkpoint({"model_config": self.meta["model_config"], "model": weights})
-        self.initialized = True
+class TextGenerator(BaseHandler):
+    def build_model(self, model_config: dict) -> torch.nn.Module:
+        return build_language_model(**model_config)
 
-    def parse(self, request: dict) -> dict:
-        body = json_object(request_body(request))
-        unknown = sorted(set(body) - FIELDS)
-        if unknown:
-            raise BadRequest(f"unknown field(s) {unknown}; accepted: {sorted(FIELDS)}")
-        prompt = body.get("prompt", "")
-        if not isinstance(prompt, str):
-            raise BadRequest(f"'prompt' must be a string, got {json.dumps(prompt)}")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise BadRequest(f"'prompt' is longer than {MAX_PROMPT_CHARS} characters")
-        return {
-            "prompt": prompt,
-            "n_words": bounded_int(body.get("max_words", 50), "max_words", 1, MAX_WORDS),
-            "temperature": bounded_float(body.get("temperature", 1.0), "temperature", 0.0, MAX_TEMPERATURE, True),
-            "seed": bounded_int(body.get("seed", random.randrange(2**31)), "seed", 0, 2**63 - 1),
-        }
+    def parse(self, request: dict, headers: dict[str, str]) -> dict:
+        fields = validate(json_object(request_body(request)), GENERATION_FIELDS)
+        return {"prompt": fields["prompt"], "n_words": fields["max_words"], "temperature": fields["temperature"],
+                "seed": fields["seed"]}  # fmt: skip
 
-    def handle(self, data: list[dict], context) -> list:
-        answers = []
-        for i, request in enumerate(data):
-            try:
-                options = self.parse(request)
-                answers.append(generate_text(self.model, self.vocab, window=self.meta["window"], **options))
-            except Exception as e:  # any bad input answers that request only
-                answers.append(error_answer(context, i, e))
-        return answers
+    def infer(self, inputs: list[dict]) -> list[dict]:
+        return generate_batch(self.model, self.meta["vocab"], inputs, self.meta["window"])

@@ -144,7 +144,7 @@ def compare_checkpoints(
     write_csv(rows, ds.wnids, labels, csv_path)
     draw_grid(rows[:grid], labels, png_path)
     tags = {"job": "compare", "source_run_a": str(state_a.get("run_id")), "source_run_b": str(state_b.get("run_id"))}
-    with tracking.start_run(experiment, run_name=f"compare-{split}", tags=tags, system_metrics=False) as run:
+    with tracking.start_run(experiment, run_name=f"compare-{split}", tags=tags) as run:
         run.log_params(
             {
                 "checkpoint_a": str(Path(checkpoint_a).resolve()),

@@ -45,9 +45,16 @@ class BatchTransform:
         self.augment, self.train = augment, train
         self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std on `device`, copied there once (a copy per batch would sync the GPU each time)."""
+        if device not in self._on_device:
+            self._on_device[device] = (self.mean.to(device), self.std.to(device))
+        return self._on_device[device]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        mean, std = self._constants(images.device)
         x = (images.float() - mean) / std
         if self.train and self.augment == "flip-crop":
             x = random_crop(x, padding=x.size(-1) // 16)
@@ -59,8 +66,12 @@ class BatchTransform:
 class TensorBatches:
     """Shuffled (or ordered) batches indexed straight out of tensors, e.g. on the GPU: no DataLoader.
 
-    `fetch(indices)` returns (images, labels) for a 1-D index tensor; with `world_size` > 1 each rank
-    takes every world_size-th sample of the epoch's permutation, as DistributedSampler does.
+    `fetch(indices)` returns (images, labels) for a 1-D index tensor. With `world_size` > 1 each
+    rank takes every world_size-th sample of the epoch's permutation; with `equal_shares` (training)
+    the permutation is padded, as DistributedSampler pads, so that every rank gets the same number
+    of batches: ranks that disagree on the count wait for each other's gradient all-reduce until
+    the NCCL timeout. Evaluation needs no padding (no collective per batch) and must not count an
+    image twice. `drop_last` skips a final partial batch, so a compiled model sees one shape only.
     """
 
     def __init__(
@@ -72,24 +83,43 @@ class TensorBatches:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        drop_last: bool = False,
+        equal_shares: bool = True,
+        device: torch.device | None = None,
     ):
         self.fetch, self.size, self.batch_size, self.shuffle = fetch, size, batch_size, shuffle
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.drop_last, self.equal_shares = drop_last, equal_shares
+        self.device = device  # where fetch indexes: the epoch's indices move there once, not per batch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    @property
+    def per_rank(self) -> int:
+        """Samples this rank takes per epoch."""
+        if self.equal_shares:
+            return -(-self.size // self.world_size)
+        return len(range(self.rank, self.size, self.world_size))
 
     def _indices(self) -> torch.Tensor:
         if self.shuffle:
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         else:
             order = torch.arange(self.size)
+        padding = self.per_rank * self.world_size - self.size if self.equal_shares else 0
+        if padding:  # repeat the first samples, as DistributedSampler does
+            order = torch.cat([order, order[:padding]])
         return order[self.rank :: self.world_size]
 
     def __len__(self) -> int:
-        return -(-len(range(self.rank, self.size, self.world_size)) // self.batch_size)
+        if self.drop_last:
+            return self.per_rank // self.batch_size
+        return -(-self.per_rank // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = self._indices()
-        for start in range(0, len(indices), self.batch_size):
+        if self.device is not None:
+            indices = indices.to(self.device)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
             yield self.fetch(indices[start : start + self.batch_size])

@@ -82,7 +82,9 @@ def make_loader(
     sampler: Sampler | None = None,
     seed: int = 0,
     collate_fn: Callable | None = None,
+    drop_last: bool = False,
 ) -> DataLoader:
+    """A DataLoader; `seed` seeds the workers' RNGs (augmentation), so give each process its own."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
@@ -94,4 +96,5 @@ def make_loader(
         persistent_workers=workers > 0,
         generator=generator,
         collate_fn=collate_fn,
+        drop_last=drop_last,
     )

@@ -82,9 +82,12 @@ def _share(indices: list[int], rank: int, world_size: int) -> list[int]:
 
 def _loader(dataset, config, batch_size, device, rank, world_size, train: bool, collate=None):
     """A DataLoader over `dataset`; training batches are shuffled by a permutation of (seed, epoch),
-    as DistributedSampler draws it, so a resumed run sees the same order as an uninterrupted one."""
+    as DistributedSampler draws it (the same on every rank), so a resumed run sees the same order
+    as an uninterrupted one. Workers' augmentation RNGs differ per rank. A compiled model gets no
+    final partial batch (a new shape would recompile it)."""
     sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=config.seed) if train else None
-    loader = make_loader(dataset, batch_size, config.workers, device, sampler=sampler, collate_fn=collate)
+    loader = make_loader(dataset, batch_size, config.workers, device, sampler=sampler, seed=config.seed + rank,
+                         collate_fn=collate, drop_last=train and config.compile)  # fmt: skip
     return loader, sampler
 
 
@@ -154,8 +157,8 @@ def _cached(config, ds: TinyImageNet, caches, batch_size, device, rank, world_si
     prepare_train = BatchTransform(config.augment, IMAGENET_MEAN, IMAGENET_STD, train=True)
     prepare_val = BatchTransform("none", IMAGENET_MEAN, IMAGENET_STD, train=False)
     if _on_gpu(config, caches, device):
-        train = _resident(train_cache, train_rows, batch_size, device, True, config.seed, rank, world_size)
-        val = _resident(val_cache, val_rows, batch_size, device, False, config.seed, rank, world_size)
+        train = _resident(train_cache, train_rows, batch_size, device, True, config, rank, world_size)
+        val = _resident(val_cache, val_rows, batch_size, device, False, config, rank, world_size)
         setters, path = [train], f"decoded cache {train_cache.directory.parent} on the GPU"
     else:
         train, sampler = _loader(CachedImages(train_cache, np.array(train_rows)), config, batch_size, device, rank,
@@ -169,13 +172,16 @@ def _cached(config, ds: TinyImageNet, caches, batch_size, device, rank, world_si
                          setters)  # fmt: skip
 
 
-def _resident(cache: DecodedSplit, rows, batch_size, device, shuffle, seed, rank, world_size) -> TensorBatches:
-    """Copy the split's uint8 images to the device once; batches are index lookups there."""
+def _resident(cache: DecodedSplit, rows, batch_size, device, train: bool, config, rank, world_size) -> TensorBatches:
+    """Copy the split's uint8 images to the device once; batches are index lookups there.
+
+    Training shares are padded to equal lengths across ranks (and lose a final partial batch when
+    compiled); evaluation shares are not padded, so no image counts twice."""
     images = torch.from_numpy(np.ascontiguousarray(cache.images[rows])).to(device).permute(0, 3, 1, 2)
     labels = torch.from_numpy(cache.labels[rows]).to(device)
 
     def fetch(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        indices = indices.to(device, non_blocking=True)
         return images[indices], labels[indices]
 
-    return TensorBatches(fetch, len(rows), batch_size, shuffle, seed, rank, world_size)
+    return TensorBatches(fetch, len(rows), batch_size, train, config.seed, rank, world_size,
+                         drop_last=train and config.compile, equal_shares=train, device=device)  # fmt: skip

@@ -39,28 +39,33 @@ class EpochResult:
 
 
 class Totals:
-    """Running sums [loss * n, correct@1, correct@5, n] kept on the device."""
+    """Running sums [loss * n, correct@1, correct@5] kept on the device, and the image count n in Python.
+
+    Nothing here reads the GPU back or copies a Python number to it, so adding a batch never
+    synchronizes the host with the device.
+    """
 
     def __init__(self, device: torch.device):
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.count = 0
 
     def add(self, loss: torch.Tensor, output: torch.Tensor, target: torch.Tensor) -> None:
         n = target.size(0)
         top5 = output.topk(min(5, output.size(1)), dim=1).indices
         hits = top5.eq(target[:, None])
-        self.sums += torch.stack(
-            [
-                loss.detach().double() * n,
-                hits[:, :1].sum().double(),
-                hits.sum().double(),
-                torch.tensor(n, device=loss.device, dtype=torch.float64),
-            ]
-        )
+        self.sums += torch.stack([loss.detach().double() * n, hits[:, :1].sum().double(), hits.sum().double()])
+        self.count += n
+
+    def reduce(self, reduce: Reduce) -> None:
+        """Sum over processes: the count travels with the sums, in one collective."""
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.sums.device)
+        both = reduce(torch.cat([self.sums, count]))
+        self.sums, self.count = both[:3], int(both[3].item())
 
     def averages(self) -> tuple[float, float, float, int]:
-        loss, c1, c5, n = self.sums.tolist()
-        n = max(n, 1)
-        return loss / n, 100 * c1 / n, 100 * c5 / n, int(n)
+        loss, c1, c5 = self.sums.tolist()
+        n = max(self.count, 1)
+        return loss / n, 100 * c1 / n, 100 * c5 / n, self.count
 
 
 def _line(header: str, i: int, total: int, batch_time: float, data_time: float, totals: Totals) -> str:
@@ -78,12 +83,15 @@ Prepare = Callable[[torch.Tensor], torch.Tensor]
 def to_device(
     images: torch.Tensor, target: torch.Tensor, device: torch.device, channels_last: bool, prepare: Prepare | None
 ):
-    """Move a batch to the device; decoded uint8 batches are normalized (and augmented) there."""
+    """Move a batch to the device; decoded uint8 batches are normalized (and augmented) there.
+
+    The batch leaves in the layout the model was given (channels_last or not): decoded batches
+    arrive channels_last-strided (a view of H x W x 3 rows), JPEG batches contiguous.
+    """
     images = images.to(device, non_blocking=True)
     if prepare is not None:
         images = prepare(images)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return images, target.to(device, non_blocking=True)
 
 
@@ -170,6 +178,6 @@ def evaluate(
 
 def _result(totals: Totals, seconds: float, data_seconds: float, reduce: Reduce | None) -> EpochResult:
     if reduce is not None:
-        totals.sums = reduce(totals.sums)
+        totals.reduce(reduce)
     loss, acc1, acc5, n = totals.averages()
     return EpochResult(loss, acc1, acc5, n, seconds, data_seconds)

@@ -49,12 +49,20 @@ def train_lm_epoch(
     first_step: int = 0,
     on_interval: Callable[[int, float], None] | None = None,
     dry_run: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
+    drop_last: bool = False,
 ) -> LMEpochResult:
-    """One pass over `data` (T, batch); `on_interval(global_batch, mean_loss)` every log_interval batches."""
+    """One pass over `data` (T, batch), ideally already on `device`; `on_interval(global_batch,
+    mean_loss)` every log_interval batches. `scaler` scales fp16 losses (gradients are unscaled
+    before clipping); `drop_last` skips a final shorter window (a compiled model would recompile)."""
     model.train()
     criterion = nn.CrossEntropyLoss()
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     hidden = model.init_hidden(data.size(1))
-    starts = range(0, data.size(0) - 1, bptt)
+    end = data.size(0) - 1
+    if drop_last and end >= bptt:
+        end = data.size(0) - bptt  # windows of exactly bptt tokens only
+    starts = range(0, end, bptt)
     total_loss, interval_loss, tokens = 0.0, torch.zeros((), device=device), 0
     progress = Progress(enumerate(starts, 1), len(starts), f"epoch {epoch}")
     start = interval_start = time.perf_counter()
@@ -66,10 +74,12 @@ def train_lm_epoch(
         with autocast(device, amp):
             output, hidden = model(inputs, hidden)
             loss = criterion(output.float(), targets)
-        loss.backward()
+        scaler.scale(loss).backward()
         if clip:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         interval_loss += loss.detach()
         tokens += targets.numel()
         if batch % log_interval == 0 or dry_run:

@@ -7,7 +7,8 @@ Both model kinds share one call: `model(tokens (T, B), hidden) -> (logits (T*B, 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -118,37 +119,91 @@ def detach_hidden(hidden):
     return tuple(detach_hidden(h) for h in hidden)
 
 
-@torch.no_grad()
-def sample_ids(
-    model: nn.Module,
-    prompt: list[int],
-    n_words: int,
-    temperature: float,
-    generator: torch.Generator,
-    window: int = 35,
-) -> Iterator[int]:
-    """Sample `n_words` word ids after `prompt` (a random word when empty).
+@dataclass
+class Stream:
+    """One request of a generation batch: its context so far, its own sampler and its own settings."""
 
-    RNNs carry their hidden state word to word; the Transformer re-reads the last `window` words.
-    Sampling draws from a CPU generator, so a seed gives the same words on any device.
+    context: list[int]
+    n_words: int
+    temperature: float
+    generator: torch.Generator
+    sampled: list[int] = field(default_factory=list)
+    logits: torch.Tensor | None = None  # the distribution over the next word (1-D)
+    hidden: object = None  # RNNs: the state after the last word
+
+    @property
+    def done(self) -> bool:
+        return len(self.sampled) >= self.n_words
+
+    def sample(self) -> int:
+        """Draw the next word from this stream's own generator: its text never depends on its neighbours."""
+        probs = F.softmax(self.logits.float().cpu() / self.temperature, dim=-1)
+        word = int(torch.multinomial(probs, 1, generator=self.generator))
+        self.sampled.append(word)
+        self.context.append(word)
+        return word
+
+
+def _stack_hidden(hiddens: list):
+    if isinstance(hiddens[0], tuple):  # LSTM: (h, c)
+        return tuple(torch.cat(parts, dim=1) for parts in zip(*hiddens, strict=True))
+    return torch.cat(hiddens, dim=1)
+
+
+def _split_hidden(hidden, n: int) -> list:
+    if isinstance(hidden, tuple):
+        return [tuple(part[:, i : i + 1] for part in hidden) for i in range(n)]
+    return [hidden[:, i : i + 1] for i in range(n)]
+
+
+@torch.no_grad()
+def sample_streams(model: nn.Module, streams: list[Stream], window: int = 35, on_step=None) -> None:
+    """Extend every stream by its own n_words, one forward pass per step for all streams still going.
+
+    RNNs read each prompt once, then step all streams together, one word each, carrying their
+    hidden states side by side. The Transformer re-reads each stream's last `window` words, the
+    windows right-padded into one batch: causal attention keeps a word from seeing the padding
+    after it. Sampling draws from each stream's CPU generator, so a seed gives the same words on
+    any device and in any batch.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     model.eval()
     device = next(model.parameters()).device
-    vocab_size = model.decoder.out_features
-    context = list(prompt) or [int(torch.randint(vocab_size, (1,), generator=generator))]
     recurrent = model.model_type != "Transformer"
-    logits, hidden = model(torch.tensor(context[-window:], device=device).view(-1, 1))
-    for _ in range(n_words):
-        probs = F.softmax(logits[-1].float().cpu() / temperature, dim=-1)
-        word = int(torch.multinomial(probs, 1, generator=generator))
-        yield word
-        context.append(word)
+    if recurrent:
+        for stream in streams:  # prompts differ in length: one pass each, then side by side
+            logits, stream.hidden = model(torch.tensor(stream.context[-window:], device=device).view(-1, 1))
+            stream.logits = logits[-1]
+    else:
+        _transformer_step(model, streams, window, device)
+    step = 0
+    while active := [s for s in streams if not s.done]:
+        for stream in active:
+            stream.sample()
+        step += 1
+        if on_step:
+            on_step(step)
+        active = [s for s in active if not s.done]
+        if not active:
+            break
         if recurrent:
-            logits, hidden = model(torch.tensor([[word]], device=device), hidden)
+            tokens = torch.tensor([[s.context[-1] for s in active]], device=device)
+            logits, hidden = model(tokens, _stack_hidden([s.hidden for s in active]))
+            for stream, row, state in zip(active, logits, _split_hidden(hidden, len(active)), strict=True):
+                stream.logits, stream.hidden = row, state
         else:
-            logits, _ = model(torch.tensor(context[-window:], device=device).view(-1, 1))
+            _transformer_step(model, active, window, device)
+
+
+def _transformer_step(model: nn.Module, streams: list[Stream], window: int, device: torch.device) -> None:
+    windows = [s.context[-window:] for s in streams]
+    longest = max(len(w) for w in windows)
+    tokens = torch.zeros(longest, len(streams), dtype=torch.long)
+    for i, words in enumerate(windows):
+        tokens[: len(words), i] = torch.tensor(words)
+    logits, _ = model(tokens.to(device))
+    logits = logits.view(longest, len(streams), -1)
+    for i, (stream, words) in enumerate(zip(streams, windows, strict=True)):
+        stream.logits = logits[len(words) - 1, i]
 
 
 def join_words(words: list[str]) -> str:
@@ -170,6 +225,35 @@ def lm_from_checkpoint(state: dict) -> nn.Module:
     return model.eval()
 
 
+def generate_batch(model: nn.Module, vocab: list[str], requests: list[dict], window: int = 35,
+                   on_step: Callable[[int], None] | None = None) -> list[dict]:  # fmt: skip
+    """Continue each request's prompt by its own number of sampled words, all in one batch.
+
+    A request is {"prompt", "n_words", "temperature", "seed"}; each answer is {"text", "words",
+    "unknown_words"}. Prompt words outside the vocabulary become `<unk>` and are listed in
+    "unknown_words"; an empty prompt starts from a word drawn with the request's seed.
+    `on_step(count)` is called after each sampled word (progress reporting).
+    """
+    index = {w: i for i, w in enumerate(vocab)}
+    unk = index.get("<unk>", 0)
+    streams, prompts = [], []
+    for request in requests:
+        if request["temperature"] <= 0:
+            raise ValueError(f"temperature must be > 0, got {request['temperature']}")
+        words = request["prompt"].split()
+        generator = torch.Generator().manual_seed(request["seed"])
+        context = [index.get(w, unk) for w in words] or [int(torch.randint(len(vocab), (1,), generator=generator))]
+        streams.append(Stream(context, request["n_words"], request["temperature"], generator))
+        prompts.append(words)
+    sample_streams(model, streams, window, on_step)
+    answers = []
+    for stream, words in zip(streams, prompts, strict=True):
+        unknown = list(dict.fromkeys(w for w in words if w not in index))
+        text = join_words(words + [vocab[i] for i in stream.sampled])
+        answers.append({"text": text, "words": len(stream.sampled), "unknown_words": unknown})
+    return answers
+
+
 def generate_text(
     model: nn.Module,
     vocab: list[str],
@@ -180,20 +264,6 @@ def generate_text(
     window: int = 35,
     on_word: Callable[[int], None] | None = None,
 ) -> dict:
-    """Continue `prompt` by `n_words` sampled words: {"text", "words", "unknown_words"}.
-
-    Prompt words outside the vocabulary become `<unk>` and are listed in "unknown_words".
-    `on_word(count)` is called after each sampled word (progress reporting).
-    """
-    index = {w: i for i, w in enumerate(vocab)}
-    prompt_words = prompt.split()
-    unknown = list(dict.fromkeys(w for w in prompt_words if w not in index))
-    unk = index.get("<unk>", 0)
-    prompt_ids = [index.get(w, unk) for w in prompt_words]
-    generator = torch.Generator().manual_seed(seed)
-    sampled = []
-    for count, word in enumerate(sample_ids(model, prompt_ids, n_words, temperature, generator, window), 1):
-        sampled.append(vocab[word])
-        if on_word:
-            on_word(count)
-    return {"text": join_words(prompt_words + sampled), "words": len(sampled), "unknown_words": unknown}
+    """One request of generate_batch: the same words as in any batch."""
+    request = {"prompt": prompt, "n_words": n_words, "temperature": temperature, "seed": seed}
+    return generate_batch(model, vocab, [request], window, on_word)[0]

@@ -1,0 +1,207 @@
+"""What a training job declares; the trainer (training/trainer.py) does everything else.
+
+A job is a config (options every job shares, in RunConfig, plus its own) and a Job subclass that
+says how to build its data and model, how to train and evaluate one epoch, which metric picks the
+best epoch, what its learning-curve panels show, and what serving needs. To add a third model,
+write one file in training/jobs/ and list it in training/jobs/__init__.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import click
+import torch
+from torch import nn
+
+from training.hardware import AMP_CHOICES
+from training.options import check_fields, internal, option
+
+if TYPE_CHECKING:
+    from training.trainer import Runtime
+
+
+def parse_tags(ctx: click.Context | None, param: click.Parameter | None, values: Any) -> dict[str, str]:
+    """--tag KEY=VALUE (repeatable) -> {KEY: VALUE}."""
+    if isinstance(values, dict):
+        return values
+    pairs = [v.partition("=") for v in values]
+    bad = [v for v, (_, sep, _) in zip(values, pairs, strict=True) if not sep]
+    if bad:
+        raise click.BadParameter(f"expected KEY=VALUE, got {bad[0]!r}")
+    return {key: value for key, _, value in pairs}
+
+
+@dataclass
+class RunConfig:
+    """Options every training job has. A job's config subclasses this and may change defaults."""
+
+    data: str | None = None  # the positional DATA argument
+    epochs: int = option(20, type=click.IntRange(1), resumable=True)
+    amp: str = option(
+        "auto", type=click.Choice(AMP_CHOICES),
+        help="mixed precision; auto: bf16 where the device has it natively, fp16 on older GPUs, else fp32",
+    )  # fmt: skip
+    compile: bool = option(False, help="torch.compile the model")
+    seed: int = option(0, type=int)
+    device: str = option("auto", help="auto, cpu, cuda, cuda:N or mps", resumable=True)
+    early_stop_patience: int = option(
+        0, type=click.IntRange(0), resumable=True, help="stop when val loss has not improved for N epochs (0: never)"
+    )
+    init_from: str | None = option(
+        None, metavar="CKPT|models:/NAME/VERSION", help="warm-start from one of our checkpoints or registered models"
+    )
+    experiment: str = option("dlops")
+    run_name: str | None = option(None)
+    registered_model: str = option("dlops")
+    out_dir: str = option("runs", resumable=True, help="checkpoints go to OUT_DIR/<run id>/")
+    offline: bool = option(
+        False, is_flag=True, envvar="DLOPS_OFFLINE", resumable=True,
+        help="track into the run's journal only; `dlops sync RUN_DIR` delivers it to MLflow later",
+    )  # fmt: skip
+    sync_timeout: float = option(
+        60.0, type=click.FloatRange(0), envvar="DLOPS_SYNC_TIMEOUT", resumable=True,
+        help="seconds to wait at the end for the tracking server to take the run's records",
+    )  # fmt: skip
+    tags: dict[str, str] = option(
+        None, "--tag", factory=dict, multiple=True, callback=parse_tags, metavar="KEY=VALUE", resumable=True,
+        help="extra MLflow run tag (repeatable)",
+    )  # fmt: skip
+    amp_requested: str | None = internal()  # what --amp said before it was resolved for the device
+
+    def __post_init__(self) -> None:
+        # checkpoints store the config and load with weights_only=True: plain strings, never Paths
+        self.data = None if self.data is None else str(self.data)
+        self.tags = parse_tags(None, None, self.tags or {})
+        check_fields(self)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ServingSpec:
+    """What packaging needs: the TorchServe model name, the handler and the model file it imports."""
+
+    name: str  # /predictions/<name>
+    handler: str  # serving/handlers/<handler>
+    model_file: str  # training/models/<model_file>, shipped in the .mar as dlops_<model_file>
+
+
+@dataclass
+class Optimization:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    scheduler_per_batch: bool = False  # one-cycle steps every batch, the others every epoch
+
+
+@dataclass
+class EpochContext:
+    """What a job's train_epoch gets from the trainer."""
+
+    epoch: int
+    optimization: Optimization
+    scaler: torch.amp.GradScaler
+    log_step: Callable[[dict[str, float], int], None]  # metrics at a global step (skipped if already logged)
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None  # sum over DDP processes, or None
+
+
+class Job:
+    """The declaration the trainer runs. Subclasses set the class attributes and the methods below."""
+
+    kind: ClassVar[str]
+    data_hint: ClassVar[str]  # what DATA is, for the error when it is missing
+    config_class: ClassVar[type[RunConfig]]
+    best_metric: ClassVar[str]  # picks the best epoch (best.pt, the registered version)
+    best_mode: ClassVar[str]  # "max" or "min"
+    sweep_metric: ClassVar[str]  # what a sweep optimizes, reported every epoch
+    sweep_mode: ClassVar[str]
+    panels: ClassVar[dict[str, list[str]]]  # learning-curve picture: panel title -> metrics
+    serving: ClassVar[ServingSpec]
+    inference_keys: ClassVar[tuple[str, ...]]  # checkpoint entries inference needs beside model_config
+    summary_graph: ClassVar[bool] = False  # also trace the model into TensorBoard
+    step_metrics: ClassVar[tuple[str, ...]] = ()  # metrics logged per global step inside an epoch
+
+    @classmethod
+    def resolve_options(cls, defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+        """A new run's options: the defaults, any preset the options select, then what the user gave."""
+        return {**defaults, **given}
+
+    def __init__(self, config: RunConfig, runtime: Runtime):
+        self.config, self.runtime = config, runtime
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    # data and model
+    def build_data(self) -> dict[str, Any]:
+        """Load the data; return run tags describing it (dataset path, sizes...)."""
+        raise NotImplementedError
+
+    def model_config(self) -> dict[str, Any]:
+        """Everything build_model needs; stored in every checkpoint."""
+        raise NotImplementedError
+
+    @staticmethod
+    def build_model(model_config: dict[str, Any]) -> nn.Module:
+        raise NotImplementedError
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Last touches before training (memory format...)."""
+        return model
+
+    def inference_meta(self) -> dict[str, Any]:
+        """The `inference_keys` entries of a checkpoint (class names, vocabulary...)."""
+        raise NotImplementedError
+
+    def check_warm_start(self, source: dict[str, Any]) -> None:
+        """Refuse --init-from a checkpoint whose weights mean something else (raise ValueError)."""
+
+    def example_input(self) -> torch.Tensor:
+        """One input as the model sees it, for the layer table."""
+        raise NotImplementedError
+
+    # optimization and epochs
+    def build_optimization(self, model: nn.Module, steps_per_epoch: int) -> Optimization:
+        raise NotImplementedError
+
+    def steps_per_epoch(self) -> int:
+        return 1
+
+    def before_epoch(self, epoch: int, optimization: Optimization) -> None:
+        """Per-epoch set-up (reshuffle, learning rate)."""
+
+    def train_epoch(self, model: nn.Module, context: EpochContext) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, reduce: Callable | None) -> dict[str, float]:
+        raise NotImplementedError
+
+    def after_epoch(self, improved: bool) -> None:
+        """Per-epoch bookkeeping after validation (e.g. anneal the learning rate)."""
+
+    def epoch_line(self, epoch: int, metrics: dict[str, float]) -> str:
+        raise NotImplementedError
+
+    def finish(self, model: nn.Module, best: Path) -> dict[str, float]:
+        """After the last epoch (e.g. the test split with the best weights); return final metrics."""
+        return {}
+
+    def run_params(self) -> dict[str, Any]:
+        """Params beyond the config (resolved values such as the per-process batch size)."""
+        return {}
+
+    def registry_tags(self, best_value: float, best_epoch: int, final: dict[str, float]) -> dict[str, str]:
+        return {self.best_metric.replace("/", "_"): f"{best_value:.3f}", "epoch": str(best_epoch)}
+
+    # what survives a resume besides the model, optimizer and RNG
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,166 @@
+"""The language-model job: a WikiText-style corpus -> RNN/LSTM/GRU/Transformer -> perplexity.
+
+As in PyTorch's word_language_model example: truncated BPTT, plain SGD whose learning rate is
+divided by 4 when validation loss does not improve, the best model by validation loss evaluated
+on the test split, and the example's console lines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import click
+import torch
+from torch import nn
+
+from training.checkpoint import load_checkpoint
+from training.data.text import batchify, load_corpus
+from training.jobs.base import EpochContext, Job, Optimization, RunConfig, ServingSpec
+from training.loops.language import evaluate_lm, perplexity, train_lm_epoch
+from training.models.wordlm import MODEL_TYPES, build_language_model
+from training.options import option
+
+LR_ANNEAL = 4.0  # the example divides lr by 4 when validation loss does not improve
+RULER = 89
+
+
+@dataclass
+class LMConfig(RunConfig):
+    model: str = option("LSTM", type=click.Choice(MODEL_TYPES))
+    emsize: int = option(200, type=click.IntRange(1), help="word embedding size")
+    nhid: int = option(
+        200, type=click.IntRange(1), help="hidden units per layer (feed-forward size for the Transformer)"
+    )
+    nlayers: int = option(2, type=click.IntRange(1))
+    nhead: int = option(2, type=click.IntRange(1), help="attention heads (Transformer)")
+    dropout: float = option(0.2, type=click.FloatRange(0, 1, max_open=True))
+    tied: bool = option(False, is_flag=True, help="tie the word embedding and softmax weights")
+    lr: float = option(20.0, type=click.FloatRange(0, min_open=True))
+    clip: float = option(0.25, type=click.FloatRange(0), help="gradient clipping")
+    epochs: int = option(40, type=click.IntRange(1), resumable=True)
+    batch_size: int = option(20, type=click.IntRange(1))
+    eval_batch_size: int = option(10, type=click.IntRange(1))
+    bptt: int = option(35, type=click.IntRange(1), help="sequence length")
+    seed: int = option(1111, type=int)
+    log_interval: int = option(200, type=click.IntRange(1), resumable=True)
+    dry_run: bool = option(False, is_flag=True, help="one batch per epoch, to check the pipeline")
+    experiment: str = option("wordlm-wikitext2")
+    registered_model: str = option("wordlm-wikitext2")
+
+
+def ruler(char: str) -> str:
+    return char * RULER
+
+
+class LMJob(Job):
+    """A word-level language model on DATA (train.txt/valid.txt/test.txt or wiki.*.tokens)."""
+
+    kind = "lm"
+    data_hint = "a folder with train.txt, valid.txt and test.txt"
+    config_class = LMConfig
+    best_metric, best_mode = "val/loss", "min"
+    sweep_metric, sweep_mode = "val/ppl", "min"
+    panels: ClassVar = {"loss": ["train/epoch_loss", "val/loss"], "perplexity": ["val/ppl"]}
+    serving = ServingSpec("lm", "text_generator.py", "wordlm.py")
+    inference_keys = ("vocab", "window")
+    step_metrics = ("train/loss", "train/ppl")
+    config: LMConfig
+
+    def build_data(self) -> dict[str, Any]:
+        c = self.config
+        corpus = load_corpus(c.data)
+        self.vocab = corpus.vocab.words
+        print(f"=> vocabulary {len(self.vocab)} words; {len(corpus.train)} train / {len(corpus.valid)} valid / "
+              f"{len(corpus.test)} test tokens")  # fmt: skip
+        # The whole corpus moves to the device once (WikiText-2 is ~16 MB as int64): no copy per window.
+        self.train_data = batchify(corpus.train, c.batch_size).to(self.device)
+        self.val_data = batchify(corpus.valid, c.eval_batch_size).to(self.device)
+        self.test_data = batchify(corpus.test, c.eval_batch_size).to(self.device)
+        self.lr, self.global_step = c.lr, 0
+        return {
+            "dataset": str(Path(c.data).resolve()),
+            "vocab_size": len(self.vocab),
+            "train_tokens": len(corpus.train),
+            "valid_tokens": len(corpus.valid),
+            "test_tokens": len(corpus.test),
+            "valid_unknown_rate": f"{corpus.unknown_rate['valid']:.4f}",
+        }
+
+    def model_config(self) -> dict[str, Any]:
+        c = self.config
+        return {"model": c.model, "ntokens": len(self.vocab), "emsize": c.emsize, "nhid": c.nhid,
+                "nlayers": c.nlayers, "nhead": c.nhead, "dropout": c.dropout, "tied": c.tied}  # fmt: skip
+
+    @staticmethod
+    def build_model(model_config: dict[str, Any]) -> nn.Module:
+        return build_language_model(**model_config)
+
+    def inference_meta(self) -> dict[str, Any]:
+        return {"vocab": self.vocab, "window": self.config.bptt}
+
+    def check_warm_start(self, source: dict[str, Any]) -> None:
+        if source["vocab"] != self.vocab:
+            raise ValueError("--init-from: the checkpoint was trained on another vocabulary; its word ids would "
+                             "mean other words here")  # fmt: skip
+        if source["model_config"] != self.model_config():
+            raise ValueError(f"--init-from: the checkpoint's model {source['model_config']} differs from this run's "
+                             f"{self.model_config()}")  # fmt: skip
+
+    def example_input(self) -> torch.Tensor:
+        return self.train_data[: self.config.bptt, :1]
+
+    def build_optimization(self, model: nn.Module, steps_per_epoch: int) -> Optimization:
+        # fused: one kernel per step for all parameters (CPU and CUDA)
+        return Optimization(torch.optim.SGD(model.parameters(), lr=self.config.lr,
+                                            fused=self.device.type in ("cpu", "cuda")))  # fmt: skip
+
+    def before_epoch(self, epoch: int, optimization: Optimization) -> None:
+        for group in optimization.optimizer.param_groups:
+            group["lr"] = self.lr
+
+    def train_epoch(self, model: nn.Module, context: EpochContext) -> dict[str, float]:
+        c = self.config
+
+        def log_interval(step: int, loss: float) -> None:
+            context.log_step({"train/loss": loss, "train/ppl": perplexity(loss)}, step)
+
+        train = train_lm_epoch(
+            model, self.train_data, context.optimization.optimizer, self.device, c.amp, context.epoch, c.bptt, c.clip,
+            c.log_interval, self.global_step, log_interval, c.dry_run, context.scaler, drop_last=c.compile,
+        )  # fmt: skip
+        self.global_step += train.batches
+        return {"train/epoch_loss": train.loss, "time/tokens_per_second": train.tokens_per_second}
+
+    def evaluate(self, model: nn.Module, reduce) -> dict[str, float]:
+        # fp32 whatever the training precision: perplexities compare across devices and precisions,
+        # and a reloaded checkpoint reproduces them exactly
+        val = evaluate_lm(model, self.val_data, self.device, "off", self.config.bptt)
+        return {"val/loss": val.loss, "val/ppl": val.ppl}
+
+    def after_epoch(self, improved: bool) -> None:
+        if not improved:
+            self.lr /= LR_ANNEAL
+
+    def epoch_line(self, epoch: int, metrics: dict[str, float]) -> str:
+        return (
+            f"{ruler('-')}\n| end of epoch {epoch:3d} | time: {metrics['time/epoch_seconds']:5.2f}s | "
+            f"valid loss {metrics['val/loss']:5.2f} | valid ppl {metrics['val/ppl']:8.2f}\n{ruler('-')}"
+        )
+
+    def finish(self, model: nn.Module, best: Path) -> dict[str, float]:
+        model.load_state_dict(load_checkpoint(best, kind="lm")["model"])
+        test = evaluate_lm(model, self.test_data, self.device, "off", self.config.bptt)
+        print(f"{ruler('=')}\n| End of training | test loss {test.loss:5.2f} | test ppl {test.ppl:8.2f}\n{ruler('=')}")
+        return {"test/loss": test.loss, "test/ppl": test.ppl}
+
+    def registry_tags(self, best_value: float, best_epoch: int, final: dict[str, float]) -> dict[str, str]:
+        return {"val_ppl": f"{perplexity(best_value):.2f}", "test_ppl": f"{final['test/ppl']:.2f}",
+                "epoch": str(best_epoch)}  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lr": self.lr, "global_step": self.global_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lr, self.global_step = state["lr"], state["global_step"]

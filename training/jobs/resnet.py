@@ -1,0 +1,216 @@
+"""The image-classification job: Tiny-ImageNet -> any torchvision classifier -> Acc@1 / Acc@5.
+
+Defaults follow PyTorch's ImageNet example (`--recipe reference`); `--recipe fast` swaps in the
+values measured best per device class (training/recipes.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import click
+import torch
+from torch import nn
+
+from training.data.images import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD
+from training.data.pipeline import ImagePipeline, build_pipeline
+from training.devices import choose_device
+from training.hardware import AMP_CHOICES, device_class
+from training.jobs.base import EpochContext, Job, Optimization, RunConfig, ServingSpec
+from training.loops.classify import EpochResult, evaluate, train_one_epoch
+from training.models.classifier import ARCHS, STEMS, build_classifier
+from training.options import internal, option
+from training.recipes import RECIPES, apply_recipe
+
+SCHEDULERS = ("step", "cosine", "one-cycle")
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+
+@dataclass
+class ResNetConfig(RunConfig):
+    arch: str = option(
+        "resnet18", "-a", "--arch", type=click.Choice(ARCHS), show_choices=False,
+        help="any torchvision classification model (dlops summary --list)",
+    )  # fmt: skip
+    stem: str = option(
+        "imagenet", type=click.Choice(STEMS),
+        help="small: 3x3 stride-1 first conv and no max-pool, the 64x64 adaptation (ResNet families)",
+    )  # fmt: skip
+    pretrained: bool = option(
+        False, is_flag=True, help="start from torchvision's ImageNet weights (a new head for this dataset's classes)"
+    )
+    image_size: int = option(64, type=click.IntRange(8), help="input resolution (images are resized)")
+    batch_size: int = option(256, "-b", "--batch-size", type=click.IntRange(1), help="global batch (all processes)")
+    epochs: int = option(20, type=click.IntRange(1), resumable=True)
+    lr: float = option(0.1, type=click.FloatRange(0, min_open=True))
+    momentum: float = option(0.9, type=click.FloatRange(0, 1))
+    nesterov: bool = option(False)
+    weight_decay: float = option(1e-4, "--wd", "--weight-decay", type=click.FloatRange(0))
+    norm_weight_decay: bool = option(True, help="apply weight decay to BatchNorm weights and biases too")
+    scheduler: str = option("step", type=click.Choice(SCHEDULERS))
+    lr_step_size: int = option(30, type=click.IntRange(1), help="epochs between lr drops (step scheduler)")
+    lr_gamma: float = option(0.1, type=click.FloatRange(0, 1))
+    label_smoothing: float = option(0.0, type=click.FloatRange(0, 1, max_open=True))
+    augment: str = option("flip", type=click.Choice(AUGMENTATIONS))
+    amp: str = option(
+        "off", type=click.Choice(AMP_CHOICES),
+        help="mixed precision; auto: bf16 where the device has it natively, fp16 on older GPUs, else fp32",
+    )  # fmt: skip
+    channels_last: bool = option(False)
+    workers: int = option(DEFAULT_WORKERS, "-j", "--workers", type=click.IntRange(0), resumable=True)
+    dummy: bool = option(False, is_flag=True, help="synthetic tensors instead of files (throughput checks)")
+    data_cache: str = option(
+        "auto", help="auto (use a matching decoded cache), off, or a cache folder (built when missing)"
+    )
+    data_on_gpu: str = option(
+        "auto", type=click.Choice(["auto", "on", "off"]), help="keep the decoded cache on the GPU, augment there"
+    )
+    recipe: str = option("reference", type=click.Choice(list(RECIPES)), help="option preset; explicit options win")
+    limit_train: int | None = option(None, type=click.IntRange(1), help="use N train images, spread over classes")
+    limit_val: int | None = option(None, type=click.IntRange(1), help="use N val images, spread over classes")
+    print_freq: int | None = option(
+        None, "-p", "--print-freq", type=click.IntRange(0), resumable=True,
+        help="batches between lines [default: 10 CPU, 100 GPU]",
+    )  # fmt: skip
+    experiment: str = option("resnet-tinyimagenet")
+    registered_model: str = option("resnet-tinyimagenet")
+    nproc_per_node: int = option(
+        1, type=click.IntRange(1),
+        help="processes on this machine (DDP through torchrun; one per GPU, or gloo on the CPU)",
+    )  # fmt: skip
+    recipe_device_class: str | None = internal()  # which column of the recipe table applied
+
+
+class ResNetJob(Job):
+    """Tiny-ImageNet at DATA (original layout; see README) with any torchvision classifier."""
+
+    kind = "resnet"
+    data_hint = "a Tiny-ImageNet folder, or --dummy for synthetic tensors"
+    config_class = ResNetConfig
+    best_metric, best_mode = "val/acc1", "max"
+    sweep_metric, sweep_mode = "val/acc1", "max"
+    panels: ClassVar = {"loss": ["train/loss", "val/loss"], "Acc@1 (%)": ["train/acc1", "val/acc1"]}
+    serving = ServingSpec("resnet", "image_classifier.py", "classifier.py")
+    inference_keys = ("classes", "labels", "image_size", "normalization")
+    summary_graph = True
+    config: ResNetConfig
+
+    @classmethod
+    def resolve_options(cls, defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+        """The recipe's values for this device's class (gpu, cpu-bf16, cpu) between defaults and `given`."""
+        choice = choose_device(given.get("device", defaults["device"]))
+        klass = device_class(choice.device.type, choice.cpu)
+        return apply_recipe(given.get("recipe", defaults["recipe"]), klass, defaults, given)
+
+    def build_data(self) -> dict[str, Any]:
+        runtime = self.runtime
+        # --batch-size is the global batch, as in the ImageNet example: each process takes its share.
+        self.per_process_batch = self.config.batch_size // runtime.group.world_size
+        if self.per_process_batch < 1:
+            raise ValueError(f"--batch-size {self.config.batch_size} is smaller than the {runtime.group.world_size} "
+                             "processes")  # fmt: skip
+        self.data: ImagePipeline = build_pipeline(self.config, self.per_process_batch, self.device, runtime.group)
+        tags = self.data.tags
+        print(f"=> {tags['train_images']} train / {tags['val_images']} val images, {len(self.data.classes)} classes; "
+              f"data path: {tags['data_path']}")  # fmt: skip
+        self.train_criterion = nn.CrossEntropyLoss(label_smoothing=self.config.label_smoothing)
+        return {**tags, "per_process_batch_size": self.per_process_batch}
+
+    def model_config(self) -> dict[str, Any]:
+        c = self.config
+        return {"arch": c.arch, "num_classes": len(self.data.classes), "stem": c.stem, "image_size": c.image_size}
+
+    @staticmethod
+    def build_model(model_config: dict[str, Any]) -> nn.Module:
+        return build_classifier(**model_config)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model.to(memory_format=torch.channels_last) if self.config.channels_last else model
+
+    def inference_meta(self) -> dict[str, Any]:
+        return {
+            "classes": self.data.classes,
+            "labels": self.data.labels,
+            "image_size": self.config.image_size,
+            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        }
+
+    def check_warm_start(self, source: dict[str, Any]) -> None:
+        theirs, ours = source["model_config"], self.model_config()
+        for key in ("arch", "stem"):
+            if theirs[key] != ours[key]:
+                raise ValueError(f"--init-from: the checkpoint holds {key} {theirs[key]!r}, this run trains "
+                                 f"{ours[key]!r}")  # fmt: skip
+
+    def example_input(self) -> torch.Tensor:
+        images = next(iter(self.data.val))[0][:1].to(self.device)
+        return self.data.prepare_val(images) if self.data.prepare_val else images
+
+    def steps_per_epoch(self) -> int:
+        return len(self.data.train)
+
+    def build_optimization(self, model: nn.Module, steps_per_epoch: int) -> Optimization:
+        """SGD (nesterov optional); no weight decay on BatchNorm parameters when norm_weight_decay is off."""
+        c = self.config
+        decay = [p for p in model.parameters() if p.ndim > 1 or c.norm_weight_decay]
+        no_decay = [p for p in model.parameters() if p.ndim <= 1 and not c.norm_weight_decay]
+        groups = [{"params": decay, "weight_decay": c.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        fused = self.device.type in ("cuda", "cpu")  # one kernel per step instead of one per parameter
+        optimizer = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, fused=fused)
+        if c.scheduler == "step":
+            return Optimization(optimizer, torch.optim.lr_scheduler.StepLR(optimizer, c.lr_step_size, c.lr_gamma))
+        if c.scheduler == "cosine":
+            return Optimization(optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=c.epochs))
+        one_cycle = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=c.lr, epochs=c.epochs, steps_per_epoch=steps_per_epoch
+        )
+        return Optimization(optimizer, one_cycle, scheduler_per_batch=True)
+
+    def before_epoch(self, epoch: int, optimization: Optimization) -> None:
+        self.data.set_epoch(epoch)
+
+    def train_epoch(self, model: nn.Module, context: EpochContext) -> dict[str, float]:
+        o = context.optimization
+        train = train_one_epoch(
+            model, self.data.train, self.train_criterion, o.optimizer, context.scaler, self.device, self.config.amp,
+            context.epoch, self.config.print_freq, self.config.channels_last,
+            o.scheduler if o.scheduler_per_batch else None, context.reduce, self.data.prepare_train,
+        )  # fmt: skip
+        self.last_train = train
+        return {
+            "train/loss": train.loss,
+            "train/acc1": train.acc1,
+            "train/acc5": train.acc5,
+            "train/images": train.images,
+            "time/images_per_second": train.images_per_second,
+            "time/data_wait_share": train.data_wait_share,
+        }
+
+    def evaluate(self, model: nn.Module, reduce) -> dict[str, float]:
+        # fp32 whatever the training precision: accuracies compare across devices and precisions
+        val: EpochResult = evaluate(model, self.data.val, nn.CrossEntropyLoss(), self.device, "off",
+                                    self.config.print_freq, self.config.channels_last, reduce,
+                                    prepare=self.data.prepare_val)  # fmt: skip
+        return {"val/loss": val.loss, "val/acc1": val.acc1, "val/acc5": val.acc5}
+
+    def epoch_line(self, epoch: int, metrics: dict[str, float]) -> str:
+        m = metrics
+        return (
+            f"=> epoch {epoch}/{self.config.epochs}: train loss {m['train/loss']:.4f} Acc@1 {m['train/acc1']:.2f} | "
+            f"val loss {m['val/loss']:.4f} Acc@1 {m['val/acc1']:.2f} Acc@5 {m['val/acc5']:.2f} | "
+            f"{m['time/epoch_seconds']:.1f} s, {m['time/images_per_second']:.0f} img/s, "
+            f"{100 * m['time/data_wait_share']:.0f}% waiting for data"
+        )
+
+    def run_params(self) -> dict[str, Any]:
+        world = self.runtime.group.world_size
+        return {
+            "world_size": world,
+            "global_batch_size": self.per_process_batch * world,
+            "per_process_batch_size": self.per_process_batch,
+            "lr_scaling": "none (--batch-size is the global batch)",
+        }

@@ -1,0 +1,1 @@
+"""`dlops report`: the write-up of a set of runs, generated from what MLflow recorded."""

@@ -1,0 +1,73 @@
+"""The report's pictures, drawn with matplotlib's object API (no display, no pyplot state)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
+
+
+@dataclass
+class Picture:
+    name: str  # file name in the Markdown twin's folder
+    png: bytes
+    alt: str
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=90)
+    return buffer.getvalue()
+
+
+def learning_curves(series: list[dict], kind: str) -> Picture:
+    """Loss (train dashed, val solid) and the quality metric of every run of `kind`, overlaid by epoch;
+    a star on each run's best epoch, a dotted line where its overfitting starts."""
+    runs = [s for s in series if s["kind"] == kind]
+    quality_title = "val Acc@1 (%)" if kind == "train-resnet" else "val perplexity"
+    figure = Figure(figsize=(12, 4.5))
+    loss_ax, quality_ax = figure.subplots(1, 2)
+    for index, s in enumerate(runs):
+        colour = f"C{index % 10}"
+        if s["train_loss"]:
+            loss_ax.plot(*zip(*s["train_loss"], strict=True), linestyle="--", color=colour, alpha=0.7)
+        if s["val_loss"]:
+            loss_ax.plot(*zip(*s["val_loss"], strict=True), marker="o", markersize=3, color=colour, label=s["name"])
+        if s["quality"]:
+            quality_ax.plot(*zip(*s["quality"], strict=True), marker="o", markersize=3, color=colour, label=s["name"])
+            best = dict(s["quality"]).get(s["best_epoch"])
+            if best is not None:
+                quality_ax.plot([s["best_epoch"]], [best], marker="*", markersize=14, color=colour)
+        if s["overfit_epoch"] is not None:
+            for ax in (loss_ax, quality_ax):
+                ax.axvline(s["overfit_epoch"], color=colour, linestyle=":", alpha=0.8)
+            where = (s["overfit_epoch"], dict(s["val_loss"])[s["overfit_epoch"]])
+            loss_ax.annotate(f"overfitting from {s['overfit_epoch']}", where, textcoords="offset points",
+                             xytext=(4, 6), fontsize=8, color=colour)  # fmt: skip
+    for ax, title in ((loss_ax, "loss (train dashed, val solid)"), (quality_ax, quality_title)):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    quality_ax.legend(fontsize=8)
+    if kind == "train-lm":
+        quality_ax.set_yscale("log")
+    name = "curves-resnet.png" if kind == "train-resnet" else "curves-lm.png"
+    return Picture(name, _png(figure), f"learning curves of {len(runs)} runs ({kind.removeprefix('train-')})")
+
+
+def thumbnail(path: Path, name: str, size: int = 96) -> Picture | None:
+    """An image from disk, scaled for a table cell; None when the file is not on this machine."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB").resize((size, size), Image.Resampling.NEAREST)
+    except OSError:
+        return None
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return Picture(name, buffer.getvalue(), path.name)

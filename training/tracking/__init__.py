@@ -1,0 +1,45 @@
+"""Experiment tracking: the MLflow store (store.py), and training runs logged through a durable
+journal (journal.py) that a background sender delivers (sender.py, run.py)."""
+
+from training.tracking.journal import Journal, JournalBusy, find_journals, server_run_id
+from training.tracking.run import NullTracker, RunTracker, open_run
+from training.tracking.store import (
+    DirectRun,
+    TrackingUnavailable,
+    check_reachable,
+    download_registered_checkpoint,
+    download_run_checkpoint,
+    ensure_experiment,
+    environment_tags,
+    find_run,
+    initialize_store,
+    log_text_to_run,
+    register_model,
+    start_run,
+    store_client,
+    tracking_uri,
+)
+
+__all__ = [
+    "DirectRun",
+    "Journal",
+    "JournalBusy",
+    "NullTracker",
+    "RunTracker",
+    "TrackingUnavailable",
+    "check_reachable",
+    "download_registered_checkpoint",
+    "download_run_checkpoint",
+    "ensure_experiment",
+    "environment_tags",
+    "find_journals",
+    "find_run",
+    "initialize_store",
+    "log_text_to_run",
+    "open_run",
+    "register_model",
+    "server_run_id",
+    "start_run",
+    "store_client",
+    "tracking_uri",
+]

@@ -1,0 +1,241 @@
+"""A training run's tracking: every call goes to the run's journal and returns; a sender delivers.
+
+    with open_run(experiment, out_dir, ...) as run:     # the server is checked (<= 10 s) and the run
+        run.log_params(...); run.log_metrics(..., step)  # created at start, unless offline
+    # at the end: wait up to sync_timeout for delivery, then exit either way, saying what is pending
+
+Nothing on the training path waits for the tracking server once the run has started: an outage
+costs no training time, and a run that ends while the server is down is delivered later by
+`dlops sync RUN_DIR` (or by resuming it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import RunStatus
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+from torch.utils.tensorboard import SummaryWriter
+
+from training.tracking.journal import Journal
+from training.tracking.sender import Delivery, Sender, http_client_settings
+from training.tracking.store import check_reachable, ensure_experiment, find_run, store_client, tracking_uri
+
+# Short runs would end before MLflow's default 10 s sampling logs anything.
+SYSTEM_METRICS_INTERVAL_S = 2.0
+
+
+class RunTracker:
+    """An MLflow run seen through its journal, plus the TensorBoard writer that mirrors its scalars."""
+
+    def __init__(self, journal: Journal, run_id: str, sender: Sender | None):
+        self.journal, self.run_id, self.sender = journal, run_id, sender
+        self.tensorboard_dir: Path | None = None
+        self.writer: SummaryWriter | None = None
+
+    def _record(self, op: str, **fields: Any) -> None:
+        self.journal.append(op, **fields)
+        if self.sender is not None:
+            self.sender.notify()
+
+    def open_tensorboard(self, directory: Path) -> SummaryWriter:
+        """Mirror every logged scalar into TensorBoard event files under `directory`."""
+        self.tensorboard_dir = directory
+        self.writer = SummaryWriter(str(directory))
+        return self.writer
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self._record("params", params={k: "None" if v is None else str(v) for k, v in params.items()})
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._record("tags", tags={k: str(v) for k, v in tags.items()})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self._record("metrics", metrics={k: float(v) for k, v in metrics.items()}, step=step)
+        if self.writer:
+            for name, value in metrics.items():
+                self.writer.add_scalar(name, value, step)
+
+    def logged_steps(self, metric: str) -> set[int]:
+        return self.journal.metric_steps(metric)
+
+    def metric_history(self, metric: str) -> list[tuple[int, float]]:
+        return self.journal.metric_history(metric)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._record("artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        spooled = self.journal.spool_text(text, artifact_file)
+        self._record("text", spool=spooled.name, artifact_file=artifact_file)
+
+    def sync_tensorboard(self) -> None:
+        """Flush the event files and send them with the run, so a crash loses at most one epoch."""
+        if self.writer and self.tensorboard_dir:
+            self.writer.flush()
+            self._record("artifact_dir", path=str(self.tensorboard_dir.resolve()), artifact_path="tensorboard")
+
+    def register_model(self, name: str, artifact_path: str, tags: Mapping[str, str]) -> None:
+        """Register a logged artifact as a version of `name` once it is delivered."""
+        self._record("register", name=name, artifact_path=artifact_path, tags=dict(tags))
+
+    def registered_version(self) -> str | None:
+        registered = self.journal.state().get("registered")
+        return registered["version"] if registered else None
+
+    def end(self, status: str) -> None:
+        if self.writer:
+            self.sync_tensorboard()
+            self.writer.close()
+            self.writer = None
+        self._record("end", status=status)
+
+
+class NullTracker(RunTracker):
+    """Stands in for the run on processes that do not log (ranks other than 0)."""
+
+    def __init__(self) -> None:
+        self.run_id, self.sender, self.writer, self.tensorboard_dir = "", None, None, None
+
+    def _record(self, op: str, **fields: Any) -> None:
+        pass
+
+    def open_tensorboard(self, directory: Path) -> None:
+        return None
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def logged_steps(self, metric: str) -> set[int]:
+        return set()
+
+    def metric_history(self, metric: str) -> list[tuple[int, float]]:
+        return []
+
+    def registered_version(self) -> None:
+        return None
+
+    def end(self, status: str) -> None:
+        pass
+
+
+class JournalSystemMetrics(SystemMetricsMonitor):
+    """MLflow's CPU, memory, disk, network and GPU samplers, logged through the journal."""
+
+    def __init__(self, run: RunTracker):
+        super().__init__(run.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S)
+        self.run = run
+        steps = [r["step"] for r in run.journal.records if r["op"] == "metrics" and r.get("system")]
+        self._logging_step = max(steps) + 1 if steps else 0
+
+    def monitor(self) -> None:
+        while not self._shutdown_event.is_set():
+            for _ in range(self.samples_before_logging):
+                self.collect_metrics()
+                if self._shutdown_event.wait(self.sampling_interval):
+                    break
+            metrics = self.aggregate_metrics()
+            if metrics:
+                self.publish_metrics(metrics)
+
+    def publish_metrics(self, metrics: dict[str, float]) -> None:
+        prefix = self._metrics_prefix + (f"{self.node_id}/" if self.node_id else "")
+        self.run._record("metrics", metrics={prefix + k: float(v) for k, v in metrics.items()},
+                         step=self._logging_step, system=True)  # fmt: skip
+        self._logging_step += 1
+        for monitor in self.monitors:
+            monitor.clear_metrics()
+
+    def finish(self) -> None:
+        self._shutdown_event.set()
+        if self._process is not None:
+            self._process.join()
+            self._process = None
+
+
+def _start_journal(
+    experiment: str, out_dir: Path, run_name: str | None, tags: Mapping[str, str], resume_dir: Path | None,
+    saved_run_id: str | None, offline: bool, uri: str,
+) -> tuple[Journal, str]:  # fmt: skip
+    """Create or reopen the run's journal; online, create or check the run on the server now."""
+    if resume_dir is not None:
+        journal = Journal(resume_dir)
+        state = journal.state() or journal.update_state(run_id=saved_run_id, experiment=experiment, tracking_uri=uri)
+        run_id = state.get("run_id") or state.get("local_id")
+        if not offline and state.get("run_id") and find_run(state["run_id"]) is None:
+            raise RuntimeError(f"run {state['run_id']} named in the checkpoint is not in the tracking store {uri}")
+        journal.append("status", status="RUNNING")
+        return journal, run_id
+    if offline:
+        local_id = uuid.uuid4().hex
+        journal = Journal(out_dir / local_id)
+        journal.update_state(run_id=None, local_id=local_id, experiment=experiment)
+        journal.append("create_run", experiment=experiment, run_name=run_name, tags=dict(tags), local_id=local_id)
+        return journal, local_id
+    client = store_client()
+    run = client.create_run(ensure_experiment(experiment, client), run_name=run_name, tags=dict(tags))
+    journal = Journal(out_dir / run.info.run_id)
+    journal.update_state(run_id=run.info.run_id, experiment=experiment, tracking_uri=uri)
+    return journal, run.info.run_id
+
+
+@contextmanager
+def open_run(
+    experiment: str,
+    out_dir: Path,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    resume_dir: Path | None = None,
+    saved_run_id: str | None = None,
+    offline: bool = False,
+    sync_timeout_s: float = 60.0,
+) -> Iterator[RunTracker]:
+    """Start (or continue) a training run tracked through its journal; end it FINISHED, FAILED or KILLED."""
+    uri = tracking_uri()
+    if not offline:
+        check_reachable(uri)
+        http_client_settings(uri)
+    journal, run_id = _start_journal(experiment, Path(out_dir), run_name, dict(tags or {}), resume_dir, saved_run_id,
+                                     offline, uri)  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        sender = None
+        if not offline:
+            stack.enter_context(journal.delivery_lock())
+            sender = Sender(Delivery(journal, uri))
+            sender.start()
+        run = RunTracker(journal, run_id, sender)
+        monitor = JournalSystemMetrics(run)
+        monitor.start()
+        status = RunStatus.FINISHED
+        try:
+            yield run
+        except KeyboardInterrupt:
+            status = RunStatus.KILLED
+            raise
+        except BaseException:
+            status = RunStatus.FAILED
+            raise
+        finally:
+            monitor.finish()
+            run.end(RunStatus.to_string(status))
+            _finish_delivery(run, journal, sender, uri, sync_timeout_s)
+
+
+def _finish_delivery(run: RunTracker, journal: Journal, sender: Sender | None, uri: str, timeout_s: float) -> None:
+    run_dir = journal.dir.parent
+    if sender is None:
+        print(f"=> offline: {journal.pending} tracking records kept in {journal.dir}; deliver them with: "
+              f"dlops sync {run_dir}", flush=True)  # fmt: skip
+        return
+    delivered = sender.drain(timeout_s)
+    sender.stop()
+    if not delivered:
+        print(f"=> the tracking server at {uri} did not take the run within {timeout_s:g} s "
+              f"({sender.last_error}); {journal.pending} records are kept in {journal.dir}. Deliver them with: "
+              f"dlops sync {run_dir}", flush=True)  # fmt: skip
+    journal.close()

@@ -1,0 +1,188 @@
+"""Deliver a journal's records to the tracking store, in order, exactly once.
+
+`Delivery` sends what is pending; `Sender` runs it in a background thread, retrying with backoff
+for as long as the process lives, so training never waits for the server. Delivery is
+idempotent where a record may already be on the server (the first one after a restart, or one
+retried after an error whose effect is unknown): metric steps the run's history already holds
+are not sent again, an artifact already there with the same size is not uploaded again, a model
+version of the same run and source is reused, a run created earlier is found by its local id.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from training.tracking.journal import Journal
+from training.tracking.store import ensure_experiment, initialize_store, register_model
+
+BACKOFF_MAX_S = 30.0
+COALESCED = ("artifact", "artifact_dir")  # a later record of the same files makes an earlier one moot
+
+
+class Delivery:
+    def __init__(self, journal: Journal, uri: str):
+        self.journal, self.uri = journal, uri
+        initialize_store(uri)
+        self.client = MlflowClient(uri)
+        self.uncertain = True  # the record at the cursor may already be on the server
+
+    @property
+    def run_id(self) -> str | None:
+        return self.journal.state().get("run_id")
+
+    def deliver_pending(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Send every pending record in order; return how many. Raises on the first failure."""
+        records = self.journal.records
+        first, last = self.journal.delivered, len(records)
+        for index in range(first, last):
+            if not self._superseded(records, index, last):
+                self._deliver(records[index])
+            self.journal.mark_delivered(index + 1)
+            self.uncertain = False
+            if progress:
+                progress(index + 1 - first, last - first)
+        return last - first
+
+    @staticmethod
+    def _superseded(records: list[dict[str, Any]], index: int, last: int) -> bool:
+        record = records[index]
+        if record["op"] not in COALESCED:
+            return False
+        key = (record["op"], record["path"], record.get("artifact_path"))
+        return any((r["op"], r.get("path"), r.get("artifact_path")) == key for r in records[index + 1 : last])
+
+    def _deliver(self, record: dict[str, Any]) -> None:
+        op = record["op"]
+        if op == "create_run":
+            self._create_run(record)
+            return
+        run_id = self.run_id
+        if run_id is None:
+            raise RuntimeError("the journal has records for a run that was never created")
+        client = self.client
+        if op == "status":
+            client.update_run(run_id, status=record["status"])
+        elif op == "params":
+            client.log_batch(run_id, params=[Param(k, v) for k, v in record["params"].items()])
+        elif op == "tags":
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+        elif op == "metrics":
+            self._metrics(run_id, record)
+        elif op == "artifact":
+            self._artifact(run_id, Path(record["path"]), record.get("artifact_path"))
+        elif op == "artifact_dir":
+            if Path(record["path"]).is_dir():
+                client.log_artifacts(run_id, record["path"], record.get("artifact_path"))
+        elif op == "text":
+            text = (self.journal.dir / "spool" / record["spool"]).read_text(encoding="utf-8")
+            client.log_text(run_id, text, record["artifact_file"])
+        elif op == "register":
+            version = register_model(run_id, record["artifact_path"], record["name"], record["tags"], client)
+            client.set_tag(run_id, "registered_model", f"{record['name']}/{version}")
+            self.journal.update_state(registered={"name": record["name"], "version": version})
+        elif op == "end":
+            client.set_terminated(run_id, record["status"], end_time=record["time"])
+        else:
+            raise ValueError(f"unknown journal record {op!r}")
+
+    def _create_run(self, record: dict[str, Any]) -> None:
+        """The server-side run of an offline run (found again by its local id if created before)."""
+        if self.run_id is not None:
+            return
+        experiment_id = ensure_experiment(record["experiment"], self.client)
+        local = record["local_id"]
+        existing = self.client.search_runs([experiment_id], f"tags.dlops_local_run_id = '{local}'")
+        if existing:
+            run_id = existing[0].info.run_id
+        else:
+            tags = {**record["tags"], "dlops_local_run_id": local}
+            run = self.client.create_run(experiment_id, start_time=record["time"], tags=tags,
+                                         run_name=record.get("run_name"))  # fmt: skip
+            run_id = run.info.run_id
+        self.journal.update_state(run_id=run_id, tracking_uri=self.uri)
+
+    def _metrics(self, run_id: str, record: dict[str, Any]) -> None:
+        step, values = record["step"], dict(record["metrics"])
+        if self.uncertain:  # the run's history is the truth: never log a step twice
+            for key in list(values):
+                if any(m.step == step for m in self.client.get_metric_history(run_id, key)):
+                    del values[key]
+        if values:
+            metrics = [Metric(k, float(v), record["time"], step) for k, v in values.items()]
+            self.client.log_batch(run_id, metrics=metrics)
+
+    def _artifact(self, run_id: str, path: Path, artifact_path: str | None) -> None:
+        if not path.is_file():
+            print(f"warning: {path} is gone; it was not uploaded to run {run_id}", flush=True)
+            return
+        if self.uncertain:
+            there = {Path(f.path).name: f.file_size for f in self.client.list_artifacts(run_id, artifact_path)}
+            if there.get(path.name) == path.stat().st_size:
+                return
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+
+class Sender(threading.Thread):
+    """Delivers in the background; `notify()` after each append, `drain()` at the end of the run."""
+
+    def __init__(self, delivery: Delivery):
+        super().__init__(name="dlops-tracking-sender", daemon=True)
+        self.delivery = delivery
+        self.last_error: Exception | None = None
+        self._wake, self._stopping = threading.Event(), threading.Event()
+        self._idle = threading.Event()
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def run(self) -> None:
+        backoff = 1.0
+        while not self._stopping.is_set():
+            self._idle.clear()
+            try:
+                self.delivery.deliver_pending()
+                self.last_error, backoff = None, 1.0
+            except Exception as e:  # the server is down or refused: keep the records, try again later
+                self.delivery.uncertain = True
+                self.last_error = e
+                self._stopping.wait(backoff)
+                backoff = min(2 * backoff, BACKOFF_MAX_S)
+                continue
+            self._idle.set()
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+
+    def drain(self, timeout_s: float, say: Callable[[str], None] = print) -> bool:
+        """Wait until every record is delivered, at most `timeout_s`, saying how it goes."""
+        journal = self.delivery.journal
+        deadline = time.monotonic() + timeout_s
+        next_report = time.monotonic() + 5.0
+        self.notify()
+        while journal.pending > 0 and time.monotonic() < deadline:
+            if time.monotonic() >= next_report:
+                why = f" (last error: {self.last_error})" if self.last_error else ""
+                say(f"=> delivering tracking records to {self.delivery.uri}: {journal.pending} left{why}")
+                next_report += 5.0
+            time.sleep(0.1)
+        return journal.pending == 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        self.join(timeout=5.0)
+
+
+def http_client_settings(uri: str) -> None:
+    """Let each MLflow HTTP call fail fast: the sender retries with its own backoff, without limit.
+    (MLflow's defaults retry about 4 minutes inside one call.) Variables already set are kept."""
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")

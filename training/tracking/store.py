@@ -1,0 +1,260 @@
+"""The tracking store: where it is, reaching it, creating it once, and short synchronous runs.
+
+Default store: a SQLite database in ./mlruns/ with artifacts under ./mlruns/artifacts/, so a
+single folder holds everything. MLFLOW_TRACKING_URI overrides it (another SQLite file, or an
+MLflow server over HTTP). Training runs log through a journal (training/tracking/run.py);
+evaluate and compare, which take seconds, log directly (start_run below).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+import torchvision
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
+DEFAULT_STORE_DIR = Path("mlruns")
+REACH_TIMEOUT_S = 10.0  # how long start-up tries an HTTP tracking server before saying it is down
+_initialized: set[str] = set()
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server cannot be reached; the message names the URI and what to do."""
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, else the SQLite store in ./mlruns/."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    DEFAULT_STORE_DIR.mkdir(exist_ok=True)
+    return f"sqlite:///{(DEFAULT_STORE_DIR / 'mlflow.db').resolve()}"
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Keep a SQLite store's artifacts next to its database; servers choose their own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+    return None
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def initialize_store(uri: str) -> None:
+    """Create (or upgrade) a SQLite store once, under a lock: processes that start together on a
+    fresh store would otherwise run MLflow's schema migrations at the same time and fail
+    ("duplicate column name"). Other stores are created by their server."""
+    if uri in _initialized or not uri.startswith("sqlite:///"):
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    with _file_lock(database.with_name(database.name + ".lock")):
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # the tracking tables
+        client.search_registered_models(max_results=1)  # the registry tables
+    _initialized.add(uri)
+
+
+def check_reachable(uri: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """Fail within `timeout_s`, naming the URI and the variable, when an HTTP tracking server is down."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=min(3.0, timeout_s)):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers; /health may be routed elsewhere behind a proxy
+        except OSError as e:
+            if time.monotonic() + 1 > deadline:
+                raise TrackingUnavailable(
+                    f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: {e}. Start it, point "
+                    "MLFLOW_TRACKING_URI at a running one, or train with --offline (DLOPS_OFFLINE=1) and deliver "
+                    "the run later with `dlops sync RUN_DIR`"
+                ) from e
+            time.sleep(1.0)
+
+
+def store_client() -> MlflowClient:
+    """A client of the configured store (created on first use); the fluent API (mlflow.*) points there too."""
+    uri = tracking_uri()
+    initialize_store(uri)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+def find_run(run_id: str) -> Run | None:
+    """The run with this id in the configured store, or None."""
+    try:
+        return store_client().get_run(run_id)
+    except MlflowException:
+        return None
+
+
+# The MLflow UI shows experiments of this kind in its "Model training" view (metric columns, charts),
+# not the GenAI view it picks for experiments of no kind.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def ensure_experiment(name: str, client: MlflowClient | None = None) -> str:
+    """Id of the experiment called `name`, created on first use (as a model-training experiment)."""
+    client = client or store_client()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        root = _artifact_root(client.tracking_uri)
+        try:
+            experiment_id = client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None,
+                                                     tags=EXPERIMENT_KIND)  # fmt: skip
+        except MlflowException:  # created concurrently by another process
+            experiment_id = client.get_experiment_by_name(name).experiment_id
+        return experiment_id
+    if "mlflow.experimentKind" not in experiment.tags:  # made by an older dlops, or by hand
+        client.set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+    return experiment.experiment_id
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment_tags(device_name: str) -> dict[str, str]:
+    """Software and hardware facts that explain a run's numbers."""
+    return {
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "cuda_version": str(torch.version.cuda),
+        "device_name": device_name,
+        "cpu_count": str(os.cpu_count()),
+        "python_version": platform.python_version(),
+        "hostname": platform.node(),
+        "git_commit": _git_commit(),
+    }
+
+
+class DirectRun:
+    """A short run logged synchronously (evaluate, compare): seconds long, nothing to survive."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+@contextmanager
+def start_run(
+    experiment: str, run_name: str | None = None, tags: Mapping[str, str] | None = None
+) -> Iterator[DirectRun]:
+    """A new run, ended FINISHED, FAILED or KILLED."""
+    check_reachable(tracking_uri())
+    client = store_client()
+    run = client.create_run(ensure_experiment(experiment), run_name=run_name, tags=dict(tags or {}))
+    status = RunStatus.FINISHED
+    try:
+        yield DirectRun(client, run.info.run_id)
+    except KeyboardInterrupt:
+        status = RunStatus.KILLED
+        raise
+    except BaseException:
+        status = RunStatus.FAILED
+        raise
+    finally:
+        client.set_terminated(run.info.run_id, RunStatus.to_string(status))
+
+
+def register_model(
+    run_id: str,
+    artifact_path: str,
+    name: str,
+    tags: Mapping[str, str] | None = None,
+    client: MlflowClient | None = None,
+) -> str:
+    """Register an artifact of a run as a version of model `name` (once: a version with the same
+    run and source is reused); return the version."""
+    client = client or store_client()
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    for existing in client.search_model_versions(f"run_id = '{run_id}'"):
+        if existing.name == name and existing.source == source:
+            return existing.version
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=dict(tags or {}))
+    return version.version
+
+
+def download_registered_checkpoint(model_uri: str, workdir: Path) -> tuple[Path, str]:
+    """Download the checkpoint of models:/NAME/VERSION; return its local path and "NAME/VERSION"."""
+    if not model_uri.startswith("models:/") or model_uri.count("/") != 2:
+        raise ValueError(f"{model_uri!r}: expected models:/NAME/VERSION")
+    name, version = model_uri.removeprefix("models:/").split("/")
+    try:
+        source = store_client().get_model_version(name, version).source
+    except MlflowException as e:
+        raise ValueError(f"{model_uri}: not in the registry of {tracking_uri()} ({e.message})") from e
+    path = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(workdir))
+    return Path(path), f"{name}/{version}"
+
+
+def download_run_checkpoint(run_id: str, workdir: Path, artifact: str = "checkpoints/best.pt") -> Path:
+    """Download a run's logged checkpoint."""
+    store_client()
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/{artifact}", dst_path=str(workdir)))
+
+
+def log_text_to_run(run_id: str, text: str, artifact_file: str) -> bool:
+    """Add a text artifact to an existing run (its status untouched); False when the store lacks the run."""
+    if find_run(run_id) is None:
+        return False
+    store_client().log_text(run_id, text, artifact_file)
+    return True

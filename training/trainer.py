@@ -1,0 +1,281 @@
+"""The one training skeleton every job runs through, top to bottom:
+
+    device, precision and seed -> data -> model (fresh, pretrained, warm-started or resumed)
+    -> DDP / torch.compile -> epochs: train, validate, checkpoint, log, hooks, early stop
+    -> final metrics -> learning curves, checkpoints and the registered model in MLflow
+
+A job (training/jobs/) declares what differs; nothing here knows images from words.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from training.checkpoint import (
+    FORMAT_VERSION,
+    load_checkpoint,
+    process_seed,
+    restore_rng_state,
+    rng_state,
+    seed_everything,
+)
+from training.devices import DeviceChoice, choose_device, configure_backend, default_print_freq, grad_scaler
+from training.distributed import ProcessGroup, close_process_group, init_process_group
+from training.hardware import Precision
+from training.jobs.base import EpochContext, Job, Optimization, RunConfig
+from training.models.summary import layer_table
+from training.models.weights import warm_start
+from training.session import TrainingSession, training_session
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path  # best.pt, last.pt, the journal
+    run_id: str
+    best_value: float  # the job's best_metric at its best epoch
+    best_epoch: int
+    stop_reason: str
+
+
+class StopTraining(Exception):  # noqa: N818 - a signal, like StopIteration
+    """Raised by an epoch hook to end the run after this epoch (e.g. a pruned sweep trial)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+EpochHook = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class Runtime:
+    """Where and how this process trains."""
+
+    choice: DeviceChoice
+    device: torch.device
+    group: ProcessGroup
+    precision: Precision
+
+
+@dataclass
+class TrainState:
+    """What survives between epochs and across a resume, for every job."""
+
+    epoch: int = 0
+    best_value: float = math.nan  # the job's best_metric at its best epoch
+    best_epoch: int = 0
+    best_val_loss: float = math.inf  # early stopping watches validation loss
+    epochs_since_improvement: int = 0
+    train_seconds: float = 0.0
+    seconds_to_best: float = 0.0
+
+    def update(self, epoch: int, metrics: dict[str, float], seconds: float, job: Job) -> bool:
+        """Record a finished epoch; return whether it is the best so far by the job's metric."""
+        self.epoch = epoch
+        self.train_seconds += seconds
+        value = metrics[job.best_metric]
+        better = value > self.best_value if job.best_mode == "max" else value < self.best_value
+        improved = math.isnan(self.best_value) or better
+        if improved:
+            self.best_value, self.best_epoch, self.seconds_to_best = value, epoch, self.train_seconds
+        if metrics["val/loss"] < self.best_val_loss:
+            self.best_val_loss, self.epochs_since_improvement = metrics["val/loss"], 0
+        else:
+            self.epochs_since_improvement += 1
+        return improved
+
+
+def start_runtime(config: RunConfig) -> Runtime:
+    """Choose the device, join the process group, resolve --amp, seed; print what was chosen and why."""
+    choice = choose_device(config.device)
+    device = choice.device
+    group = init_process_group(device)
+    if group.enabled and device.type == "cuda":
+        device = torch.device("cuda", group.local_rank)
+    configure_backend(device)
+    precision = choice.precision(config.amp)
+    print(choice.describe(), flush=True)
+    print(precision.describe(), flush=True)
+    if precision.warning:
+        print(f"WARNING: {precision.warning}", flush=True)
+    if config.amp_requested is None:
+        config.amp_requested = config.amp
+    config.amp = precision.amp
+    if getattr(config, "print_freq", 0) is None:
+        config.print_freq = default_print_freq(device)
+    seed_everything(process_seed(config.seed, group.rank))
+    return Runtime(choice, device, group, precision)
+
+
+def _checkpoint(job: Job, epoch: int, model: nn.Module, optimization: Optimization, scaler, state: TrainState,
+                metrics: dict[str, float], model_config: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": job.kind,
+        "epoch": epoch,
+        "experiment": job.config.experiment,
+        "model": model.state_dict(),
+        "model_config": model_config,
+        **job.inference_meta(),
+        "optimizer": optimization.optimizer.state_dict(),
+        "scheduler": optimization.scheduler.state_dict() if optimization.scheduler else None,
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+        "train_state": asdict(state),
+        "job_state": job.state_dict(),
+        "metrics": metrics,
+        "config": job.config.as_dict(),
+    }
+
+
+def _restore(saved: dict[str, Any], job: Job, model: nn.Module, optimization: Optimization, scaler) -> TrainState:
+    model.load_state_dict(saved["model"])
+    optimization.optimizer.load_state_dict(saved["optimizer"])
+    if optimization.scheduler is not None and saved.get("scheduler"):
+        optimization.scheduler.load_state_dict(saved["scheduler"])
+    if saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    restore_rng_state(saved["rng"])
+    job.load_state_dict(saved["job_state"])
+    return TrainState(**saved["train_state"])
+
+
+def _model_summary(session: TrainingSession, job: Job, model: nn.Module) -> None:
+    example = job.example_input()
+    session.run.log_text(layer_table(model, example), "model_summary.txt")
+    if not job.summary_graph:
+        return
+    model.eval()
+    try:
+        with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns it is deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            session.run.writer.add_graph(model, example)
+    except Exception as e:  # tracing is a nicety; never fail a training run over it
+        print(f"warning: TensorBoard graph not written: {e}")
+
+
+def train(
+    job_class: type[Job],
+    config: RunConfig,
+    resume: Path | None = None,
+    on_epoch: EpochHook | None = None,
+    register: bool = True,
+) -> TrainResult:
+    """Train (or resume) `job_class` with `config`; return where the run is and how it ended.
+
+    `on_epoch(epoch, metrics)` runs after each epoch is checkpointed and logged; raising
+    StopTraining there ends the run cleanly. `register=False` publishes without registering.
+    """
+    saved = load_checkpoint(resume, kind=job_class.kind) if resume else None
+    runtime = start_runtime(config)
+    job = job_class(config, runtime)
+    tags = {**job.build_data(), **config.tags, "amp_reason": runtime.precision.reason}
+    model_config = job.model_config()
+    model = job.build_model(model_config)
+    warm = warm_start(job, model) if not saved else {}
+    model = job.prepare_model(model.to(runtime.device))
+    optimization = job.build_optimization(model, job.steps_per_epoch())
+    scaler = grad_scaler(runtime.device, config.amp)
+    state = TrainState()
+    if saved:
+        state = _restore(saved, job, model, optimization, scaler)
+        if runtime.group.rank:  # the checkpoint holds rank 0's RNG; other ranks draw their own augmentations
+            seed_everything(process_seed(config.seed, runtime.group.rank, state.epoch))
+    # DDP averages gradients across processes; evaluation uses the plain module (no collectives).
+    trained = model
+    if runtime.group.enabled:
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        trained = DistributedDataParallel(model, device_ids=device_ids)
+    trained = torch.compile(trained) if config.compile else trained
+    reduce = runtime.group.sum if runtime.group.enabled else None
+
+    params = {**job.run_params(), **warm, **runtime.choice.features()}
+    with training_session(config, job.kind, saved, resume, runtime.choice, tags, params,
+                          runtime.group.is_main) as session:  # fmt: skip
+        run = session.run
+        if saved:
+            session.catch_up(saved, "val/loss")
+        elif session.active:
+            _model_summary(session, job, model)
+        logged = run.logged_steps(next(iter(job.step_metrics), "")) if saved and job.step_metrics else set()
+
+        def log_step(metrics: dict[str, float], step: int) -> None:
+            if step not in logged:  # a replayed epoch (after a crash) must not log its steps twice
+                run.log_metrics(metrics, step=step)
+
+        stop_reason = f"completed {config.epochs} epochs"
+        for epoch in range(state.epoch + 1, config.epochs + 1):
+            job.before_epoch(epoch, optimization)
+            lr = optimization.optimizer.param_groups[0]["lr"]
+            start = time.perf_counter()
+            context = EpochContext(epoch, optimization, scaler, log_step, reduce)
+            metrics = job.train_epoch(trained, context)
+            metrics.update(job.evaluate(model, reduce))
+            if optimization.scheduler is not None and not optimization.scheduler_per_batch:
+                optimization.scheduler.step()
+            metrics.update({"lr": lr, "time/epoch_seconds": time.perf_counter() - start})
+            improved = state.update(epoch, metrics, metrics["time/epoch_seconds"], job)
+            job.after_epoch(improved)
+            print(job.epoch_line(epoch, metrics), flush=True)
+            # Checkpoint first, then metrics: a resume logs whatever a crash in between left out.
+            checkpoint = _checkpoint(job, epoch, model, optimization, scaler, state, metrics, model_config)
+            session.save_epoch(checkpoint, improved)
+            run.log_metrics(metrics, step=epoch)
+            run.sync_tensorboard()
+            try:
+                if on_epoch is not None:
+                    on_epoch(epoch, metrics)
+            except StopTraining as stop:
+                stop_reason = stop.reason
+                print(f"=> {stop_reason}", flush=True)
+                break
+            if config.early_stop_patience and state.epochs_since_improvement >= config.early_stop_patience:
+                stop_reason = (f"early stop: val loss has not improved for {state.epochs_since_improvement} epochs "
+                               f"(best {state.best_val_loss:.4f})")  # fmt: skip
+                print(f"=> {stop_reason}", flush=True)
+                break
+
+        if session.active:
+            final = job.finish(model, session.best)
+            best_name = "best/" + job.best_metric.replace("/", "_")  # best/val_acc1, best/val_loss
+            run.log_metrics({**final, "time/total_seconds": state.train_seconds, "time/to_best_seconds":
+                             state.seconds_to_best, best_name: state.best_value, "best/epoch": state.best_epoch},
+                            step=state.epoch)  # fmt: skip
+            run.set_tags({"stop_reason": stop_reason})
+            registry_tags = job.registry_tags(state.best_value, state.best_epoch, final)
+            session.publish(config.registered_model if register else None, registry_tags, job.panels)
+    close_process_group(runtime.group)
+    return TrainResult(session.run_dir, session.run.run_id, state.best_value, state.best_epoch, stop_reason)
+
+
+def main() -> None:
+    """torchrun's entry point: `python -m training.trainer --job KIND --config CONFIG.json [--resume CKPT]`."""
+    import argparse
+    import json
+
+    from training.jobs import job_for
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--job", required=True)
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--resume", type=Path, default=None)
+    args = parser.parse_args()
+    job_class = job_for(args.job)
+    # the config class checks every value as the CLI does
+    config = job_class.config_class(**json.loads(args.config.read_text(encoding="utf-8")))
+    train(job_class, config, args.resume)
+
+
+if __name__ == "__main__":
+    main()
