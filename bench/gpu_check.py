@@ -94,7 +94,9 @@ def unique_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def resident_images(data: Path | None, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+def resident_images(
+    data: Path | None, size: int, device: torch.device, cache_dir: Path
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """uint8 (N, 3, 64, 64) channels_last images and labels on the device: the real slice's decoded
     cache, or random images of Tiny-ImageNet's full size when no data is given."""
     if data is not None:
@@ -102,7 +104,7 @@ def resident_images(data: Path | None, size: int, device: torch.device) -> tuple
         from training.data.tinyimagenet import load_tinyimagenet
 
         ds = load_tinyimagenet(data)
-        cache = build_cache(ds, "train", REPO / "data" / "cache")
+        cache = build_cache(ds, "train", cache_dir)
         images = torch.from_numpy(cache.images[:]).to(device).permute(0, 3, 1, 2)
         return images, torch.from_numpy(cache.labels).to(device), ds.num_classes
     images = torch.randint(0, 256, (size, 64, 64, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
@@ -110,7 +112,7 @@ def resident_images(data: Path | None, size: int, device: torch.device) -> tuple
 
 
 def throughput(args, device: torch.device, budget: Budget) -> list[Row]:
-    images, labels, classes = resident_images(args.data, args.images, device)
+    images, labels, classes = resident_images(args.data, args.images, device, args.cache_dir)
     rows = []
     for compiled in (False, True):
         for stem in ("imagenet", "small"):
@@ -121,7 +123,10 @@ def throughput(args, device: torch.device, budget: Budget) -> list[Row]:
                     continue
                 torch.manual_seed(0)
                 model = build_classifier("resnet18", classes, stem).to(device, memory_format=torch.channels_last)
-                trained = torch.compile(model) if compiled else model
+                # on the CPU smoke run, dynamo alone (no inductor C++ build): the recompile count is the point
+                trained = (
+                    torch.compile(model, backend="eager" if args.smoke_on_cpu else "inductor") if compiled else model
+                )
                 optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
                 batches = TensorBatches(
                     lambda i: (images[i], labels[i]), len(labels), batch, shuffle=True, drop_last=True, device=device
@@ -175,7 +180,7 @@ def fast_recipe(args, workdir: Path, budget: Budget) -> tuple[list[Row], Path | 
     extra = ["--limit-train", "64", "--limit-val", "32", "-b", "16"] if args.smoke_on_cpu else ["--compile"]
     start = time.perf_counter()
     out = dlops("train", "resnet", str(args.data), "--recipe", "fast", "--epochs", epochs, "--device", device,
-                "--data-cache", str(REPO / "data" / "cache"), "--out-dir", str(workdir / "runs"), "-p", "0",
+                "--data-cache", str(args.cache_dir), "--out-dir", str(workdir / "runs"), "-p", "0",
                 "--experiment", "gpu-check", "--offline", *extra, env=env, timeout=max(budget.left(), 60))  # fmt: skip
     wall = time.perf_counter() - start
     (args.out / "fast_recipe.log").write_text(out.stdout + out.stderr, encoding="utf-8")
@@ -236,7 +241,7 @@ def ddp(args, workdir: Path, budget: Budget) -> list[Row]:
     extra = ["--limit-train", "64", "--limit-val", "32", "-b", "16"] if args.smoke_on_cpu else ["-b", "512"]
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
     out = dlops("train", "resnet", str(args.data), "--recipe", "fast", "--epochs", "2", "--device", device,
-                "--nproc-per-node", n, "--data-cache", str(REPO / "data" / "cache"), "-p", "0",
+                "--nproc-per-node", n, "--data-cache", str(args.cache_dir), "-p", "0",
                 "--out-dir", str(workdir / "ddp"), "--experiment", "gpu-check-ddp", "--offline", *extra, env=env,
                 timeout=max(budget.left(), 60))  # fmt: skip
     (args.out / "ddp.log").write_text(out.stdout + out.stderr, encoding="utf-8")
@@ -293,6 +298,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help="the Tiny-ImageNet slice (original layout)")
     parser.add_argument("--out", type=Path, default=Path("gpu-check"), help="folder for gpu_check.json and logs")
+    parser.add_argument("--cache-dir", type=Path, default=REPO / "data" / "cache", help="decoded-cache folder")
     parser.add_argument("--budget-s", type=float, default=480.0, help="stop starting new checks after this long")
     parser.add_argument("--images", type=int, default=100_000, help="random resident images when no --data")
     parser.add_argument("--amp", default="bf16", choices=["off", "bf16", "fp16"])

@@ -54,7 +54,7 @@ def inference_meta(state: dict[str, Any], job: type[Job]) -> dict[str, Any]:
     """meta.json: the model's config and what inference needs (the job's inference keys), traceable to its run."""
     meta = {"kind": state["kind"], "run_id": state.get("run_id"), "epoch": state.get("epoch"),
             "model_config": state["model_config"]}  # fmt: skip
-    return {**meta, **{key: state[key] for key in job.inference_keys}}
+    return {**meta, **{key: state[key] for key in job.serving.inference_keys}}
 
 
 def build_mar(

@@ -37,6 +37,7 @@ class ServeOptions:
     batch_size: int = 8
     max_batch_delay_ms: int = 20
     torch_threads: int = 1
+    amp: str = "auto"  # the classifier's precision: auto (bf16 where native), off, bf16
     timeout_s: float = 180.0
 
 
@@ -127,6 +128,7 @@ def start(options: ServeOptions) -> dict[str, str]:
         "LOG_LOCATION": str(state / "logs"),
         "METRICS_LOCATION": str(state / "logs"),
         "DLOPS_TORCH_THREADS": str(options.torch_threads),
+        "DLOPS_SERVE_AMP": options.amp,
     }
     torchserve = Path(sys.executable).with_name("torchserve")
     command = [str(torchserve), "--start", "--ts-config", str(config), "--model-store",

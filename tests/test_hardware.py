@@ -132,6 +132,24 @@ def test_gpu_check_refuses_cleanly_without_cuda(tmp_path):
     assert not (tmp_path / "gpu_check.json").exists()
 
 
+def test_gpu_check_runs_every_path_on_the_cpu_in_smoke_mode(tiny_dataset, tmp_path):
+    """The self-check cannot run on a GPU here; its own code must still work (toy sizes on the CPU)."""
+    result = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke-on-cpu", "--data", str(tiny_dataset),
+                             "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")],
+                            cwd=REPO, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    checks = {row["check"] for row in report["rows"]}
+    assert checks == {"resident cache throughput", "--recipe fast on the real slice", "LM tokens/s", "DDP (nccl)",
+                      "TorchServe on the GPU"}  # fmt: skip
+    for row in report["rows"]:
+        assert "FAILED" not in row["note"] and "PROBLEM" not in row["note"], row
+        if row["check"] != "TorchServe on the GPU":  # skipped where Java is missing
+            assert "skipped" not in row["note"], row
+    compiled = [r for r in report["rows"] if r["values"].get("compiled")]
+    assert compiled and all(r["values"]["recompiles"] == 0 for r in compiled), compiled
+
+
 def test_input_layout_follows_the_channels_last_option():
     transform = BatchTransform("flip-crop", (0.5,) * 3, (0.25,) * 3, train=True)
     # decoded batches are H x W x 3 rows viewed as N x 3 x H x W: channels_last strides

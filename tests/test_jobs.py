@@ -26,7 +26,7 @@ from training.data.synthetic import write_synthetic_corpus, write_synthetic_tiny
 from training.data.text import load_corpus
 from training.data.tinyimagenet import load_tinyimagenet
 from training.jobs import JOBS, LMConfig, ResNetConfig
-from training.jobs.base import EpochContext, Job, Optimization, RunConfig, ServingSpec
+from training.jobs.base import Criterion, EpochContext, Job, Optimization, RunConfig, ServingSpec
 from training.models.classifier import build_classifier
 from training.models.weights import copy_matching, torchvision_weights
 from training.options import cli_fields, option
@@ -123,11 +123,9 @@ class ToyJob(Job):
     kind = "toy"
     data_hint = "nothing (the data are generated)"
     config_class = ToyConfig
-    best_metric, best_mode = "val/loss", "min"
+    best = Criterion("val/loss", higher_is_better=False)
     panels: ClassVar = {"loss": ["train/loss", "val/loss"]}
-    sweep_metric, sweep_mode = "val/loss", "min"
     serving = ServingSpec("toy", "none.py", "none.py")
-    inference_keys = ()
 
     def build_data(self) -> dict[str, Any]:
         x = torch.linspace(-1, 1, 64)[:, None]

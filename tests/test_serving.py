@@ -77,6 +77,7 @@ def server(model_store, tmp_path_factory):
         workers=1,
         batch_size=4,
         max_batch_delay_ms=50,
+        amp="off",  # fp32, so that HTTP answers equal the fp32 evaluation below bit for bit
     )
     keys = start(options)
     yield options, keys
@@ -337,3 +338,29 @@ def test_the_readme_request_table_is_the_fields_table():
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert markdown_table(GENERATION_FIELDS) in readme, "regenerate it: python serving/handlers/request_fields.py"
+
+
+@pytest.mark.parametrize(("serve_amp", "native", "expected"), [("auto", "1", "bf16"), ("auto", "0", "off"),
+                                                              ("off", "1", "off")])  # fmt: skip
+def test_the_classifier_serves_in_the_precision_the_device_suits(model_store, tiny_dataset, tmp_path, serve_amp,
+                                                                  native, expected):  # fmt: skip
+    with zipfile.ZipFile(model_store / "resnet.mar") as zf:
+        zf.extractall(tmp_path / "resnet")
+    images = [str(p) for p, _ in load_tinyimagenet(tiny_dataset).val]
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(tmp_path / "resnet")!r})
+from image_classifier import ImageClassifier
+class Context:
+    system_properties = {{"model_dir": {str(tmp_path / "resnet")!r}}}
+    manifest = json.load(open({str(tmp_path / "resnet" / "MAR-INF" / "MANIFEST.json")!r}))
+    def get_all_request_header(self, idx): return {{}}
+handler = ImageClassifier(); handler.initialize(Context())
+answers = handler.handle([{{"body": open(p, "rb").read()}} for p in {images!r}], Context())
+print(json.dumps({{"amp": handler.amp, "top1": [a[0]["wnid"] for a in answers]}}))
+"""
+    env = {**os.environ, "DLOPS_SERVE_AMP": serve_amp, "DLOPS_CPU_NATIVE_BF16": native}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["amp"] == expected and len(answer["top1"]) == len(images)

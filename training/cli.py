@@ -440,6 +440,13 @@ def _show_answer(status: int, answer: Any) -> None:
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="server-side batching")
 @click.option("--max-batch-delay", type=click.IntRange(0), default=20, show_default=True, help="milliseconds")
 @click.option("--torch-threads", type=click.IntRange(1), default=1, show_default=True, help="torch threads per worker")
+@click.option(
+    "--amp",
+    type=click.Choice(["auto", "off", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="the classifier's precision; auto: bf16 where the device has it natively (generation stays fp32)",
+)
 def serve_command(no_auth: bool, max_batch_delay: int, **options: Any) -> None:
     """Start TorchServe on 127.0.0.1 with every .mar in --model-store and wait until they are healthy."""
     from serving.server import ServeOptions, start

@@ -179,7 +179,8 @@ class SweepSpec:
 
 def metric_direction(job: type[Job]) -> tuple[str, str]:
     """The per-epoch validation metric a sweep of this job optimizes, and which way is better."""
-    return (job.sweep_metric, "maximize" if job.sweep_mode == "max" else "minimize")
+    criterion = job.sweep_criterion()
+    return criterion.metric, criterion.direction
 
 
 def default_study_name(kind: str, fixed: dict[str, Any], space: list[Dimension]) -> str:

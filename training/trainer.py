@@ -42,7 +42,7 @@ from training.session import TrainingSession, training_session
 class TrainResult:
     run_dir: Path  # best.pt, last.pt, the journal
     run_id: str
-    best_value: float  # the job's best_metric at its best epoch
+    best_value: float  # the job's best metric at its best epoch
     best_epoch: int
     stop_reason: str
 
@@ -73,7 +73,7 @@ class TrainState:
     """What survives between epochs and across a resume, for every job."""
 
     epoch: int = 0
-    best_value: float = math.nan  # the job's best_metric at its best epoch
+    best_value: float = math.nan  # the job's best metric at its best epoch
     best_epoch: int = 0
     best_val_loss: float = math.inf  # early stopping watches validation loss
     epochs_since_improvement: int = 0
@@ -84,9 +84,8 @@ class TrainState:
         """Record a finished epoch; return whether it is the best so far by the job's metric."""
         self.epoch = epoch
         self.train_seconds += seconds
-        value = metrics[job.best_metric]
-        better = value > self.best_value if job.best_mode == "max" else value < self.best_value
-        improved = math.isnan(self.best_value) or better
+        value = metrics[job.best.metric]
+        improved = math.isnan(self.best_value) or job.best.better(value, self.best_value)
         if improved:
             self.best_value, self.best_epoch, self.seconds_to_best = value, epoch, self.train_seconds
         if metrics["val/loss"] < self.best_val_loss:
@@ -248,7 +247,7 @@ def train(
 
         if session.active:
             final = job.finish(model, session.best)
-            best_name = "best/" + job.best_metric.replace("/", "_")  # best/val_acc1, best/val_loss
+            best_name = "best/" + job.best.metric.replace("/", "_")  # best/val_acc1, best/val_loss
             run.log_metrics({**final, "time/total_seconds": state.train_seconds, "time/to_best_seconds":
                              state.seconds_to_best, best_name: state.best_value, "best/epoch": state.best_epoch},
                             step=state.epoch)  # fmt: skip

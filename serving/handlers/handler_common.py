@@ -80,7 +80,14 @@ def error_answer(context: Any, index: int, error: Exception) -> dict:
 
 
 class BaseHandler:
-    """TorchServe calls initialize(context) once per worker, then handle(batch, context) per batch."""
+    """TorchServe calls initialize(context) once per worker, then handle(batch, context) per batch.
+
+    `mixed_precision = True` lets a handler run its model under the precision `dlops serve --amp`
+    resolves for the device (auto: bf16 on a GPU or a CPU with native bf16, else fp32), the same
+    choice training makes (dlops_hardware.py is training/hardware.py).
+    """
+
+    mixed_precision = False
 
     def initialize(self, context: Any) -> None:
         properties = context.system_properties
@@ -95,9 +102,24 @@ class BaseHandler:
         model = self.build_model(self.meta["model_config"])
         model.load_state_dict(weights)
         self.model = model.eval().to(self.device)
+        self.amp = self._precision() if self.mixed_precision else "off"
         self.setup()
-        log.info("dlops handler %s running on %s", type(self).__name__, self.device)  # in TorchServe's model_log
+        log.info("dlops handler %s running on %s, precision %s", type(self).__name__, self.device, self.amp)
         self.initialized = True
+
+    def _precision(self) -> str:
+        from dlops_hardware import cpu_facts, gpu_facts, resolve_amp
+
+        gpu = gpu_facts(self.device.index or 0) if self.device.type == "cuda" else None
+        choice = resolve_amp(os.environ.get("DLOPS_SERVE_AMP", "auto"), self.device.type, cpu_facts(), gpu)
+        if choice.warning:
+            log.warning(choice.warning)
+        return choice.amp
+
+    def autocast(self):
+        """The model's precision for one forward pass."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def build_model(self, model_config: dict) -> torch.nn.Module:
         raise NotImplementedError

@@ -85,11 +85,28 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class ServingSpec:
-    """What packaging needs: the TorchServe model name, the handler and the model file it imports."""
+    """What packaging needs: the TorchServe model name, the handler, the model file it imports and
+    the checkpoint entries inference needs beside the weights and model_config."""
 
     name: str  # /predictions/<name>
     handler: str  # serving/handlers/<handler>
     model_file: str  # training/models/<model_file>, shipped in the .mar as dlops_<model_file>
+    inference_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A validation metric and which way is better: picks the best epoch, or what a sweep optimizes."""
+
+    metric: str
+    higher_is_better: bool
+
+    def better(self, value: float, than: float) -> bool:
+        return value > than if self.higher_is_better else value < than
+
+    @property
+    def direction(self) -> str:
+        return "maximize" if self.higher_is_better else "minimize"
 
 
 @dataclass
@@ -116,13 +133,10 @@ class Job:
     kind: ClassVar[str]
     data_hint: ClassVar[str]  # what DATA is, for the error when it is missing
     config_class: ClassVar[type[RunConfig]]
-    best_metric: ClassVar[str]  # picks the best epoch (best.pt, the registered version)
-    best_mode: ClassVar[str]  # "max" or "min"
-    sweep_metric: ClassVar[str]  # what a sweep optimizes, reported every epoch
-    sweep_mode: ClassVar[str]
+    best: ClassVar[Criterion]  # picks the best epoch (best.pt, the registered version)
+    sweep: ClassVar[Criterion | None] = None  # what a sweep optimizes, reported every epoch (default: best)
     panels: ClassVar[dict[str, list[str]]]  # learning-curve picture: panel title -> metrics
     serving: ClassVar[ServingSpec]
-    inference_keys: ClassVar[tuple[str, ...]]  # checkpoint entries inference needs beside model_config
     summary_graph: ClassVar[bool] = False  # also trace the model into TensorBoard
     step_metrics: ClassVar[tuple[str, ...]] = ()  # metrics logged per global step inside an epoch
 
@@ -156,7 +170,7 @@ class Job:
         return model
 
     def inference_meta(self) -> dict[str, Any]:
-        """The `inference_keys` entries of a checkpoint (class names, vocabulary...)."""
+        """The checkpoint entries named by `serving.inference_keys` (class names, vocabulary...)."""
         raise NotImplementedError
 
     def check_warm_start(self, source: dict[str, Any]) -> None:
@@ -196,8 +210,12 @@ class Job:
         """Params beyond the config (resolved values such as the per-process batch size)."""
         return {}
 
+    @classmethod
+    def sweep_criterion(cls) -> Criterion:
+        return cls.sweep or cls.best
+
     def registry_tags(self, best_value: float, best_epoch: int, final: dict[str, float]) -> dict[str, str]:
-        return {self.best_metric.replace("/", "_"): f"{best_value:.3f}", "epoch": str(best_epoch)}
+        return {self.best.metric.replace("/", "_"): f"{best_value:.3f}", "epoch": str(best_epoch)}
 
     # what survives a resume besides the model, optimizer and RNG
     def state_dict(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from training.checkpoint import load_checkpoint
 from training.data.text import batchify, load_corpus
-from training.jobs.base import EpochContext, Job, Optimization, RunConfig, ServingSpec
+from training.jobs.base import Criterion, EpochContext, Job, Optimization, RunConfig, ServingSpec
 from training.loops.language import evaluate_lm, perplexity, train_lm_epoch
 from training.models.wordlm import MODEL_TYPES, build_language_model
 from training.options import option
@@ -57,14 +57,12 @@ def ruler(char: str) -> str:
 class LMJob(Job):
     """A word-level language model on DATA (train.txt/valid.txt/test.txt or wiki.*.tokens)."""
 
-    kind = "lm"
+    kind, config_class = "lm", LMConfig
     data_hint = "a folder with train.txt, valid.txt and test.txt"
-    config_class = LMConfig
-    best_metric, best_mode = "val/loss", "min"
-    sweep_metric, sweep_mode = "val/ppl", "min"
+    best = Criterion("val/loss", higher_is_better=False)  # as the example: the model kept for test
+    sweep = Criterion("val/ppl", higher_is_better=False)  # what people compare LMs by
     panels: ClassVar = {"loss": ["train/epoch_loss", "val/loss"], "perplexity": ["val/ppl"]}
-    serving = ServingSpec("lm", "text_generator.py", "wordlm.py")
-    inference_keys = ("vocab", "window")
+    serving = ServingSpec("lm", "text_generator.py", "wordlm.py", inference_keys=("vocab", "window"))
     step_metrics = ("train/loss", "train/ppl")
     config: LMConfig
 

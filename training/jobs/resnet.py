@@ -18,7 +18,7 @@ from training.data.images import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD
 from training.data.pipeline import ImagePipeline, build_pipeline
 from training.devices import choose_device
 from training.hardware import AMP_CHOICES, device_class
-from training.jobs.base import EpochContext, Job, Optimization, RunConfig, ServingSpec
+from training.jobs.base import Criterion, EpochContext, Job, Optimization, RunConfig, ServingSpec
 from training.loops.classify import EpochResult, evaluate, train_one_epoch
 from training.models.classifier import ARCHS, STEMS, build_classifier
 from training.options import internal, option
@@ -86,14 +86,12 @@ class ResNetConfig(RunConfig):
 class ResNetJob(Job):
     """Tiny-ImageNet at DATA (original layout; see README) with any torchvision classifier."""
 
-    kind = "resnet"
+    kind, config_class = "resnet", ResNetConfig
     data_hint = "a Tiny-ImageNet folder, or --dummy for synthetic tensors"
-    config_class = ResNetConfig
-    best_metric, best_mode = "val/acc1", "max"
-    sweep_metric, sweep_mode = "val/acc1", "max"
+    best = Criterion("val/acc1", higher_is_better=True)  # as the ImageNet example; sweeps optimize it too
     panels: ClassVar = {"loss": ["train/loss", "val/loss"], "Acc@1 (%)": ["train/acc1", "val/acc1"]}
-    serving = ServingSpec("resnet", "image_classifier.py", "classifier.py")
-    inference_keys = ("classes", "labels", "image_size", "normalization")
+    serving = ServingSpec("resnet", "image_classifier.py", "classifier.py",
+                          inference_keys=("classes", "labels", "image_size", "normalization"))  # fmt: skip
     summary_graph = True
     config: ResNetConfig
 

@@ -40,7 +40,7 @@ def gather(client, runs: list[collect.RunFacts], mlflow_url: str | None) -> tupl
     }
     pictures: list[Picture] = []
     if sections["curves"]:
-        kinds = sorted({s["kind"] for s in sections["curves"]["series"]})
+        kinds = sorted({s["kind"] for s in sections["curves"]["series"]}, reverse=True)  # ResNet first
         sections["curves"]["pictures"] = [learning_curves(sections["curves"]["series"], kind) for kind in kinds]
         pictures += sections["curves"]["pictures"]
     for comparison in (sections["evaluation"] or {}).get("comparisons", []):

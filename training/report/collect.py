@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,30 +105,35 @@ def varying_params(runs: list[RunFacts]) -> list[str]:
 
 
 def overview_section(client: MlflowClient, runs: list[RunFacts], mlflow_url: str | None) -> dict | None:
+    """One table per job kind: a row per run, the params that differ between that kind's runs."""
     trained = training_runs(runs)
     if not trained:
         return None
-    varying = varying_params(trained)
-    rows = []
-    for r in trained:
-        epochs = len(r.history(client, "val/loss"))
-        url = f"{mlflow_url.rstrip('/')}/#/experiments/{r.run.info.experiment_id}/runs/{r.id}" if mlflow_url else None
-        row = {"run": r, "name": r.name, "kind": r.kind.removeprefix("train-"), "url": url,
-               "params": [r.params.get(p, "") for p in varying], "epochs": epochs,
-               "seconds": r.metrics.get("time/total_seconds"), "device": r.tags.get("device_name", "")}  # fmt: skip
-        if r.kind == "train-resnet":
-            acc5 = r.history(client, "val/acc5")
-            rate = r.history(client, "time/images_per_second")
-            row.update(best_acc1=r.metrics.get("best/val_acc1"), best_acc5=max((v for _, v in acc5), default=None),
-                       rate=sum(v for _, v in rate) / len(rate) if rate else None, rate_unit="images/s")  # fmt: skip
-        else:
-            ppl = r.history(client, "val/ppl")
-            rate = r.history(client, "time/tokens_per_second")
-            row.update(best_ppl=min((v for _, v in ppl), default=None), test_ppl=r.metrics.get("test/ppl"),
-                       rate=sum(v for _, v in rate) / len(rate) if rate else None, rate_unit="tokens/s")  # fmt: skip
-        rows.append(row)
-    return {"varying": varying, "rows": rows, "has_resnet": any(r.kind == "train-resnet" for r in trained),
-            "has_lm": any(r.kind == "train-lm" for r in trained)}  # fmt: skip
+    groups = []
+    for kind in sorted({r.kind for r in trained}, reverse=True):  # train-resnet first
+        of_kind = [r for r in trained if r.kind == kind]
+        varying = varying_params(of_kind)
+        groups.append({"kind": kind.removeprefix("train-"), "varying": varying,
+                       "rows": [_overview_row(client, r, varying, mlflow_url) for r in of_kind]})  # fmt: skip
+    return {"groups": groups}
+
+
+def _overview_row(client: MlflowClient, r: RunFacts, varying: list[str], mlflow_url: str | None) -> dict:
+    url = f"{mlflow_url.rstrip('/')}/#/experiments/{r.run.info.experiment_id}/runs/{r.id}" if mlflow_url else None
+    row = {"run": r, "name": r.name, "kind": r.kind.removeprefix("train-"), "url": url,
+           "params": [r.params.get(p, "") for p in varying], "epochs": len(r.history(client, "val/loss")),
+           "seconds": r.metrics.get("time/total_seconds"), "device": r.tags.get("device_name", "")}  # fmt: skip
+    if r.kind == "train-resnet":
+        acc5 = r.history(client, "val/acc5")
+        rate = r.history(client, "time/images_per_second")
+        row.update(best_acc1=r.metrics.get("best/val_acc1"), best_acc5=max((v for _, v in acc5), default=None),
+                   rate=sum(v for _, v in rate) / len(rate) if rate else None, rate_unit="images/s")  # fmt: skip
+    else:
+        ppl = r.history(client, "val/ppl")
+        rate = r.history(client, "time/tokens_per_second")
+        row.update(best_ppl=min((v for _, v in ppl), default=None), test_ppl=r.metrics.get("test/ppl"),
+                   rate=sum(v for _, v in rate) / len(rate) if rate else None, rate_unit="tokens/s")  # fmt: skip
+    return row
 
 
 def overfitting_epoch(train: list[tuple[int, float]], val: list[tuple[int, float]]) -> int | None:
@@ -181,6 +187,7 @@ def bench_section(client: MlflowClient, runs: list[RunFacts]) -> dict | None:
 
 
 def _download_text(client: MlflowClient, run_id: str, path: str) -> str | None:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no bar
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = client.download_artifacts(run_id, path, tmp)

@@ -55,7 +55,8 @@ def learning_curves(series: list[dict], kind: str) -> Picture:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     quality_ax.legend(fontsize=8)
-    if kind == "train-lm":
+    values = [v for s in runs for _, v in s["quality"]]
+    if kind == "train-lm" and values and max(values) > 10 * min(values):  # perplexity falls by orders
         quality_ax.set_yscale("log")
     name = "curves-resnet.png" if kind == "train-resnet" else "curves-lm.png"
     return Picture(name, _png(figure), f"learning curves of {len(runs)} runs ({kind.removeprefix('train-')})")

@@ -18,13 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import RunStatus
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from torch.utils.tensorboard import SummaryWriter
 
 from training.tracking.journal import Journal
 from training.tracking.sender import Delivery, Sender, http_client_settings
-from training.tracking.store import check_reachable, ensure_experiment, find_run, store_client, tracking_uri
+from training.tracking.store import check_reachable, ending, ensure_experiment, find_run, store_client, tracking_uri
 
 # Short runs would end before MLflow's default 10 s sampling logs anything.
 SYSTEM_METRICS_INTERVAL_S = 2.0
@@ -211,22 +210,17 @@ def open_run(
         run = RunTracker(journal, run_id, sender)
         monitor = JournalSystemMetrics(run)
         monitor.start()
-        status = RunStatus.FINISHED
-        try:
-            yield run
-        except KeyboardInterrupt:
-            status = RunStatus.KILLED
-            raise
-        except BaseException:
-            status = RunStatus.FAILED
-            raise
-        finally:
+
+        def end(status: str) -> None:
             monitor.finish()
-            run.end(RunStatus.to_string(status))
-            _finish_delivery(run, journal, sender, uri, sync_timeout_s)
+            run.end(status)
+            _finish_delivery(journal, sender, uri, sync_timeout_s)
+
+        with ending(end):
+            yield run
 
 
-def _finish_delivery(run: RunTracker, journal: Journal, sender: Sender | None, uri: str, timeout_s: float) -> None:
+def _finish_delivery(journal: Journal, sender: Sender | None, uri: str, timeout_s: float) -> None:
     run_dir = journal.dir.parent
     if sender is None:
         print(f"=> offline: {journal.pending} tracking records kept in {journal.dir}; deliver them with: "

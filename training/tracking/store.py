@@ -15,7 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -169,6 +169,22 @@ def environment_tags(device_name: str) -> dict[str, str]:
     }
 
 
+@contextmanager
+def ending(end: Callable[[str], None]) -> Iterator[None]:
+    """Call `end(status)` on the way out: FINISHED, KILLED (Ctrl-C) or FAILED (anything else raised)."""
+    status = RunStatus.FINISHED
+    try:
+        yield
+    except KeyboardInterrupt:
+        status = RunStatus.KILLED
+        raise
+    except BaseException:
+        status = RunStatus.FAILED
+        raise
+    finally:
+        end(RunStatus.to_string(status))
+
+
 class DirectRun:
     """A short run logged synchronously (evaluate, compare): seconds long, nothing to survive."""
 
@@ -197,17 +213,8 @@ def start_run(
     check_reachable(tracking_uri())
     client = store_client()
     run = client.create_run(ensure_experiment(experiment), run_name=run_name, tags=dict(tags or {}))
-    status = RunStatus.FINISHED
-    try:
+    with ending(lambda status: client.set_terminated(run.info.run_id, status)):
         yield DirectRun(client, run.info.run_id)
-    except KeyboardInterrupt:
-        status = RunStatus.KILLED
-        raise
-    except BaseException:
-        status = RunStatus.FAILED
-        raise
-    finally:
-        client.set_terminated(run.info.run_id, RunStatus.to_string(status))
 
 
 def register_model(
