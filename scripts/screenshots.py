@@ -121,7 +121,8 @@ def metrics_overlay(page, base: str, runs: list[str], experiment_id: str, keys: 
     """MLflow's run comparison by metric: `keys` overlaid for every run, by step (epoch)."""
     query = (f"runs={as_json(runs)}&metric={as_json(keys[0])}&experiments={as_json([experiment_id])}"
              f"&plot_metric_keys={as_json(keys)}&plot_layout=%7B%7D&x_axis=step&y_axis_scale=linear"
-             f"&line_smoothness=1&show_point=true&deselected_curves=%5B%5D&last_linear_y_axis_range=%5B%5D")  # fmt: skip
+             "&line_smoothness=1&show_point=true&deselected_curves=%5B%5D"
+             "&last_linear_y_axis_range=%5B%5D")  # fmt: skip
     page.goto(f"{base}/#/metric/{urllib.parse.quote(keys[0], safe='')}?{query}")
     page.wait_for_timeout(5000)
     page.screenshot(path=str(out), clip={"x": 0, "y": 0, "width": 1500, "height": 560})
