@@ -39,7 +39,7 @@ def write_v1_resnet(path, classes: list[str], labels: list[str], run_id: str, da
     cfg = {**V1_RESNET_CONFIG, "data": data, **config}
     model = models.resnet18(weights=None, num_classes=len(classes))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                                weight_decay=cfg["weight_decay"])  # fmt: skip
+                                weight_decay=cfg["weight_decay"], fused=True)  # fmt: skip
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg["lr_step_size"], cfg["lr_gamma"])
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     images, target = torch.randn(4, 3, 64, 64), torch.arange(4) % len(classes)
@@ -58,7 +58,7 @@ def write_v1_resnet(path, classes: list[str], labels: list[str], run_id: str, da
         "scaler": scaler.state_dict(),
         "train_state": {"epoch": epoch, "best_acc1": 25.0, "best_epoch": epoch, "best_val_loss": 1.5,
                         "epochs_since_improvement": 0, "train_seconds": 3.0 * epoch, "seconds_to_best": 3.0 * epoch},
-        "metrics": {name: 1.0 for name in RESNET_METRICS},
+        "metrics": {name: 48 if name == "train/images" else 1.0 for name in RESNET_METRICS},
         "rng": rng_state(),
         "config": cfg,
         "classes": classes,
@@ -81,7 +81,7 @@ def write_v1_lm(path, vocab: list[str], run_id: str, data: str, epoch: int = 1, 
                     "nlayers": cfg["nlayers"], "nhead": cfg["nhead"], "dropout": cfg["dropout"],
                     "tied": cfg["tied"]}  # fmt: skip
     model = build_language_model(**model_config)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], fused=True)
     tokens = torch.randint(len(vocab), (cfg["bptt"] + 1, 2))
     output, _ = model(tokens[:-1])
     nn.functional.cross_entropy(output, tokens[1:].reshape(-1)).backward()

@@ -193,6 +193,8 @@ def test_small_stem_is_refused_where_it_does_not_apply_and_the_list_says_where_i
     )
     listing = run_cli("summary", "--list").output.splitlines()
     assert "resnet18  (--stem small)" in listing and "vgg11" in listing and len(listing) >= 80
+    assert "must be a multiple of 14" in cli_error("summary", "-a", "vit_h_14")
+    assert any(line.startswith("inception_v3  (inception_v3 needs inputs of at least 75x75") for line in listing)
 
 
 def test_a_non_resnet_arch_trains(tiny_dataset, tmp_path, client):

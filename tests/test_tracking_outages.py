@@ -17,6 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO, artifact_paths, latest_run, metric_steps
+from training.tracking import Journal
 
 FAST = ["-b", "8", "-j", "0", "-p", "0", "--lr", "0.02"]
 EPOCH_METRICS = ("train/loss", "val/loss", "val/acc1", "lr", "time/epoch_seconds")
@@ -139,7 +140,10 @@ def test_an_outage_mid_training_costs_no_training_time(server, tiny_dataset, tmp
     logged_after = [m for m in client.get_metric_history(run.info.run_id, "val/acc1") if m.timestamp > back_ms]
     assert logged_after, "training ended before the server was back: the outage was not mid-training"
     with_outage, without = total_seconds(client, run.info.run_id), total_seconds(client, baseline.info.run_id)
-    print(f"outage {outage:.1f} s; training {with_outage:.1f} s with it, {without:.1f} s without")
+    journal = Journal(tmp_path / run.info.run_id)
+    print(f"outage {outage:.1f} s; training {with_outage:.1f} s with it, {without:.1f} s without; "
+          f"{journal.delivered} of {len(journal.records)} journal records delivered")  # fmt: skip
+    assert journal.delivered == len(journal.records)
     assert with_outage <= 1.1 * without, f"training took {with_outage:.1f} s with a {outage:.1f} s outage"
 
 

@@ -20,7 +20,7 @@ from training.devices import DeviceError
 from training.distributed import launch, under_torchrun
 from training.jobs import JOBS, Job, make_config
 from training.jobs.resnet import DEFAULT_WORKERS
-from training.models.classifier import ARCHS, STEMS, small_stem_applies
+from training.models.classifier import ARCHS, STEMS, input_size_problem, small_stem_applies
 from training.options import click_options
 from training.tracking import JournalBusy, TrackingUnavailable
 
@@ -299,7 +299,9 @@ def summary_command(arch: str, stem: str, image_size: int, num_classes: int, dep
     """Print a classifier's layer table: layer, input shape, output shape, parameters."""
     if list_archs:
         for name in ARCHS:
-            click.echo(f"{name}{'  (--stem small)' if small_stem_applies(name) else ''}")
+            notes = ["--stem small"] if small_stem_applies(name) else []
+            notes += [problem] if (problem := input_size_problem(name, image_size)) else []
+            click.echo(name + (f"  ({'; '.join(notes)})" if notes else ""))
         return
     import torch
 

@@ -264,7 +264,13 @@ def objective(spec: SweepSpec, trial: optuna.Trial, out_dir: Path) -> float:
         if trial.should_prune():
             raise StopTraining(f"pruned by the {spec.pruner} pruner at epoch {epoch} ({spec.metric} {value:.4g})")
 
-    result = train(spec.job, config, on_epoch=report, register=False)
+    try:
+        result = train(spec.job, config, on_epoch=report, register=False)
+    except Exception:
+        run_id = _find_trial_run(spec.study_name, trial.number)
+        if run_id:
+            tracking.store_client().set_tag(run_id, "state", "failed")
+        raise
     trial.set_user_attr("run_id", result.run_id)
     pruned = result.stop_reason.startswith("pruned")
     tracking.store_client().set_tag(result.run_id, "state", "pruned" if pruned else "complete")

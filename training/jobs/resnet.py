@@ -178,7 +178,6 @@ class ResNetJob(Job):
             context.epoch, self.config.print_freq, self.config.channels_last,
             o.scheduler if o.scheduler_per_batch else None, context.reduce, self.data.prepare_train,
         )  # fmt: skip
-        self.last_train = train
         return {
             "train/loss": train.loss,
             "train/acc1": train.acc1,

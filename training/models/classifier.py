@@ -10,6 +10,8 @@ Adaptations for small images:
 - Vision Transformers are built for `image_size` (their position embeddings are sized to it);
   the patch size must divide it (vit_h_14 needs a multiple of 14).
 - GoogLeNet and Inception v3 are built without their auxiliary heads (the loop trains one output).
+- 77 of the 80 run at 64x64; `input_size_problem` says why the others do not (vit_h_14,
+  inception_v3, maxvit_t) and which --image-size they need.
 
 This file imports only torch and torchvision, so a TorchServe .mar ships it as it is.
 """
@@ -29,6 +31,19 @@ def small_stem_applies(arch: str) -> bool:
     return arch.startswith(SMALL_STEM_FAMILIES)
 
 
+def input_size_problem(arch: str, image_size: int) -> str | None:
+    """Why `arch` cannot take `image_size` x `image_size` inputs, or None (checked for all 80 at 64)."""
+    if arch.startswith("vit_"):
+        patch = int(arch.rsplit("_", 1)[1])
+        if image_size % patch:
+            return f"{arch} cuts images into {patch}x{patch} patches: --image-size must be a multiple of {patch}"
+    if arch == "inception_v3" and image_size < 75:
+        return "inception_v3 needs inputs of at least 75x75 (--image-size 75 or more; its own size is 299)"
+    if arch.startswith("maxvit") and image_size % 224:
+        return f"{arch} attends in 7x7 windows at 1/32 scale: --image-size must be a multiple of 224"
+    return None
+
+
 def _constructor_options(arch: str, image_size: int) -> dict:
     if arch.startswith("vit_"):
         return {"image_size": image_size}
@@ -45,6 +60,9 @@ def build_classifier(arch: str, num_classes: int, stem: str = "imagenet", image_
         raise ValueError(f"--stem {stem!r} is not one of {', '.join(STEMS)}")
     if stem == "small" and not small_stem_applies(arch):
         raise ValueError(f"--stem small applies to ResNet, ResNeXt and Wide ResNet models, not {arch}")
+    problem = input_size_problem(arch, image_size)
+    if problem:
+        raise ValueError(problem)
     model = models.get_model(arch, weights=None, num_classes=num_classes, **_constructor_options(arch, image_size))
     if stem == "small":
         model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)

@@ -221,15 +221,16 @@ def open_run(
 
 
 def _finish_delivery(journal: Journal, sender: Sender | None, uri: str, timeout_s: float) -> None:
+    """Wait (at most `timeout_s`) for the run's records to reach the server; say what is left and how to send it."""
     run_dir = journal.dir.parent
     if sender is None:
         print(f"=> offline: {journal.pending} tracking records kept in {journal.dir}; deliver them with: "
               f"dlops sync {run_dir}", flush=True)  # fmt: skip
-        return
-    delivered = sender.drain(timeout_s)
-    sender.stop()
-    if not delivered:
-        print(f"=> the tracking server at {uri} did not take the run within {timeout_s:g} s "
-              f"({sender.last_error}); {journal.pending} records are kept in {journal.dir}. Deliver them with: "
-              f"dlops sync {run_dir}", flush=True)  # fmt: skip
+    else:
+        delivered = sender.drain(timeout_s)
+        sender.stop()
+        if not delivered:
+            print(f"=> the tracking server at {uri} did not take the run within {timeout_s:g} s "
+                  f"({sender.last_error}); {journal.pending} records are kept in {journal.dir}. Deliver them "
+                  f"with: dlops sync {run_dir}", flush=True)  # fmt: skip
     journal.close()
