@@ -8,7 +8,8 @@ Run by hand (not a test):
 Kinds: `native` is this CPU as it is; `avx2` restricts torch and oneDNN to AVX2 kernels
 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2), close to an AVX2-only laptop or cloud VM.
 Each kind runs in its own process (the variables are read when torch loads). A figure is one SGD
-step (forward, backward, update) on random tensors, repeated for --seconds after one warm-up step.
+step (forward, backward, update) on random tensors, repeated for --seconds after one warm-up step
+(training.doctor.training_step_rate, the same timing `dlops doctor` probes with).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 KINDS = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 
@@ -26,11 +26,9 @@ KINDS = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_I
 def measure(batch: int, seconds: float, threads: int | None) -> dict:
     """Run in the child process: every (stem, precision, channels_last) figure for this CPU kind."""
     import torch
-    from torch import nn
 
-    from training.devices import autocast
+    from training.doctor import training_step_rate
     from training.hardware import cpu_facts, resolve_amp
-    from training.models.classifier import build_classifier
 
     if threads:
         torch.set_num_threads(threads)
@@ -40,27 +38,7 @@ def measure(batch: int, seconds: float, threads: int | None) -> dict:
     for stem in ("imagenet", "small"):
         for amp in ("off", "bf16"):
             for channels_last in (False, True):
-                torch.manual_seed(0)
-                model = build_classifier("resnet18", 200, stem)
-                images, target = torch.randn(batch, 3, 64, 64), torch.randint(200, (batch,))
-                if channels_last:
-                    model = model.to(memory_format=torch.channels_last)
-                    images = images.contiguous(memory_format=torch.channels_last)
-                optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
-
-                def step(model=model, images=images, target=target, optimizer=optimizer, amp=amp) -> None:
-                    with autocast(torch.device("cpu"), amp):
-                        loss = nn.functional.cross_entropy(model(images), target)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-
-                step()  # warm-up: oneDNN picks and caches its kernels
-                steps, start = 0, time.perf_counter()
-                while steps == 0 or time.perf_counter() - start < seconds:
-                    step()
-                    steps += 1
-                rate = steps * batch / (time.perf_counter() - start)
+                rate = training_step_rate(torch.device("cpu"), amp, channels_last, stem, batch, seconds)
                 row = {"stem": stem, "amp": amp, "channels_last": channels_last, "images_per_s": round(rate, 1)}
                 rows.append(row)
                 print(f"  {stem:8s} {amp:4s} channels_last={channels_last!s:5s} {rate:7.1f} img/s", file=sys.stderr)

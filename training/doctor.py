@@ -62,29 +62,35 @@ def gpus() -> dict[str, Any]:
     return {"cuda": True, "devices": devices}
 
 
-def _one_step_seconds(device: torch.device, amp: str, channels_last: bool, stem: str = "imagenet") -> float:
-    """Seconds of one resnet18 64x64 SGD step (after one warm-up step)."""
+def training_step_rate(device: torch.device, amp: str, channels_last: bool, stem: str = "imagenet",
+                       batch: int = PROBE_BATCH, seconds: float = 0.0) -> float:  # fmt: skip
+    """images/s of resnet18 64x64 SGD steps on random data: one warm-up step, then steps for
+    `seconds` (at least one). The probe here and bench/precision_throughput.py both time this."""
     from training.devices import autocast, synchronize
     from training.models.classifier import build_classifier
 
     torch.manual_seed(0)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = build_classifier("resnet18", 200, stem).to(device, memory_format=layout)
-    images = torch.randn(PROBE_BATCH, 3, 64, 64, device=device).contiguous(memory_format=layout)
-    target = torch.randint(200, (PROBE_BATCH,), device=device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    seconds = 0.0
-    for _ in range(2):
-        synchronize(device)
-        start = time.perf_counter()
+    images = torch.randn(batch, 3, 64, 64, device=device).contiguous(memory_format=layout)
+    target = torch.randint(200, (batch,), device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=device.type in ("cpu", "cuda"))
+
+    def step() -> None:
         with autocast(device, amp):
             loss = nn.functional.cross_entropy(model(images), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        synchronize(device)
-        seconds = time.perf_counter() - start
-    return seconds
+
+    step()  # warm-up: oneDNN (or cuDNN) picks and caches its kernels
+    synchronize(device)
+    steps, start = 0, time.perf_counter()
+    while steps == 0 or time.perf_counter() - start < seconds:
+        step()
+        steps += 1
+    synchronize(device)
+    return steps * batch / (time.perf_counter() - start)
 
 
 def probe(devices: list[torch.device], budget_s: float) -> list[dict[str, Any]]:
@@ -98,8 +104,7 @@ def probe(devices: list[torch.device], budget_s: float) -> list[dict[str, Any]]:
                 rows.append({**row, "skipped": f"the probe's {budget_s:g} s budget is spent"})
                 continue
             try:
-                seconds = _one_step_seconds(device, amp, channels_last)
-                rows.append({**row, "images_per_s": round(PROBE_BATCH / seconds, 1)})
+                rows.append({**row, "images_per_s": round(training_step_rate(device, amp, channels_last), 1)})
             except Exception as e:  # e.g. bf16 unsupported on this device
                 rows.append({**row, "error": f"{type(e).__name__}: {e}"})
     return rows
