@@ -71,27 +71,37 @@ def test_a_study_in_two_processes_prunes_records_and_registers(corpus, tmp_path,
     assert [v.run_id for v in versions] == [best.user_attrs["run_id"]] == [parent.data.tags["best_run_id"]]
 
 
+def kill_mid_trial(command: list[str], storage: str) -> set[int]:
+    """Start the sweep, SIGKILL it (launcher and workers) once 2 trials have finished and a trial is
+    between epochs 1 and 3; return the trials left RUNNING in the study."""
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+        try:
+            trials = optuna.load_study(study_name="killed", storage=storage).trials
+        except KeyError:  # not created yet
+            continue
+        finished = [t for t in trials if t.state.is_finished()]
+        midway = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and len(t.intermediate_values) == 1]
+        if len(finished) >= 2 and midway:
+            break
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    trials = optuna.load_study(study_name="killed", storage=storage).trials
+    return {t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING}
+
+
 def test_a_killed_sweep_continues_where_it_stopped_without_counting_a_trial_twice(corpus, tmp_path, client):
     command = sweep_command(corpus, tmp_path, "killed")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        time.sleep(1)
-        try:
-            study = optuna.load_study(study_name="killed", storage=storage)
-        except KeyError:  # not created yet
-            continue
-        finished = [t for t in study.trials if t.state.is_finished()]
-        running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
-        if len(finished) >= 2 and running:
+    interrupted: set[int] = set()
+    for _ in range(3):  # a trial may end between the last look and the kill: then kill again later
+        interrupted = kill_mid_trial(command, storage)
+        if interrupted:
             break
-    os.killpg(first.pid, signal.SIGKILL)  # the launcher and both workers, mid-trial
-    first.wait(timeout=60)
-    interrupted = {t.number for t in optuna.load_study(study_name="killed", storage=storage).trials
-                   if t.state == optuna.trial.TrialState.RUNNING}  # fmt: skip
-    assert interrupted
+    assert interrupted, "never caught a trial running"
 
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)  # the same command
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
