@@ -28,6 +28,8 @@ OUTF        ?= generated.txt
 KIND        ?= resnet
 IMAGE       ?= data/synthetic/val/images/val_0.JPEG
 SERVE_ARGS  ?=
+STATE_DIR   ?= logs/torchserve
+DEMO_STATE  ?= logs/demo-torchserve
 MLFLOW_PORT ?= 5000
 MLFLOW_HOST ?= 127.0.0.1
 # make mlflow-server MLFLOW_BACKEND_URI=postgresql://user:pass@127.0.0.1:5432/mlflow (SQLite in mlruns/ otherwise)
@@ -36,6 +38,7 @@ MLFLOW_ARTIFACTS   ?= $(CURDIR)/mlruns/artifacts
 TB_PORT     ?= 6006
 
 .PHONY: mlflow-server screenshots gpu-check doctor sync report
+.PHONY: promote deploy rollback
 .PHONY: setup demo train-resnet evaluate train-lm generate package serve stop predict generate-http mlflow-ui \
 	tensorboard test lint format clean
 
@@ -63,15 +66,15 @@ demo: setup data/synthetic/wnids.txt data/corpus/train.txt
 	$(DLOPS) generate --checkpoint $$(ls -t runs/demo-lm/*/best.pt | head -1) --words 60 \
 		--prompt "the old cat" --outf runs/demo-lm/generated.txt
 	@echo; echo "Generated text (runs/demo-lm/generated.txt):"; cat runs/demo-lm/generated.txt
-	$(DLOPS) package resnet --checkpoint $$(ls -t runs/demo-resnet/*/best.pt | head -1)
-	$(DLOPS) package lm --checkpoint $$(ls -t runs/demo-lm/*/best.pt | head -1)
 	@if ! command -v java >/dev/null; then \
 		echo "Skipping the HTTP part of the demo: TorchServe needs Java 17 (apt-get install -y openjdk-17-jre-headless)"; \
 	else \
-		$(DLOPS) serve $(SERVE_ARGS) && { \
-			echo "POST $(IMAGE) to /predictions/resnet:"; $(DLOPS) predict $(IMAGE) --topk 3 && \
-			echo "POST a prompt to /predictions/lm:"; $(DLOPS) generate-http --prompt "the old cat" --max-words 20 --seed 1; \
-			rc=$$?; $(DLOPS) stop; exit $$rc; }; \
+		$(DLOPS) serve --state-dir $(DEMO_STATE) --model models:/resnet-tinyimagenet/latest \
+			--model models:/wordlm-wikitext2/latest $(SERVE_ARGS) && { \
+			echo "POST $(IMAGE) to /predictions/resnet:"; $(DLOPS) predict $(IMAGE) --topk 3 --state-dir $(DEMO_STATE) && \
+			echo "POST a prompt to /predictions/lm:"; $(DLOPS) generate-http --prompt "the old cat" --max-words 20 --seed 1 \
+				--state-dir $(DEMO_STATE); \
+			rc=$$?; $(DLOPS) stop --state-dir $(DEMO_STATE); exit $$rc; }; \
 	fi
 	$(DLOPS) report --experiment resnet-tinyimagenet --experiment wordlm-wikitext2 --max-runs 1 \
 		--filter "tags.mlflow.runName LIKE 'demo-%'" --title "dlops demo" --out reports/demo \
@@ -102,16 +105,33 @@ package: setup
 
 serve: setup
 	@command -v java >/dev/null || { echo "TorchServe needs Java 17: sudo apt-get install -y openjdk-17-jre-headless"; exit 1; }
-	$(DLOPS) serve $(SERVE_ARGS)
+	$(DLOPS) serve --state-dir $(STATE_DIR) $(SERVE_ARGS)
 
 stop: setup
-	$(DLOPS) stop
+	$(DLOPS) stop --state-dir $(STATE_DIR)
+
+# The registry drives serving: make promote URI=models:/resnet-tinyimagenet/3 [ALIAS=champion] [ARGS=--if-better]
+# make deploy SOURCE=models:/resnet-tinyimagenet@champion; make rollback NAME=resnet (STATE_DIR: which server)
+URI    ?=
+ALIAS  ?= champion
+SOURCE ?=
+NAME   ?= resnet
+promote: setup
+	@test -n "$(URI)" || { echo "pass URI=models:/NAME/VERSION"; exit 1; }
+	$(DLOPS) promote $(URI) --alias $(ALIAS) $(ARGS)
+
+deploy: setup
+	@test -n "$(SOURCE)" || { echo "pass SOURCE=models:/NAME@ALIAS (or a checkpoint, or a .mar)"; exit 1; }
+	$(DLOPS) deploy $(SOURCE) --state-dir $(STATE_DIR)
+
+rollback: setup
+	$(DLOPS) rollback $(NAME) --state-dir $(STATE_DIR)
 
 predict: setup
-	$(DLOPS) predict $(IMAGE) $(ARGS)
+	$(DLOPS) predict $(IMAGE) --state-dir $(STATE_DIR) $(ARGS)
 
 generate-http: setup
-	$(DLOPS) generate-http --prompt "$(PROMPT)" $(ARGS)
+	$(DLOPS) generate-http --prompt "$(PROMPT)" --state-dir $(STATE_DIR) $(ARGS)
 
 mlflow-ui: setup
 	@mkdir -p mlruns
@@ -131,8 +151,9 @@ screenshots: setup data/synthetic/wnids.txt
 tensorboard: setup
 	$(BIN)/tensorboard --logdir runs --host 127.0.0.1 --port $(TB_PORT)
 
+# --durations: the slowest tests are printed, so a slow one is seen when it lands
 test: setup
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q tests --durations=15
 
 # What this machine offers (torch, CUDA, GPUs, CPU ISA, native bf16), a speed probe, the options to use.
 doctor: setup

@@ -9,7 +9,7 @@ On a machine with a CUDA GPU, within about 8 minutes on one H100/H200-class GPU:
      torch.cuda.set_sync_debug_mode("warn") and recompiles under torch._dynamo's counters.
   2. `dlops train resnet DATA --recipe fast --compile` on the real slice: seconds to 33% val Acc@1,
      final Acc@1 and time, recompiles seen in the log (TORCH_LOGS=recompiles).
-  3. LM tokens/s, Transformer and LSTM, fp32 and bf16 (random ids, WikiText-2's vocabulary).
+  3. LM tokens/s, Transformer and LSTM, fp32 and the --amp choice (random ids, WikiText-2's vocabulary).
   4. DDP with nccl through torchrun, when 2+ GPUs are visible.
   5. The ResNet served by TorchServe with the handler on the GPU: one request answered.
 It writes gpu_check.json to --out. A part that needs what the machine lacks (Java, MLflow, a
@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))  # runs with a bare python3 too (the GPU machine m
 from training.data.batches import BatchTransform, TensorBatches  # noqa: E402
 from training.data.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from training.devices import configure_backend, grad_scaler, synchronize  # noqa: E402
+from training.hardware import cpu_facts, gpu_facts, resolve_amp  # noqa: E402
 from training.loops.classify import train_one_epoch  # noqa: E402
 from training.loops.language import train_lm_epoch  # noqa: E402
 from training.models.classifier import build_classifier  # noqa: E402
@@ -88,6 +89,10 @@ class SyncCounter(contextlib.AbstractContextManager):
         self._catch.__exit__(*exc)
 
 
+def precision_name(amp: str) -> str:
+    return "fp32" if amp == "off" else amp
+
+
 def unique_graphs() -> int:
     from torch._dynamo.utils import counters
 
@@ -117,7 +122,8 @@ def throughput(args, device: torch.device, budget: Budget) -> list[Row]:
     for compiled in (False, True):
         for stem in ("imagenet", "small"):
             for batch in args.batches:
-                setting = f"{stem} stem, batch {batch}, {'compiled' if compiled else 'eager'}, bf16, channels_last"
+                mode = "compiled" if compiled else "eager"
+                setting = f"{stem} stem, batch {batch}, {mode}, {precision_name(args.amp)}, channels_last"
                 if budget.left() < 30:
                     rows.append(Row("resident cache throughput", setting, note="skipped: time budget spent"))
                     continue
@@ -133,7 +139,7 @@ def throughput(args, device: torch.device, budget: Budget) -> list[Row]:
                 )
                 prepare = BatchTransform("flip-crop", IMAGENET_MEAN, IMAGENET_STD, train=True)
                 criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-                scaler = grad_scaler(device, "bf16")
+                scaler = grad_scaler(device, args.amp)
 
                 def epoch(n: int, trained=trained, optimizer=optimizer, batches=batches, prepare=prepare,
                           criterion=criterion, scaler=scaler):  # fmt: skip
@@ -208,10 +214,12 @@ def lm_tokens(args, device: torch.device, budget: Budget) -> list[Row]:
     rows = []
     vocab, bptt, batch = (200, 10, 4) if args.smoke_on_cpu else (33_278, 35, 64)
     steps = 4 if args.smoke_on_cpu else 100
-    for name, config in (("Transformer 200/2x200", dict(model="Transformer", emsize=200, nhid=200, nlayers=2, nhead=2)),
-                         ("LSTM 2x650", dict(model="LSTM", emsize=650, nhid=650, nlayers=2, nhead=2))):  # fmt: skip
-        for amp in ("off", "bf16"):
-            setting = f"{name}, batch {batch}, bptt {bptt}, {'fp32' if amp == 'off' else amp}"
+    width = 32 if args.smoke_on_cpu else 650  # the same code path at a toy size on the CPU
+    models = (("Transformer 200/2x200", dict(model="Transformer", emsize=200, nhid=200, nlayers=2, nhead=2)),
+              (f"LSTM 2x{width}", dict(model="LSTM", emsize=width, nhid=width, nlayers=2, nhead=2)))  # fmt: skip
+    for name, config in models:
+        for amp in dict.fromkeys(("off", args.amp)):  # fp32, and the device's --amp auto choice when it differs
+            setting = f"{name}, batch {batch}, bptt {bptt}, {precision_name(amp)}"
             if budget.left() < 20:
                 rows.append(Row("LM tokens/s", setting, note="skipped: time budget spent"))
                 continue
@@ -261,31 +269,28 @@ def served(args, checkpoint: Path | None, workdir: Path, budget: Budget) -> list
         why = "no checkpoint (the fast-recipe run did not run)"
     if why or budget.left() < 60:
         return [Row("TorchServe on the GPU", "", note=f"skipped: {why or 'time budget spent'}")]
-    from serving.client import predict_image
-    from serving.package import build_mar
-    from serving.server import ServeOptions, start, stop
+    from serving.deploy import serve
+    from serving.server import ServeOptions, stop
 
-    store = workdir / "store"
-    build_mar("resnet", checkpoint=checkpoint, store=store)
-    options = ServeOptions(model_store=store, state_dir=workdir / "ts", inference_port=18080, management_port=18081,
-                           metrics_port=18082, grpc_inference_port=17070, grpc_management_port=17071)  # fmt: skip
-    start(options)
+    options = ServeOptions.on_free_ports(model_store=workdir / "store", state_dir=workdir / "ts")
+    client = serve(options, [str(checkpoint)])
     try:
         from training.data.tinyimagenet import load_tinyimagenet
 
         image = load_tinyimagenet(args.data).val[0][0]
         begin = time.perf_counter()
-        status, answer = predict_image(image, options.inference_port, options.state_dir)
+        answer = client.predict_image(image)
+        status = answer.status
         ms = 1000 * (time.perf_counter() - begin)
     finally:
-        stop()
+        stop(options.state_dir)
     log = "\n".join(p.read_text(errors="replace") for p in (options.state_dir / "logs").glob("model_log*.log"))
     on_gpu = re.search(r"running on (cuda:\d+)", log)
     (args.out / "torchserve_model_log.txt").write_text(log[-20000:], encoding="utf-8")
     ok = status == 200 and bool(on_gpu) or args.smoke_on_cpu
     return [Row("TorchServe on the GPU", "resnet, 1 request", f"HTTP {status} in {ms:.0f} ms",
                 f"handler on {on_gpu.group(1) if on_gpu else 'the CPU'}" + ("" if ok else "; PROBLEM"),
-                {"status": status, "answer": answer})]  # fmt: skip
+                {"status": status, "answer": answer.data})]  # fmt: skip
 
 
 def format_table(rows: list[Row]) -> str:
@@ -301,7 +306,12 @@ def main() -> int:
     parser.add_argument("--cache-dir", type=Path, default=REPO / "data" / "cache", help="decoded-cache folder")
     parser.add_argument("--budget-s", type=float, default=480.0, help="stop starting new checks after this long")
     parser.add_argument("--images", type=int, default=100_000, help="random resident images when no --data")
-    parser.add_argument("--amp", default="bf16", choices=["off", "bf16", "fp16"])
+    parser.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "off", "bf16", "fp16"],
+        help="auto: what `dlops train --amp auto` picks on the device (fp32 on a CPU without native bf16)",
+    )
     parser.add_argument("--smoke-on-cpu", action="store_true", help="run on the CPU at toy sizes (tests only)")
     args = parser.parse_args()
     if not args.smoke_on_cpu and not torch.cuda.is_available():
@@ -314,6 +324,12 @@ def main() -> int:
     else:
         args.batches = [256, 512, 1024]
     configure_backend(device)
+    # The precision training would choose here: bf16 on a GPU with bf16 units or a CPU with native bf16,
+    # fp32 on an AVX2-only CPU, where bf16 runs 10-28x slower (the smoke run then stays inside its budget).
+    gpu = gpu_facts(0) if device.type == "cuda" else None
+    precision = resolve_amp(args.amp, device.type, cpu_facts(), gpu)
+    args.amp = precision.amp
+    print(precision.describe(), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     budget = Budget(args.budget_s)
     name = "CPU (smoke run)" if args.smoke_on_cpu else torch.cuda.get_device_name(0)
@@ -346,7 +362,8 @@ def main() -> int:
     print(table)
     elapsed = args.budget_s - budget.left()
     (args.out / "gpu_check.json").write_text(json.dumps(
-        {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "seconds": round(elapsed, 1),
+        {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "amp": args.amp,
+         "amp_reason": precision.reason, "seconds": round(elapsed, 1),
          "rows": [r.__dict__ for r in rows]}, indent=1, default=str), encoding="utf-8")  # fmt: skip
     print(f"=> {elapsed:.0f} s; figures in {args.out / 'gpu_check.json'}")
     failed = [r for r in rows if "FAILED" in r.note or "PROBLEM" in r.note]

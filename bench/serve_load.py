@@ -2,13 +2,15 @@
 
 Run by hand (not a test), after `make demo` (or any `dlops package` of both models):
 
-    .venv/bin/python bench/serve_load.py [--model-store model_store] [--workers 1] [--batch-size 8]
+    .venv/bin/python bench/serve_load.py [--model-store model_store] [--torch-threads 1]
 
-Starts TorchServe on 127.0.0.1 (token auth on), then for each concurrency (1, 8, 32) sends at most
+Starts TorchServe on free 127.0.0.1 ports (token auth on) with the newest .mar of each model in the
+store, served with the settings each archive carries (workers, batching: `dlops package --workers
+--batch-size --max-batch-delay`), then for each concurrency (1, 8, 32) sends at most
 --requests requests or for at most --seconds seconds, whichever ends first: 64x64 JPEG
 classification, then text generation (--words words per request). Reports requests/s, p50/p95/p99
 latency and errors; the memory (RSS and PSS) of each TorchServe worker; and, as baselines, the same
-handlers run in this process on batches of --batch-size requests with --torch-threads threads (the
+handlers run in this process on batches of the archive's batch size with --torch-threads threads (the
 served code path without TorchServe's frontend, queue and IPC), so each served figure reads as a
 share of what the model code can do. Only 127.0.0.1 is contacted.
 """
@@ -32,8 +34,8 @@ import psutil
 import torch
 from PIL import Image
 
-from serving.client import generate_http, predict_image
-from serving.server import ServeOptions, start, stop
+from serving.deploy import mars_to_serve
+from serving.server import ServeOptions, mar_identity, start, stop
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -53,9 +55,12 @@ def load(send, concurrency: int, max_requests: int, max_seconds: float) -> dict:
             if time.monotonic() > deadline:
                 return
             start = time.perf_counter()
-            status, _ = send()
+            try:
+                ok = send().ok
+            except OSError:  # a refused or reset connection
+                ok = False
             latencies.append(time.perf_counter() - start)
-            errors += status != 200
+            errors += not ok
 
     began = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -89,6 +94,9 @@ class Context:
 
     def get_all_request_header(self, idx: int) -> dict:
         return {}
+
+    def set_response_header(self, idx: int, key: str, value: str) -> None:
+        pass
 
     def set_response_status(self, code: int, phrase: str, idx: int) -> None:
         raise AssertionError(f"the baseline request {idx} failed: {code} {phrase}")
@@ -134,11 +142,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="at most this many requests per level")
     parser.add_argument("--seconds", type=float, default=20.0, help="at most this long per level")
     parser.add_argument("--words", type=int, default=50, help="words per generation request")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-batch-delay", type=int, default=20)
     parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument("--port", type=int, default=8080)
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -148,54 +152,47 @@ def main() -> None:
         buffer = io.BytesIO()
         Image.effect_noise((64, 64), 64).convert("RGB").save(buffer, "JPEG")
         image.write_bytes(buffer.getvalue())
-        options = ServeOptions(
-            model_store=args.model_store, state_dir=tmp_path / "ts", inference_port=args.port,
-            management_port=args.port + 1, metrics_port=args.port + 2, workers=args.workers,
-            batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay, torch_threads=args.torch_threads,
-        )  # fmt: skip
-        settings = {k: v for k, v in vars(args).items() if k in ("workers", "batch_size", "max_batch_delay",
-                                                                  "torch_threads")}  # fmt: skip
-        print(f"# {psutil.cpu_count()} CPUs, torch {torch.__version__}; TorchServe settings {settings}", flush=True)
-        start(options)
+        options = ServeOptions.on_free_ports(model_store=args.model_store, state_dir=tmp_path / "ts",
+                                             torch_threads=args.torch_threads)  # fmt: skip
+        mars = {mar_identity(m)[0]: m for m in mars_to_serve(args.model_store, options.state_dir)}
+        with zipfile.ZipFile(mars["resnet"]) as zf:
+            config = zf.read("model-config.yaml").decode()
+        batch_size = int(next(line.split(":")[1] for line in config.splitlines() if line.startswith("batchSize")))
+        print(f"# {psutil.cpu_count()} CPUs, torch {torch.__version__}; {', '.join(m.name for m in mars.values())}; "
+              f"per-model settings {config.strip().replace(chr(10), ', ')}; torch threads {args.torch_threads}",
+              flush=True)  # fmt: skip
+        client = start(options, list(mars.values()))
         try:
             results = {"classify": [], "generate": []}
             for c in levels:
-                results["classify"].append(
-                    load(
-                        lambda: predict_image(image, options.inference_port, options.state_dir),
-                        c,
-                        args.requests,
-                        args.seconds,
-                    )  # fmt: skip
-                )
+                results["classify"].append(load(lambda: client.predict_image(image), c, args.requests, args.seconds))
                 print("classify", results["classify"][-1], flush=True)
             request = {"prompt": "the", "max_words": args.words, "seed": 1}
             for c in levels:
-                row = load(lambda: generate_http(request, options.inference_port, options.state_dir), c,
-                           args.requests, args.seconds)  # fmt: skip
+                row = load(lambda: client.generate(request), c, args.requests, args.seconds)
                 row["words_per_s"] = round(row["req_per_s"] * args.words, 1)
                 results["generate"].append(row)
                 print("generate", row, flush=True)
             results["worker_memory"] = worker_memory()
             print("worker memory (MB):", results["worker_memory"], flush=True)
         finally:
-            print(stop(), file=sys.stderr)
+            print(stop(options.state_dir), file=sys.stderr)
         # Baselines: the same handlers in this process, same thread count, same batch size.
-        resnet_dir = mar_contents(args.model_store / "resnet.mar", tmp_path)
-        lm_dir = mar_contents(args.model_store / "lm.mar", tmp_path)
+        resnet_dir = mar_contents(mars["resnet"], tmp_path)
+        lm_dir = mar_contents(mars["lm"], tmp_path)
         classify = in_process_handler(resnet_dir, "image_classifier", "ImageClassifier", args.torch_threads)
         generate = in_process_handler(lm_dir, "text_generator", "TextGenerator", args.torch_threads)
-        images = [{"body": image.read_bytes()} for _ in range(args.batch_size)]
-        prompts = [{"body": {"prompt": "the", "max_words": args.words, "seed": i}} for i in range(args.batch_size)]
+        images = [{"body": image.read_bytes()} for _ in range(batch_size)]
+        prompts = [{"body": {"prompt": "the", "max_words": args.words, "seed": i}} for i in range(batch_size)]
         base = {
             "torch_threads": args.torch_threads,
-            "batch_size": args.batch_size,
+            "batch_size": batch_size,
             "classify_req_per_s": round(in_process_rate(classify, images), 1),
             "generate_words_per_s": round(in_process_rate(generate, prompts) * args.words, 1),
             "generate_words_per_s_one_stream": round(in_process_rate(generate, prompts[:1]) * args.words, 1),
         }
         results["in_process"] = base
-        print(f"in-process baselines (the handlers themselves, batch {args.batch_size}, {args.torch_threads} "
+        print(f"in-process baselines (the handlers themselves, batch {batch_size}, {args.torch_threads} "
               f"torch thread(s)): {base}")  # fmt: skip
         print("| load | classify req/s | share of in-process | p99 ms | generate req/s | words/s | share | p99 ms |")
         print("|---|---|---|---|---|---|---|---|")

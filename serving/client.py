@@ -1,44 +1,127 @@
-"""Thin HTTP clients for the served models (`make predict`, `make generate-http`)."""
+"""HTTP clients of one TorchServe, found by its state dir: inference, management, keys that survive renewal.
+
+    server = ServerClient.of(Path("logs/torchserve"))      # ports from the state dir's server.json
+    answer = server.predict_image(Path("cat.jpg"), topk=3)   # Answer(status, data, headers)
+    server.management("GET", "/models/resnet")
+
+Every call carries the key of its API from the state dir's key_file.json. When TorchServe refuses
+a key (the keeper may just have renewed it, or it expired), the call reads the file again, renews
+an expired key through TorchServe's token API, and retries once; a key still refused after that
+is answered with an error that says where the current keys are.
+"""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serving.server import read_keys
+from serving.keys import REFUSED, KeyFileError, key_file, read_keys, renew
+
+SERVER_FILE = "server.json"  # written by `dlops serve`: the server's URLs, model store and settings
+DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}
 
 
-def post(
-    url: str, body: bytes, content_type: str, state_dir: Path, headers: dict[str, str] | None = None
-) -> tuple[int, Any]:
-    """POST to TorchServe, with the inference token when auth is on; return (status, decoded JSON)."""
-    headers = {"Content-Type": content_type, **(headers or {})}
-    token = read_keys(state_dir).get("inference")
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    data: Any  # decoded JSON, or text
+    headers: dict[str, str] = field(default_factory=dict)  # names in lower case
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+def read_server_file(state_dir: Path) -> dict[str, Any]:
+    path = Path(state_dir) / SERVER_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _decode(raw: bytes) -> Any:
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        raw = e.read()
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return raw.decode("utf-8", errors="replace")
+
+
+def _lower(headers: Any) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
+
+
+def _refused(answer: Answer) -> bool:
+    return answer.status in (400, 401, 403) and REFUSED in json.dumps(answer.data)
+
+
+@dataclass(frozen=True)
+class ServerClient:
+    state_dir: Path
+    urls: dict[str, str]  # inference, management, metrics -> http://127.0.0.1:PORT
+
+    @classmethod
+    def of(cls, state_dir: Path, **ports: int | None) -> ServerClient:
+        """The server whose state dir is `state_dir`; `inference=PORT` etc. override what it recorded."""
+        recorded = read_server_file(state_dir).get("urls", {})
+        urls = {api: recorded.get(api, f"http://127.0.0.1:{port}") for api, port in DEFAULT_PORTS.items()}
+        urls.update({api: f"http://127.0.0.1:{port}" for api, port in ports.items() if port})
+        return cls(Path(state_dir), urls)
+
+    # --- transport ---------------------------------------------------------------------------------
+    def _send(self, api: str, method: str, path: str, body: bytes | None, headers: dict[str, str],
+              timeout_s: float) -> Answer:  # fmt: skip
+        headers = dict(headers)
+        keys = read_keys(self.state_dir)
+        if api in keys:
+            headers["Authorization"] = f"Bearer {keys[api].value}"
+        request = urllib.request.Request(f"{self.urls[api]}{path}", data=body, headers=headers, method=method)
         try:
-            return e.code, json.loads(raw)
-        except json.JSONDecodeError:
-            return e.code, raw.decode("utf-8", errors="replace")
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                return Answer(response.status, _decode(response.read()), _lower(response.headers))
+        except urllib.error.HTTPError as e:
+            return Answer(e.code, _decode(e.read()), _lower(e.headers))
 
+    def call(self, api: str, method: str, path: str, body: bytes | None = None,
+             headers: dict[str, str] | None = None, timeout_s: float = 120.0) -> Answer:  # fmt: skip
+        """One request to the `api` (inference or management) of this server, with its key."""
+        answer = self._send(api, method, path, body, headers or {}, timeout_s)
+        if not _refused(answer):
+            return answer
+        refused_key = read_keys(self.state_dir).get(api)
+        if refused_key is not None and refused_key.expires_in() <= 0:
+            with contextlib.suppress(KeyFileError, OSError):  # expired, no keeper renewed it: renew it now
+                renew(self.state_dir, self.urls["management"], api)
+        retried = self._send(api, method, path, body, headers or {}, timeout_s)  # a renewed key is read again
+        if not _refused(retried):
+            return retried
+        error = (f"TorchServe refused the {api} key (wrong or expired). The current keys of this server are in "
+                 f"{key_file(self.state_dir)}, renewed while it runs; send `Authorization: Bearer <key>` with the "
+                 "key of this API")  # fmt: skip
+        return Answer(retried.status, {"error": error, "status": retried.status, "server_said": retried.data},
+                      retried.headers)  # fmt: skip
 
-def predict_image(
-    image: Path, port: int, state_dir: Path, topk: int | None = None, model: str = "resnet"
-) -> tuple[int, Any]:
-    url = f"http://127.0.0.1:{port}/predictions/{model}"
-    headers = {"X-TopK": str(topk)} if topk else {}
-    return post(url, image.read_bytes(), "application/octet-stream", state_dir, headers)
+    def management(self, method: str, path: str, timeout_s: float = 120.0) -> Answer:
+        return self.call("management", method, path, timeout_s=timeout_s)
 
+    # --- inference ---------------------------------------------------------------------------------
+    def predict(self, model: str, body: bytes, content_type: str, headers: dict[str, str] | None = None,
+                version: str | None = None, timeout_s: float = 120.0) -> Answer:  # fmt: skip
+        path = f"/predictions/{model}" + (f"/{version}" if version else "")
+        return self.call("inference", "POST", path, body, {"Content-Type": content_type, **(headers or {})},
+                         timeout_s)  # fmt: skip
 
-def generate_http(request: dict, port: int, state_dir: Path, model: str = "lm") -> tuple[int, Any]:
-    url = f"http://127.0.0.1:{port}/predictions/{model}"
-    return post(url, json.dumps(request).encode("utf-8"), "application/json", state_dir)
+    def predict_image(self, image: Path, topk: int | None = None, model: str = "resnet") -> Answer:
+        headers = {"X-TopK": str(topk)} if topk else {}
+        return self.predict(model, Path(image).read_bytes(), "application/octet-stream", headers)
+
+    def generate(self, request: dict[str, Any], model: str = "lm") -> Answer:
+        return self.predict(model, json.dumps(request).encode("utf-8"), "application/json")
+
+    def predict_fields(self, model: str, fields: dict[str, Any], version: str | None = None) -> Answer:
+        """A JSON request of named fields (bytes travel base64-encoded), as a job's example request is."""
+        body = {k: base64.b64encode(v).decode("ascii") if isinstance(v, bytes) else v for k, v in fields.items()}
+        return self.predict(model, json.dumps(body).encode("utf-8"), "application/json", version=version)

@@ -1,20 +1,27 @@
-"""Build TorchServe .mar archives from training checkpoints, traceable to their MLflow run.
+"""Build versioned TorchServe .mar archives from training checkpoints, traceable to their MLflow run.
 
+    model_store/<name>-<version>.mar     e.g. resnet-3.mar (registry version 3), lm-e4-1a2b3c4d.mar
+
+The version is the registry's version number when the checkpoint came from the registry, else
+the epoch and a hash of the weights; earlier archives stay in the store (a rollback needs them).
 A .mar holds: the weights alone (a state dict), `meta.json` (the model config and what inference
-needs, as the job declares it: class names, input size and normalization; or the vocabulary and
-context window), the job's handler, `handler_common.py` (the base every handler shares),
-`dlops_hardware.py` and the model-definition file copied from `training/models/` under a `dlops_`
-name. Nothing in it imports this project. Which files a kind needs comes from its job
-declaration (training/jobs/), so a new job needs no change here.
+needs, as the job declares it, plus the weights' hash and where they came from), the job's
+handler with the code it imports (ServingSpec.files()), and `model-config.yaml`, TorchServe's
+per-model settings (workers, batching, response timeout), so that any TorchServe that loads the
+archive (`dlops serve`, the compose file, KServe) serves it the same way. Nothing in it imports
+this project.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,69 +30,113 @@ import torch
 from training import tracking
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.jobs import Job, job_for
+from training.tracking import registry
 
-SERVING_DIR = Path(__file__).resolve().parent
-HANDLERS = SERVING_DIR / "handlers"
-TRAINING_DIR = SERVING_DIR.parent / "training"
 DEFAULT_STORE = Path("model_store")
-# Shipped in every .mar: the handler base, the request-field declarations, the hardware facts.
-COMMON_FILES = {
-    HANDLERS / "handler_common.py": "handler_common.py",
-    HANDLERS / "request_fields.py": "request_fields.py",
-    TRAINING_DIR / "hardware.py": "dlops_hardware.py",
-}
 
 
-def resolve_checkpoint(
-    checkpoint: Path | None, model_uri: str | None, run_id: str | None, workdir: Path
-) -> tuple[Path, str | None]:
-    """Local path of the checkpoint to package, and the registered model version's name/version."""
+@dataclass(frozen=True)
+class ModelSettings:
+    """TorchServe's per-model settings, written into the .mar as model-config.yaml. On a CPU one
+    worker per model with one torch thread serves fastest (docs/serving.md has the measurements)."""
+
+    workers: int = 1
+    batch_size: int = 8
+    max_batch_delay_ms: int = 20
+    response_timeout_s: int = 120
+
+    def yaml(self) -> str:
+        return (f"minWorkers: {self.workers}\nmaxWorkers: {self.workers}\nbatchSize: {self.batch_size}\n"
+                f"maxBatchDelay: {self.max_batch_delay_ms}\nresponseTimeout: {self.response_timeout_s}\n")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Source:
+    """A checkpoint to package and where it came from."""
+
+    path: Path
+    registered: str | None = None  # "NAME/VERSION" in the MLflow registry
+    given: str = ""  # as the user named it: a path, a model URI, a run id
+
+
+def resolve_source(checkpoint: Path | str | None, model_uri: str | None, run_id: str | None, workdir: Path) -> Source:
+    """The local checkpoint of exactly one of: a file (or model URI) given as --checkpoint, a model
+    URI (models:/NAME/VERSION, @ALIAS or /latest), or a run's checkpoints/best.pt."""
     given = [x for x in (checkpoint, model_uri, run_id) if x]
     if len(given) != 1:
         raise ValueError("give exactly one of --checkpoint, --model-uri or --run-id")
-    if checkpoint:
-        return Path(checkpoint), None
-    if model_uri:
-        return tracking.download_registered_checkpoint(model_uri, workdir)
-    return tracking.download_run_checkpoint(run_id, workdir), None
+    if run_id:
+        return Source(tracking.download_run_checkpoint(run_id, workdir), None, f"run {run_id}")
+    path, version = registry.local_checkpoint(str(given[0]), workdir)
+    return Source(path, f"{version.name}/{version.version}" if version else None, str(given[0]))
 
 
-def inference_meta(state: dict[str, Any], job: type[Job]) -> dict[str, Any]:
-    """meta.json: the model's config and what inference needs (the job's inference keys), traceable to its run."""
+def weights_hash(weights: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(weights[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def archive_meta(state: dict[str, Any], job: type[Job], source: Source, digest: str) -> dict[str, Any]:
+    """meta.json: the model's config and what inference needs (the job's inference keys), traceable."""
     meta = {"kind": state["kind"], "run_id": state.get("run_id"), "epoch": state.get("epoch"),
-            "model_config": state["model_config"]}  # fmt: skip
+            "model_config": state["model_config"], "weights_sha256": digest, "registered": source.registered,
+            "source": source.given}  # fmt: skip
     return {**meta, **{key: state[key] for key in job.serving.inference_keys}}
 
 
-def build_mar(
-    kind: str,
-    checkpoint: Path | None = None,
-    model_uri: str | None = None,
-    run_id: str | None = None,
-    store: Path = DEFAULT_STORE,
-    version: str | None = None,
-) -> Path:
-    """Package a checkpoint as `<store>/<name>.mar`; log it to the source run and tag the model version."""
+def read_archive_meta(mar: Path) -> dict[str, Any]:
+    with zipfile.ZipFile(mar) as zf:
+        return json.loads(zf.read("meta.json"))
+
+
+def _same_archive(mar: Path, digest: str, settings: ModelSettings) -> bool:
+    with zipfile.ZipFile(mar) as zf:
+        names = set(zf.namelist())
+        config = zf.read("model-config.yaml").decode() if "model-config.yaml" in names else None
+    return read_archive_meta(mar).get("weights_sha256") == digest and config == settings.yaml()
+
+
+def archive_version(state: dict[str, Any], source: Source, digest: str, store: Path, name: str) -> str:
+    """The registry version, else epoch and weights hash; made unique if another archive of that
+    name in the store holds other weights."""
+    version = source.registered.split("/")[1] if source.registered else f"e{state.get('epoch', 0)}-{digest[:8]}"
+    existing = store / f"{name}-{version}.mar"
+    if existing.is_file() and read_archive_meta(existing).get("weights_sha256") != digest:
+        version = f"{version}-{digest[:8]}"
+    return version
+
+
+def build_mar(kind: str, source: Source, store: Path = DEFAULT_STORE, settings: ModelSettings | None = None,
+              version: str | None = None, log_to_mlflow: bool = True) -> Path:  # fmt: skip
+    """Package `source` as `<store>/<name>-<version>.mar`; log it to the source run and tag the version."""
     job = job_for(kind)
     spec = job.serving
+    settings = settings or ModelSettings()
     store.mkdir(parents=True, exist_ok=True)
+    state = load_checkpoint(source.path)
+    state["run_id"] = tracking.server_run_id(source.path.parent, state.get("run_id"))
+    if state["kind"] != kind:
+        raise CheckpointError(f"{source.path} holds a {state['kind']!r} checkpoint; package it as `{state['kind']}`")
+    digest = weights_hash(state["model"])
+    version = version or archive_version(state, source, digest, store, spec.name)
+    mar = store / f"{spec.name}-{version}.mar"
+    if mar.is_file() and _same_archive(mar, digest, settings):
+        print(f"=> {mar} holds these weights and settings already")
+        return mar
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        path, registered = resolve_checkpoint(checkpoint, model_uri, run_id, workdir / "download")
-        state = load_checkpoint(path)
-        state["run_id"] = tracking.server_run_id(path.parent, state.get("run_id"))
-        if state["kind"] != kind:
-            raise CheckpointError(f"{path} holds a {state['kind']!r} checkpoint; package it as `{state['kind']}`")
         weights = workdir / "weights.pt"
         torch.save(state["model"], weights)
         meta = workdir / "meta.json"
-        meta.write_text(json.dumps(inference_meta(state, job), ensure_ascii=False, indent=1), encoding="utf-8")
-        shipped = {**COMMON_FILES, TRAINING_DIR / "models" / spec.model_file: f"dlops_{spec.model_file}"}
-        extra = [meta]
-        for source, name in shipped.items():
-            extra.append(Path(shutil.copy(source, workdir / name)))
-        handler = Path(shutil.copy(HANDLERS / spec.handler, workdir / spec.handler))
-        version = version or (registered.split("/")[1] if registered else f"epoch{state.get('epoch', 0)}")
+        meta.write_text(json.dumps(archive_meta(state, job, source, digest), ensure_ascii=False, indent=1),
+                        encoding="utf-8")  # fmt: skip
+        config = workdir / "model-config.yaml"
+        config.write_text(settings.yaml(), encoding="utf-8")
+        shipped = {name: Path(shutil.copy(path, workdir / name)) for path, name in spec.files().items()}
+        handler = shipped.pop(spec.handler)
         subprocess.run(
             [
                 str(Path(sys.executable).with_name("torch-model-archiver")),
@@ -93,15 +144,18 @@ def build_mar(
                 "--version", version,
                 "--serialized-file", str(weights),
                 "--handler", str(handler),
-                "--extra-files", ",".join(str(p) for p in extra),
-                "--export-path", str(store),
+                "--extra-files", ",".join(str(p) for p in [meta, *shipped.values()]),
+                "--config-file", str(config),
+                "--export-path", str(workdir),
                 "--force",
             ],
             check=True,
         )  # fmt: skip
-    mar = store / f"{spec.name}.mar"
-    print(f"=> wrote {mar} (model {spec.name}, version {version})")
-    _record_in_mlflow(mar, state.get("run_id"), registered)
+        shutil.move(workdir / f"{spec.name}.mar", mar)
+    print(f"=> wrote {mar} (model {spec.name}, version {version}; {settings.workers} worker(s), batches of up to "
+          f"{settings.batch_size} within {settings.max_batch_delay_ms} ms)")  # fmt: skip
+    if log_to_mlflow:
+        _record_in_mlflow(mar, state.get("run_id"), source.registered)
     return mar
 
 

@@ -1,22 +1,46 @@
-"""Start, check and stop TorchServe with the project's config, for the .mar files in a model store."""
+"""Start, find and stop one TorchServe, addressed by its state dir.
+
+A state dir holds everything of one server, so that two run side by side and a command acts on
+its own server only:
+
+    <state dir>/config.properties   the effective settings (ports, model store, auth, expiry)
+    <state dir>/server.json         URLs, model store and settings of the running server
+    <state dir>/serving.json        what serves and the deploy history (serving/served.py)
+    <state dir>/key_file.json       TorchServe's keys (TorchServe writes it in its working dir)
+    <state dir>/tmp/                TorchServe's launcher keeps its PID file in the temp folder:
+                                    a temp folder per state dir makes that PID file per server
+    <state dir>/logs/               TorchServe's, the workers' and the key keeper's logs
+
+Every API binds to 127.0.0.1 behind its key. The management API can register and remove models
+(what `dlops deploy` needs), limited by `allowed_urls` to the server's own model store.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+
+from serving.client import SERVER_FILE, ServerClient, read_server_file
+from serving.keys import process_alive, read_keys
 
 CONFIG_TEMPLATE = Path(__file__).resolve().parent / "config.properties"
 METRICS_CONFIG = Path(__file__).resolve().parent / "metrics.yaml"  # TorchServe's metrics plus our handlers' counters
 JAVA_HINT = "TorchServe needs Java 17: sudo apt-get install -y openjdk-17-jre-headless"
+PID_FILE = ".model_server.pid"  # TorchServe's launcher: tempfile.gettempdir() / this
+DEFAULT_STATE_DIR = Path("logs/torchserve")
+# Keys last a day and the keeper renews them every 12 hours: a leaked key works for a day at most.
+DEFAULT_TOKEN_EXPIRATION_MIN = 1440.0
 
 
 class ServeError(RuntimeError):
@@ -26,19 +50,34 @@ class ServeError(RuntimeError):
 @dataclass
 class ServeOptions:
     model_store: Path = Path("model_store")
-    state_dir: Path = Path("logs/torchserve")
+    state_dir: Path = DEFAULT_STATE_DIR
     inference_port: int = 8080
     management_port: int = 8081
     metrics_port: int = 8082
     grpc_inference_port: int = 7070
     grpc_management_port: int = 7071
     auth: bool = True
-    workers: int = 1
-    batch_size: int = 8
-    max_batch_delay_ms: int = 20
+    token_expiration_min: float = DEFAULT_TOKEN_EXPIRATION_MIN
     torch_threads: int = 1
     amp: str = "auto"  # the classifier's precision: auto (bf16 where native), off, bf16
     timeout_s: float = 180.0
+
+    @classmethod
+    def on_free_ports(cls, **options: Any) -> ServeOptions:
+        """Options whose five ports are free on 127.0.0.1 now (tests, benchmarks: beside any other server)."""
+        sockets = [socket.socket() for _ in range(5)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        ports = [s.getsockname()[1] for s in sockets]
+        for s in sockets:
+            s.close()
+        names = ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port")
+        return cls(**dict(zip(names, ports, strict=True)), **options)
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return {"inference": self.inference_port, "management": self.management_port, "metrics": self.metrics_port,
+                "gRPC inference": self.grpc_inference_port, "gRPC management": self.grpc_management_port}  # fmt: skip
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -51,29 +90,17 @@ def read_properties(path: Path) -> dict[str, str]:
     return props
 
 
-def mar_version(mar: Path) -> str:
+def mar_identity(mar: Path) -> tuple[str, str]:
+    """(model name, version) from a .mar's manifest."""
     with zipfile.ZipFile(mar) as zf:
-        return json.loads(zf.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"]
+        model = json.loads(zf.read("MAR-INF/MANIFEST.json"))["model"]
+    return model["modelName"], model["modelVersion"]
 
 
 def effective_config(options: ServeOptions, mars: list[Path]) -> dict[str, str]:
-    """The template's settings with this start's ports, paths, auth and per-model batching."""
+    """The template's settings with this server's ports, paths, auth and key lifetime."""
     props = read_properties(CONFIG_TEMPLATE)
     store = options.model_store.resolve()
-    models = {
-        mar.stem: {
-            mar_version(mar): {
-                "defaultVersion": True,
-                "marName": mar.name,
-                "minWorkers": options.workers,
-                "maxWorkers": options.workers,
-                "batchSize": options.batch_size,
-                "maxBatchDelay": options.max_batch_delay_ms,
-                "responseTimeout": 120,
-            }
-        }
-        for mar in mars
-    }
     props.update(
         {
             "inference_address": f"http://127.0.0.1:{options.inference_port}",
@@ -82,101 +109,171 @@ def effective_config(options: ServeOptions, mars: list[Path]) -> dict[str, str]:
             "grpc_inference_port": str(options.grpc_inference_port),
             "grpc_management_port": str(options.grpc_management_port),
             "disable_token_authorization": str(not options.auth).lower(),
+            "token_expiration_min": f"{options.token_expiration_min:g}",
             "model_store": str(store),
             "load_models": ",".join(mar.name for mar in mars),
             "allowed_urls": f"file://{store}/.*",
-            "default_workers_per_model": str(options.workers),
             "metrics_config": str(METRICS_CONFIG),
-            "models": json.dumps(models),
         }
     )
     return props
 
 
-def _get(url: str, token: str | None = None, timeout: float = 5.0) -> tuple[int, str]:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read().decode("utf-8", errors="replace")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode("utf-8", errors="replace")
-
-
-def read_keys(state_dir: Path) -> dict[str, str]:
-    """TorchServe's tokens: {"inference": ..., "management": ...} from key_file.json."""
-    path = state_dir / "key_file.json"
-    if not path.is_file():
-        return {}
-    keys = json.loads(path.read_text(encoding="utf-8"))
-    return {api: keys[api]["key"] for api in ("inference", "management") if api in keys}
-
-
-def start(options: ServeOptions) -> dict[str, str]:
-    """Start TorchServe in the background with every .mar of the store; wait until all are healthy."""
-    if shutil.which("java") is None:
-        raise ServeError(f"java was not found on PATH. {JAVA_HINT}")
-    mars = sorted(options.model_store.glob("*.mar"))
-    if not mars:
-        raise ServeError(f"no .mar files in {options.model_store}: run `dlops package resnet|lm ...` first")
-    state = options.state_dir.resolve()
-    (state / "logs").mkdir(parents=True, exist_ok=True)
-    (state / "key_file.json").unlink(missing_ok=True)
-    config = state / "config.properties"
-    config.write_text("".join(f"{k}={v}\n" for k, v in effective_config(options, mars).items()), encoding="utf-8")
-    env = {
+def _environment(state: Path, options: ServeOptions) -> dict[str, str]:
+    return {
         **os.environ,
+        "TMPDIR": str(state / "tmp"),  # the launcher's PID file: one per state dir, not one per machine
+        "TEMP": str(state / "tmp"),  # the JVM's temp folder (unpacked archives)
         "LOG_LOCATION": str(state / "logs"),
         "METRICS_LOCATION": str(state / "logs"),
         "DLOPS_TORCH_THREADS": str(options.torch_threads),
         "DLOPS_SERVE_AMP": options.amp,
     }
-    torchserve = Path(sys.executable).with_name("torchserve")
-    command = [str(torchserve), "--start", "--ts-config", str(config), "--model-store",
+
+
+def running_pid(state_dir: Path) -> int | None:
+    """The process id of the TorchServe started from `state_dir`, if it is running."""
+    pid_file = Path(state_dir) / "tmp" / PID_FILE
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if process_alive(pid) else None
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _check_can_start(options: ServeOptions, mars: list[Path]) -> None:
+    if shutil.which("java") is None:
+        raise ServeError(f"java was not found on PATH. {JAVA_HINT}")
+    pid = running_pid(options.state_dir)
+    if pid:
+        raise ServeError(f"a TorchServe started from {options.state_dir} is running (process {pid}); stop it with "
+                         f"`dlops stop --state-dir {options.state_dir}`, or give another --state-dir")  # fmt: skip
+    busy = [f"{name} port {port}" for name, port in options.ports.items() if _port_in_use(port)]
+    if busy:
+        raise ServeError(f"{', '.join(busy)} already in use on 127.0.0.1 (another server?); choose other ports")
+    if not mars:
+        raise ServeError(f"no .mar files to serve in {options.model_store}: `dlops package resnet|lm ...`, or "
+                         "`dlops serve --model models:/NAME@ALIAS`")  # fmt: skip
+    names = [mar_identity(mar)[0] for mar in mars]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ServeError(f"more than one .mar of model {twice[0]!r} to load; serve one version of each model")
+
+
+def _executable(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def start(options: ServeOptions, mars: list[Path]) -> ServerClient:
+    """Start TorchServe in the background with `mars` (files of the model store); wait until every
+    worker is READY; start the key keeper. Return a client of the new server."""
+    _check_can_start(options, mars)
+    state = options.state_dir.resolve()
+    for folder in ("logs", "tmp"):
+        (state / folder).mkdir(parents=True, exist_ok=True)
+    (state / "key_file.json").unlink(missing_ok=True)
+    config = state / "config.properties"
+    config.write_text("".join(f"{k}={v}\n" for k, v in effective_config(options, mars).items()), encoding="utf-8")
+    command = [_executable("torchserve"), "--start", "--ts-config", str(config), "--model-store",
                str(options.model_store.resolve()), "--ncs"]  # fmt: skip
     if not options.auth:
         command.append("--disable-token-auth")
     # The launcher leaves Java running with its output: send it to a file, not a pipe we would wait on.
     launch_log = state / "logs" / "launcher.log"
     with launch_log.open("w") as out:
-        returncode = subprocess.run(command, cwd=state, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+        returncode = subprocess.run(command, cwd=state, env=_environment(state, options), stdout=out,
+                                    stderr=subprocess.STDOUT).returncode  # fmt: skip
     said = launch_log.read_text(errors="replace")
-    if returncode != 0 or "already running" in said:
-        raise ServeError(f"torchserve did not start: {said.strip()}")
-    wait_healthy(options, [m.stem for m in mars])
-    print(f"=> TorchServe is up: inference http://127.0.0.1:{options.inference_port}, "
-          f"management http://127.0.0.1:{options.management_port}, "
-          f"metrics http://127.0.0.1:{options.metrics_port}")  # fmt: skip
-    print(f"=> models: {', '.join(m.stem for m in mars)}; logs in {state / 'logs'}")
-    keys = read_keys(state)
-    if keys:
-        print(f"=> token authorization is on; keys in {state / 'key_file.json'}")
-    return keys
+    pid = running_pid(state)
+    if returncode != 0 or pid is None:
+        raise ServeError(f"torchserve did not start: {said.strip()[-2000:]}")
+    urls = {api: f"http://127.0.0.1:{getattr(options, f'{api}_port')}" for api in ("inference", "management",
+                                                                                  "metrics")}  # fmt: skip
+    record = {"pid": pid, "urls": urls, "model_store": str(options.model_store.resolve()),
+              "options": {k: str(v) for k, v in asdict(options).items()}}  # fmt: skip
+    (state / SERVER_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+    client = ServerClient.of(state)
+    try:
+        for mar in mars:
+            wait_ready(client, *mar_identity(mar), timeout_s=options.timeout_s)
+    except ServeError:
+        stop(state)
+        raise
+    if options.auth:
+        _start_keeper(state, urls["management"], pid)
+    print(f"=> TorchServe is up: inference {urls['inference']}, management {urls['management']}, "
+          f"metrics {urls['metrics']}; state dir {state}")  # fmt: skip
+    print(f"=> models: {', '.join('{} version {}'.format(*mar_identity(m)) for m in mars)}; logs in {state / 'logs'}")
+    if read_keys(state):
+        print(f"=> token authorization is on; keys in {state / 'key_file.json'} (valid "
+              f"{options.token_expiration_min:g} min, renewed at half-life while the server runs)")  # fmt: skip
+    return client
 
 
-def wait_healthy(options: ServeOptions, models: list[str]) -> None:
-    """Poll /ping and each model's worker status until all workers are READY."""
-    deadline = time.monotonic() + options.timeout_s
-    pending = list(models)
-    log = options.state_dir / "logs" / "ts_log.log"
+def _start_keeper(state: Path, management_url: str, server_pid: int) -> None:
+    """The key keeper, detached: it outlives this command and ends with the server."""
+    with (state / "logs" / "keys.log").open("a") as log:
+        keeper = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("keys.py")), "keep", "--state-dir", str(state),
+             "--management-url", management_url, "--server-pid", str(server_pid)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+    (state / "keeper.pid").write_text(str(keeper.pid))
+
+
+def workers(client: ServerClient, model: str, version: str | None = None) -> list[dict]:
+    """The workers of a model version (the default version when None), as TorchServe describes them."""
+    answer = client.management("GET", f"/models/{model}" + (f"/{version}" if version else ""), timeout_s=10)
+    if not answer.ok or not isinstance(answer.data, list) or not answer.data:
+        return []
+    return answer.data[0].get("workers", [])
+
+
+def wait_ready(client: ServerClient, model: str, version: str, timeout_s: float) -> None:
+    """Poll until every worker of `model` `version` is READY."""
+    deadline = time.monotonic() + timeout_s
+    log = client.state_dir / "logs" / "model_log.log"
     while time.monotonic() < deadline:
-        keys = read_keys(options.state_dir)
         try:
-            for model in list(pending):
-                url = f"http://127.0.0.1:{options.management_port}/models/{model}"
-                status, body = _get(url, keys.get("management"))
-                if status == 200 and json.loads(body)[0]["workers"]:
-                    workers = json.loads(body)[0]["workers"]
-                    if all(w["status"] == "READY" for w in workers):
-                        pending.remove(model)
-            if not pending:
+            found = workers(client, model, version)
+            if found and all(w["status"] == "READY" for w in found):
                 return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+        except OSError:
             pass  # not listening yet
-        time.sleep(1.0)
-    raise ServeError(f"models {pending} not healthy after {options.timeout_s:.0f} s; see {log}")
+        time.sleep(0.5)
+    raise ServeError(f"model {model} version {version} not ready after {timeout_s:.0f} s; see {log}")
 
 
-def stop() -> str:
-    torchserve = Path(sys.executable).with_name("torchserve")
-    result = subprocess.run([str(torchserve), "--stop"], capture_output=True, text=True, timeout=60)
-    return (result.stdout + result.stderr).strip()
+def stop(state_dir: Path, timeout_s: float = 60.0) -> str:
+    """Stop the TorchServe (and its key keeper) started from `state_dir`; leave every other one alone."""
+    state = Path(state_dir).resolve()
+    keeper = state / "keeper.pid"
+    if keeper.is_file():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(keeper.read_text()), signal.SIGTERM)
+        keeper.unlink(missing_ok=True)
+    pid = running_pid(state)
+    if pid is None:
+        return f"no TorchServe is running from {state}"
+    env = {**os.environ, "TMPDIR": str(state / "tmp"), "TEMP": str(state / "tmp")}
+    result = subprocess.run([_executable("torchserve"), "--stop"], cwd=state, env=env, capture_output=True,
+                            text=True, timeout=timeout_s)  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    while process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return (result.stdout + result.stderr).strip() + f" (state dir {state})"
+
+
+def server_record(state_dir: Path) -> dict:
+    """What `dlops serve` recorded about the server of `state_dir` ({} when it never started)."""
+    return read_server_file(state_dir)

@@ -133,12 +133,18 @@ def test_gpu_check_refuses_cleanly_without_cuda(tmp_path):
 
 
 def test_gpu_check_runs_every_path_on_the_cpu_in_smoke_mode(tiny_dataset, tmp_path):
-    """The self-check cannot run on a GPU here; its own code must still work (toy sizes on the CPU)."""
+    """The self-check cannot run on a GPU here; its own code must still work (toy sizes on the CPU).
+
+    It takes the precision `--amp auto` gives the CPU: told the CPU lacks native bf16 (as an
+    AVX2-only one does), every row runs in fp32, so it stays fast on any CPU."""
     result = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke-on-cpu", "--data", str(tiny_dataset),
                              "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")],
-                            cwd=REPO, capture_output=True, text=True, timeout=900)  # fmt: skip
+                            cwd=REPO, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "DLOPS_CPU_NATIVE_BF16": "0"})  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert report["amp"] == "off" and "no native bf16" in report["amp_reason"]
+    assert not [r for r in report["rows"] if "bf16" in r["setting"]], report["rows"]
     checks = {row["check"] for row in report["rows"]}
     assert checks == {"resident cache throughput", "--recipe fast on the real slice", "LM tokens/s", "DDP (nccl)",
                       "TorchServe on the GPU"}  # fmt: skip

@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import re
-import socket
 import struct
 import subprocess
 import sys
@@ -18,8 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from serving.client import generate_http, post, predict_image
-from serving.server import ServeOptions, start, stop
+from serving.client import ServerClient
+from serving.deploy import serve
+from serving.package import ModelSettings
+from serving.server import ServeOptions, stop
 from tests.conftest import REPO, artifact_paths, cli_error, latest_run, run_cli
 from training.checkpoint import load_checkpoint
 from training.data.images import ImageFiles, eval_transform
@@ -31,12 +32,6 @@ pytestmark = pytest.mark.skipif(
     subprocess.run(["which", "java"], capture_output=True).returncode != 0,
     reason="TorchServe needs Java (.ci/run installs it)",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,45 +54,55 @@ def model_store(checkpoints, tmp_path_factory, client):
     store = tmp_path_factory.mktemp("model_store")
     # one from the registry, one from a run id: both resolve to the best checkpoint
     version = client.search_model_versions(f"run_id = '{checkpoints['resnet_run']}'")[0].version
-    run_cli("package", "resnet", "--model-uri", f"models:/test-serve-resnet/{version}", "--model-store", store)
-    run_cli("package", "lm", "--run-id", checkpoints["lm_run"], "--model-store", store)
+    run_cli("package", "resnet", "--model-uri", f"models:/test-serve-resnet/{version}", "--model-store", store,
+            "--batch-size", "4", "--max-batch-delay", "50")  # fmt: skip
+    run_cli("package", "lm", "--run-id", checkpoints["lm_run"], "--model-store", store, "--batch-size", "4",
+            "--max-batch-delay", "50")  # fmt: skip
     return store
+
+
+def mar_of(store: Path, model: str) -> Path:
+    (mar,) = store.glob(f"{model}-*.mar")
+    return mar
 
 
 @pytest.fixture(scope="module")
 def server(model_store, tmp_path_factory):
-    options = ServeOptions(
-        model_store=model_store,
-        state_dir=tmp_path_factory.mktemp("torchserve"),
-        inference_port=free_port(),
-        management_port=free_port(),
-        metrics_port=free_port(),
-        grpc_inference_port=free_port(),
-        grpc_management_port=free_port(),
-        workers=1,
-        batch_size=4,
-        max_batch_delay_ms=50,
-        amp="off",  # fp32, so that HTTP answers equal the fp32 evaluation below bit for bit
-    )
-    keys = start(options)
-    yield options, keys
-    stop()
+    # fp32, so that HTTP answers equal the fp32 evaluation below bit for bit
+    options = ServeOptions.on_free_ports(model_store=model_store, state_dir=tmp_path_factory.mktemp("ts"), amp="off")
+    client = serve(options, [])
+    yield client
+    stop(options.state_dir)
 
 
-def test_mar_is_logged_to_its_run_and_the_version_is_tagged(model_store, checkpoints, client):
-    assert "serving/resnet.mar" in artifact_paths(client, checkpoints["resnet_run"])
-    assert "serving/lm.mar" in artifact_paths(client, checkpoints["lm_run"])
+def test_mar_is_versioned_logged_to_its_run_and_carries_its_serving_settings(model_store, checkpoints, client):
     version = client.search_model_versions(f"run_id = '{checkpoints['resnet_run']}'")[0]
-    assert version.tags["mar"] == f"runs:/{checkpoints['resnet_run']}/serving/resnet.mar"
-    with zipfile.ZipFile(model_store / "resnet.mar") as zf:
+    resnet = mar_of(model_store, "resnet")
+    assert resnet.name == f"resnet-{version.version}.mar"  # the registry's version
+    assert f"serving/{resnet.name}" in artifact_paths(client, checkpoints["resnet_run"])
+    lm = mar_of(model_store, "lm")  # from a run id: epoch and weights hash
+    assert re.fullmatch(r"lm-e1-[0-9a-f]{8}\.mar", lm.name) and f"serving/{lm.name}" in artifact_paths(
+        client, checkpoints["lm_run"]
+    )
+    assert version.tags["mar"] == f"runs:/{checkpoints['resnet_run']}/serving/{resnet.name}"
+    with zipfile.ZipFile(resnet) as zf:
         names = set(zf.namelist())
         meta = json.loads(zf.read("meta.json"))
+        config = zf.read("model-config.yaml").decode()
     assert {"image_classifier.py", "handler_common.py", "dlops_classifier.py", "meta.json", "weights.pt"} <= names
     assert meta["run_id"] == checkpoints["resnet_run"] and len(meta["labels"]) == 4
+    assert meta["registered"] == f"test-serve-resnet/{version.version}"
+    assert config == ModelSettings(batch_size=4, max_batch_delay_ms=50).yaml() and "batchSize: 4" in config
+
+
+def test_the_server_batches_as_each_archive_says(server):
+    answer = server.management("GET", "/models/resnet")
+    assert answer.ok, answer
+    (described,) = answer.data
+    assert (described["batchSize"], described["maxBatchDelay"], described["minWorkers"]) == (4, 50, 1)
 
 
 def test_http_top1_equals_local_evaluation_for_every_val_image(server, checkpoints, tiny_dataset):
-    options, _ = server
     state = load_checkpoint(checkpoints["resnet"])
     model = classifier_from_checkpoint(state)
     val = load_tinyimagenet(tiny_dataset).val
@@ -105,23 +110,22 @@ def test_http_top1_equals_local_evaluation_for_every_val_image(server, checkpoin
     with torch.no_grad():
         local = model(torch.stack([images[i][0] for i in range(len(images))])).argmax(1).tolist()
     with ThreadPoolExecutor(8) as pool:  # concurrent requests exercise server-side batching
-        answers = list(pool.map(lambda s: predict_image(s[0], options.inference_port, options.state_dir), val))
-    for (path, _), (status, answer), expected in zip(val, answers, local, strict=True):
-        assert status == 200, answer
-        assert len(answer) == 4 and answer[0]["wnid"] == state["classes"][expected], path.name
-        assert answer[0]["label"] == state["labels"][expected]
-        assert sum(a["probability"] for a in answer) == pytest.approx(1.0, abs=1e-4)
+        answers = list(pool.map(lambda s: server.predict_image(s[0]), val))
+    for (path, _), answer, expected in zip(val, answers, local, strict=True):
+        assert answer.ok, answer
+        top = answer.data
+        assert len(top) == 4 and top[0]["class"] == state["classes"][expected], path.name
+        assert top[0]["label"] == state["labels"][expected]
+        assert sum(a["probability"] for a in top) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_topk_from_header_multipart_and_json(server, tiny_dataset):
-    options, keys = server
     image = load_tinyimagenet(tiny_dataset).val[0][0]
-    status, answer = predict_image(image, options.inference_port, options.state_dir, topk=2)
-    assert status == 200 and len(answer) == 2
+    answer = server.predict_image(image, topk=2)
+    assert answer.ok and len(answer.data) == 2
     body = json.dumps({"image": base64.b64encode(image.read_bytes()).decode(), "topk": 3}).encode()
-    status, answer = post(f"http://127.0.0.1:{options.inference_port}/predictions/resnet", body, "application/json",
-                          options.state_dir)  # fmt: skip
-    assert status == 200 and len(answer) == 3
+    answer = server.predict("resnet", body, "application/json")
+    assert answer.ok and len(answer.data) == 3
     boundary = "dlopsboundary"
     form = (
         (
@@ -131,24 +135,27 @@ def test_topk_from_header_multipart_and_json(server, tiny_dataset):
         + image.read_bytes()
         + (f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="topk"\r\n\r\n1\r\n--{boundary}--\r\n').encode()
     )
-    status, answer = post(f"http://127.0.0.1:{options.inference_port}/predictions/resnet", form,
-                          f"multipart/form-data; boundary={boundary}", options.state_dir)  # fmt: skip
-    assert status == 200 and len(answer) == 1
+    answer = server.predict("resnet", form, f"multipart/form-data; boundary={boundary}")
+    assert answer.ok and len(answer.data) == 1
+    assert answer.headers["x-dlops-model-version"] == mar_of(server_store(server), "resnet").stem.split("-", 1)[1]
+
+
+def server_store(server: ServerClient) -> Path:
+    from serving.deploy import client_store
+
+    return Path(client_store(server))
 
 
 def test_http_generation_equals_cli_generation(server, checkpoints, tmp_path):
-    options, _ = server
     outf = tmp_path / "cli.txt"
     run_cli("generate", "--checkpoint", checkpoints["lm"], "--prompt", "the old cat", "--words", "30",
             "--seed", "42", "--temperature", "0.8", "--outf", outf)  # fmt: skip
-    status, answer = generate_http({"prompt": "the old cat", "max_words": 30, "seed": 42, "temperature": 0.8},
-                                   options.inference_port, options.state_dir)  # fmt: skip
-    assert status == 200, answer
-    assert answer["text"] == outf.read_text(encoding="utf-8").rstrip("\n")
-    assert answer["words"] == 30 and answer["unknown_words"] == []
-    status, answer = generate_http({"prompt": "the Atlantis cat", "max_words": 3, "seed": 1},
-                                   options.inference_port, options.state_dir)  # fmt: skip
-    assert status == 200 and answer["unknown_words"] == ["Atlantis"]
+    answer = server.generate({"prompt": "the old cat", "max_words": 30, "seed": 42, "temperature": 0.8})
+    assert answer.ok, answer
+    assert answer.data["text"] == outf.read_text(encoding="utf-8").rstrip("\n")
+    assert answer.data["words"] == 30 and answer.data["unknown_words"] == []
+    answer = server.generate({"prompt": "the Atlantis cat", "max_words": 3, "seed": 1})
+    assert answer.ok and answer.data["unknown_words"] == ["Atlantis"]
 
 
 def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
@@ -166,13 +173,10 @@ def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
     )
 
 
-def worker_pids(options: ServeOptions, keys: dict, model: str) -> list[int]:
-    import urllib.request
+def worker_pids(server: ServerClient, model: str) -> list[int]:
+    from serving.server import workers
 
-    request = urllib.request.Request(f"http://127.0.0.1:{options.management_port}/models/{model}",
-                                     headers={"Authorization": f"Bearer {keys['management']}"})  # fmt: skip
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return [w["pid"] for w in json.loads(response.read())[0]["workers"]]
+    return [w["pid"] for w in workers(server, model)]
 
 
 @pytest.mark.parametrize(
@@ -202,33 +206,39 @@ def worker_pids(options: ServeOptions, keys: dict, model: str) -> list[int]:
 def test_bad_input_gets_a_4xx_json_answer_and_the_worker_survives(
     server, tiny_dataset, model, body, content_type, status, message
 ):
-    options, keys = server
     image = load_tinyimagenet(tiny_dataset).val[0][0].read_bytes()
     body = {"TRUNCATED": image[: len(image) // 2], "BOMB": bomb_png()}.get(body, body)
-    before = worker_pids(options, keys, model)
-    got, answer = post(f"http://127.0.0.1:{options.inference_port}/predictions/{model}", body, content_type,
-                       options.state_dir)  # fmt: skip
-    assert got == status and message in answer["error"], answer
-    assert worker_pids(options, keys, model) == before, "the worker restarted"
+    before = worker_pids(server, model)
+    answer = server.predict(model, body, content_type)
+    assert answer.status == status and message in answer.data["error"], answer
+    assert worker_pids(server, model) == before, "the worker restarted"
     if model == "resnet":
-        assert predict_image(load_tinyimagenet(tiny_dataset).val[1][0], options.inference_port,
-                             options.state_dir)[0] == 200  # fmt: skip
+        assert server.predict_image(load_tinyimagenet(tiny_dataset).val[1][0]).ok
     else:
-        assert generate_http({"max_words": 2}, options.inference_port, options.state_dir)[0] == 200
+        assert server.generate({"max_words": 2}).ok
 
 
-def test_requests_without_the_token_are_refused(server, tiny_dataset, tmp_path):
-    options, keys = server
-    assert keys.get("inference"), "token authorization should be on by default"
+def test_requests_without_the_key_are_refused_saying_where_it_is(server, tiny_dataset, tmp_path):
+    from serving.keys import read_keys
+
+    assert read_keys(server.state_dir).get("inference"), "token authorization should be on by default"
     image = load_tinyimagenet(tiny_dataset).val[0][0]
-    status, answer = predict_image(image, options.inference_port, tmp_path)  # no key file there: no token
-    assert status in (400, 401) and "Token Authorization failed" in json.dumps(answer)
+    keyless = ServerClient(tmp_path, server.urls)  # no key file there: no key sent
+    answer = keyless.predict_image(image)
+    assert answer.status == 400 and "Token Authorization failed" in json.dumps(answer.data)
+    (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "wrong-key", "expiration time":
+                                                                      "2099-01-01T00:00:00Z"}}))  # fmt: skip
+    answer = keyless.predict_image(image)
+    assert (
+        answer.status == 400
+        and f"The current keys of this server are in {tmp_path / 'key_file.json'}" in (answer.data["error"])
+    )
 
 
 def test_handler_runs_from_the_unpacked_archive_without_the_project(model_store, tiny_dataset, tmp_path):
     """The .mar needs torch, torchvision and Pillow only: importing training/serving is blocked."""
     for mar in ("resnet.mar", "lm.mar"):
-        with zipfile.ZipFile(model_store / mar) as zf:
+        with zipfile.ZipFile(mar_of(model_store, mar.split(".")[0])) as zf:
             zf.extractall(tmp_path / mar)
     image = load_tinyimagenet(tiny_dataset).val[0][0]
     script = f"""
@@ -241,6 +251,7 @@ class Context:
         self.statuses = {{}}
     def get_all_request_header(self, idx): return {{}}
     def set_response_status(self, code, phrase, idx): self.statuses[idx] = code
+    def set_response_header(self, idx, key, value): pass
 sys.path.insert(0, {str(tmp_path / "resnet.mar")!r})
 from image_classifier import ImageClassifier
 handler = ImageClassifier(); ctx = Context({str(tmp_path / "resnet.mar")!r}); handler.initialize(ctx)
@@ -271,11 +282,11 @@ def test_package_refuses_the_wrong_kind(checkpoints, tmp_path):
                                              "--model-store", tmp_path)  # fmt: skip
 
 
-def metric_values(options: ServeOptions, name: str) -> dict[str, float]:
+def metric_values(server: ServerClient, name: str) -> dict[str, float]:
     """The metrics endpoint's samples of one metric: labels text -> value."""
     import urllib.request
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{options.metrics_port}/metrics", timeout=10) as response:
+    with urllib.request.urlopen(f"{server.urls['metrics']}/metrics", timeout=10) as response:
         text = response.read().decode()
     return {m.group(1): float(m.group(2)) for m in re.finditer(rf"^{name}\{{(.*?)\}} ([\d.eE+-]+)$", text, re.M)}
 
@@ -295,56 +306,51 @@ MIXED = [
 
 
 def test_a_request_gets_the_same_text_alone_in_a_batch_and_from_the_cli(server, checkpoints, tmp_path):
-    options, _ = server
-    send = lambda r: generate_http(r, options.inference_port, options.state_dir)  # noqa: E731
-    alone = [send(r) for r in MIXED]
-    before = metric_values(options, "DlopsBatches"), metric_values(options, "DlopsRequests")
+    alone = [server.generate(r) for r in MIXED]
+    before = metric_values(server, "DlopsBatches"), metric_values(server, "DlopsRequests")
     with ThreadPoolExecutor(len(MIXED)) as pool:
-        together = list(pool.map(send, MIXED))
-    after = metric_values(options, "DlopsBatches"), metric_values(options, "DlopsRequests")
+        together = list(pool.map(server.generate, MIXED))
+    after = metric_values(server, "DlopsBatches"), metric_values(server, "DlopsRequests")
     batches = labelled(after[0], ModelName="lm") - labelled(before[0], ModelName="lm")
     requests = labelled(after[1], ModelName="lm", Status="200") - labelled(before[1], ModelName="lm", Status="200")
     assert requests == len(MIXED) and batches < requests, "the concurrent requests were not batched"
-    for request, (status_a, a), (status_b, b) in zip(MIXED, alone, together, strict=True):
-        assert status_a == status_b == 200, (a, b)
-        assert a == b, request
-        assert a["words"] == request["max_words"]
-    for request, (_, answer) in zip(MIXED[:3], alone[:3], strict=True):
+    for request, a, b in zip(MIXED, alone, together, strict=True):
+        assert a.ok and b.ok, (a, b)
+        assert a.data == b.data, request
+        assert a.data["words"] == request["max_words"]
+    for request, answer in zip(MIXED[:3], alone[:3], strict=True):
         outf = tmp_path / f"seed{request['seed']}.txt"
         run_cli("generate", "--checkpoint", checkpoints["lm"], "--prompt", request["prompt"], "--words",
                 request["max_words"], "--seed", request["seed"], "--temperature", request["temperature"],
                 "--outf", outf)  # fmt: skip
-        assert answer["text"] == outf.read_text(encoding="utf-8").rstrip("\n")
+        assert answer.data["text"] == outf.read_text(encoding="utf-8").rstrip("\n")
 
 
 def test_the_metrics_endpoint_counts_requests_latency_and_errors_per_model(server, tiny_dataset):
-    options, _ = server
-    before = metric_values(options, "DlopsRequests")
+    before = metric_values(server, "DlopsRequests")
     image = load_tinyimagenet(tiny_dataset).val[0][0]
-    assert predict_image(image, options.inference_port, options.state_dir)[0] == 200
-    bad = post(f"http://127.0.0.1:{options.inference_port}/predictions/lm", b'{"temperature": NaN}',
-               "application/json", options.state_dir)  # fmt: skip
-    assert bad[0] == 400
-    after = metric_values(options, "DlopsRequests")
+    assert server.predict_image(image).ok
+    assert server.predict("lm", b'{"temperature": NaN}', "application/json").status == 400
+    after = metric_values(server, "DlopsRequests")
     assert labelled(after, ModelName="lm", Status="400") - labelled(before, ModelName="lm", Status="400") == 1
     assert labelled(after, ModelName="resnet", Status="200") - labelled(before, ModelName="resnet", Status="200") == 1
     for name in ("ts_inference_requests_total", "ts_inference_latency_microseconds"):
-        samples = metric_values(options, name)
+        samples = metric_values(server, name)
         assert labelled(samples, model_name="resnet") > 0 and labelled(samples, model_name="lm") > 0, name
 
 
-def test_the_readme_request_table_is_the_fields_table():
+def test_the_documented_request_table_is_the_fields_table():
     from serving.handlers.request_fields import GENERATION_FIELDS, markdown_table
 
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert markdown_table(GENERATION_FIELDS) in readme, "regenerate it: python serving/handlers/request_fields.py"
+    page = (REPO / "docs" / "serving.md").read_text(encoding="utf-8")
+    assert markdown_table(GENERATION_FIELDS) in page, "regenerate it: python serving/handlers/request_fields.py"
 
 
 @pytest.mark.parametrize(("serve_amp", "native", "expected"), [("auto", "1", "bf16"), ("auto", "0", "off"),
                                                               ("off", "1", "off")])  # fmt: skip
 def test_the_classifier_serves_in_the_precision_the_device_suits(model_store, tiny_dataset, tmp_path, serve_amp,
                                                                   native, expected):  # fmt: skip
-    with zipfile.ZipFile(model_store / "resnet.mar") as zf:
+    with zipfile.ZipFile(mar_of(model_store, "resnet")) as zf:
         zf.extractall(tmp_path / "resnet")
     images = [str(p) for p, _ in load_tinyimagenet(tiny_dataset).val]
     script = f"""
@@ -355,9 +361,10 @@ class Context:
     system_properties = {{"model_dir": {str(tmp_path / "resnet")!r}}}
     manifest = json.load(open({str(tmp_path / "resnet" / "MAR-INF" / "MANIFEST.json")!r}))
     def get_all_request_header(self, idx): return {{}}
+    def set_response_header(self, idx, key, value): pass
 handler = ImageClassifier(); handler.initialize(Context())
 answers = handler.handle([{{"body": open(p, "rb").read()}} for p in {images!r}], Context())
-print(json.dumps({{"amp": handler.amp, "top1": [a[0]["wnid"] for a in answers]}}))
+print(json.dumps({{"amp": handler.amp, "top1": [a[0]["class"] for a in answers]}}))
 """
     env = {**os.environ, "DLOPS_SERVE_AMP": serve_amp, "DLOPS_CPU_NATIVE_BF16": native}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)

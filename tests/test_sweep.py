@@ -21,6 +21,10 @@ TINY = ["--epochs", "3", "--emsize", "16", "--nhid", "16", "--nlayers", "1", "--
         "--log-interval", "1000"]  # fmt: skip
 # a tiny learning rate leaves perplexity where it starts: the median pruner has something to prune
 SPACE = ["--param", "lr=choice:5,0.000001", "--param", "dropout=float:0.0:0.3"]
+# Worker i samples with seed SEED + i; with 10 both workers draw lr 5, 5, then 1e-6: whichever way the
+# two processes interleave, a worker's third trial (one of them runs at least three of the six) meets
+# two completed lr-5 trials and is pruned. (Seed 3 pruned only when the timing allowed it.)
+SEED = "10"
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +34,7 @@ def corpus(tmp_path_factory) -> Path:
 
 def sweep_command(corpus: Path, tmp: Path, study: str, trials: int = 6) -> list[str]:
     return [sys.executable, "-m", "training.cli", "sweep", "lm", str(corpus), "--trials", str(trials), "--jobs", "2",
-            *SPACE, "--sampler", "random", "--seed", "3", "--storage", f"sqlite:///{tmp / 'optuna.db'}",
+            *SPACE, "--sampler", "random", "--seed", SEED, "--storage", f"sqlite:///{tmp / 'optuna.db'}",
             "--study-name", study, "--heartbeat", "2", "--", *TINY, "--out-dir", str(tmp / "runs"),
             "--experiment", f"sweep-{study}", "--registered-model", f"sweep-{study}"]  # fmt: skip
 

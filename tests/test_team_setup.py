@@ -88,8 +88,14 @@ def test_resnet_and_lm_runs_through_a_postgres_backed_server(mlflow_server, tiny
     result = dlops(mlflow_server, "package", "resnet", "--model-uri", f"models:/pg-resnet/{version}",
                    "--model-store", tmp_path / "store")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "serving/resnet.mar" in artifact_paths(client, run.info.run_id)
-    assert client.get_model_version("pg-resnet", version).tags["mar"].endswith("serving/resnet.mar")
+    assert f"serving/resnet-{version}.mar" in artifact_paths(client, run.info.run_id)
+    assert client.get_model_version("pg-resnet", version).tags["mar"].endswith(f"serving/resnet-{version}.mar")
+    # the registered version is an MLflow model whose files come through the server's artifact proxy
+    script = (f"import mlflow; m = mlflow.pyfunc.load_model('models:/pg-resnet/{version}'); "
+              "print(m.metadata.signature.inputs.input_names())")  # fmt: skip
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server})  # fmt: skip
+    assert loaded.returncode == 0 and "['image', 'topk']" in loaded.stdout, loaded.stderr[-3000:]
 
     corpus = write_synthetic_corpus(tmp_path / "corpus", 200, 30, 30)
     result = dlops(mlflow_server, "train", "lm", corpus, "--epochs", "2", "--emsize", "16", "--nhid", "16",

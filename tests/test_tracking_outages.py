@@ -110,41 +110,29 @@ def assert_complete(client: MlflowClient, run_id: str, epochs: int) -> None:
     assert any(a.startswith("tensorboard/events.out.tfevents") for a in artifacts)
 
 
-def total_seconds(client: MlflowClient, run_id: str) -> float:
-    return client.get_run(run_id).data.metrics["time/total_seconds"]
-
-
-def test_an_outage_mid_training_costs_no_training_time(server, tiny_dataset, tmp_path):
+def test_training_goes_on_through_an_outage_and_every_record_arrives_once(server, tiny_dataset, tmp_path):
+    """The server is killed after epoch 1 and started again later: epochs go on training while it is
+    down, and the run ends FINISHED with every step once. (What the outage costs in training time is
+    measured by bench/outage_cost.py, not asserted here.)"""
     client = MlflowClient(server.uri)
-    epochs = 30  # about 15 s: the server is back well before the end
-    steady = train_process(server.uri, tiny_dataset, "--epochs", str(epochs), "--out-dir", tmp_path, "--experiment",
-                           "outage", "--run-name", "steady", pinned=True)  # fmt: skip
-    assert steady.wait(timeout=600) == 0, steady.stdout.read()[-3000:]
-    baseline = latest_run(client, "outage")
-
+    epochs = 30  # about 15-30 s: the server is back well before the end
     disturbed = train_process(server.uri, tiny_dataset, "--epochs", str(epochs), "--out-dir", tmp_path, "--experiment",
                               "outage", "--run-name", "disturbed", pinned=True)  # fmt: skip
     seen: list[str] = []
     wait_for(disturbed, "=> epoch saved", seen)
     server.kill()
-    down = time.monotonic()
     for _ in range(3):  # three more epochs train while the server is down
         wait_for(disturbed, "=> epoch saved", seen)
     server.start()
-    outage, back_ms = time.monotonic() - down, time.time() * 1000
+    back_ms = time.time() * 1000
     seen += disturbed.stdout.readlines()
     assert disturbed.wait(timeout=600) == 0, "".join(seen)[-3000:]
     run = latest_run(client, "outage")
-    assert run.info.run_id != baseline.info.run_id
     assert_complete(client, run.info.run_id, epochs)
     logged_after = [m for m in client.get_metric_history(run.info.run_id, "val/acc1") if m.timestamp > back_ms]
     assert logged_after, "training ended before the server was back: the outage was not mid-training"
-    with_outage, without = total_seconds(client, run.info.run_id), total_seconds(client, baseline.info.run_id)
     journal = Journal(tmp_path / run.info.run_id)
-    print(f"outage {outage:.1f} s; training {with_outage:.1f} s with it, {without:.1f} s without; "
-          f"{journal.delivered} of {len(journal.records)} journal records delivered")  # fmt: skip
     assert journal.delivered == len(journal.records)
-    assert with_outage <= 1.1 * without, f"training took {with_outage:.1f} s with a {outage:.1f} s outage"
 
 
 def test_a_run_ending_during_an_outage_is_delivered_by_dlops_sync(server, tiny_dataset, tmp_path):

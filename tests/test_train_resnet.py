@@ -119,7 +119,8 @@ def test_run_holds_params_metrics_artifacts_and_a_registered_version(trained, cl
     assert any(m.startswith("system/cpu_utilization") for m in run.data.metrics), "system metrics missing"
     versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
     assert len(versions) == 1 and versions[0].name == "test-resnet"
-    assert versions[0].source.endswith("checkpoints/best.pt")
+    logged = client.get_logged_model(versions[0].source.removeprefix("models:/"))  # an MLflow model of the run
+    assert logged.source_run_id == run.info.run_id and str(logged.status) == "READY"
 
 
 def test_checkpoint_is_complete_and_loads_weights_only(trained):

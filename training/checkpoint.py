@@ -98,6 +98,16 @@ def upgrade_v1(state: dict[str, Any]) -> dict[str, Any]:
             "train_state": train_state, "job_state": job_state}  # fmt: skip
 
 
+INFERENCE_ENTRIES = ("format_version", "kind", "epoch", "run_id", "experiment", "model", "model_config", "metrics")
+
+
+def inference_checkpoint(state: dict[str, Any], inference_keys: tuple[str, ...]) -> dict[str, Any]:
+    """The part of a checkpoint that inference needs: weights, model config, the job's inference
+    entries (class names, vocabulary...) and where it came from; no optimizer or resume state.
+    It loads like any checkpoint (the registry's MLflow models hold one)."""
+    return {key: state[key] for key in (*INFERENCE_ENTRIES, *inference_keys) if key in state}
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG a training run draws from, in a weights_only-loadable form."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()

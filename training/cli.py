@@ -9,10 +9,12 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from serving.deploy import DeployError
 from serving.handlers.request_fields import GENERATION_FIELDS
 from serving.handlers.request_fields import click_options as generation_field_options
-from serving.server import ServeError
-from training import trainer
+from serving.keys import KeyFileError
+from serving.server import DEFAULT_STATE_DIR, DEFAULT_TOKEN_EXPIRATION_MIN, ServeError
+from training import tracking, trainer
 from training.checkpoint import CheckpointError
 from training.data.download import DownloadError
 from training.data.errors import DatasetError
@@ -23,9 +25,11 @@ from training.jobs.resnet import DEFAULT_WORKERS
 from training.models.classifier import ARCHS, STEMS, input_size_problem, small_stem_applies
 from training.options import click_options
 from training.tracking import JournalBusy, TrackingUnavailable
+from training.tracking.registry import URI_FORMS, is_model_uri, parse_model_uri
 
 USER_ERRORS = (
-    DatasetError, DeviceError, CheckpointError, DownloadError, ServeError, ValueError, TrackingUnavailable, JournalBusy
+    DatasetError, DeviceError, CheckpointError, DownloadError, ServeError, DeployError, KeyFileError, ValueError,
+    TrackingUnavailable, JournalBusy,
 )  # fmt: skip
 
 
@@ -37,6 +41,26 @@ class Group(click.Group):
             return super().invoke(ctx)
         except USER_ERRORS as e:
             raise click.ClickException(str(e)) from e
+
+
+class CheckpointSource(click.ParamType):
+    """A checkpoint file, or a model URI (resolved, and downloaded, by the command)."""
+
+    name = "CKPT|MODEL_URI"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        if is_model_uri(text):
+            try:
+                parse_model_uri(text)
+            except ValueError as e:
+                self.fail(str(e), param, ctx)
+        elif not Path(text).is_file():
+            self.fail(f"{text!r}: no such checkpoint file (or give {URI_FORMS})", param, ctx)
+        return text
+
+
+CHECKPOINT = CheckpointSource()
 
 
 def given_options(ctx: click.Context) -> dict[str, Any]:
@@ -111,7 +135,7 @@ def sync_command(path: Path) -> None:
 
 
 @main.command("generate")
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--checkpoint", required=True, type=CHECKPOINT, help="a checkpoint file or a model URI")
 @click.option("--prompt", default="", help="text to continue; words outside the vocabulary become <unk>")
 @click.option("--words", type=click.IntRange(1), default=1000, show_default=True)
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="> 0; higher is more diverse")
@@ -121,7 +145,7 @@ def sync_command(path: Path) -> None:
 )
 @click.option("--log-interval", type=click.IntRange(0), default=100, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-def generate_command(checkpoint: Path, **options: Any) -> None:
+def generate_command(checkpoint: str, **options: Any) -> None:
     """Generate text from a language-model checkpoint (written as UTF-8)."""
     from training.generate import generate
 
@@ -131,7 +155,7 @@ def generate_command(checkpoint: Path, **options: Any) -> None:
 
 
 @main.command("evaluate")
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--checkpoint", required=True, type=CHECKPOINT, help="a checkpoint file or a model URI")
 @click.argument("data", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
 @click.option("-b", "--batch-size", type=click.IntRange(1), default=256, show_default=True)
@@ -140,7 +164,7 @@ def generate_command(checkpoint: Path, **options: Any) -> None:
 @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True)
 @click.option("--limit", type=click.IntRange(1), default=None)
 @click.option("-p", "--print-freq", type=click.IntRange(0), default=10, show_default=True)
-def evaluate_command(checkpoint: Path, data: Path, **options: Any) -> None:
+def evaluate_command(checkpoint: str, data: Path, **options: Any) -> None:
     """Evaluate a ResNet checkpoint on DATA and log the result to MLflow."""
     from training.evaluate import evaluate_checkpoint
 
@@ -148,8 +172,8 @@ def evaluate_command(checkpoint: Path, data: Path, **options: Any) -> None:
 
 
 @main.command("compare")
-@click.argument("checkpoint_a", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-@click.argument("checkpoint_b", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.argument("checkpoint_a", type=CHECKPOINT)
+@click.argument("checkpoint_b", type=CHECKPOINT)
 @click.argument("data", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
 @click.option("--limit", type=click.IntRange(1), default=None, help="compare on N images spread over classes")
@@ -162,7 +186,7 @@ def evaluate_command(checkpoint: Path, data: Path, **options: Any) -> None:
     "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/compare"), show_default=True
 )
 @click.option("--experiment", default="compare", show_default=True)
-def compare_command(checkpoint_a: Path, checkpoint_b: Path, data: Path, **options: Any) -> None:
+def compare_command(checkpoint_a: str, checkpoint_b: str, data: Path, **options: Any) -> None:
     """List the DATA images two ResNet checkpoints classify differently (CSV, PNG grid, MLflow run)."""
     from training.analysis.compare import compare_checkpoints
 
@@ -384,63 +408,87 @@ def download_command(dataset: str, dest: Path, url: str | None, archive: Path | 
     click.echo(f"{dataset} is ready at {root}")
 
 
+_model_settings = _options(
+    click.option("--workers", type=click.IntRange(1), default=1, show_default=True, help="TorchServe workers"),
+    click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="server-side batching"),
+    click.option("--max-batch-delay", type=click.IntRange(0), default=20, show_default=True, help="milliseconds"),
+    click.option("--response-timeout", type=click.IntRange(1), default=120, show_default=True, help="seconds"),
+)
+
+
+def _settings(options: dict[str, Any]):
+    """The per-model settings a .mar carries (model-config.yaml), from the _model_settings options."""
+    from serving.package import ModelSettings
+
+    return ModelSettings(options.pop("workers"), options.pop("batch_size"), options.pop("max_batch_delay"),
+                         options.pop("response_timeout"))  # fmt: skip
+
+
 @main.command("package")
-@click.argument("kind", type=click.Choice(["resnet", "lm"]))
-@click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None)
-@click.option("--model-uri", default=None, help="models:/NAME/VERSION from the MLflow registry")
+@click.argument("kind", type=click.Choice(list(JOBS)))
+@click.option("--checkpoint", type=CHECKPOINT, default=None, help="a checkpoint file or a model URI")
+@click.option("--model-uri", default=None, help=f"from the MLflow registry: {URI_FORMS}")
 @click.option("--run-id", default=None, help="an MLflow run: its checkpoints/best.pt")
 @click.option(
     "--model-store", type=click.Path(file_okay=False, path_type=Path), default=Path("model_store"), show_default=True
 )
-@click.option("--version", default=None, help="model version in TorchServe (default: registry version or epoch)")
-def package_command(
-    kind: str,
-    checkpoint: Path | None,
-    model_uri: str | None,
-    run_id: str | None,
-    model_store: Path,
-    version: str | None,
-) -> None:
+@click.option("--version", default=None, help="model version in TorchServe (default: registry version, else epoch)")
+@_model_settings
+def package_command(kind: str, checkpoint: str | None, model_uri: str | None, run_id: str | None, model_store: Path,
+                    version: str | None, **settings: Any) -> None:  # fmt: skip
     """Build a TorchServe .mar of a KIND checkpoint into --model-store; log it to the source MLflow run."""
-    from serving.package import build_mar
+    import tempfile
 
-    build_mar(kind, checkpoint, model_uri, run_id, model_store, version)
+    from serving.package import build_mar, resolve_source
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = resolve_source(checkpoint, model_uri, run_id, Path(tmp))
+        build_mar(kind, source, model_store, _settings(settings), version)
 
 
+_state_dir_option = click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_STATE_DIR,
+    show_default=True,
+    help="the server's folder: its config, ports, keys, logs and what it serves",
+)
 _client_options = _options(
+    _state_dir_option,
     click.option(
-        "--state-dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        default=Path("logs/torchserve"),
-        show_default=True,
-        help="where `dlops serve` keeps config.properties, key_file.json and logs",
-    ),
-    click.option("--inference-port", type=click.IntRange(1, 65535), default=8080, show_default=True),
+        "--inference-port",
+        type=click.IntRange(1, 65535),
+        default=None,
+        help="default: the one the server of --state-dir was started with",
+    ),  # fmt: skip
 )
 
 
-def _show_answer(status: int, answer: Any) -> None:
+def _show_answer(answer: Any) -> None:
     """Print a server answer as JSON; fail the command unless it is HTTP 200."""
     import json
 
-    click.echo(json.dumps(answer, indent=1, ensure_ascii=False))
-    if status != 200:
-        raise click.ClickException(f"HTTP {status}")
+    click.echo(json.dumps(answer.data, indent=1, ensure_ascii=False))
+    if not answer.ok:
+        raise click.ClickException(f"HTTP {answer.status}")
 
 
 @main.command("serve")
+@click.option("--model", "models", multiple=True, metavar="SOURCE",
+              help="what to serve (repeatable): a model URI, a checkpoint or a .mar; packaged into --model-store. "
+              "Default: what --state-dir served last, else the newest .mar of each model in the store")  # fmt: skip
 @click.option(
     "--model-store", type=click.Path(file_okay=False, path_type=Path), default=Path("model_store"), show_default=True
 )
-@_client_options
+@_state_dir_option
+@click.option("--inference-port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--management-port", type=click.IntRange(1, 65535), default=8081, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8082, show_default=True)
 @click.option("--grpc-inference-port", type=click.IntRange(1, 65535), default=7070, show_default=True)
 @click.option("--grpc-management-port", type=click.IntRange(1, 65535), default=7071, show_default=True)
 @click.option("--no-auth", is_flag=True, help="turn token authorization off (local experiments only)")
-@click.option("--workers", type=click.IntRange(1), default=1, show_default=True, help="workers per model")
-@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="server-side batching")
-@click.option("--max-batch-delay", type=click.IntRange(0), default=20, show_default=True, help="milliseconds")
+@click.option("--token-expiration-min", type=click.FloatRange(0, min_open=True), default=DEFAULT_TOKEN_EXPIRATION_MIN,
+              show_default=True, help="key lifetime; the key keeper renews each key at half of it")  # fmt: skip
 @click.option("--torch-threads", type=click.IntRange(1), default=1, show_default=True, help="torch threads per worker")
 @click.option(
     "--amp",
@@ -449,40 +497,104 @@ def _show_answer(status: int, answer: Any) -> None:
     show_default=True,
     help="the classifier's precision; auto: bf16 where the device has it natively (generation stays fp32)",
 )
-def serve_command(no_auth: bool, max_batch_delay: int, **options: Any) -> None:
-    """Start TorchServe on 127.0.0.1 with every .mar in --model-store and wait until they are healthy."""
-    from serving.server import ServeOptions, start
+@click.option("--alias", default="serving", show_default=True, help="registry alias of the versions this server serves")
+@_model_settings
+def serve_command(models: tuple[str, ...], no_auth: bool, alias: str, **options: Any) -> None:
+    """Start TorchServe on 127.0.0.1 and wait until every model is ready; it keeps its keys valid while it runs."""
+    from serving.deploy import serve
+    from serving.server import ServeOptions
 
-    start(ServeOptions(auth=not no_auth, max_batch_delay_ms=max_batch_delay, **options))
+    settings = _settings(options)
+    serve(ServeOptions(auth=not no_auth, **options), list(models), settings, alias)
 
 
 @main.command("stop")
-def stop_command() -> None:
-    """Stop the TorchServe started by `dlops serve`."""
+@_state_dir_option
+def stop_command(state_dir: Path) -> None:
+    """Stop the TorchServe started from --state-dir (no other)."""
     from serving.server import stop
 
-    click.echo(stop())
+    click.echo(stop(state_dir))
+
+
+@main.command("deploy")
+@click.argument("source", metavar="MODEL_URI|CHECKPOINT|MAR")
+@_state_dir_option
+@click.option("--model-store", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="the server's model store (default: the one it was started with)")  # fmt: skip
+@click.option("--alias", default="serving", show_default=True, help="registry alias moved to the version now serving")
+@click.option("--timeout", type=click.FloatRange(1), default=180.0, show_default=True, help="seconds per step")
+@_model_settings
+def deploy_command(source: str, state_dir: Path, model_store: Path | None, alias: str, timeout: float,
+                   **settings: Any) -> None:  # fmt: skip
+    """Make SOURCE the version that answers on a running `dlops serve`, with no request dropped.
+
+    Packages SOURCE, registers it beside the serving version, checks it answers the example request
+    as its checkpoint does, switches to it, drains and retires the old version. Any failure leaves
+    the old version serving and exits 1."""
+    from serving.client import ServerClient
+    from serving.deploy import client_store, deploy, prepare
+
+    client = ServerClient.of(state_dir)
+    store = model_store or Path(client_store(client))
+    deployed = deploy(client, prepare(source, store, _settings(settings)), alias, timeout)
+    click.echo(f"=> serving {deployed.describe()}")
+
+
+@main.command("rollback")
+@click.argument("model", metavar="NAME")
+@_state_dir_option
+@click.option("--alias", default="serving", show_default=True)
+@click.option("--timeout", type=click.FloatRange(1), default=180.0, show_default=True, help="seconds per step")
+def rollback_command(model: str, state_dir: Path, alias: str, timeout: float) -> None:
+    """Serve again the version of model NAME (resnet, lm) that served before the current one."""
+    from serving.client import ServerClient
+    from serving.deploy import rollback
+
+    deployed = rollback(ServerClient.of(state_dir), model, alias, timeout)
+    click.echo(f"=> serving {deployed.describe()}")
+
+
+@main.command("promote")
+@click.argument("model_uri")
+@click.option("--alias", default="champion", show_default=True)
+@click.option("--if-better", is_flag=True, help="only when the version's validation metric beats the alias holder's")
+def promote_command(model_uri: str, alias: str, if_better: bool) -> None:
+    """Point a registry alias (models:/NAME@ALIAS) at the version MODEL_URI names."""
+    from training.tracking import registry
+
+    version = registry.resolve(model_uri)
+    criterion = None
+    if if_better:
+        kind = registry.job_kind(version, tracking.store_client())
+        if kind not in JOBS:
+            raise click.ClickException(f"{model_uri}: no training run of a known job to compare by (job {kind!r})")
+        criterion = JOBS[kind].best
+    outcome = registry.promote(model_uri, alias, metric=criterion.metric if criterion else None,
+                               higher_is_better=criterion.higher_is_better if criterion else True)  # fmt: skip
+    click.echo(f"=> {outcome.message}")
 
 
 @main.command("predict")
 @click.argument("image", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @_client_options
 @click.option("--topk", type=click.IntRange(1), default=None, help="number of classes to return (server default 5)")
-def predict_command(image: Path, state_dir: Path, inference_port: int, topk: int | None) -> None:
+def predict_command(image: Path, state_dir: Path, inference_port: int | None, topk: int | None) -> None:
     """Classify IMAGE with the served ResNet (HTTP client)."""
-    from serving.client import predict_image
+    from serving.client import ServerClient
 
-    _show_answer(*predict_image(image, inference_port, state_dir, topk))
+    _show_answer(ServerClient.of(state_dir, inference=inference_port).predict_image(image, topk))
 
 
 @main.command("generate-http")
 @_client_options
 @generation_field_options(GENERATION_FIELDS)  # the server's own request fields, ranges and defaults
-def generate_http_command(state_dir: Path, inference_port: int, **request: Any) -> None:
+def generate_http_command(state_dir: Path, inference_port: int | None, **request: Any) -> None:
     """Generate text with the served language model (HTTP client)."""
-    from serving.client import generate_http
+    from serving.client import ServerClient
 
-    _show_answer(*generate_http({k: v for k, v in request.items() if v is not None}, inference_port, state_dir))
+    client = ServerClient.of(state_dir, inference=inference_port)
+    _show_answer(client.generate({k: v for k, v in request.items() if v is not None}))
 
 
 if __name__ == "__main__":

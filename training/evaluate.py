@@ -10,13 +10,13 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from torch import nn
 
 from training import tracking
-from training.checkpoint import load_checkpoint
 from training.data.errors import DatasetError
 from training.data.images import ImageFiles, eval_transform, make_loader, take_evenly
 from training.data.tinyimagenet import Sample, load_tinyimagenet
 from training.devices import choose_device
 from training.loops.classify import EpochResult, evaluate
 from training.models.classifier import classifier_from_checkpoint
+from training.tracking import registry
 
 
 def check_same_classes(checkpoint_classes: list[str], dataset_classes: list[str], checkpoint: Path, data: Path) -> None:
@@ -45,7 +45,7 @@ def evaluate_samples(
 
 
 def evaluate_checkpoint(
-    checkpoint: Path,
+    checkpoint: str | Path,
     data: Path,
     split: str = "val",
     batch_size: int = 256,
@@ -55,14 +55,14 @@ def evaluate_checkpoint(
     print_freq: int = 10,
     limit: int | None = None,
 ) -> EpochResult:
-    state = load_checkpoint(checkpoint, kind="resnet")
+    state, named = registry.load_source(checkpoint, kind="resnet")
     ds = load_tinyimagenet(data)
     check_same_classes(state["classes"], ds.wnids, checkpoint, data)
     choice = choose_device(device)
     print(choice.describe(), flush=True)
     samples = take_evenly(ds.split(split), limit)
 
-    source_run = tracking.server_run_id(Path(checkpoint).parent, state.get("run_id"))
+    source_run = state.get("run_id")
     tags = {"job": "evaluate", "source_run_id": str(source_run), "device_name": choice.name}
     if source_run:
         tags[MLFLOW_PARENT_RUN_ID] = source_run  # shows the evaluation under its training run
@@ -70,7 +70,7 @@ def evaluate_checkpoint(
     with tracking.start_run(experiment, run_name=f"evaluate-{split}", tags=tags) as run:
         run.log_params(
             {
-                "checkpoint": str(Path(checkpoint).resolve()),
+                "checkpoint": named,
                 "data": str(Path(data).resolve()),
                 "split": split,
                 "images": len(samples),

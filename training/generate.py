@@ -6,13 +6,13 @@ import time
 from pathlib import Path
 
 from training import tracking
-from training.checkpoint import load_checkpoint
 from training.devices import choose_device
 from training.models.wordlm import generate_text, lm_from_checkpoint
+from training.tracking import registry
 
 
 def generate(
-    checkpoint: Path,
+    checkpoint: str | Path,
     prompt: str = "",
     words: int = 1000,
     temperature: float = 1.0,
@@ -24,7 +24,7 @@ def generate(
     """Sample `words` words after `prompt`, write them to `outf`, log them to the checkpoint's run."""
     if temperature <= 0:
         raise ValueError(f"--temperature must be > 0, got {temperature}")
-    state = load_checkpoint(checkpoint, kind="lm")  # always loads onto the CPU first
+    state, _ = registry.load_source(checkpoint, kind="lm")  # always loads onto the CPU first
     choice = choose_device(device)
     model = lm_from_checkpoint(state).to(choice.device)
 
@@ -40,7 +40,7 @@ def generate(
     outf.write_text(result["text"] + "\n", encoding="utf-8", newline="\n")
     print(f"=> wrote {result['words']} words to {outf}")
 
-    run_id = tracking.server_run_id(Path(checkpoint).parent, state.get("run_id"))
+    run_id = state.get("run_id")
     name = f"generated/seed{seed}-t{temperature:g}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
     if run_id and tracking.log_text_to_run(run_id, result["text"], name):
         print(f"=> logged to MLflow run {run_id} as {name}")

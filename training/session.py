@@ -12,15 +12,32 @@ through the run's journal (training/tracking/run.py): nothing here waits for the
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from training import tracking
-from training.checkpoint import save_checkpoint
+from training.checkpoint import inference_checkpoint, load_checkpoint, save_checkpoint
 from training.devices import DeviceChoice
+from training.jobs.base import HANDLERS, Job
 from training.plots import learning_curves
+from training.tracking.registry import CHECKPOINT_ARTIFACT, save_mlflow_model
+
+
+def build_mlflow_model(job: type[Job], checkpoint: Path, directory: Path) -> Path:
+    """The MLflow pyfunc model of a job's checkpoint, saved to `directory`: the inference part of
+    the checkpoint, the job's handler and model code, and its example request as input example."""
+    state = inference_checkpoint(load_checkpoint(checkpoint, kind=job.kind), job.serving.inference_keys)
+    example = job.example_request(state)
+    with tempfile.TemporaryDirectory() as tmp:  # the model keeps its own copy, artifacts/checkpoint.pt
+        weights = Path(tmp) / f"{CHECKPOINT_ARTIFACT}.pt"
+        save_checkpoint(state, weights)
+        return save_mlflow_model(directory, python_model=HANDLERS / "mlflow_model.py", checkpoint=weights,
+                                 code=job.serving.files(), handler=job.serving.handler,
+                                 handler_class=job.serving.handler_class, example=example,
+                                 answer=job.offline_answer(state, example))  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -54,9 +71,11 @@ class TrainingSession:
         if epoch not in self.run.logged_steps(metric):
             self.run.log_metrics(saved["metrics"], step=epoch)
 
-    def publish(self, model_name: str | None, tags: dict[str, str], panels: dict[str, list[str]]) -> None:
+    def publish(self, model_name: str | None, tags: dict[str, str], panels: dict[str, list[str]],
+                job: type[Job], best_epoch: int) -> None:  # fmt: skip
         """Log the learning curves and both checkpoints; register best.pt as a version of `model_name`
-        (unless None) once it is delivered."""
+        (unless None) once it is delivered: as an MLflow model where the job has one (its handler
+        class), else the checkpoint file itself."""
         if not self.active:
             return
         title = model_name or self.run.run_id
@@ -65,9 +84,14 @@ class TrainingSession:
         for path in (self.best, self.last):
             if path.exists():
                 self.run.log_artifact(path, "checkpoints")
-        if model_name is not None and self.best.exists():
+        if model_name is None or not self.best.exists():
+            return
+        if job.serving.handler_class:
+            model_dir = build_mlflow_model(job, self.best, self.run_dir / "mlflow-model")
+            self.run.log_model(model_dir, model_name, tags, step=best_epoch)
+        else:
             self.run.register_model(model_name, "checkpoints/best.pt", tags)
-            self.registering = f"{model_name} ({', '.join(f'{k} {v}' for k, v in tags.items())})"
+        self.registering = f"{model_name} ({', '.join(f'{k} {v}' for k, v in tags.items())})"
 
 
 @contextmanager

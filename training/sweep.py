@@ -38,6 +38,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from training import tracking
 from training.jobs import JOBS, Job, make_config
 from training.options import cli_fields, display_flag
+from training.session import build_mlflow_model
+from training.tracking import registry
 from training.trainer import StopTraining, train
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
@@ -346,14 +348,28 @@ def summarize(spec: SweepSpec) -> dict[str, Any]:
                             "trials/pruned": states["pruned"]}, step=len(study.trials))  # fmt: skip
         summary.update(best_trial=best.number, best_value=best.value, best_params=best.params, best_run_id=best_run)
         if best_run:
-            version = tracking.register_model(best_run, "checkpoints/best.pt", spec.registered_model,
-                                              {"sweep_id": spec.study_name, "trial": str(best.number),
-                                               spec.metric.replace("/", "_"): f"{best.value:.4f}"}, client)  # fmt: skip
+            tags = {"sweep_id": spec.study_name, "trial": str(best.number),
+                    spec.metric.replace("/", "_"): f"{best.value:.4f}"}  # fmt: skip
+            version = register_trial(spec, best_run, tags, client)
             parent.set_tags({"registered_model": f"{spec.registered_model}/{version}"})
             summary["registered"] = f"{spec.registered_model}/{version}"
     _log_plots(study, parent)
     client.set_terminated(spec.parent_run_id, "FINISHED")
     return summary
+
+
+def register_trial(spec: SweepSpec, run_id: str, tags: dict[str, str], client: Any) -> str:
+    """Register a trial's best checkpoint as an MLflow model of its run (as a training run registers
+    its own); the checkpoint is read from this machine's run folder, else from MLflow."""
+    if spec.job.serving.handler_class is None:  # a job without inference code: the checkpoint file itself
+        return tracking.register_model(run_id, "checkpoints/best.pt", spec.registered_model, tags, client)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(spec.fixed.get("out_dir", "runs")) / spec.study_name / run_id / "best.pt"
+        checkpoint = local if local.is_file() else tracking.download_run_checkpoint(run_id, Path(tmp))
+        model_dir = build_mlflow_model(spec.job, checkpoint, Path(tmp) / "mlflow-model")
+        step = int(client.get_run(run_id).data.metrics.get("best/epoch", 0))
+        return registry.log_mlflow_model(client, run_id, model_dir, spec.registered_model, tags, step,
+                                         source_key=f"sweep-{spec.study_name}-{run_id}")  # fmt: skip
 
 
 def _log_plots(study: optuna.Study, parent: tracking.DirectRun) -> None:

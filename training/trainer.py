@@ -253,7 +253,8 @@ def train(
                             step=state.epoch)  # fmt: skip
             run.set_tags({"stop_reason": stop_reason})
             registry_tags = job.registry_tags(state.best_value, state.best_epoch, final)
-            session.publish(config.registered_model if register else None, registry_tags, job.panels)
+            session.publish(config.registered_model if register else None, registry_tags, job.panels, job_class,
+                            state.best_epoch)  # fmt: skip
     close_process_group(runtime.group)
     return TrainResult(session.run_dir, session.run.run_id, state.best_value, state.best_epoch, stop_reason)
 

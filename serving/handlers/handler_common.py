@@ -1,14 +1,18 @@
-"""What every TorchServe handler of ours shares: start-up, per-request errors, request parsing.
+"""What every model of ours shares when it answers requests: loading, per-request errors, parsing.
 
     class MyHandler(BaseHandler):
-        def build_model(self, model_config): ...          # nn.Module from meta.json's model_config
-        def parse(self, request, headers): ...            # one request -> model input (or BadRequest)
-        def infer(self, inputs): ...                      # every good request of the batch -> answers
+        def build_model(self, model_config): ...       # nn.Module from the metadata's model_config
+        def parse(self, request, headers): ...         # one HTTP request -> its named fields
+        def prepare(self, fields): ...                 # named fields -> model input (or BadRequest)
+        def infer(self, inputs): ...                   # every good request of the batch -> answers
 
-The base loads meta.json and the weights, puts the model on the device TorchServe assigned
-(`cuda:{gpu_id}`, else the CPU), and answers each bad request of a batch with its own 4xx JSON
-while the others are served. Shipped inside each .mar next to the handler: it imports only the
-standard library and torch.
+Two hosts run a handler: TorchServe (`initialize(context)` reads meta.json and the weights from
+the .mar, `handle(batch, context)` answers HTTP requests), and the MLflow pyfunc model
+(mlflow_model.py: `load(meta, weights)`, then `answer(list of fields)`): both answer the same
+request the same way. Each bad request of a batch gets its own 4xx JSON while the others are
+served. Every answer carries the model version and the worker's process id as headers
+(X-Dlops-Model-Version, X-Dlops-Worker), which `dlops deploy` reads to drain an old version.
+Shipped inside each .mar and MLflow model: it imports only the standard library and torch.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ __all__ = ["BadRequest", "BaseHandler", "error_answer", "form_field", "json_obje
 
 # Keys under which TorchServe hands over a request body: raw body, or common multipart field names.
 BODY_KEYS = ("body", "data", "file", "image")
+VERSION_HEADER, WORKER_HEADER = "X-Dlops-Model-Version", "X-Dlops-Worker"
 
 
 PHRASES = {400: "Bad Request", 413: "Payload Too Large", 500: "Internal Server Error"}
@@ -88,6 +93,7 @@ class BaseHandler:
     """
 
     mixed_precision = False
+    version = ""
 
     def initialize(self, context: Any) -> None:
         properties = context.system_properties
@@ -95,23 +101,29 @@ class BaseHandler:
         torch.set_num_threads(int(os.environ.get("DLOPS_TORCH_THREADS", "1")))
         gpu = properties.get("gpu_id")
         use_gpu = gpu is not None and torch.cuda.is_available()
-        self.device = torch.device("cuda", int(gpu)) if use_gpu else torch.device("cpu")
-        self.meta = json.loads((model_dir / "meta.json").read_text(encoding="utf-8"))
+        device = torch.device("cuda", int(gpu)) if use_gpu else torch.device("cpu")
+        meta = json.loads((model_dir / "meta.json").read_text(encoding="utf-8"))
         weights = torch.load(model_dir / context.manifest["model"]["serializedFile"], map_location="cpu",
                              weights_only=True)  # fmt: skip
-        model = self.build_model(self.meta["model_config"])
-        model.load_state_dict(weights)
-        self.model = model.eval().to(self.device)
-        self.amp = self._precision() if self.mixed_precision else "off"
-        self.setup()
+        self.version = context.manifest["model"].get("modelVersion", "")
+        self.load(meta, weights, device, os.environ.get("DLOPS_SERVE_AMP", "auto"))
         log.info("dlops handler %s running on %s, precision %s", type(self).__name__, self.device, self.amp)
         self.initialized = True
 
-    def _precision(self) -> str:
+    def load(self, meta: dict, weights: dict, device: torch.device, amp: str = "off") -> None:
+        """Build the model from its metadata and weights (the .mar's, or an MLflow model's checkpoint)."""
+        self.meta, self.device = meta, device
+        model = self.build_model(meta["model_config"])
+        model.load_state_dict(weights)
+        self.model = model.eval().to(device)
+        self.amp = self._precision(amp) if self.mixed_precision else "off"
+        self.setup()
+
+    def _precision(self, requested: str) -> str:
         from dlops_hardware import cpu_facts, gpu_facts, resolve_amp
 
         gpu = gpu_facts(self.device.index or 0) if self.device.type == "cuda" else None
-        choice = resolve_amp(os.environ.get("DLOPS_SERVE_AMP", "auto"), self.device.type, cpu_facts(), gpu)
+        choice = resolve_amp(requested, self.device.type, cpu_facts(), gpu)
         if choice.warning:
             log.warning(choice.warning)
         return choice.amp
@@ -127,26 +139,50 @@ class BaseHandler:
     def setup(self) -> None:
         """Anything else the handler needs once (transforms, vocabulary)."""
 
-    def parse(self, request: dict, headers: dict[str, str]) -> Any:
+    def parse(self, request: dict, headers: dict[str, str]) -> dict:
+        """One TorchServe request (body, form fields, headers) -> its named fields."""
+        return json_object(request_body(request))
+
+    def prepare(self, fields: dict) -> Any:
         raise NotImplementedError
 
     def infer(self, inputs: list[Any]) -> list[Any]:
         raise NotImplementedError
 
     @torch.no_grad()
-    def handle(self, data: list[dict], context: Any) -> list:
-        answers: list = [None] * len(data)
+    def answer(self, requests: list[dict]) -> list:
+        """Answers for requests given as named fields; a bad one gets its exception (a BadRequest
+        names the field) in its place, the others are answered."""
+        answers: list = [None] * len(requests)
         inputs, indices = [], []
-        for i, request in enumerate(data):
+        for i, fields in enumerate(requests):
             try:
-                headers = {k.lower(): v for k, v in context.get_all_request_header(i).items() if isinstance(v, str)}
-                inputs.append(self.parse(request, headers))
+                inputs.append(self.prepare(fields))
                 indices.append(i)
             except Exception as e:  # any bad input answers that request only
-                answers[i] = error_answer(context, i, e)
+                answers[i] = e
         if inputs:
             for i, answer in zip(indices, self.infer(inputs), strict=True):
                 answers[i] = answer
+        return answers
+
+    @torch.no_grad()
+    def handle(self, data: list[dict], context: Any) -> list:
+        fields: list = []
+        for i, request in enumerate(data):
+            try:
+                headers = {k.lower(): v for k, v in context.get_all_request_header(i).items() if isinstance(v, str)}
+                fields.append(self.parse(request, headers))
+            except Exception as e:  # any bad input answers that request only
+                fields.append(e)
+        good = [f for f in fields if not isinstance(f, Exception)]
+        answered = iter(self.answer(good))
+        answers = []
+        for i, item in enumerate(fields):
+            result = item if isinstance(item, Exception) else next(answered)
+            answers.append(error_answer(context, i, result) if isinstance(result, Exception) else result)
+            context.set_response_header(i, VERSION_HEADER, self.version)
+            context.set_response_header(i, WORKER_HEADER, str(os.getpid()))
         count_requests(context, answers)
         return answers
 

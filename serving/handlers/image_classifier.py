@@ -6,7 +6,8 @@ training/models/classifier.py) and `meta.json`; it needs torch, torchvision and 
 Request: image bytes (JPEG, PNG, anything Pillow reads) as the raw body or a multipart field
 `data`, or JSON {"image": "<base64>", "topk": N}. top-k (default 5) comes from the JSON field, a
 multipart field `topk` or the header `X-TopK` (TorchServe 0.12 does not pass query strings such as
-`?topk=` on to handlers). Answer: [{"wnid", "label", "probability"}, ...], best first.
+`?topk=` on to handlers). Answer: [{"class", "label", "probability"}, ...], best first: "class"
+is the class's folder name (the wnid for Tiny-ImageNet), "label" its human-readable name.
 """
 
 from __future__ import annotations
@@ -50,41 +51,51 @@ class ImageClassifier(BaseHandler):
             ]
         )
 
-    def parse(self, request: dict, headers: dict[str, str]) -> tuple[torch.Tensor, int]:
+    def parse(self, request: dict, headers: dict[str, str]) -> dict:
+        """Raw image bytes, a multipart field `data` (+ `topk`), or JSON {"image": base64, "topk": N}."""
         body = request_body(request)
         topk = form_field(request, "topk") or headers.get("x-topk")
         if isinstance(body, dict):
             body = json_object(body)  # refuses NaN and Infinity, naming the field
             if "image" not in body:
                 raise BadRequest("JSON body needs an 'image' field holding base64-encoded image bytes")
-            topk = body.get("topk", topk)
             try:
-                body = base64.b64decode(body["image"], validate=True)
+                image = base64.b64decode(body["image"], validate=True)
             except (binascii.Error, TypeError) as e:
                 raise BadRequest(f"'image' is not valid base64: {e}") from e
-        if isinstance(body, str):
-            body = body.encode("utf-8")
-        if not body:
+            return {"image": image, "topk": body.get("topk", topk)}
+        return {"image": body.encode("utf-8") if isinstance(body, str) else body, "topk": topk}
+
+    def prepare(self, fields: dict) -> tuple[torch.Tensor, int]:
+        """{"image": bytes, "topk": N (optional)} -> the normalized image and k."""
+        unknown = sorted(set(fields) - {"image", "topk"})
+        if unknown:
+            raise BadRequest(f"unknown field(s) {unknown}; accepted: ['image', 'topk']")
+        image = fields.get("image")
+        if not image:
             raise BadRequest("empty request body: send the image bytes")
+        if not isinstance(image, bytes | bytearray):
+            raise BadRequest(f"'image' must hold the image file's bytes, got {type(image).__name__}")
         n_classes = len(self.meta["classes"])
         k = min(DEFAULT_TOPK, n_classes)
-        if topk is not None:
-            k = Field("topk", int, k, "classes to return", low=1, high=n_classes).check(topk)
-        return self.transform(open_image(bytes(body))), k
+        if fields.get("topk") is not None:
+            k = Field("topk", int, k, "classes to return", low=1, high=n_classes).check(fields["topk"])
+        return self.transform(open_image(bytes(image))), k
 
     def infer(self, inputs: list[tuple[torch.Tensor, int]]) -> list[list[dict]]:
         images = torch.stack([image for image, _ in inputs]).to(self.device)
         with self.autocast():
             logits = self.model(images)  # one forward pass for the batch
         probabilities = torch.softmax(logits.float(), dim=1).cpu()
-        answers = []
-        for row, (_, k) in zip(probabilities, inputs, strict=True):
-            values, classes = row.topk(k)
-            answers.append([
-                {"wnid": self.meta["classes"][c], "label": self.meta["labels"][c], "probability": round(float(p), 6)}
-                for p, c in zip(values.tolist(), classes.tolist(), strict=True)
-            ])  # fmt: skip
-        return answers
+        return [top_k(row, k, self.meta["classes"], self.meta["labels"])
+                for row, (_, k) in zip(probabilities, inputs, strict=True)]  # fmt: skip
+
+
+def top_k(probabilities: torch.Tensor, k: int, classes: list[str], labels: list[str]) -> list[dict]:
+    """The k likeliest classes of one image, best first: {"class", "label", "probability"}."""
+    values, indices = probabilities.topk(k)
+    return [{"class": classes[c], "label": labels[c], "probability": round(float(p), 6)}
+            for p, c in zip(values.tolist(), indices.tolist(), strict=True)]  # fmt: skip
 
 
 def open_image(raw: bytes) -> Image.Image:

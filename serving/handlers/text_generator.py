@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from dlops_wordlm import build_language_model, generate_batch
-from handler_common import BaseHandler, json_object, request_body
+from handler_common import BaseHandler
 from request_fields import GENERATION_FIELDS, validate
 
 
@@ -22,8 +22,9 @@ class TextGenerator(BaseHandler):
     def build_model(self, model_config: dict) -> torch.nn.Module:
         return build_language_model(**model_config)
 
-    def parse(self, request: dict, headers: dict[str, str]) -> dict:
-        fields = validate(json_object(request_body(request)), GENERATION_FIELDS)
+    def prepare(self, fields: dict) -> dict:
+        """The request's fields (a JSON object over HTTP, a row in MLflow), checked and defaulted."""
+        fields = validate(fields, GENERATION_FIELDS)
         return {"prompt": fields["prompt"], "n_words": fields["max_words"], "temperature": fields["temperature"],
                 "seed": fields["seed"]}  # fmt: skip
 

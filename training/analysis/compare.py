@@ -15,12 +15,13 @@ import torch
 from matplotlib.figure import Figure  # the object API draws to files with no display or pyplot state
 
 from training import tracking
-from training.checkpoint import CheckpointError, load_checkpoint
+from training.checkpoint import CheckpointError
 from training.data.images import take_evenly
 from training.data.tinyimagenet import Sample, load_tinyimagenet, open_rgb
 from training.devices import choose_device
 from training.evaluate import check_same_classes, evaluate_samples
 from training.loops.classify import EpochResult
+from training.tracking import registry
 
 CSV_COLUMNS = ["file", "path", "true_wnid", "true_label", "a_wnid", "a_label", "a_confidence", "b_wnid", "b_label",
                "b_confidence"]  # fmt: skip
@@ -102,8 +103,8 @@ def draw_grid(rows: list[Disagreement], labels: list[str], path: Path, columns: 
 
 
 def compare_checkpoints(
-    checkpoint_a: Path,
-    checkpoint_b: Path,
+    checkpoint_a: str | Path,
+    checkpoint_b: str | Path,
     data: Path,
     split: str = "val",
     limit: int | None = None,
@@ -115,7 +116,8 @@ def compare_checkpoints(
     out_dir: Path = Path("runs/compare"),
     experiment: str = "compare",
 ) -> list[Disagreement]:
-    state_a, state_b = load_checkpoint(checkpoint_a, kind="resnet"), load_checkpoint(checkpoint_b, kind="resnet")
+    state_a, named_a = registry.load_source(checkpoint_a, kind="resnet")
+    state_b, named_b = registry.load_source(checkpoint_b, kind="resnet")
     if state_a["classes"] != state_b["classes"]:
         raise CheckpointError(
             f"{checkpoint_a} and {checkpoint_b} were trained on different class lists "
@@ -147,8 +149,8 @@ def compare_checkpoints(
     with tracking.start_run(experiment, run_name=f"compare-{split}", tags=tags) as run:
         run.log_params(
             {
-                "checkpoint_a": str(Path(checkpoint_a).resolve()),
-                "checkpoint_b": str(Path(checkpoint_b).resolve()),
+                "checkpoint_a": named_a,
+                "checkpoint_b": named_b,
                 "data": str(Path(data).resolve()),
                 "split": split,
                 "limit": limit,

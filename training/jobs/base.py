@@ -53,7 +53,10 @@ class RunConfig:
         0, type=click.IntRange(0), resumable=True, help="stop when val loss has not improved for N epochs (0: never)"
     )
     init_from: str | None = option(
-        None, metavar="CKPT|models:/NAME/VERSION", help="warm-start from one of our checkpoints or registered models"
+        None,
+        metavar="CKPT|MODEL_URI",
+        help="warm-start from one of our checkpoints or registered models "
+        "(models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/latest)",
     )
     experiment: str = option("dlops")
     run_name: str | None = option(None)
@@ -83,15 +86,31 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+REPO = Path(__file__).resolve().parents[2]
+HANDLERS = REPO / "serving" / "handlers"  # code that ships inside .mar archives and MLflow models
+
+
 @dataclass(frozen=True)
 class ServingSpec:
-    """What packaging needs: the TorchServe model name, the handler, the model file it imports and
-    the checkpoint entries inference needs beside the weights and model_config."""
+    """What packaging needs: the TorchServe model name, the handler (file and class), the model file
+    it imports and the checkpoint entries inference needs beside the weights and model_config."""
 
     name: str  # /predictions/<name>
     handler: str  # serving/handlers/<handler>
-    model_file: str  # training/models/<model_file>, shipped in the .mar as dlops_<model_file>
+    model_file: str  # training/models/<model_file>, shipped as dlops_<model_file>
     inference_keys: tuple[str, ...] = ()
+    handler_class: str | None = None  # the handler's class: also the MLflow model's (None: no MLflow model)
+
+    def files(self) -> dict[Path, str]:
+        """The code a .mar or an MLflow model of this job ships: source file -> name inside it.
+        None of it imports this project (a served model needs torch, torchvision and Pillow only)."""
+        return {
+            HANDLERS / self.handler: self.handler,
+            HANDLERS / "handler_common.py": "handler_common.py",
+            HANDLERS / "request_fields.py": "request_fields.py",
+            REPO / "training" / "hardware.py": "dlops_hardware.py",
+            REPO / "training" / "models" / self.model_file: f"dlops_{self.model_file}",
+        }
 
 
 @dataclass(frozen=True)
@@ -172,6 +191,24 @@ class Job:
     def inference_meta(self) -> dict[str, Any]:
         """The checkpoint entries named by `serving.inference_keys` (class names, vocabulary...)."""
         raise NotImplementedError
+
+    # what a deploy checks, and an MLflow model's input example
+    @staticmethod
+    def example_request(meta: dict[str, Any]) -> dict[str, Any]:
+        """One request to the served model as named fields, built from the checkpoint's inference
+        entries (`meta`), no data needed."""
+        raise NotImplementedError
+
+    @staticmethod
+    def offline_answer(state: dict[str, Any], request: dict[str, Any], amp: str = "off") -> Any:
+        """The answer to `request` computed here from checkpoint `state`, as `dlops evaluate` or
+        `dlops generate` compute it (not through the handler)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def answer_mismatch(served: Any, offline: Any, amp: str = "off") -> str | None:
+        """Why a served answer differs from the offline one, or None when they agree."""
+        return None if served == offline else f"served {served!r}, expected {offline!r}"
 
     def check_warm_start(self, source: dict[str, Any]) -> None:
         """Refuse --init-from a checkpoint whose weights mean something else (raise ValueError)."""

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from training.checkpoint import load_checkpoint
-from training.data.text import batchify, load_corpus
+from training.data.text import EOS, UNK, batchify, load_corpus
 from training.jobs.base import Criterion, EpochContext, Job, Optimization, RunConfig, ServingSpec
 from training.loops.language import evaluate_lm, perplexity, train_lm_epoch
-from training.models.wordlm import MODEL_TYPES, build_language_model
+from training.models.wordlm import MODEL_TYPES, build_language_model, generate_batch, lm_from_checkpoint
 from training.options import option
 
 LR_ANNEAL = 4.0  # the example divides lr by 4 when validation loss does not improve
@@ -62,7 +62,8 @@ class LMJob(Job):
     best = Criterion("val/loss", higher_is_better=False)  # as the example: the model kept for test
     sweep = Criterion("val/ppl", higher_is_better=False)  # what people compare LMs by
     panels: ClassVar = {"loss": ["train/epoch_loss", "val/loss"], "perplexity": ["val/ppl"]}
-    serving = ServingSpec("lm", "text_generator.py", "wordlm.py", inference_keys=("vocab", "window"))
+    serving = ServingSpec("lm", "text_generator.py", "wordlm.py", handler_class="TextGenerator",
+                          inference_keys=("vocab", "window"))  # fmt: skip
     step_metrics = ("train/loss", "train/ppl")
     config: LMConfig
 
@@ -97,6 +98,19 @@ class LMJob(Job):
 
     def inference_meta(self) -> dict[str, Any]:
         return {"vocab": self.vocab, "window": self.config.bptt}
+
+    @staticmethod
+    def example_request(meta: dict[str, Any]) -> dict[str, Any]:
+        """A prompt of the vocabulary's first three words, eight words sampled with seed 0."""
+        words = [w for w in meta["vocab"] if w not in (EOS, UNK)][:3]
+        return {"prompt": " ".join(words), "max_words": 8, "temperature": 1.0, "seed": 0}
+
+    @staticmethod
+    def offline_answer(state: dict[str, Any], request: dict[str, Any], amp: str = "off") -> dict[str, Any]:
+        """The text `dlops generate` writes for the same prompt and seed (generation runs in fp32)."""
+        settings = {"prompt": request.get("prompt", ""), "n_words": request["max_words"],
+                    "temperature": request.get("temperature", 1.0), "seed": request["seed"]}  # fmt: skip
+        return generate_batch(lm_from_checkpoint(state), state["vocab"], [settings], state["window"])[0]
 
     def check_warm_start(self, source: dict[str, Any]) -> None:
         if source["vocab"] != self.vocab:

@@ -6,21 +6,25 @@ values measured best per device class (training/recipes.py).
 
 from __future__ import annotations
 
+import io
 import os
+import random
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import click
 import torch
+from PIL import Image
 from torch import nn
 
-from training.data.images import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD
+from training.data.images import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from training.data.pipeline import ImagePipeline, build_pipeline
-from training.devices import choose_device
+from training.data.synthetic import draw_example
+from training.devices import autocast, choose_device
 from training.hardware import AMP_CHOICES, device_class
 from training.jobs.base import Criterion, EpochContext, Job, Optimization, RunConfig, ServingSpec
 from training.loops.classify import EpochResult, evaluate, train_one_epoch
-from training.models.classifier import ARCHS, STEMS, build_classifier
+from training.models.classifier import ARCHS, STEMS, build_classifier, classifier_from_checkpoint
 from training.options import internal, option
 from training.recipes import RECIPES, apply_recipe
 
@@ -90,7 +94,7 @@ class ResNetJob(Job):
     data_hint = "a Tiny-ImageNet folder, or --dummy for synthetic tensors"
     best = Criterion("val/acc1", higher_is_better=True)  # as the ImageNet example; sweeps optimize it too
     panels: ClassVar = {"loss": ["train/loss", "val/loss"], "Acc@1 (%)": ["train/acc1", "val/acc1"]}
-    serving = ServingSpec("resnet", "image_classifier.py", "classifier.py",
+    serving = ServingSpec("resnet", "image_classifier.py", "classifier.py", handler_class="ImageClassifier",
                           inference_keys=("classes", "labels", "image_size", "normalization"))  # fmt: skip
     summary_graph = True
     config: ResNetConfig
@@ -134,6 +138,37 @@ class ResNetJob(Job):
             "image_size": self.config.image_size,
             "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         }
+
+    @staticmethod
+    def example_request(meta: dict[str, Any]) -> dict[str, Any]:
+        """A drawn shape as a PNG at the model's resolution, and its top-k (at most 5)."""
+        image, _ = draw_example(0, random.Random(0), size=meta["image_size"])
+        encoded = io.BytesIO()
+        image.save(encoded, format="PNG")
+        return {"image": encoded.getvalue(), "topk": min(5, len(meta["classes"]))}
+
+    @staticmethod
+    def offline_answer(state: dict[str, Any], request: dict[str, Any], amp: str = "off") -> list[dict[str, Any]]:
+        """The top-k of `request["image"]` through the evaluation transform and the checkpoint's model."""
+        model = classifier_from_checkpoint(state)
+        with Image.open(io.BytesIO(request["image"])) as image:
+            pixels = eval_transform(state["image_size"])(image.convert("RGB"))
+        with torch.no_grad(), autocast(torch.device("cpu"), amp):
+            logits = model(pixels[None])
+        values, indices = torch.softmax(logits.float(), dim=1)[0].topk(request["topk"])
+        return [{"class": state["classes"][c], "label": state["labels"][c], "probability": round(float(p), 6)}
+                for p, c in zip(values.tolist(), indices.tolist(), strict=True)]  # fmt: skip
+
+    @staticmethod
+    def answer_mismatch(served: Any, offline: Any, amp: str = "off") -> str | None:
+        """Same classes in the same order, probabilities within rounding (bf16 within 0.02)."""
+        if not isinstance(served, list) or [a.get("class") for a in served] != [a["class"] for a in offline]:
+            return f"served classes {served!r}, expected {[a['class'] for a in offline]}"
+        tolerance = 1e-3 if amp == "off" else 2e-2
+        for got, want in zip(served, offline, strict=True):
+            if abs(got["probability"] - want["probability"]) > tolerance:
+                return f"{got['class']}: served probability {got['probability']}, expected {want['probability']}"
+        return None
 
     def check_warm_start(self, source: dict[str, Any]) -> None:
         theirs, ours = source["model_config"], self.model_config()

@@ -82,14 +82,13 @@ def load_pretrained(model: nn.Module, arch: str) -> list[str]:
 
 
 def resolve_init_from(spec: str, workdir: Path) -> Path:
-    """A local checkpoint path for --init-from: a file, or models:/NAME/VERSION downloaded from MLflow."""
-    if not spec.startswith("models:/"):
-        if not Path(spec).is_file():
-            raise ValueError(f"--init-from {spec}: no such checkpoint file (or give models:/NAME/VERSION)")
-        return Path(spec)
-    from training import tracking
+    """A local checkpoint path for --init-from: a file, or a model URI downloaded from the registry."""
+    from training.tracking import registry
 
-    return tracking.download_registered_checkpoint(spec, workdir)[0]
+    try:
+        return registry.local_checkpoint(spec, workdir)[0]
+    except registry.RegistryError as e:
+        raise ValueError(f"--init-from {e}") from e
 
 
 def warm_start(job: Job, model: nn.Module) -> dict[str, Any]:

@@ -7,7 +7,8 @@
     RUN_DIR/journal/lock            held by the one process delivering (flock: freed when it dies)
 
 Records (field "op"): create_run, status, params, tags, metrics (with step and timestamp),
-artifact, artifact_dir, text, register, end. The journal is also the run's own memory: which
+artifact, artifact_dir, text, register (a file as a model version), log_model (an MLflow model
+as a LoggedModel and a version), end. The journal is also the run's own memory: which
 metric steps were logged, and their values for the learning-curve picture, come from here, not
 from the server.
 """

@@ -83,6 +83,11 @@ class RunTracker:
         """Register a logged artifact as a version of `name` once it is delivered."""
         self._record("register", name=name, artifact_path=artifact_path, tags=dict(tags))
 
+    def log_model(self, model_dir: Path, name: str, tags: Mapping[str, str], step: int) -> None:
+        """Log a saved MLflow model as a LoggedModel of this run (with its metrics at `step`) and
+        register it as a version of `name`, once delivered."""
+        self._record("log_model", path=str(Path(model_dir).resolve()), name=name, tags=dict(tags), step=step)
+
     def registered_version(self) -> str | None:
         registered = self.journal.state().get("registered")
         return registered["version"] if registered else None

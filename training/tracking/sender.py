@@ -21,6 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from training.tracking.journal import Journal
+from training.tracking.registry import log_mlflow_model
 from training.tracking.store import ensure_experiment, initialize_store, register_model
 
 BACKOFF_MAX_S = 30.0
@@ -84,8 +85,12 @@ class Delivery:
         elif op == "text":
             text = (self.journal.dir / "spool" / record["spool"]).read_text(encoding="utf-8")
             client.log_text(run_id, text, record["artifact_file"])
-        elif op == "register":
-            version = register_model(run_id, record["artifact_path"], record["name"], record["tags"], client)
+        elif op in ("register", "log_model"):
+            if op == "register":
+                version = register_model(run_id, record["artifact_path"], record["name"], record["tags"], client)
+            else:
+                version = log_mlflow_model(client, run_id, Path(record["path"]), record["name"], record["tags"],
+                                           record["step"], source_key=f"{run_id}-{record['time']}")  # fmt: skip
             client.set_tag(run_id, "registered_model", f"{record['name']}/{version}")
             self.journal.update_state(registered={"name": record["name"], "version": version})
         elif op == "end":

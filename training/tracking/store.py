@@ -240,19 +240,6 @@ def register_model(
     return version.version
 
 
-def download_registered_checkpoint(model_uri: str, workdir: Path) -> tuple[Path, str]:
-    """Download the checkpoint of models:/NAME/VERSION; return its local path and "NAME/VERSION"."""
-    if not model_uri.startswith("models:/") or model_uri.count("/") != 2:
-        raise ValueError(f"{model_uri!r}: expected models:/NAME/VERSION")
-    name, version = model_uri.removeprefix("models:/").split("/")
-    try:
-        source = store_client().get_model_version(name, version).source
-    except MlflowException as e:
-        raise ValueError(f"{model_uri}: not in the registry of {tracking_uri()} ({e.message})") from e
-    path = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(workdir))
-    return Path(path), f"{name}/{version}"
-
-
 def download_run_checkpoint(run_id: str, workdir: Path, artifact: str = "checkpoints/best.pt") -> Path:
     """Download a run's logged checkpoint."""
     store_client()

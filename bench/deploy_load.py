@@ -1,0 +1,123 @@
+"""What a deploy costs the users of a server: the same classification load with no deploy, then during
+`dlops deploy`, and the seconds from the deploy's start to the new version answering.
+
+Run by hand (not a test), with two classifier versions (model URIs, checkpoints or .mar files):
+
+    .venv/bin/python bench/deploy_load.py SOURCE_A SOURCE_B [--concurrency 8] [--seconds 20] [--deploys 2]
+
+Starts a TorchServe on free 127.0.0.1 ports serving SOURCE_A (token auth on, the archive's own
+batching), sends 64x64 JPEG classification requests from --concurrency threads for --seconds
+(the baseline), then keeps the same load while deploying SOURCE_B, then SOURCE_A again, and so on
+(--deploys in all). Reports requests/s, p50/p99 latency and failed requests (non-200 answers and
+refused or reset connections) for the baseline and for each deploy's window, the seconds from the
+deploy's start to the first answer of the new version (every answer names its version), and the
+deploy's total time (packaging to retiring the old version). Only 127.0.0.1 is contacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from PIL import Image
+
+from serving.deploy import deploy, prepare, serve
+from serving.server import ServeOptions, stop
+
+
+class Load:
+    """Requests from `concurrency` threads; every answer kept with its time, status and version."""
+
+    def __init__(self, client, image: Path, concurrency: int):
+        self.client, self.image = client, image
+        self.samples: list[tuple[float, float, int, str | None]] = []  # (sent, seconds, status, version)
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self.send, daemon=True) for _ in range(concurrency)]
+
+    def send(self) -> None:
+        while not self.stopping.is_set():
+            sent = time.perf_counter()
+            try:
+                answer = self.client.predict_image(self.image)
+                status, version = answer.status, answer.headers.get("x-dlops-model-version")
+            except OSError:
+                status, version = -1, None
+            self.samples.append((sent, time.perf_counter() - sent, status, version))
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=150)
+
+
+def window(samples: list, start: float, end: float) -> dict:
+    inside = [s for s in samples if start <= s[0] < end]
+    ms = sorted(1000 * s[1] for s in inside)
+    quantiles = statistics.quantiles(ms, n=100, method="inclusive") if len(ms) > 1 else ms * 99
+    return {"requests": len(inside), "failed": sum(s[2] != 200 for s in inside),
+            "req_per_s": round(len(inside) / (end - start), 1), "p50_ms": round(quantiles[49], 1),
+            "p99_ms": round(quantiles[98], 1)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sources", nargs=2, metavar="SOURCE", help="two classifier versions: URI, checkpoint or .mar")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of the baseline window")
+    parser.add_argument("--deploys", type=int, default=2, help="deploys in a row, alternating B, A, B...")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        image = tmp_path / "probe.jpg"
+        buffer = io.BytesIO()
+        Image.effect_noise((64, 64), 64).convert("RGB").save(buffer, "JPEG")
+        image.write_bytes(buffer.getvalue())
+        options = ServeOptions.on_free_ports(model_store=tmp_path / "store", state_dir=tmp_path / "ts")
+        client = serve(options, [args.sources[0]])
+        candidates = [prepare(source, options.model_store) for source in args.sources]
+        print(f"# {psutil.cpu_count()} CPUs, torch {torch.__version__}; concurrency {args.concurrency}; versions "
+              f"{', '.join(c.version for c in candidates)}", flush=True)  # fmt: skip
+        rows = []
+        try:
+            with Load(client, image, args.concurrency) as load:
+                time.sleep(2)  # warm-up: connections, the worker's first batches
+                begin = time.perf_counter()
+                time.sleep(args.seconds)
+                rows.append({"phase": "no deploy", **window(load.samples, begin, time.perf_counter())})
+                for n in range(args.deploys):
+                    candidate = candidates[(n + 1) % 2]
+                    start = time.perf_counter()
+                    deploy(client, candidate)
+                    end = time.perf_counter()
+                    first = min((s[0] + s[1] for s in load.samples if s[0] >= start and s[3] == candidate.version),
+                                default=float("nan"))  # fmt: skip
+                    rows.append({"phase": f"deploy {n + 1} (to version {candidate.version})",
+                                 **window(load.samples, start, end), "deploy_s": round(end - start, 1),
+                                 "to_new_version_s": round(first - start, 1)})  # fmt: skip
+                    print(rows[-1], flush=True)
+        finally:
+            print(stop(options.state_dir), flush=True)
+    print("| phase | requests | failed | req/s | p50 ms | p99 ms | deploy s | to new version s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['phase']} | {r['requests']} | {r['failed']} | {r['req_per_s']} | {r['p50_ms']} | {r['p99_ms']} | "
+              f"{r.get('deploy_s', '')} | {r.get('to_new_version_s', '')} |")  # fmt: skip
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
