@@ -44,8 +44,8 @@ from training.data.batches import BatchTransform, TensorBatches  # noqa: E402
 from training.data.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from training.devices import configure_backend, grad_scaler, synchronize  # noqa: E402
 from training.hardware import cpu_facts, gpu_facts, resolve_amp  # noqa: E402
-from training.loops.classify import train_one_epoch  # noqa: E402
-from training.loops.language import train_lm_epoch  # noqa: E402
+from training.loops.classify import ClassifierStep, train_one_epoch  # noqa: E402
+from training.loops.language import LMStep, train_lm_epoch  # noqa: E402
 from training.models.classifier import build_classifier  # noqa: E402
 from training.models.wordlm import build_language_model  # noqa: E402
 
@@ -100,24 +100,25 @@ def unique_graphs() -> int:
 
 
 def resident_images(
-    data: Path | None, size: int, device: torch.device, cache_dir: Path
+    data: Path | None, size: int, device: torch.device, cache_dir: Path, limit: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """uint8 (N, 3, 64, 64) channels_last images and labels on the device: the real slice's decoded
-    cache, or random images of Tiny-ImageNet's full size when no data is given."""
+    cache (its first `limit` images), or random images of Tiny-ImageNet's full size without data."""
     if data is not None:
         from training.data.cache import build_cache
-        from training.data.tinyimagenet import load_tinyimagenet
+        from training.data.index import load_image_dataset
 
-        ds = load_tinyimagenet(data)
+        ds = load_image_dataset(data)
         cache = build_cache(ds, "train", cache_dir)
-        images = torch.from_numpy(cache.images[:]).to(device).permute(0, 3, 1, 2)
-        return images, torch.from_numpy(cache.labels).to(device), ds.num_classes
+        images = torch.from_numpy(cache.images[:limit].copy()).to(device).permute(0, 3, 1, 2)
+        return images, torch.from_numpy(cache.labels[:limit]).to(device), ds.num_classes
     images = torch.randint(0, 256, (size, 64, 64, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
     return images, torch.randint(200, (size,), device=device), 200
 
 
 def throughput(args, device: torch.device, budget: Budget) -> list[Row]:
-    images, labels, classes = resident_images(args.data, args.images, device, args.cache_dir)
+    limit = args.images if args.smoke_on_cpu else None
+    images, labels, classes = resident_images(args.data, args.images, device, args.cache_dir, limit)
     rows = []
     for compiled in (False, True):
         for stem in ("imagenet", "small"):
@@ -144,8 +145,9 @@ def throughput(args, device: torch.device, budget: Budget) -> list[Row]:
                 def epoch(n: int, trained=trained, optimizer=optimizer, batches=batches, prepare=prepare,
                           criterion=criterion, scaler=scaler):  # fmt: skip
                     batches.set_epoch(n)
-                    return train_one_epoch(trained, batches, criterion, optimizer, scaler, device, args.amp, n, 0,
-                                           True, prepare=prepare)  # fmt: skip
+                    step = ClassifierStep(trained, criterion, optimizer, scaler, device, args.amp, channels_last=True,
+                                          prepare=prepare)  # fmt: skip
+                    return train_one_epoch(step, batches, epoch=n, print_freq=0)
 
                 warm_start = time.perf_counter()
                 epoch(0)  # warm-up: cuDNN autotuning, compilation
@@ -181,9 +183,9 @@ def fast_recipe(args, workdir: Path, budget: Budget) -> tuple[list[Row], Path | 
     if why or budget.left() < 90:
         return [Row("--recipe fast on the real slice", "", note=f"skipped: {why or 'time budget spent'}")], None
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}", "TORCH_LOGS": "recompiles"}
-    epochs = "2" if args.smoke_on_cpu else "40"
+    epochs = "1" if args.smoke_on_cpu else "40"
     device = "cpu" if args.smoke_on_cpu else "cuda"
-    extra = ["--limit-train", "64", "--limit-val", "32", "-b", "16"] if args.smoke_on_cpu else ["--compile"]
+    extra = ["--limit-train", "32", "--limit-val", "16", "-b", "16"] if args.smoke_on_cpu else ["--compile"]
     start = time.perf_counter()
     out = dlops("train", "resnet", str(args.data), "--recipe", "fast", "--epochs", epochs, "--device", device,
                 "--data-cache", str(args.cache_dir), "--out-dir", str(workdir / "runs"), "-p", "0",
@@ -227,9 +229,10 @@ def lm_tokens(args, device: torch.device, budget: Budget) -> list[Row]:
             model = build_language_model(ntokens=vocab, dropout=0.2, tied=False, **config).to(device)
             data = torch.randint(vocab, (steps * bptt + 1, batch), device=device)
             optimizer = torch.optim.SGD(model.parameters(), lr=1.0, fused=True)
-            train_lm_epoch(model, data[: 3 * bptt + 1], optimizer, device, amp, 0, bptt, 0.25, 10**9)  # warm-up
+            step = LMStep(model, optimizer, device, bptt, clip=0.25, amp=amp)
+            train_lm_epoch(step, data[: 3 * bptt + 1], epoch=0, log_interval=10**9)  # warm-up
             with SyncCounter() as syncs:
-                result = train_lm_epoch(model, data, optimizer, device, amp, 1, bptt, 0.25, 10**9)
+                result = train_lm_epoch(step, data, epoch=1, log_interval=10**9)
             rows.append(Row("LM tokens/s", setting, f"{result.tokens_per_second:,.0f} tokens/s",
                             f"syncs in epoch: {syncs.count}", {"tokens_per_s": result.tokens_per_second,
                                                                 "syncs": syncs.count}))  # fmt: skip
@@ -244,11 +247,11 @@ def ddp(args, workdir: Path, budget: Budget) -> list[Row]:
         why = why or f"{gpus} GPU visible; DDP with nccl needs 2"
     if why or budget.left() < 60:
         return [Row("DDP (nccl)", "", note=f"skipped: {why or 'time budget spent'}")]
-    n = "2" if not args.smoke_on_cpu else "2"
+    n, epochs = "2", "1" if args.smoke_on_cpu else "2"
     device = "cpu" if args.smoke_on_cpu else "cuda"
-    extra = ["--limit-train", "64", "--limit-val", "32", "-b", "16"] if args.smoke_on_cpu else ["-b", "512"]
+    extra = ["--limit-train", "32", "--limit-val", "16", "-b", "16"] if args.smoke_on_cpu else ["-b", "512"]
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
-    out = dlops("train", "resnet", str(args.data), "--recipe", "fast", "--epochs", "2", "--device", device,
+    out = dlops("train", "resnet", str(args.data), "--recipe", "fast", "--epochs", epochs, "--device", device,
                 "--nproc-per-node", n, "--data-cache", str(args.cache_dir), "-p", "0",
                 "--out-dir", str(workdir / "ddp"), "--experiment", "gpu-check-ddp", "--offline", *extra, env=env,
                 timeout=max(budget.left(), 60))  # fmt: skip
@@ -256,7 +259,8 @@ def ddp(args, workdir: Path, budget: Budget) -> list[Row]:
     if out.returncode != 0:
         return [Row("DDP (nccl)", f"{n} processes", note=f"FAILED (exit {out.returncode}); see ddp.log")]
     rates = re.findall(r"([\d,]+) img/s", out.stdout)
-    return [Row("DDP (nccl)", f"{n} processes, 2 epochs", f"{rates[-1] if rates else '?'} img/s per process", "ok")]
+    return [Row("DDP (nccl)", f"{n} processes, {epochs} epoch(s)", f"{rates[-1] if rates else '?'} img/s per process",
+                "ok")]  # fmt: skip
 
 
 def served(args, checkpoint: Path | None, workdir: Path, budget: Budget) -> list[Row]:
@@ -275,9 +279,9 @@ def served(args, checkpoint: Path | None, workdir: Path, budget: Budget) -> list
     options = ServeOptions.on_free_ports(model_store=workdir / "store", state_dir=workdir / "ts")
     client = serve(options, [str(checkpoint)])
     try:
-        from training.data.tinyimagenet import load_tinyimagenet
+        from training.data.index import load_image_dataset
 
-        image = load_tinyimagenet(args.data).val[0][0]
+        image = load_image_dataset(args.data).val[0][0]
         begin = time.perf_counter()
         answer = client.predict_image(image)
         status = answer.status
@@ -320,7 +324,7 @@ def main() -> int:
         return 2
     device = torch.device("cpu") if args.smoke_on_cpu else torch.device("cuda", 0)
     if args.smoke_on_cpu:
-        args.batches, args.images = [8], 32
+        args.batches, args.images = [8], 16  # two steps a row: the code paths, not figures
     else:
         args.batches = [256, 512, 1024]
     configure_backend(device)

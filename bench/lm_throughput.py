@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from training.devices import choose_device, synchronize
-from training.loops.language import train_lm_epoch
+from training.loops.language import LMStep, train_lm_epoch
 from training.models.wordlm import build_language_model, detach_hidden
 
 CONFIGS = {
@@ -56,7 +56,7 @@ def example_loop(model, data: torch.Tensor, device: torch.device) -> float:
 
 def project_loop(model, data: torch.Tensor, device: torch.device, amp: str) -> float:
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    result = train_lm_epoch(model, data, optimizer, device, amp, 1, BPTT, CLIP, log_interval=10**9)
+    result = train_lm_epoch(LMStep(model, optimizer, device, BPTT, CLIP, amp), data, epoch=1, log_interval=10**9)
     return result.seconds
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--data", type=Path, default=None)
     args = parser.parse_args()
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # no GenAI job runners beside the server
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = args.data or write_synthetic_tinyimagenet(root / "data", 4, 12, 4, progress=False)

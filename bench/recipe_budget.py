@@ -64,12 +64,12 @@ def run_config(name: str, data: Path, budget: float, cache_dir: Path) -> Result:
     from training.data.batches import BatchTransform, TensorBatches
     from training.data.cache import build_cache
     from training.data.images import IMAGENET_MEAN, IMAGENET_STD
-    from training.data.tinyimagenet import load_tinyimagenet
+    from training.data.index import load_image_dataset
     from training.devices import autocast
     from training.models.classifier import build_classifier
 
     stem, amp, batch, channels_last, fast = CONFIGS[name]
-    ds = load_tinyimagenet(data)
+    ds = load_image_dataset(data)
     train_cache, val_cache = (build_cache(ds, split, cache_dir) for split in ("train", "val"))
     images = torch.from_numpy(np.array(train_cache.images)).permute(0, 3, 1, 2)
     labels = torch.from_numpy(train_cache.labels)

@@ -35,7 +35,7 @@ from torchvision import datasets, transforms
 from training.data.batches import BatchTransform, TensorBatches
 from training.data.cache import CachedImages, build_cache, collate_batch
 from training.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, make_loader, train_transform
-from training.data.tinyimagenet import load_tinyimagenet
+from training.data.index import load_image_dataset
 from training.devices import autocast, choose_device, synchronize
 from training.loops.classify import to_device
 from training.models.classifier import build_classifier
@@ -130,7 +130,7 @@ def main() -> None:
     args = parser.parse_args()
     device = choose_device(args.device).device
     torch.manual_seed(0)
-    ds = load_tinyimagenet(args.data)
+    ds = load_image_dataset(args.data)
     n_classes = ds.num_classes
     print(f"# {platform.machine()} {psutil.cpu_count()} CPUs, torch {torch.__version__}, device {device}, "
           f"resnet18 {args.stem} stem, batch {args.batch_size}, {args.batches} timed batches, {args.workers} "

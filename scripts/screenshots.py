@@ -48,7 +48,8 @@ def mlflow_ui(store_uri: str):
     port = free_port()
     ui = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "ui", "--host", "127.0.0.1", "--port",
                            str(port), "--backend-store-uri", store_uri],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):

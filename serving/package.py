@@ -84,7 +84,7 @@ def archive_meta(state: dict[str, Any], job: type[Job], source: Source, digest: 
     meta = {"kind": state["kind"], "run_id": state.get("run_id"), "epoch": state.get("epoch"),
             "model_config": state["model_config"], "weights_sha256": digest, "registered": source.registered,
             "source": source.given}  # fmt: skip
-    return {**meta, **{key: state[key] for key in job.serving.inference_keys}}
+    return {**meta, **{key: state[key] for key in job.serving.inference_keys if key in state}}
 
 
 def read_archive_meta(mar: Path) -> dict[str, Any]:

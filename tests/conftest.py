@@ -23,11 +23,16 @@ WIKITEXT_VALID = SHARED_DATA / "wikitext-2" / "valid.txt"
 
 @pytest.fixture(scope="session", autouse=True)
 def tracking_store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A real SQLite-backed MLflow store shared by the session (creating one costs ~1.3 s)."""
+    """A real SQLite-backed MLflow store shared by the session (creating one costs ~1.3 s), and a
+    decoded-cache folder of its own."""
     store = tmp_path_factory.mktemp("mlruns")
     uri = f"sqlite:///{store / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri  # subprocesses inherit it too
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
+    # decoded caches and the record of checked datasets go to the session's folder, not the repo's data/
+    os.environ["DLOPS_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    # the MLflow servers tests start run no GenAI job runners (8 processes each, unused here)
+    os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     mlflow.set_tracking_uri(uri)
     return uri
 

@@ -12,9 +12,10 @@ import torch
 
 from tests.conftest import REPO, artifact_paths, cli_error, latest_run, metric_steps, run_cli
 from training.checkpoint import load_checkpoint
+from training.data.dataset import open_rgb
 from training.data.images import eval_transform
 from training.data.synthetic import write_synthetic_tinyimagenet
-from training.data.tinyimagenet import load_tinyimagenet, open_rgb
+from training.data.tinyimagenet import load_tinyimagenet
 from training.models.classifier import classifier_from_checkpoint
 
 FAST = ["-b", "16", "-j", "0", "--print-freq", "0"]
@@ -56,7 +57,7 @@ def test_compare_lists_exactly_the_images_classified_differently(two_checkpoints
     assert {r["file"] for r in rows} == set(expected)
     classes = load_checkpoint(a)["classes"]
     for r in rows:
-        assert (classes.index(r["a_wnid"]), classes.index(r["b_wnid"])) == expected[r["file"]]
+        assert (classes.index(r["a_class"]), classes.index(r["b_class"])) == expected[r["file"]]
         assert (tiny_dataset / "val" / "images" / r["file"]).is_file()
     confidence = [max(float(r["a_confidence"]), float(r["b_confidence"])) for r in rows]
     assert confidence == sorted(confidence, reverse=True), "most confident disagreements first"

@@ -13,8 +13,9 @@ import torch
 from tests.conftest import latest_run, run_cli
 from training.data.batches import BatchTransform, TensorBatches, random_crop, random_flip
 from training.data.cache import CachedImages, build_cache, collate_batch, find_cache
+from training.data.dataset import open_rgb
 from training.data.images import make_loader
-from training.data.tinyimagenet import load_tinyimagenet, open_rgb
+from training.data.tinyimagenet import load_tinyimagenet
 from training.recipes import RECIPES
 
 
@@ -85,7 +86,7 @@ def test_batch_augmentation_keeps_shapes_dtypes_and_labels():
     transform = BatchTransform("flip-crop", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), train=True)
     out = transform(torch.full((4, 3, 8, 8), 255, dtype=torch.uint8))
     assert out.dtype == torch.float32 and torch.allclose(out, torch.full_like(out, 2.0))
-    with pytest.raises(ValueError, match="needs the JPEG loader"):
+    with pytest.raises(ValueError, match="needs the image-file loader"):
         BatchTransform("trivialaugment", (0.5,) * 3, (0.25,) * 3, train=True)
 
 

@@ -79,7 +79,7 @@ def test_version_1_checkpoints_evaluate_resume_generate_and_package(tiny_dataset
     experiment = client.get_experiment_by_name("test-v1") or client.get_experiment(client.create_experiment("test-v1"))
     run = client.create_run(experiment.experiment_id, tags={"job": "train-resnet"})
     run_dir = tmp_path / "runs" / run.info.run_id
-    state = write_v1_resnet(run_dir / "last.pt", ds.wnids, [ds.labels[w] for w in ds.wnids], run.info.run_id,
+    state = write_v1_resnet(run_dir / "last.pt", ds.classes, [ds.labels[w] for w in ds.classes], run.info.run_id,
                             str(tiny_dataset), epoch=1, epochs=2, batch_size=16, workers=0, print_freq=0,
                             experiment="test-v1", out_dir=str(tmp_path / "runs"))  # fmt: skip
     upgraded = load_checkpoint(run_dir / "last.pt", kind="resnet")

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from tests.conftest import MINI_TINYIMAGENET
+from training.data.dataset import open_rgb
 from training.data.images import ImageFiles, eval_transform
-from training.data.tinyimagenet import DatasetError, load_tinyimagenet, open_rgb
+from training.data.tinyimagenet import DatasetError, load_tinyimagenet
 
 
 @pytest.fixture()
@@ -25,13 +26,13 @@ def annotation_labels(root: Path) -> dict[str, str]:
 
 def test_original_layout_labels_come_from_annotations(tiny_dataset: Path):
     ds = load_tinyimagenet(tiny_dataset)
-    assert ds.wnids == sorted(ds.wnids) and ds.num_classes == 4
+    assert ds.classes == sorted(ds.classes) and ds.num_classes == 4
     assert len(ds.train) == 48 and len(ds.val) == 16 and ds.val_layout == "annotations"
     expected = annotation_labels(tiny_dataset)
-    assert {p.name: ds.wnids[label] for p, label in ds.val} == expected
+    assert {p.name: ds.classes[label] for p, label in ds.val} == expected
     # train labels follow the folder the image sits in
-    assert all(p.parent.parent.name == ds.wnids[label] for p, label in ds.train)
-    assert ds.labels[ds.wnids[0]].startswith("red circle")
+    assert all(p.parent.parent.name == ds.classes[label] for p, label in ds.train)
+    assert ds.labels[ds.classes[0]].startswith("red circle")
 
 
 def test_reorganized_val_folders_give_the_same_labels(dataset_copy: Path):
@@ -104,5 +105,5 @@ def test_real_mini_tinyimagenet_layout():
     ds = load_tinyimagenet(MINI_TINYIMAGENET)
     assert ds.num_classes == 200 and len(ds.train) == 10_000 and len(ds.val) == 2_000
     expected = annotation_labels(MINI_TINYIMAGENET)
-    assert {p.name: ds.wnids[label] for p, label in ds.val} == expected
+    assert {p.name: ds.classes[label] for p, label in ds.val} == expected
     assert ds.labels["n01443537"] == "goldfish, Carassius auratus"

@@ -54,7 +54,10 @@ def load_checkpoint(path: Path | str, kind: str | None = None) -> dict[str, Any]
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or foreign files
-        raise CheckpointError(f"checkpoint {path} cannot be read: {e}") from e
+        raise CheckpointError(
+            f"{path} is not a checkpoint dlops can read: expected a .pt file written by "
+            f"`dlops train` (runs/<run id>/last.pt or best.pt); {_load_error(e)}"
+        ) from e
     if not isinstance(state, dict) or "kind" not in state:
         raise CheckpointError(f"checkpoint {path} was not written by dlops (no 'kind' entry)")
     version = state.get("format_version")
@@ -68,6 +71,15 @@ def load_checkpoint(path: Path | str, kind: str | None = None) -> dict[str, Any]
     if kind is not None and state["kind"] != kind:
         raise CheckpointError(f"checkpoint {path} holds a {state['kind']!r} model, expected {kind!r}")
     return state
+
+
+def _load_error(error: Exception) -> str:
+    """torch.load's reason in one line (its weights_only message is a page of advice; the reason is in it)."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
+        return f"torch.load(weights_only=True) refused it ({reason}): not a torch file, or one holding code objects"
+    return f"torch.load said: {text.strip().splitlines()[0] if text.strip() else type(error).__name__}"
 
 
 def upgrade_v1(state: dict[str, Any]) -> dict[str, Any]:

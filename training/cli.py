@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,12 @@ from training.checkpoint import CheckpointError
 from training.data.download import DownloadError
 from training.data.errors import DatasetError
 from training.devices import DeviceError
-from training.distributed import launch, under_torchrun
+from training.distributed import check_process_count, launch, under_torchrun
 from training.jobs import JOBS, Job, make_config
 from training.jobs.resnet import DEFAULT_WORKERS
 from training.models.classifier import ARCHS, STEMS, input_size_problem, small_stem_applies
 from training.options import click_options
+from training.stopping import TrainingStopped
 from training.tracking import JournalBusy, TrackingUnavailable
 from training.tracking.registry import URI_FORMS, is_model_uri, parse_model_uri
 
@@ -31,6 +33,9 @@ USER_ERRORS = (
     DatasetError, DeviceError, CheckpointError, DownloadError, ServeError, DeployError, KeyFileError, ValueError,
     TrackingUnavailable, JournalBusy,
 )  # fmt: skip
+
+
+STOPPED: list[TrainingStopped] = []  # a run this process stopped on a signal (run() exits fast then)
 
 
 class Group(click.Group):
@@ -41,6 +46,9 @@ class Group(click.Group):
             return super().invoke(ctx)
         except USER_ERRORS as e:
             raise click.ClickException(str(e)) from e
+        except TrainingStopped as e:  # stopped by a signal, checkpoint written: 128 + the signal's number
+            STOPPED.append(e)
+            raise click.exceptions.Exit(e.exit_code) from e
 
 
 class CheckpointSource(click.ParamType):
@@ -102,22 +110,43 @@ def _train_command(job_class: type[Job]) -> None:
     @click_options(job_class.config_class)
     @click.option(
         "--resume",
-        type=click.Path(dir_okay=False, exists=True, path_type=Path),
         default=None,
-        help="last.pt of an interrupted run: continue the same MLflow run at the next epoch",
+        metavar="CKPT|auto",
+        help="last.pt of an interrupted run: continue the same MLflow run where it stopped (within an epoch "
+        "too); auto: the newest unfinished run of this --run-name in --out-dir, else a new run",
     )
     @click.pass_context
-    def command(ctx: click.Context, data: Path | None, resume: Path | None, **_: Any) -> None:
+    def command(ctx: click.Context, data: Path | None, resume: str | None, **_: Any) -> None:
         given = {k: v for k, v in given_options(ctx).items() if k not in ("data", "resume")}
         if data:
             given["data"] = str(data)
-        elif not resume and not given.get("dummy"):
+        resume = _resume_path(job_class, resume, given)
+        if not data and not resume and not given.get("dummy"):
             raise click.UsageError(f"give DATA: {job_class.data_hint}")
         config = make_config(job_class, given, resume)
         processes = getattr(config, "nproc_per_node", 1)
         if processes > 1 and not under_torchrun():
+            check_process_count(processes, config.device, getattr(config, "allow_oversubscribe", False))
             ctx.exit(launch(job_class.kind, config, processes, resume))
         trainer.train(job_class, config, resume=resume)
+
+
+def _resume_path(job_class: type[Job], resume: str | None, given: dict[str, Any]) -> Path | None:
+    """--resume CKPT as a path; --resume auto: the newest unfinished run of the same name, or None."""
+    from training.session import find_resumable
+
+    if resume is None:
+        return None
+    if resume != "auto":
+        if not Path(resume).is_file():
+            raise click.BadParameter(f"{resume!r}: no such checkpoint file (or give auto)", param_hint="--resume")
+        return Path(resume)
+    out_dir = Path(given.get("out_dir", "runs"))
+    found = find_resumable(out_dir, job_class.kind, given.get("run_name"))
+    name = f"run {given['run_name']!r}" if given.get("run_name") else "unnamed run"
+    click.echo(f"=> --resume auto: continuing {found}" if found else f"=> --resume auto: no unfinished {name} "
+               f"in {out_dir}; starting a new one")  # fmt: skip
+    return found
 
 
 for _job in JOBS.values():
@@ -365,15 +394,20 @@ def synth_command(out: Path, classes: int, train_per_class: int, val_per_class: 
     help="default: $DLOPS_CACHE_DIR or data/cache",
 )
 @click.option("--image-size", type=click.IntRange(8), default=64, show_default=True)
+@click.option("--val-resize", type=click.IntRange(8), default=None,
+              help="resize before the center crop [default: as `train resnet --val-resize`]")  # fmt: skip
 @click.option("-j", "--workers", type=click.IntRange(1), default=None, help="decoding processes (default: all cores)")
-def cache_command(data_dir: Path, splits: str, cache_dir: Path | None, image_size: int, workers: int | None) -> None:
-    """Decode DATA's images once into memory-mapped uint8 arrays that training reads instead of JPEGs."""
-    from training.data.cache import DEFAULT_ROOT, build_cache
-    from training.data.tinyimagenet import load_tinyimagenet
+def cache_command(data_dir: Path, splits: str, cache_dir: Path | None, image_size: int, val_resize: int | None,
+                  workers: int | None) -> None:  # fmt: skip
+    """Decode DATA's images once into memory-mapped uint8 arrays that training reads instead of image files."""
+    from training.data.cache import build_cache
+    from training.data.images import resolve_resize
+    from training.data.index import load_image_dataset
 
-    dataset = load_tinyimagenet(data_dir)
+    dataset = load_image_dataset(data_dir)
+    resize = resolve_resize(val_resize, image_size, dataset.layout)
     for split in splits.split(","):
-        build_cache(dataset, split.strip(), cache_dir or DEFAULT_ROOT, image_size, workers)
+        build_cache(dataset, split.strip(), cache_dir, image_size, workers, resize)
 
 
 @data.command("synth-corpus")
@@ -597,5 +631,19 @@ def generate_http_command(state_dir: Path, inference_port: int | None, **request
     _show_answer(client.generate({k: v for k, v in request.items() if v is not None}))
 
 
+def run() -> None:
+    """The `dlops` command. A run stopped by a signal has its state on disk (checkpoint, journal, the
+    run ended KILLED) and a grace period to live: it exits at once rather than spend seconds in the
+    interpreter's teardown."""
+    try:
+        main()
+    except SystemExit as exiting:
+        if STOPPED:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exiting.code if isinstance(exiting.code, int) else 1)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    run()

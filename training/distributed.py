@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,24 @@ def close_process_group(group: ProcessGroup) -> None:
         dist.destroy_process_group()
 
 
+class TooManyProcesses(ValueError):
+    """More processes than the machine has cores (CPU) or GPUs (CUDA): refused unless insisted on."""
+
+
+def check_process_count(processes: int, device: str, insist: bool) -> None:
+    """Refuse more training processes than the device can hold one each of: on the CPU its usable
+    cores (each process also starts data workers and holds a model copy: 64 processes on 2 cores
+    exhausted 24 GiB), on CUDA the visible GPUs (nccl needs one per process)."""
+    from training.hardware import usable_cores
+
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    limit, what = (torch.cuda.device_count(), "visible GPUs") if cuda else (usable_cores(), "usable CPU cores")
+    if processes > limit and not insist:
+        raise TooManyProcesses(f"--nproc-per-node {processes} is more than the {limit} {what}: each process holds "
+                               f"a copy of the model and its own data workers. Use at most {limit}, or add "
+                               "--allow-oversubscribe to start them anyway")  # fmt: skip
+
+
 def launch(kind: str, config: Any, nproc_per_node: int, resume: Path | None = None) -> int:
     """Run job `kind` with `config` in nproc_per_node processes through torchrun (training.trainer's main)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,4 +105,19 @@ def launch(kind: str, config: Any, nproc_per_node: int, resume: Path | None = No
         if resume:
             command += ["--resume", str(resume)]
         print(f"=> launching {nproc_per_node} processes with torchrun: {' '.join(command[1:])}", flush=True)
-        return subprocess.run(command).returncode
+        process = subprocess.Popen(command)
+        # SIGTERM (docker stop, Kubernetes, SLURM) reaches this launcher only: pass it on, so that torchrun
+        # stops every worker the graceful way (training/stopping.py); exit as a stopped run does (143)
+        received: list[int] = []
+
+        def forward(signum: int, frame: object) -> None:
+            received.append(signum)
+            process.send_signal(signal.SIGTERM)
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            code = process.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return 128 + received[0] if received else code

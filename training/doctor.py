@@ -141,16 +141,17 @@ def tracking() -> dict[str, Any]:
 
 
 def cache_folder() -> dict[str, Any]:
-    from training.data.cache import DEFAULT_ROOT
+    from training.data.cache import cache_root
 
-    existing = DEFAULT_ROOT.resolve()
+    root = cache_root()
+    existing = root.resolve()
     while not existing.exists():
         existing = existing.parent
     free = shutil.disk_usage(existing).free / 2**30
     writable = os.access(existing, os.W_OK)
     return {
-        "dir": str(DEFAULT_ROOT),
-        "exists": DEFAULT_ROOT.is_dir(),
+        "dir": str(root),
+        "exists": root.is_dir(),
         "free_gib": round(free, 1),
         "ok": writable and free >= CACHE_NEED_GIB,
         "detail": f"needs about {CACHE_NEED_GIB:g} GiB for the full Tiny-ImageNet"

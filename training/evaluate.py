@@ -10,9 +10,10 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from torch import nn
 
 from training import tracking
+from training.data.dataset import Sample
 from training.data.errors import DatasetError
 from training.data.images import ImageFiles, eval_transform, make_loader, take_evenly
-from training.data.tinyimagenet import Sample, load_tinyimagenet
+from training.data.index import load_image_dataset
 from training.devices import choose_device
 from training.loops.classify import EpochResult, evaluate
 from training.models.classifier import classifier_from_checkpoint
@@ -40,8 +41,10 @@ def evaluate_samples(
 ) -> EpochResult:
     """One ordered, batched pass of a ResNet checkpoint's model over `samples` (evaluation transform)."""
     model = classifier_from_checkpoint(state).to(device)
-    loader = make_loader(ImageFiles(samples, eval_transform(state["image_size"])), batch_size, workers, device)
-    return evaluate(model, loader, nn.CrossEntropyLoss(), device, amp, print_freq, on_batch=on_batch)
+    transform = eval_transform(state["image_size"], state.get("resize_size"))  # checkpoints before 2026-12: none
+    loader = make_loader(ImageFiles(samples, transform), batch_size, workers, device)
+    return evaluate(model, loader, criterion=nn.CrossEntropyLoss(), device=device, amp=amp, print_freq=print_freq,
+                    on_batch=on_batch)  # fmt: skip
 
 
 def evaluate_checkpoint(
@@ -56,8 +59,8 @@ def evaluate_checkpoint(
     limit: int | None = None,
 ) -> EpochResult:
     state, named = registry.load_source(checkpoint, kind="resnet")
-    ds = load_tinyimagenet(data)
-    check_same_classes(state["classes"], ds.wnids, checkpoint, data)
+    ds = load_image_dataset(data)
+    check_same_classes(state["classes"], ds.classes, checkpoint, data)
     choice = choose_device(device)
     print(choice.describe(), flush=True)
     samples = take_evenly(ds.split(split), limit)

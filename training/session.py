@@ -12,7 +12,10 @@ through the run's journal (training/tracking/run.py): nothing here waits for the
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +27,33 @@ from training.devices import DeviceChoice
 from training.jobs.base import HANDLERS, Job
 from training.plots import learning_curves
 from training.tracking.registry import CHECKPOINT_ARTIFACT, save_mlflow_model
+
+LAST_NOTE = "last.json"
+
+
+def write_json_atomic(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def find_resumable(out_dir: Path, kind: str, run_name: str | None) -> Path | None:
+    """The newest last.pt under `out_dir` of an unfinished `kind` run named `run_name` (`--resume auto`)."""
+    found = []
+    for note_path in Path(out_dir).glob(f"*/{LAST_NOTE}"):
+        try:
+            note = json.loads(note_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        last = note_path.with_name("last.pt")
+        if (
+            note.get("kind") == kind
+            and note.get("run_name") == run_name
+            and not note.get("finished")
+            and last.is_file()
+        ):
+            found.append((note.get("time", 0), last))
+    return max(found)[1] if found else None
 
 
 def build_mlflow_model(job: type[Job], checkpoint: Path, directory: Path) -> Path:
@@ -61,14 +91,41 @@ class TrainingSession:
             return
         state = {**state, "run_id": self.run.run_id}
         save_checkpoint(state, self.last)
+        self._note_last(state)
         if improved:
             save_checkpoint(state, self.best)
         print(f"=> epoch saved to {self.last}" + (" (new best)" if improved else ""), flush=True)
 
+    def save_position(self, state: dict[str, Any]) -> Path | None:
+        """Write a resumable last.pt within an epoch (state["position"]: the epoch, step and loop
+        state), replacing the previous one atomically; best.pt is only ever an epoch's end."""
+        if not self.active:
+            return None
+        state = {**state, "run_id": self.run.run_id}
+        save_checkpoint(state, self.last)
+        self._note_last(state)
+        position = state["position"]
+        print(f"=> epoch {position['epoch']} step {position['step']} saved to {self.last} (resumable)", flush=True)
+        return self.last
+
+    def _note_last(self, state: dict[str, Any], finished: bool = False) -> None:
+        """last.json beside last.pt: what `--resume auto` looks for without loading checkpoints."""
+        position = state.get("position") or {}
+        note = {"kind": state["kind"], "run_name": state["config"].get("run_name"), "run_id": self.run.run_id,
+                "epoch": state["epoch"], "position": {"epoch": position.get("epoch"), "step": position.get("step")},
+                "finished": finished, "time": time.time()}  # fmt: skip
+        write_json_atomic(self.run_dir / LAST_NOTE, note)
+
+    def mark_finished(self) -> None:
+        """The run is complete: `--resume auto` starts a new one rather than continuing it."""
+        if self.active and (self.run_dir / LAST_NOTE).is_file():
+            note = json.loads((self.run_dir / LAST_NOTE).read_text(encoding="utf-8"))
+            write_json_atomic(self.run_dir / LAST_NOTE, {**note, "finished": True, "time": time.time()})
+
     def catch_up(self, saved: dict[str, Any], metric: str) -> None:
         """Log the saved epoch's metrics if the process died between checkpoint and logging."""
         epoch = saved["epoch"]
-        if epoch not in self.run.logged_steps(metric):
+        if epoch and saved.get("metrics") and epoch not in self.run.logged_steps(metric):
             self.run.log_metrics(saved["metrics"], step=epoch)
 
     def publish(self, model_name: str | None, tags: dict[str, str], panels: dict[str, list[str]],
@@ -120,8 +177,10 @@ def training_session(
         run_dir = run.journal.dir.parent
         run.open_tensorboard(run_dir / "tensorboard")
         if saved:
-            run.set_tags({"resumed_after_epoch": saved["epoch"]})
-            print(f"=> resuming run {run.run_id} after epoch {saved['epoch']} from {resume}")
+            position = saved.get("position")
+            within = f", step {position['step']} of epoch {position['epoch']}" if position else ""
+            run.set_tags({"resumed_after_epoch": saved["epoch"], "resumed_at": f"epoch {saved['epoch']}{within}"})
+            print(f"=> resuming run {run.run_id} after epoch {saved['epoch']}{within} from {resume}")
         else:
             run.log_params({**dataclasses.asdict(config), **(params or {})})
             run.set_tags({**tracking.environment_tags(device.name), "device": str(device.device),

@@ -10,6 +10,8 @@ A job (training/jobs/) declares what differs; nothing here knows images from wor
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -36,6 +38,8 @@ from training.jobs.base import EpochContext, Job, Optimization, RunConfig
 from training.models.summary import layer_table
 from training.models.weights import warm_start
 from training.session import TrainingSession, training_session
+from training.stopping import StopRequest, TrainingStopped, stop_on_signals
+from training.tracking.registry import best_metric_name
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,25 @@ def _model_summary(session: TrainingSession, job: Job, model: nn.Module) -> None
         print(f"warning: TensorBoard graph not written: {e}")
 
 
+class EpochControl:
+    """The trainer's StepControl: a resumable checkpoint every `every_s` seconds within an epoch, and
+    at a stop request (a signal), after which the epoch ends at this step on every process."""
+
+    def __init__(self, stop: StopRequest, runtime: Runtime, every_s: float, save: Callable[[dict], Path | None]):
+        self.stop, self.runtime, self.every_s, self.save = stop, runtime, every_s, save
+        self.last_save = time.monotonic()
+        self.stopped: dict[str, Any] | None = None  # where the epoch stopped: {"step", "checkpoint"}
+
+    def after_step(self, step: int, snapshot: Callable[[], dict[str, Any]]) -> bool:
+        if self.stop.agreed(self.runtime.device, self.runtime.group.enabled):
+            self.stopped = {"step": step, "checkpoint": self.save(snapshot())}
+            return True
+        if self.every_s and time.monotonic() - self.last_save >= self.every_s:
+            self.save(snapshot())
+            self.last_save = time.monotonic()
+        return False
+
+
 def train(
     job_class: type[Job],
     config: RunConfig,
@@ -175,9 +198,21 @@ def train(
 
     `on_epoch(epoch, metrics)` runs after each epoch is checkpointed and logged; raising
     StopTraining there ends the run cleanly. `register=False` publishes without registering.
+    SIGTERM or SIGINT ends the run KILLED after a resumable checkpoint (TrainingStopped).
     """
     saved = load_checkpoint(resume, kind=job_class.kind) if resume else None
     runtime = start_runtime(config)
+    try:
+        with stop_on_signals() as stop:
+            return _train(job_class, config, runtime, saved=saved, resume=resume, on_epoch=on_epoch,
+                          register=register, stop=stop)  # fmt: skip
+    finally:
+        close_process_group(runtime.group)
+
+
+def _train(job_class: type[Job], config: RunConfig, runtime: Runtime, *, saved: dict[str, Any] | None,
+           resume: Path | None, on_epoch: EpochHook | None, register: bool,
+           stop: StopRequest) -> TrainResult:  # fmt: skip
     job = job_class(config, runtime)
     tags = {**job.build_data(), **config.tags, "amp_reason": runtime.precision.reason}
     model_config = job.model_config()
@@ -187,6 +222,7 @@ def train(
     optimization = job.build_optimization(model, job.steps_per_epoch())
     scaler = grad_scaler(runtime.device, config.amp)
     state = TrainState()
+    position = saved.get("position") if saved else None  # a run stopped within an epoch resumes there
     if saved:
         state = _restore(saved, job, model, optimization, scaler)
         if runtime.group.rank:  # the checkpoint holds rank 0's RNG; other ranks draw their own augmentations
@@ -213,13 +249,29 @@ def train(
             if step not in logged:  # a replayed epoch (after a crash) must not log its steps twice
                 run.log_metrics(metrics, step=step)
 
+        last_metrics: dict[str, float] = saved["metrics"] if saved else {}
+
+        def save_position(epoch: int, loop: dict[str, Any]) -> Path | None:
+            """A resumable last.pt within `epoch`: the last finished epoch's state plus the loop's."""
+            checkpoint = _checkpoint(job, epoch - 1, model, optimization, scaler, state, last_metrics, model_config)
+            return session.save_position({**checkpoint, "position": {"epoch": epoch, **loop}})
+
         stop_reason = f"completed {config.epochs} epochs"
         for epoch in range(state.epoch + 1, config.epochs + 1):
+            resumed = position if position and position["epoch"] == epoch else None
+            control = EpochControl(stop, runtime, config.checkpoint_every,
+                                   lambda loop, epoch=epoch: save_position(epoch, loop))  # fmt: skip
             job.before_epoch(epoch, optimization)
             lr = optimization.optimizer.param_groups[0]["lr"]
-            start = time.perf_counter()
-            context = EpochContext(epoch, optimization, scaler, log_step, reduce)
+            start = time.perf_counter() - (resumed["seconds"] if resumed else 0.0)
+            context = EpochContext(epoch, optimization, scaler, log_step, reduce, control, resumed)
             metrics = job.train_epoch(trained, context)
+            if control.stopped is not None:
+                where = f"at epoch {epoch}, step {control.stopped['step']}"
+                run.set_tags({"stop_reason": f"{stop.name} {where}: resumable from {control.stopped['checkpoint']}"})
+                print(f"=> {stop.name}: stopped {where}; resume with: dlops train {job.kind} --resume "
+                      f"{control.stopped['checkpoint']}", flush=True)  # fmt: skip
+                raise TrainingStopped(stop.signum, str(control.stopped["checkpoint"]), where)
             metrics.update(job.evaluate(model, reduce))
             if optimization.scheduler is not None and not optimization.scheduler_per_batch:
                 optimization.scheduler.step()
@@ -230,13 +282,20 @@ def train(
             # Checkpoint first, then metrics: a resume logs whatever a crash in between left out.
             checkpoint = _checkpoint(job, epoch, model, optimization, scaler, state, metrics, model_config)
             session.save_epoch(checkpoint, improved)
+            last_metrics = metrics
             run.log_metrics(metrics, step=epoch)
             run.sync_tensorboard()
+            if epoch < config.epochs and stop.agreed(runtime.device, runtime.group.enabled):
+                # a signal during validation, or a job whose loop takes no StepControl: stop at the epoch's end
+                run.set_tags({"stop_reason": f"{stop.name} after epoch {epoch}: resumable from {session.last}"})
+                print(f"=> {stop.name}: stopped after epoch {epoch}; resume with: dlops train {job.kind} --resume "
+                      f"{session.last}", flush=True)  # fmt: skip
+                raise TrainingStopped(stop.signum, str(session.last), f"after epoch {epoch}")
             try:
                 if on_epoch is not None:
                     on_epoch(epoch, metrics)
-            except StopTraining as stop:
-                stop_reason = stop.reason
+            except StopTraining as stopping:
+                stop_reason = stopping.reason
                 print(f"=> {stop_reason}", flush=True)
                 break
             if config.early_stop_patience and state.epochs_since_improvement >= config.early_stop_patience:
@@ -247,7 +306,7 @@ def train(
 
         if session.active:
             final = job.finish(model, session.best)
-            best_name = "best/" + job.best.metric.replace("/", "_")  # best/val_acc1, best/val_loss
+            best_name = best_metric_name(job.best.metric)  # best/val_acc1, best/val_loss
             run.log_metrics({**final, "time/total_seconds": state.train_seconds, "time/to_best_seconds":
                              state.seconds_to_best, best_name: state.best_value, "best/epoch": state.best_epoch},
                             step=state.epoch)  # fmt: skip
@@ -255,7 +314,7 @@ def train(
             registry_tags = job.registry_tags(state.best_value, state.best_epoch, final)
             session.publish(config.registered_model if register else None, registry_tags, job.panels, job_class,
                             state.best_epoch)  # fmt: skip
-    close_process_group(runtime.group)
+            session.mark_finished()
     return TrainResult(session.run_dir, session.run.run_id, state.best_value, state.best_epoch, stop_reason)
 
 
@@ -274,7 +333,12 @@ def main() -> None:
     job_class = job_for(args.job)
     # the config class checks every value as the CLI does
     config = job_class.config_class(**json.loads(args.config.read_text(encoding="utf-8")))
-    train(job_class, config, args.resume)
+    try:
+        train(job_class, config, args.resume)
+    except TrainingStopped as stopped:  # state on disk, grace period running: skip the interpreter's teardown
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(stopped.exit_code)
 
 
 if __name__ == "__main__":

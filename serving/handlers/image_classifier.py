@@ -44,7 +44,7 @@ class ImageClassifier(BaseHandler):
         # training/data/images.py:eval_transform, restated: the .mar cannot import the project
         self.transform = transforms.Compose(
             [
-                transforms.Resize(size),
+                transforms.Resize(self.meta.get("resize_size", size)),  # archives of earlier releases: size
                 transforms.CenterCrop(size),
                 transforms.ToTensor(),
                 transforms.Normalize(normalization["mean"], normalization["std"]),

@@ -16,15 +16,16 @@ from matplotlib.figure import Figure  # the object API draws to files with no di
 
 from training import tracking
 from training.checkpoint import CheckpointError
+from training.data.dataset import Sample, open_rgb
 from training.data.images import take_evenly
-from training.data.tinyimagenet import Sample, load_tinyimagenet, open_rgb
+from training.data.index import load_image_dataset
 from training.devices import choose_device
 from training.evaluate import check_same_classes, evaluate_samples
 from training.loops.classify import EpochResult
 from training.tracking import registry
 
-CSV_COLUMNS = ["file", "path", "true_wnid", "true_label", "a_wnid", "a_label", "a_confidence", "b_wnid", "b_label",
-               "b_confidence"]  # fmt: skip
+CSV_COLUMNS = ["file", "path", "true_class", "true_label", "a_class", "a_label", "a_confidence", "b_class",
+               "b_label", "b_confidence"]  # fmt: skip
 
 
 @dataclass
@@ -65,7 +66,7 @@ def find_disagreements(samples: list[Sample], a: Predictions, b: Predictions) ->
     return sorted(rows, key=lambda d: (-max(d.a_confidence, d.b_confidence), d.sample[0].name))
 
 
-def write_csv(rows: list[Disagreement], wnids: list[str], labels: list[str], path: Path) -> None:
+def write_csv(rows: list[Disagreement], classes: list[str], labels: list[str], path: Path) -> None:
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
@@ -73,9 +74,9 @@ def write_csv(rows: list[Disagreement], wnids: list[str], labels: list[str], pat
             file, label = d.sample
             writer.writerow(
                 [
-                    file.name, str(file), wnids[label], labels[label],
-                    wnids[d.a_class], labels[d.a_class], f"{d.a_confidence:.4f}",
-                    wnids[d.b_class], labels[d.b_class], f"{d.b_confidence:.4f}",
+                    file.name, str(file), classes[label], labels[label],
+                    classes[d.a_class], labels[d.a_class], f"{d.a_confidence:.4f}",
+                    classes[d.b_class], labels[d.b_class], f"{d.b_confidence:.4f}",
                 ]
             )  # fmt: skip
 
@@ -123,8 +124,8 @@ def compare_checkpoints(
             f"{checkpoint_a} and {checkpoint_b} were trained on different class lists "
             f"({len(state_a['classes'])} vs {len(state_b['classes'])} classes); they cannot be compared"
         )
-    ds = load_tinyimagenet(data)
-    check_same_classes(state_a["classes"], ds.wnids, checkpoint_a, data)
+    ds = load_image_dataset(data)
+    check_same_classes(state_a["classes"], ds.classes, checkpoint_a, data)
     samples = take_evenly(ds.split(split), limit)
     choice = choose_device(device)
     print(choice.describe(), flush=True)
@@ -132,18 +133,18 @@ def compare_checkpoints(
     b = predict(state_b, samples, choice.device, batch_size, workers)
     rows = find_disagreements(samples, a, b)
     agreement = 1 - len(rows) / len(samples)
-    labels = [ds.labels[w] for w in ds.wnids]
+    labels = ds.class_labels
 
     print(f"A {checkpoint_a}: Acc@1 {a.result.acc1:.3f} Acc@5 {a.result.acc5:.3f}")
     print(f"B {checkpoint_b}: Acc@1 {b.result.acc1:.3f} Acc@5 {b.result.acc5:.3f}")
     print(f"agreement {100 * agreement:.2f}% on {len(samples)} {split} images; {len(rows)} disagreements")
-    print_table(rows[:show], ds.wnids, labels)
+    print_table(rows[:show], ds.classes, labels)
     if len(rows) > show:
         print(f"... {len(rows) - show} more in the CSV")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out_dir / "disagreements.csv", out_dir / "disagreements.png"
-    write_csv(rows, ds.wnids, labels, csv_path)
+    write_csv(rows, ds.classes, labels, csv_path)
     draw_grid(rows[:grid], labels, png_path)
     tags = {"job": "compare", "source_run_a": str(state_a.get("run_id")), "source_run_b": str(state_b.get("run_id"))}
     with tracking.start_run(experiment, run_name=f"compare-{split}", tags=tags) as run:
@@ -165,9 +166,9 @@ def compare_checkpoints(
     return rows
 
 
-def print_table(rows: list[Disagreement], wnids: list[str], labels: list[str]) -> None:
+def print_table(rows: list[Disagreement], classes: list[str], labels: list[str]) -> None:
     def name(c: int) -> str:
-        return f"{wnids[c]} {labels[c].split(',')[0][:18]}"
+        return f"{classes[c]} {labels[c].split(',')[0][:18]}" if labels[c] != classes[c] else classes[c][:29]
 
     print(f"{'file':<18} {'true':<29} {'A (confidence)':<37} {'B (confidence)':<37}")
     for d in rows:

@@ -39,7 +39,7 @@ class BatchTransform:
     def __init__(self, augment: str, mean: tuple[float, ...], std: tuple[float, ...], train: bool):
         if augment not in TENSOR_AUGMENTATIONS:
             raise ValueError(
-                f"--augment {augment!r} needs the JPEG loader (--data-cache off); decoded batches support "
+                f"--augment {augment!r} needs the image-file loader (--data-cache off); decoded batches support "
                 f"{', '.join(TENSOR_AUGMENTATIONS)}"
             )
         self.augment, self.train = augment, train
@@ -88,12 +88,13 @@ class TensorBatches:
         device: torch.device | None = None,
     ):
         self.fetch, self.size, self.batch_size, self.shuffle = fetch, size, batch_size, shuffle
-        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.seed, self.rank, self.world_size, self.epoch, self.skip = seed, rank, world_size, 0, 0
         self.drop_last, self.equal_shares = drop_last, equal_shares
         self.device = device  # where fetch indexes: the epoch's indices move there once, not per batch
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The epoch's permutation; a resumed epoch starts after its first `skip` samples."""
+        self.epoch, self.skip = epoch, skip
 
     @property
     def per_rank(self) -> int:
@@ -113,12 +114,13 @@ class TensorBatches:
         return order[self.rank :: self.world_size]
 
     def __len__(self) -> int:
+        left = max(self.per_rank - self.skip, 0)
         if self.drop_last:
-            return self.per_rank // self.batch_size
-        return -(-self.per_rank // self.batch_size)
+            return left // self.batch_size
+        return -(-left // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices = self._indices()
+        indices = self._indices()[self.skip :]
         if self.device is not None:
             indices = indices.to(self.device)
         for start in range(0, len(self) * self.batch_size, self.batch_size):

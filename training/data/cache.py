@@ -1,13 +1,17 @@
-"""Decode a Tiny-ImageNet split once into a memory-mapped uint8 array, instead of every epoch.
+"""Decode a dataset split once into a memory-mapped uint8 array, instead of every epoch.
 
-    <cache root>/<dataset name>-<split>-<key>/images.npy   N x H x W x 3 uint8 (memory-mapped)
+    <cache root>/<dataset name>-<split>-<key>/images.npy   N x S x S x 3 uint8 (memory-mapped)
                                             labels.npy   N int64
-                                            meta.json    files (relative to the dataset), wnids, key
+                                            meta.json    files (relative to the dataset), classes, key
 
-The key hashes every source file's relative path, size and modification time, plus the class
-list, so editing, adding or removing an image gives a new key: a changed dataset is decoded
-again, never silently reused. Reading is `np.load(mmap_mode="r")`: DataLoader workers share the
-operating system's page cache instead of each holding a copy.
+Each image is stored as the evaluation transform sees it before normalization: resized (shorter
+side) to `resize_size` and center-cropped to S = `image_size`. For Tiny-ImageNet's 64x64 images
+with the defaults that is the image itself; a folder of larger photos is stored at S x S (64 px:
+12 KB per image; 224 px: 147 KB), and training from the cache augments those (flip, crop), not
+the full photos. The key hashes every source file's relative path, size and modification time,
+the class list and both sizes, so a changed dataset is decoded again, never silently reused.
+Reading is `np.load(mmap_mode="r")`: DataLoader workers share the operating system's page cache
+instead of each holding a copy. The cache root is $DLOPS_CACHE_DIR, else data/cache.
 """
 
 from __future__ import annotations
@@ -22,24 +26,38 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF  # noqa: N812 - torchvision's own alias
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from training.data.tinyimagenet import Sample, TinyImageNet, open_rgb
+from training.data.dataset import ImageDataset, Sample, open_rgb
 
-DEFAULT_ROOT = Path(os.environ.get("DLOPS_CACHE_DIR", "data/cache"))
 CHUNK = 512
 
 
-def cache_key(dataset: TinyImageNet, samples: list[Sample], image_size: int) -> str:
-    digest = hashlib.sha256(f"{image_size}\n{','.join(dataset.wnids)}\n".encode())
+def cache_root() -> Path:
+    """Where decoded caches (and the record of checked datasets) live: $DLOPS_CACHE_DIR, else data/cache."""
+    return Path(os.environ.get("DLOPS_CACHE_DIR", "data/cache"))
+
+
+def fit_image(image: Image.Image, image_size: int, resize_size: int | None = None) -> Image.Image:
+    """Resize the shorter side to `resize_size` (default `image_size`), then center-crop to
+    image_size x image_size: the evaluation transform's geometry (training/data/images.py)."""
+    image = TF.resize(image, resize_size or image_size)
+    return TF.center_crop(image, image_size)
+
+
+def cache_key(dataset: ImageDataset, samples: list[Sample], image_size: int, resize_size: int | None = None) -> str:
+    sizes = f"{image_size}" if resize_size in (None, image_size) else f"{image_size}/{resize_size}"
+    digest = hashlib.sha256(f"{sizes}\n{','.join(dataset.classes)}\n".encode())
     for path, label in samples:
         stat = path.stat()
         digest.update(f"{path.relative_to(dataset.root)}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 
-def cache_dir(root: Path, dataset: TinyImageNet, split: str, key: str) -> Path:
+def cache_dir(root: Path, dataset: ImageDataset, split: str, key: str) -> Path:
     return root / f"{dataset.root.resolve().name}-{split}-{key}"
 
 
@@ -53,29 +71,31 @@ class DecodedSplit:
     directory: Path
 
 
-def _decode_chunk(args: tuple[str, int, list[str], int]) -> int:
+def _decode_chunk(args: tuple[str, int, list[str], int, int | None]) -> int:
     """Worker: decode files into rows start.. of the shared array file; return how many."""
-    array_path, start, files, image_size = args
+    array_path, start, files, image_size, resize_size = args
     images = np.load(array_path, mmap_mode="r+")
     for offset, file in enumerate(files):
         image = open_rgb(Path(file))
-        if image.size != (image_size, image_size):
-            image = image.resize((image_size, image_size))
+        if image.size != (image_size, image_size) or resize_size not in (None, image_size):
+            image = fit_image(image, image_size, resize_size)
         images[start + offset] = np.asarray(image, dtype=np.uint8)
     images.flush()
     return len(files)
 
 
 def build_cache(
-    dataset: TinyImageNet,
+    dataset: ImageDataset,
     split: str = "train",
-    root: Path = DEFAULT_ROOT,
+    root: Path | None = None,
     image_size: int = 64,
     workers: int | None = None,
+    resize_size: int | None = None,
 ) -> DecodedSplit:
     """Decode `split` of `dataset` into the cache (in parallel), unless it is there already."""
     samples = dataset.split(split)
-    key = cache_key(dataset, samples, image_size)
+    root = root or cache_root()
+    key = cache_key(dataset, samples, image_size, resize_size)
     target = cache_dir(Path(root), dataset, split, key)
     if (target / "meta.json").is_file():
         print(f"=> {split}: cache {target} is up to date")
@@ -86,7 +106,7 @@ def build_cache(
     array_path = staging / "images.npy"
     np.lib.format.open_memmap(array_path, mode="w+", dtype=np.uint8, shape=(len(samples), image_size, image_size, 3))
     jobs = [
-        (str(array_path), start, [str(p) for p, _ in samples[start : start + CHUNK]], image_size)
+        (str(array_path), start, [str(p) for p, _ in samples[start : start + CHUNK]], image_size, resize_size)
         for start in range(0, len(samples), CHUNK)
     ]
     with (
@@ -100,8 +120,9 @@ def build_cache(
         "key": key,
         "split": split,
         "dataset": str(dataset.root.resolve()),
-        "wnids": dataset.wnids,
+        "classes": dataset.classes,
         "image_size": image_size,
+        "resize_size": resize_size or image_size,
         "files": [str(p.relative_to(dataset.root)) for p, _ in samples],
     }
     (staging / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
@@ -119,11 +140,12 @@ def open_cache(directory: Path) -> DecodedSplit:
 
 
 def find_cache(
-    dataset: TinyImageNet, split: str, root: Path = DEFAULT_ROOT, image_size: int = 64
+    dataset: ImageDataset, split: str, root: Path | None = None, image_size: int = 64, resize_size: int | None = None
 ) -> DecodedSplit | None:
     """The cache matching the dataset as it is now on disk, or None."""
     samples = dataset.split(split)
-    target = cache_dir(Path(root), dataset, split, cache_key(dataset, samples, image_size))
+    target = cache_dir(Path(root or cache_root()), dataset, split, cache_key(dataset, samples, image_size,
+                                                                            resize_size))  # fmt: skip
     return open_cache(target) if (target / "meta.json").is_file() else None
 
 

@@ -9,18 +9,40 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
-from training.data.tinyimagenet import Sample, open_rgb
+from training.data.dataset import Sample, open_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-AUGMENTATIONS = ("none", "flip", "flip-crop", "trivialaugment")
+AUGMENTATIONS = ("auto", "none", "flip", "flip-crop", "random-resized-crop", "trivialaugment")
+CROP_SHARE = 0.875  # the ImageNet example's center crop: 224 of 256
 
 
-def train_transform(augment: str, image_size: int) -> transforms.Compose:
-    """Training-time transform; `flip-crop` is the usual 64x64 recipe (reflect-pad 4, crop, flip)."""
-    if augment not in AUGMENTATIONS:
-        raise ValueError(f"--augment {augment!r} is not one of {', '.join(AUGMENTATIONS)}")
-    steps: list = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
+def resolve_augment(augment: str, layout: str) -> str:
+    """--augment auto: flip for Tiny-ImageNet (64x64 images, as today), the ImageNet example's
+    random-resized crop + flip for a folder of photos of any size."""
+    if augment != "auto":
+        return augment
+    return "random-resized-crop" if layout == "imagefolder" else "flip"
+
+
+def resolve_resize(val_resize: int | None, image_size: int, layout: str) -> int:
+    """The size images are resized to (shorter side) before the center crop at evaluation:
+    --image-size for Tiny-ImageNet (its images are that size), else image_size / 0.875 as the
+    ImageNet example (256 for 224)."""
+    if val_resize:
+        return val_resize
+    return round(image_size / CROP_SHARE) if layout == "imagefolder" else image_size
+
+
+def train_transform(augment: str, image_size: int, resize_size: int | None = None) -> transforms.Compose:
+    """Training-time transform; `flip-crop` is the usual 64x64 recipe (reflect-pad 4, crop, flip),
+    `random-resized-crop` the ImageNet example's (a random 8-100% area, 3/4-4/3 aspect, then flip)."""
+    if augment not in AUGMENTATIONS or augment == "auto":
+        raise ValueError(f"--augment {augment!r} is not one of {', '.join(AUGMENTATIONS[1:])}")
+    if augment == "random-resized-crop":
+        steps: list = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
+        return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    steps = [transforms.Resize(resize_size or image_size), transforms.CenterCrop(image_size)]
     if augment in ("flip-crop", "trivialaugment"):
         steps.append(transforms.RandomCrop(image_size, padding=image_size // 16, padding_mode="reflect"))
     if augment != "none":
@@ -30,11 +52,12 @@ def train_transform(augment: str, image_size: int) -> transforms.Compose:
     return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def eval_transform(image_size: int) -> transforms.Compose:
-    """Evaluation transform, also what the serving handler reproduces."""
+def eval_transform(image_size: int, resize_size: int | None = None) -> transforms.Compose:
+    """Evaluation transform (resize the shorter side, center-crop), also what the serving handler
+    reproduces and what the decoded cache stores."""
     return transforms.Compose(
         [
-            transforms.Resize(image_size),
+            transforms.Resize(resize_size or image_size),
             transforms.CenterCrop(image_size),
             transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),

@@ -1,7 +1,7 @@
 """Choose how the classification job gets its batches, and build it.
 
     --dummy                          random tensors (throughput checks, no files)
-    --data-cache off (or no cache)   JPEG files decoded by PIL in DataLoader workers
+    --data-cache off (or no cache)   image files decoded by PIL in DataLoader workers
     a decoded cache, CPU             uint8 batches read from the memory map by DataLoader workers
     a decoded cache, --data-on-gpu   the whole uint8 array on the GPU, batches indexed there
 
@@ -11,7 +11,8 @@ applies on the training device.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler, Subset
 
-from training.data.batches import BatchTransform, TensorBatches
-from training.data.cache import DEFAULT_ROOT, CachedImages, DecodedSplit, build_cache, collate_batch, find_cache
+from training.data.batches import TENSOR_AUGMENTATIONS, BatchTransform, TensorBatches
+from training.data.cache import CachedImages, DecodedSplit, build_cache, cache_root, collate_batch, find_cache
+from training.data.dataset import ImageDataset
 from training.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -29,11 +31,13 @@ from training.data.images import (
     eval_transform,
     evenly_spaced,
     make_loader,
+    resolve_augment,
+    resolve_resize,
     take_evenly,
     train_transform,
 )
+from training.data.index import load_image_dataset
 from training.data.synthetic import RandomImages, synthetic_wnid
-from training.data.tinyimagenet import TinyImageNet, load_tinyimagenet
 from training.distributed import ProcessGroup
 
 DUMMY_SIZES = (100_000, 10_000)  # Tiny-ImageNet's train and val sizes
@@ -50,11 +54,15 @@ class ImagePipeline:
     prepare_train: Callable[[torch.Tensor], torch.Tensor] | None = None
     prepare_val: Callable[[torch.Tensor], torch.Tensor] | None = None
     epoch_setters: list = field(default_factory=list)
+    batch_size: int = 1  # per process
+    augment: str = "flip"  # what --augment auto resolved to for this dataset
+    resize_size: int | None = None  # the evaluation transform's resize before its center crop
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle per epoch, identically on every process."""
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Reshuffle per epoch, identically on every process; a resumed epoch starts after its first
+        `skip_batches` batches (the same order: a permutation of the seed and the epoch)."""
         for target in self.epoch_setters:
-            target.set_epoch(epoch)
+            target.set_epoch(epoch, skip=skip_batches * self.batch_size)
 
 
 def build_pipeline(config: Any, batch_size: int, device: torch.device, group: ProcessGroup | None = None):
@@ -63,7 +71,11 @@ def build_pipeline(config: Any, batch_size: int, device: torch.device, group: Pr
     rank, world_size = group.rank, group.world_size
     if config.dummy:
         return _dummy(config, batch_size, device, rank, world_size)
-    ds = load_tinyimagenet(config.data)
+    ds = load_image_dataset(config.data)
+    # --augment auto and the evaluation resize follow the dataset: Tiny-ImageNet as always, photos
+    # of any size the ImageNet example's way; the job records the resolved values as its options
+    config.augment = resolve_augment(config.augment, ds.layout)
+    config.val_resize = resolve_resize(config.val_resize, config.image_size, ds.layout)
     # With a cache folder to build, rank 0 decodes while the others wait, then they find it finished.
     builds = config.data_cache not in ("auto", "off") and group.enabled
     if builds and not group.is_main:
@@ -80,12 +92,29 @@ def _share(indices: list[int], rank: int, world_size: int) -> list[int]:
     return indices[rank::world_size]
 
 
+class EpochSampler(DistributedSampler):
+    """DistributedSampler (the same permutation of (seed, epoch) on every rank, each its share) whose
+    epoch can start after its first `skip` samples: a mid-epoch resume trains the rest, in order."""
+
+    skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(super().__len__() - self.skip, 0)
+
+
 def _loader(dataset, config, batch_size, device, rank, world_size, train: bool, collate=None):
     """A DataLoader over `dataset`; training batches are shuffled by a permutation of (seed, epoch),
     as DistributedSampler draws it (the same on every rank), so a resumed run sees the same order
     as an uninterrupted one. Workers' augmentation RNGs differ per rank. A compiled model gets no
     final partial batch (a new shape would recompile it)."""
-    sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=config.seed) if train else None
+    sampler = EpochSampler(dataset, world_size, rank, shuffle=True, seed=config.seed) if train else None
     loader = make_loader(dataset, batch_size, config.workers, device, sampler=sampler, seed=config.seed + rank,
                          collate_fn=collate, drop_last=train and config.compile)  # fmt: skip
     return loader, sampler
@@ -100,12 +129,15 @@ def _dummy(config, batch_size, device, rank, world_size) -> ImagePipeline:
     train, sampler = _loader(train_set, config, batch_size, device, rank, world_size, train=True)
     val, _ = _loader(val_set, config, batch_size, device, rank, world_size, train=False)
     tags = {"dataset": "dummy", "train_images": n_train, "val_images": n_val, "data_path": "random tensors"}
-    return ImagePipeline(train, val, classes, classes, tags, epoch_setters=[sampler])
+    config.augment = resolve_augment(config.augment, "dummy")
+    return ImagePipeline(train, val, classes, classes, tags, epoch_setters=[sampler], batch_size=batch_size,
+                         augment=config.augment)  # fmt: skip
 
 
-def _dataset_tags(config, ds, n_train: int, n_val: int, path: str) -> dict[str, Any]:
+def _dataset_tags(config, ds: ImageDataset, n_train: int, n_val: int, path: str) -> dict[str, Any]:
     return {
         "dataset": str(Path(config.data).resolve()),
+        "dataset_layout": ds.layout,
         "train_images": n_train,
         "val_images": n_val,
         "num_classes": ds.num_classes,
@@ -114,31 +146,34 @@ def _dataset_tags(config, ds, n_train: int, n_val: int, path: str) -> dict[str, 
     }
 
 
-def _jpeg(config, ds: TinyImageNet, batch_size, device, rank, world_size) -> ImagePipeline:
-    train_set = ImageFiles(
-        take_evenly(ds.train, config.limit_train), train_transform(config.augment, config.image_size)
-    )
+def _jpeg(config, ds: ImageDataset, batch_size, device, rank, world_size) -> ImagePipeline:
+    transform = train_transform(config.augment, config.image_size, config.val_resize)
+    train_set = ImageFiles(take_evenly(ds.train, config.limit_train), transform)
     val_samples = take_evenly(ds.val, config.limit_val)
-    val_set = ImageFiles(_share(val_samples, rank, world_size), eval_transform(config.image_size))
+    val_set = ImageFiles(_share(val_samples, rank, world_size), eval_transform(config.image_size, config.val_resize))
     train, sampler = _loader(train_set, config, batch_size, device, rank, world_size, train=True)
     val, _ = _loader(val_set, config, batch_size, device, rank, world_size, train=False)
-    tags = _dataset_tags(config, ds, len(train_set), len(val_samples), "jpeg (PIL in DataLoader workers)")
-    return ImagePipeline(train, val, ds.wnids, [ds.labels[w] for w in ds.wnids], tags, epoch_setters=[sampler])
+    tags = _dataset_tags(config, ds, len(train_set), len(val_samples), "image files (PIL in DataLoader workers)")
+    return ImagePipeline(train, val, ds.classes, ds.class_labels, tags, epoch_setters=[sampler],
+                         batch_size=batch_size, augment=config.augment, resize_size=config.val_resize)  # fmt: skip
 
 
-def _find_caches(config, ds: TinyImageNet) -> tuple[DecodedSplit, DecodedSplit] | None:
+def _find_caches(config, ds: ImageDataset) -> tuple[DecodedSplit, DecodedSplit] | None:
     """The decoded caches of both splits: looked up (auto), built (PATH) or not used (off)."""
     if config.data_cache == "off":
         return None
+    sizes = {"image_size": config.image_size, "resize_size": config.val_resize}
     if config.data_cache == "auto":
-        found = [find_cache(ds, split, DEFAULT_ROOT, config.image_size) for split in ("train", "val")]
+        if config.augment not in TENSOR_AUGMENTATIONS:  # random-resized crops need the full images
+            return None
+        found = [find_cache(ds, split, cache_root(), **sizes) for split in ("train", "val")]
         if None in found:
-            print(f"=> no decoded cache of {config.data} in {DEFAULT_ROOT}: decoding JPEGs every epoch "
+            print(f"=> no decoded cache of {config.data} in {cache_root()}: decoding images every epoch "
                   f"(`dlops data cache {config.data}` makes one)")  # fmt: skip
             return None
         return found[0], found[1]
     root = Path(config.data_cache)
-    return build_cache(ds, "train", root, config.image_size), build_cache(ds, "val", root, config.image_size)
+    return build_cache(ds, "train", root, **sizes), build_cache(ds, "val", root, **sizes)
 
 
 def _on_gpu(config, caches: tuple[DecodedSplit, DecodedSplit], device: torch.device) -> bool:
@@ -150,7 +185,7 @@ def _on_gpu(config, caches: tuple[DecodedSplit, DecodedSplit], device: torch.dev
     return sum(c.images.nbytes for c in caches) <= GPU_MEMORY_SHARE * free
 
 
-def _cached(config, ds: TinyImageNet, caches, batch_size, device, rank, world_size) -> ImagePipeline:
+def _cached(config, ds: ImageDataset, caches, batch_size, device, rank, world_size) -> ImagePipeline:
     train_cache, val_cache = caches
     train_rows = evenly_spaced(len(train_cache.labels), config.limit_train)
     val_rows = evenly_spaced(len(val_cache.labels), config.limit_val)
@@ -168,8 +203,8 @@ def _cached(config, ds: TinyImageNet, caches, batch_size, device, rank, world_si
         setters = [sampler]
         path = f"decoded cache {train_cache.directory.parent} (memory-mapped)"
     tags = _dataset_tags(config, ds, len(train_rows), len(val_rows), path)
-    return ImagePipeline(train, val, ds.wnids, [ds.labels[w] for w in ds.wnids], tags, prepare_train, prepare_val,
-                         setters)  # fmt: skip
+    return ImagePipeline(train, val, ds.classes, ds.class_labels, tags, prepare_train, prepare_val, setters,
+                         batch_size, config.augment, config.val_resize)  # fmt: skip
 
 
 def _resident(cache: DecodedSplit, rows, batch_size, device, train: bool, config, rank, world_size) -> TensorBatches:

@@ -53,8 +53,16 @@ def tokenize_line(line: str) -> list[str]:
 
 
 def read_tokens(path: Path) -> list[str]:
-    with path.open(encoding="utf-8") as f:
-        tokens = [token for line in f for token in tokenize_line(line)]
+    tokens: list[str] = []
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                where = f"byte {raw[e.start]:#04x} at column {e.start + 1}"
+                message = f"{path}:{lineno}: not UTF-8 text ({where}); a corpus must be UTF-8, as WikiText is"
+                raise DatasetError(message) from e
+            tokens += tokenize_line(line)
     if all(t == EOS for t in tokens):
         raise DatasetError(f"{path}: holds no words (an empty split)")
     return tokens

@@ -6,45 +6,22 @@
     root/val/images/*.JPEG + root/val/val_annotations.txt   (file <TAB> wnid <TAB> box)
     or root/val/<wnid>/[images/]*.JPEG  (a val/ already reorganized into class folders)
 
-Every problem is a DatasetError that names the file (and line) at fault.
+Every problem is a DatasetError that names the file (and line) at fault. The layout is detected
+by its wnids.txt (training/data/index.py); a plain folder of class folders is imagefolder.py's.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-
+from training.data.dataset import ImageDataset, Sample, is_image_file, read_words
 from training.data.errors import DatasetError
 
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 WNID_PATTERN = re.compile(r"^n\d{8}$")
 
-Sample = tuple[Path, int]
 
-
-@dataclass(frozen=True)
-class TinyImageNet:
-    root: Path
-    wnids: list[str]
-    labels: dict[str, str]  # wnid -> human-readable name
-    train: list[Sample]
-    val: list[Sample]
-    val_layout: str  # "annotations" (original) or "folders"
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.wnids)
-
-    def split(self, name: str) -> list[Sample]:
-        if name not in ("train", "val"):
-            raise DatasetError(f"unknown split {name!r}: expected train or val")
-        return self.train if name == "train" else self.val
-
-
-def load_tinyimagenet(root: Path | str) -> TinyImageNet:
+def load_tinyimagenet(root: Path | str) -> ImageDataset:
     """Index the dataset at `root` (file lists only; images are decoded later, on demand)."""
     root = Path(root)
     if not root.is_dir():
@@ -54,7 +31,7 @@ def load_tinyimagenet(root: Path | str) -> TinyImageNet:
     labels = read_words(root / "words.txt", wnids)
     train = list_train(root / "train", index)
     val, layout = list_val(root / "val", index)
-    return TinyImageNet(root, wnids, labels, train, val, layout)
+    return ImageDataset(root, wnids, labels, train, val, "tiny-imagenet", layout)
 
 
 def read_wnids(path: Path) -> list[str]:
@@ -75,25 +52,8 @@ def read_wnids(path: Path) -> list[str]:
     return sorted(seen)
 
 
-def read_words(path: Path, wnids: list[str]) -> dict[str, str]:
-    """Human-readable names of the dataset's classes; the wnid itself when words.txt lacks one."""
-    names = {wnid: wnid for wnid in wnids}
-    if not path.is_file():
-        return names
-    wanted = set(wnids)
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        wnid, sep, words = line.partition("\t")
-        if not sep:
-            raise DatasetError(f"{path}:{lineno}: expected '<wnid><TAB><names>', got {line!r}")
-        if wnid in wanted:
-            names[wnid] = words.strip()
-    return names
-
-
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if is_image_file(p))
 
 
 def _class_folders(split_dir: Path, index: dict[str, int]) -> list[Sample]:
@@ -154,12 +114,3 @@ def read_val_annotations(path: Path, images_dir: Path, index: dict[str, int]) ->
     if not samples:
         raise DatasetError(f"{path}: labels no images")
     return sorted(samples)
-
-
-def open_rgb(path: Path) -> Image.Image:
-    """Decode an image as RGB (a few Tiny-ImageNet JPEGs are grayscale); name the file on failure."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"{path}: cannot decode image: {e}") from e

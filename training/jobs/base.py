@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from training.hardware import AMP_CHOICES
+from training.loops.control import StepControl
 from training.options import check_fields, internal, option
 
 if TYPE_CHECKING:
@@ -62,6 +63,10 @@ class RunConfig:
     run_name: str | None = option(None)
     registered_model: str = option("dlops")
     out_dir: str = option("runs", resumable=True, help="checkpoints go to OUT_DIR/<run id>/")
+    checkpoint_every: float = option(
+        0.0, type=click.FloatRange(0), resumable=True, metavar="SECONDS",
+        help="also write a resumable last.pt every SECONDS within an epoch (0: at the end of each epoch only)",
+    )  # fmt: skip
     offline: bool = option(
         False, is_flag=True, envvar="DLOPS_OFFLINE", resumable=True,
         help="track into the run's journal only; `dlops sync RUN_DIR` delivers it to MLflow later",
@@ -144,6 +149,8 @@ class EpochContext:
     scaler: torch.amp.GradScaler
     log_step: Callable[[dict[str, float], int], None]  # metrics at a global step (skipped if already logged)
     reduce: Callable[[torch.Tensor], torch.Tensor] | None  # sum over DDP processes, or None
+    control: StepControl | None = None  # pass to the loop: checkpoints within the epoch, stop requests
+    resume: dict[str, Any] | None = None  # the loop's state where a stopped epoch left off (its "step")
 
 
 class Job:
@@ -225,7 +232,7 @@ class Job:
         return 1
 
     def before_epoch(self, epoch: int, optimization: Optimization) -> None:
-        """Per-epoch set-up (reshuffle, learning rate)."""
+        """Per-epoch set-up (the learning rate...)."""
 
     def train_epoch(self, model: nn.Module, context: EpochContext) -> dict[str, float]:
         raise NotImplementedError

@@ -18,7 +18,7 @@ from torch import nn
 from training.checkpoint import load_checkpoint
 from training.data.text import EOS, UNK, batchify, load_corpus
 from training.jobs.base import Criterion, EpochContext, Job, Optimization, RunConfig, ServingSpec
-from training.loops.language import evaluate_lm, perplexity, train_lm_epoch
+from training.loops.language import LMStep, evaluate_lm, perplexity, train_lm_epoch
 from training.models.wordlm import MODEL_TYPES, build_language_model, generate_batch, lm_from_checkpoint
 from training.options import option
 
@@ -138,11 +138,12 @@ class LMJob(Job):
         def log_interval(step: int, loss: float) -> None:
             context.log_step({"train/loss": loss, "train/ppl": perplexity(loss)}, step)
 
-        train = train_lm_epoch(
-            model, self.train_data, context.optimization.optimizer, self.device, c.amp, context.epoch, c.bptt, c.clip,
-            c.log_interval, self.global_step, log_interval, c.dry_run, context.scaler, drop_last=c.compile,
-        )  # fmt: skip
-        self.global_step += train.batches
+        step = LMStep(model, context.optimization.optimizer, self.device, c.bptt, c.clip, c.amp, context.scaler)
+        train = train_lm_epoch(step, self.train_data, epoch=context.epoch, log_interval=c.log_interval,
+                               first_step=self.global_step, on_interval=log_interval, dry_run=c.dry_run,
+                               drop_last=c.compile, control=context.control, resume=context.resume)  # fmt: skip
+        if train.stopped_at is None:  # a stopped epoch's steps are counted when it is resumed and finished
+            self.global_step += train.batches
         return {"train/epoch_loss": train.loss, "time/tokens_per_second": train.tokens_per_second}
 
     def evaluate(self, model: nn.Module, reduce) -> dict[str, float]:

@@ -23,7 +23,7 @@ from training.data.synthetic import draw_example
 from training.devices import autocast, choose_device
 from training.hardware import AMP_CHOICES, device_class
 from training.jobs.base import Criterion, EpochContext, Job, Optimization, RunConfig, ServingSpec
-from training.loops.classify import EpochResult, evaluate, train_one_epoch
+from training.loops.classify import ClassifierStep, EpochResult, evaluate, train_one_epoch
 from training.models.classifier import ARCHS, STEMS, build_classifier, classifier_from_checkpoint
 from training.options import internal, option
 from training.recipes import RECIPES, apply_recipe
@@ -57,7 +57,15 @@ class ResNetConfig(RunConfig):
     lr_step_size: int = option(30, type=click.IntRange(1), help="epochs between lr drops (step scheduler)")
     lr_gamma: float = option(0.1, type=click.FloatRange(0, 1))
     label_smoothing: float = option(0.0, type=click.FloatRange(0, 1, max_open=True))
-    augment: str = option("flip", type=click.Choice(AUGMENTATIONS))
+    augment: str = option(
+        "auto", type=click.Choice(AUGMENTATIONS),
+        help="auto: flip for Tiny-ImageNet, the ImageNet example's random-resized-crop for other folders",
+    )  # fmt: skip
+    val_resize: int | None = option(
+        None, type=click.IntRange(8),
+        help="resize (shorter side) before the evaluation center crop [default: --image-size for Tiny-ImageNet, "
+        "--image-size / 0.875 for other folders, as the ImageNet example's 256 for 224]",
+    )  # fmt: skip
     amp: str = option(
         "off", type=click.Choice(AMP_CHOICES),
         help="mixed precision; auto: bf16 where the device has it natively, fp16 on older GPUs, else fp32",
@@ -84,18 +92,23 @@ class ResNetConfig(RunConfig):
         1, type=click.IntRange(1),
         help="processes on this machine (DDP through torchrun; one per GPU, or gloo on the CPU)",
     )  # fmt: skip
+    allow_oversubscribe: bool = option(
+        False, is_flag=True, help="start --nproc-per-node processes even beyond the CPU cores or GPUs"
+    )
     recipe_device_class: str | None = internal()  # which column of the recipe table applied
 
 
 class ResNetJob(Job):
-    """Tiny-ImageNet at DATA (original layout; see README) with any torchvision classifier."""
+    """Images at DATA (Tiny-ImageNet's original layout, or any ImageFolder) with any torchvision classifier."""
 
     kind, config_class = "resnet", ResNetConfig
-    data_hint = "a Tiny-ImageNet folder, or --dummy for synthetic tensors"
+    data_hint = "a Tiny-ImageNet folder or an ImageFolder (train/<class>/, val/<class>/), or --dummy"
     best = Criterion("val/acc1", higher_is_better=True)  # as the ImageNet example; sweeps optimize it too
     panels: ClassVar = {"loss": ["train/loss", "val/loss"], "Acc@1 (%)": ["train/acc1", "val/acc1"]}
-    serving = ServingSpec("resnet", "image_classifier.py", "classifier.py", handler_class="ImageClassifier",
-                          inference_keys=("classes", "labels", "image_size", "normalization"))  # fmt: skip
+    serving = ServingSpec(
+        "resnet", "image_classifier.py", "classifier.py", handler_class="ImageClassifier",
+        inference_keys=("classes", "labels", "image_size", "resize_size", "normalization"),
+    )  # fmt: skip
     summary_graph = True
     config: ResNetConfig
 
@@ -136,6 +149,7 @@ class ResNetJob(Job):
             "classes": self.data.classes,
             "labels": self.data.labels,
             "image_size": self.config.image_size,
+            "resize_size": self.data.resize_size or self.config.image_size,
             "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         }
 
@@ -152,7 +166,7 @@ class ResNetJob(Job):
         """The top-k of `request["image"]` through the evaluation transform and the checkpoint's model."""
         model = classifier_from_checkpoint(state)
         with Image.open(io.BytesIO(request["image"])) as image:
-            pixels = eval_transform(state["image_size"])(image.convert("RGB"))
+            pixels = eval_transform(state["image_size"], state.get("resize_size"))(image.convert("RGB"))
         with torch.no_grad(), autocast(torch.device("cpu"), amp):
             logits = model(pixels[None])
         values, indices = torch.softmax(logits.float(), dim=1)[0].topk(request["topk"])
@@ -203,16 +217,15 @@ class ResNetJob(Job):
         )
         return Optimization(optimizer, one_cycle, scheduler_per_batch=True)
 
-    def before_epoch(self, epoch: int, optimization: Optimization) -> None:
-        self.data.set_epoch(epoch)
-
     def train_epoch(self, model: nn.Module, context: EpochContext) -> dict[str, float]:
-        o = context.optimization
-        train = train_one_epoch(
-            model, self.data.train, self.train_criterion, o.optimizer, context.scaler, self.device, self.config.amp,
-            context.epoch, self.config.print_freq, self.config.channels_last,
-            o.scheduler if o.scheduler_per_batch else None, context.reduce, self.data.prepare_train,
-        )  # fmt: skip
+        o, c = context.optimization, self.config
+        # the epoch's sample order is a permutation of (seed, epoch): a resumed epoch skips what it trained
+        self.data.set_epoch(context.epoch, skip_batches=context.resume["step"] if context.resume else 0)
+        step = ClassifierStep(model, self.train_criterion, o.optimizer, context.scaler, self.device, c.amp,
+                              c.channels_last, o.scheduler if o.scheduler_per_batch else None,
+                              self.data.prepare_train)  # fmt: skip
+        train = train_one_epoch(step, self.data.train, epoch=context.epoch, print_freq=c.print_freq,
+                                reduce=context.reduce, control=context.control, resume=context.resume)  # fmt: skip
         return {
             "train/loss": train.loss,
             "train/acc1": train.acc1,
@@ -224,9 +237,9 @@ class ResNetJob(Job):
 
     def evaluate(self, model: nn.Module, reduce) -> dict[str, float]:
         # fp32 whatever the training precision: accuracies compare across devices and precisions
-        val: EpochResult = evaluate(model, self.data.val, nn.CrossEntropyLoss(), self.device, "off",
-                                    self.config.print_freq, self.config.channels_last, reduce,
-                                    prepare=self.data.prepare_val)  # fmt: skip
+        val: EpochResult = evaluate(model, self.data.val, criterion=nn.CrossEntropyLoss(), device=self.device,
+                                    print_freq=self.config.print_freq, channels_last=self.config.channels_last,
+                                    reduce=reduce, prepare=self.data.prepare_val)  # fmt: skip
         return {"val/loss": val.loss, "val/acc1": val.acc1, "val/acc5": val.acc5}
 
     def epoch_line(self, epoch: int, metrics: dict[str, float]) -> str:

@@ -7,14 +7,15 @@ GPU is not synchronised every batch; sums (not averages) also make cross-process
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from training.devices import autocast, synchronize
+from training.loops.control import StepControl
 from training.loops.progress import Progress
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -28,6 +29,7 @@ class EpochResult:
     images: int
     seconds: float
     data_seconds: float
+    stopped_at: int | None = None  # the step the epoch stopped after, when it did not finish
 
     @property
     def images_per_second(self) -> float:
@@ -95,56 +97,88 @@ def to_device(
     return images, target.to(device, non_blocking=True)
 
 
+@dataclass
+class ClassifierStep:
+    """What one training step of a classifier needs; built once per run."""
+
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp: str = "off"
+    channels_last: bool = False
+    batch_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # one-cycle steps every batch
+    prepare: Prepare | None = None  # decoded uint8 batches: normalize and augment on the device
+
+    def __call__(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, target = to_device(images, target, self.device, self.channels_last, self.prepare)
+        with autocast(self.device, self.amp):
+            output = self.model(images)
+            loss = self.criterion(output, target)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.batch_scheduler is not None:
+            self.batch_scheduler.step()
+        return loss, output, target
+
+
 def train_one_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    device: torch.device,
-    amp: str,
+    step: ClassifierStep,
+    loader: Iterable,
+    *,
     epoch: int,
     print_freq: int,
-    channels_last: bool = False,
-    batch_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     reduce: Reduce | None = None,
-    prepare: Prepare | None = None,
+    control: StepControl | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> EpochResult:
-    model.train()
-    totals = Totals(device)
+    """One epoch of `loader` (the batches after `resume["step"]` when resuming mid-epoch, with the
+    loop's sums and times from then); `control.after_step` may end it early (`stopped_at`)."""
+    step.model.train()
+    totals = Totals(step.device)
+    done, seconds_before, data_seconds = 0, 0.0, 0.0
+    if resume:
+        done, seconds_before, data_seconds = resume["step"], resume["seconds"], resume["data_seconds"]
+        totals.sums, totals.count = resume["sums"].to(step.device), resume["count"]
+    total = done + len(loader)
     progress = Progress(loader, len(loader), f"epoch {epoch}")
-    data_seconds = 0.0
     start = last = time.perf_counter()
-    for i, (images, target) in enumerate(progress, 1):
+    stopped_at = None
+    for i, (images, target) in enumerate(progress, done + 1):
         data_time = time.perf_counter() - last
         data_seconds += data_time
-        images, target = to_device(images, target, device, channels_last, prepare)
-        with autocast(device, amp):
-            output = model(images)
-            loss = criterion(output, target)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if batch_scheduler is not None:
-            batch_scheduler.step()
+        loss, output, target = step(images, target)
         totals.add(loss, output.float(), target)
-        if print_freq and (i % print_freq == 0 or i == len(loader)):
-            progress.print(_line(f"Epoch: [{epoch}]", i, len(loader), time.perf_counter() - last, data_time, totals))
+        if print_freq and (i % print_freq == 0 or i == total):
+            progress.print(_line(f"Epoch: [{epoch}]", i, total, time.perf_counter() - last, data_time, totals))
         last = time.perf_counter()
+
+        def snapshot(i: int = i, data_seconds: float = data_seconds) -> dict[str, Any]:  # called right away
+            return {"step": i, "sums": totals.sums.cpu(), "count": totals.count,
+                    "seconds": seconds_before + time.perf_counter() - start, "data_seconds": data_seconds}  # fmt: skip
+
+        if control is not None and control.after_step(i, snapshot):
+            stopped_at = i
+            break
     progress.close()
-    synchronize(device)
-    return _result(totals, time.perf_counter() - start, data_seconds, reduce)
+    synchronize(step.device)
+    result = _result(totals, seconds_before + time.perf_counter() - start, data_seconds, reduce)
+    result.stopped_at = stopped_at
+    return result
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable,
+    *,
     criterion: nn.Module,
     device: torch.device,
-    amp: str,
-    print_freq: int,
+    amp: str = "off",
+    print_freq: int = 0,
     channels_last: bool = False,
     reduce: Reduce | None = None,
     on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,

@@ -6,12 +6,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from training.data.text import get_batch
 from training.devices import autocast, synchronize
+from training.loops.control import StepControl
 from training.loops.progress import Progress
 from training.models.wordlm import detach_hidden
 
@@ -26,6 +28,7 @@ class LMEpochResult:
     tokens: int
     seconds: float
     batches: int
+    stopped_at: int | None = None  # the window the epoch stopped after, when it did not finish
 
     @property
     def ppl(self) -> float:
@@ -36,50 +39,86 @@ class LMEpochResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
+@dataclass
+class LMStep:
+    """What one truncated-BPTT step of a language model needs; built once per run."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    bptt: int
+    clip: float
+    amp: str = "off"
+    scaler: torch.amp.GradScaler | None = None  # fp16: losses scaled, gradients unscaled before clipping
+
+    def __post_init__(self) -> None:
+        self.scaler = self.scaler or torch.amp.GradScaler(self.device.type, enabled=False)
+        self.criterion = nn.CrossEntropyLoss()
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, hidden: Any) -> tuple[torch.Tensor, Any]:
+        inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        hidden = detach_hidden(hidden)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.amp):
+            output, hidden = self.model(inputs, hidden)
+            loss = self.criterion(output.float(), targets)
+        self.scaler.scale(loss).backward()
+        if self.clip:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss, hidden
+
+
+def _on_cpu(hidden: Any) -> Any:
+    if hidden is None or isinstance(hidden, torch.Tensor):
+        return None if hidden is None else hidden.detach().cpu()
+    return tuple(h.detach().cpu() for h in hidden)
+
+
+def _on_device(hidden: Any, device: torch.device) -> Any:
+    if hidden is None or isinstance(hidden, torch.Tensor):
+        return None if hidden is None else hidden.to(device)
+    return tuple(h.to(device) for h in hidden)
+
+
 def train_lm_epoch(
-    model: nn.Module,
+    step: LMStep,
     data: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    amp: str,
+    *,
     epoch: int,
-    bptt: int,
-    clip: float,
     log_interval: int,
     first_step: int = 0,
     on_interval: Callable[[int, float], None] | None = None,
     dry_run: bool = False,
-    scaler: torch.amp.GradScaler | None = None,
     drop_last: bool = False,
+    control: StepControl | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> LMEpochResult:
-    """One pass over `data` (T, batch), ideally already on `device`; `on_interval(global_batch,
-    mean_loss)` every log_interval batches. `scaler` scales fp16 losses (gradients are unscaled
-    before clipping); `drop_last` skips a final shorter window (a compiled model would recompile)."""
-    model.train()
-    criterion = nn.CrossEntropyLoss()
-    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
-    hidden = model.init_hidden(data.size(1))
+    """One pass over `data` (T, batch), ideally already on the device; `on_interval(global_batch,
+    mean_loss)` every log_interval batches. `drop_last` skips a final shorter window (a compiled
+    model would recompile). `resume` continues an epoch stopped after `resume["step"]` windows (its
+    hidden state and sums); `control.after_step` may end it early (`stopped_at`)."""
+    step.model.train()
+    bptt = step.bptt
+    hidden = step.model.init_hidden(data.size(1))
     end = data.size(0) - 1
     if drop_last and end >= bptt:
         end = data.size(0) - bptt  # windows of exactly bptt tokens only
     starts = range(0, end, bptt)
-    total_loss, interval_loss, tokens = 0.0, torch.zeros((), device=device), 0
-    progress = Progress(enumerate(starts, 1), len(starts), f"epoch {epoch}")
+    done, total_loss, interval, tokens, seconds_before = 0, 0.0, 0.0, 0, 0.0
+    if resume:
+        done, total_loss, interval, tokens = (resume[k] for k in ("step", "total_loss", "interval_loss", "tokens"))
+        seconds_before, hidden = resume["seconds"], _on_device(resume["hidden"], step.device)
+    interval_loss = torch.tensor(interval, device=step.device)
+    progress = Progress(zip(range(done + 1, len(starts) + 1), starts[done:], strict=True), len(starts) - done,
+                        f"epoch {epoch}")  # fmt: skip
     start = interval_start = time.perf_counter()
+    batch, stopped_at = done, None
     for batch, i in progress:
         inputs, targets = get_batch(data, i, bptt)
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        hidden = detach_hidden(hidden)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, amp):
-            output, hidden = model(inputs, hidden)
-            loss = criterion(output.float(), targets)
-        scaler.scale(loss).backward()
-        if clip:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        scaler.step(optimizer)
-        scaler.update()
+        loss, hidden = step(inputs, targets, hidden)
         interval_loss += loss.detach()
         tokens += targets.numel()
         if batch % log_interval == 0 or dry_run:
@@ -87,7 +126,7 @@ def train_lm_epoch(
             total_loss += interval_loss.item()
             interval_loss.zero_()
             ms = (time.perf_counter() - interval_start) * 1000 / (log_interval if not dry_run else 1)
-            lr = optimizer.param_groups[0]["lr"]
+            lr = step.optimizer.param_groups[0]["lr"]
             progress.print(
                 f"| epoch {epoch:3d} | {batch:5d}/{len(starts):5d} batches | lr {lr:02.2f} | ms/batch {ms:5.2f} | "
                 f"loss {mean:5.2f} | ppl {perplexity(mean):8.2f}"
@@ -97,10 +136,20 @@ def train_lm_epoch(
             interval_start = time.perf_counter()
         if dry_run:
             break
+
+        def snapshot(batch: int = batch, hidden: Any = hidden, total_loss: float = total_loss, tokens: int = tokens,
+                     interval: torch.Tensor = interval_loss) -> dict[str, Any]:  # fmt: skip
+            return {"step": batch, "total_loss": total_loss, "interval_loss": interval.item(), "tokens": tokens,
+                    "hidden": _on_cpu(hidden), "seconds": seconds_before + time.perf_counter() - start}  # fmt: skip
+
+        if control is not None and control.after_step(batch, snapshot):
+            stopped_at = batch
+            break
     progress.close()
     total_loss += interval_loss.item()
-    synchronize(device)
-    return LMEpochResult(total_loss / batch, tokens, time.perf_counter() - start, batch)
+    synchronize(step.device)
+    seconds = seconds_before + time.perf_counter() - start
+    return LMEpochResult(total_loss / max(batch, 1), tokens, seconds, batch, stopped_at)
 
 
 @torch.no_grad()

@@ -27,6 +27,9 @@ from training.tracking.store import check_reachable, ending, ensure_experiment, 
 
 # Short runs would end before MLflow's default 10 s sampling logs anything.
 SYSTEM_METRICS_INTERVAL_S = 2.0
+# What a stopped run (SIGTERM, Ctrl-C) waits for delivery: well inside a preemption's grace period
+# (30 s is usual); records still pending are delivered by the resume or `dlops sync`.
+KILLED_SYNC_S = 5.0
 
 
 class RunTracker:
@@ -219,7 +222,9 @@ def open_run(
         def end(status: str) -> None:
             monitor.finish()
             run.end(status)
-            _finish_delivery(journal, sender, uri, sync_timeout_s)
+            # a run stopped by a signal has a grace period to live: the journal keeps what is late
+            _finish_delivery(journal, sender, uri, min(sync_timeout_s, KILLED_SYNC_S) if status == "KILLED"
+                             else sync_timeout_s)  # fmt: skip
 
         with ending(end):
             yield run
