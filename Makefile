@@ -38,7 +38,7 @@ MLFLOW_ARTIFACTS   ?= $(CURDIR)/mlruns/artifacts
 TB_PORT     ?= 6006
 
 .PHONY: mlflow-server screenshots gpu-check doctor sync report
-.PHONY: promote deploy rollback
+.PHONY: promote deploy rollback docker-bases docker-check
 .PHONY: setup demo train-resnet evaluate train-lm generate package serve stop predict generate-http mlflow-ui \
 	tensorboard test lint format clean
 
@@ -184,10 +184,18 @@ GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 gpu-check:
 	PYTHONUNBUFFERED=1 $(GPU_PYTHON) bench/gpu_check.py $(if $(GPU_DATA),--data $(GPU_DATA)) --out $(GPU_OUT)
 
+# The team stack built and run here: stand-in base images from Debian's packages where no image
+# registry is reachable, then both images, compose up, train -> register -> deploy -> predict, teardown.
+docker-bases:
+	bash docker/bases.sh
+
+docker-check: setup
+	$(BIN)/python scripts/docker_check.py
+
 lint: setup
 	$(BIN)/ruff check training serving tests bench scripts
 	$(BIN)/ruff format --check training serving tests bench scripts
-	$(BIN)/hadolint --failure-threshold info docker/Dockerfile.train docker/Dockerfile.serve
+	$(BIN)/hadolint --failure-threshold info docker/Dockerfile.train docker/Dockerfile.serve docker/Dockerfile.postgres
 
 format: setup
 	$(BIN)/ruff format training serving tests bench scripts

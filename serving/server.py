@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.client import SERVER_FILE, ServerClient, read_server_file
-from serving.keys import process_alive, read_keys
+from serving.keys import KeyFileError, process_alive, read_keys
 
 CONFIG_TEMPLATE = Path(__file__).resolve().parent / "config.properties"
 METRICS_CONFIG = Path(__file__).resolve().parent / "metrics.yaml"  # TorchServe's metrics plus our handlers' counters
@@ -61,6 +61,9 @@ class ServeOptions:
     torch_threads: int = 1
     amp: str = "auto"  # the classifier's precision: auto (bf16 where native), off, bf16
     timeout_s: float = 180.0
+    # Where the APIs listen. 127.0.0.1 always, except inside a container, whose runtime publishes the
+    # ports on the host's 127.0.0.1 (docker/compose.yaml): there 0.0.0.0 is the container's own interface.
+    bind_address: str = "127.0.0.1"
 
     @classmethod
     def on_free_ports(cls, **options: Any) -> ServeOptions:
@@ -101,11 +104,14 @@ def effective_config(options: ServeOptions, mars: list[Path]) -> dict[str, str]:
     """The template's settings with this server's ports, paths, auth and key lifetime."""
     props = read_properties(CONFIG_TEMPLATE)
     store = options.model_store.resolve()
+    host = options.bind_address
     props.update(
         {
-            "inference_address": f"http://127.0.0.1:{options.inference_port}",
-            "management_address": f"http://127.0.0.1:{options.management_port}",
-            "metrics_address": f"http://127.0.0.1:{options.metrics_port}",
+            "inference_address": f"http://{host}:{options.inference_port}",
+            "management_address": f"http://{host}:{options.management_port}",
+            "metrics_address": f"http://{host}:{options.metrics_port}",
+            "grpc_inference_address": host,
+            "grpc_management_address": host,
             "grpc_inference_port": str(options.grpc_inference_port),
             "grpc_management_port": str(options.grpc_management_port),
             "disable_token_authorization": str(not options.auth).lower(),
@@ -151,7 +157,7 @@ def _port_in_use(port: int) -> bool:
     return False
 
 
-def _check_can_start(options: ServeOptions, mars: list[Path]) -> None:
+def _check_can_start(options: ServeOptions, mars: list[Path], allow_empty: bool) -> None:
     if shutil.which("java") is None:
         raise ServeError(f"java was not found on PATH. {JAVA_HINT}")
     pid = running_pid(options.state_dir)
@@ -161,7 +167,7 @@ def _check_can_start(options: ServeOptions, mars: list[Path]) -> None:
     busy = [f"{name} port {port}" for name, port in options.ports.items() if _port_in_use(port)]
     if busy:
         raise ServeError(f"{', '.join(busy)} already in use on 127.0.0.1 (another server?); choose other ports")
-    if not mars:
+    if not mars and not allow_empty:
         raise ServeError(f"no .mar files to serve in {options.model_store}: `dlops package resnet|lm ...`, or "
                          "`dlops serve --model models:/NAME@ALIAS`")  # fmt: skip
     names = [mar_identity(mar)[0] for mar in mars]
@@ -174,10 +180,11 @@ def _executable(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
-def start(options: ServeOptions, mars: list[Path]) -> ServerClient:
+def start(options: ServeOptions, mars: list[Path], allow_empty: bool = False) -> ServerClient:
     """Start TorchServe in the background with `mars` (files of the model store); wait until every
-    worker is READY; start the key keeper. Return a client of the new server."""
-    _check_can_start(options, mars)
+    worker is READY; start the key keeper. Return a client of the new server. `allow_empty`: a
+    server with no model yet, which `dlops deploy` fills (the container's start)."""
+    _check_can_start(options, mars, allow_empty)
     state = options.state_dir.resolve()
     for folder in ("logs", "tmp"):
         (state / folder).mkdir(parents=True, exist_ok=True)
@@ -204,6 +211,7 @@ def start(options: ServeOptions, mars: list[Path]) -> ServerClient:
     (state / SERVER_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     client = ServerClient.of(state)
     try:
+        wait_listening(client, timeout_s=options.timeout_s)
         for mar in mars:
             wait_ready(client, *mar_identity(mar), timeout_s=options.timeout_s)
     except ServeError:
@@ -237,6 +245,18 @@ def workers(client: ServerClient, model: str, version: str | None = None) -> lis
     if not answer.ok or not isinstance(answer.data, list) or not answer.data:
         return []
     return answer.data[0].get("workers", [])
+
+
+def wait_listening(client: ServerClient, timeout_s: float) -> None:
+    """Poll until the management API answers with the server's keys (a server with no model yet has no
+    worker to wait for)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, KeyFileError):  # not listening, or its key file half written
+            if client.management("GET", "/models", timeout_s=10).ok:
+                return
+        time.sleep(0.5)
+    raise ServeError(f"TorchServe did not answer within {timeout_s:.0f} s; see {client.state_dir / 'logs'}")
 
 
 def wait_ready(client: ServerClient, model: str, version: str, timeout_s: float) -> None:

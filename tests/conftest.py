@@ -1,10 +1,12 @@
-"""Shared fixtures: generated datasets on disk and one real MLflow SQLite store per test session."""
+"""Shared fixtures: generated datasets on disk and a real MLflow SQLite store per test module."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -22,22 +24,49 @@ WIKITEXT_VALID = SHARED_DATA / "wikitext-2" / "valid.txt"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def tracking_store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A real SQLite-backed MLflow store shared by the session (creating one costs ~1.3 s), and a
-    decoded-cache folder of its own."""
-    store = tmp_path_factory.mktemp("mlruns")
-    uri = f"sqlite:///{store / 'mlflow.db'}"
-    os.environ["MLFLOW_TRACKING_URI"] = uri  # subprocesses inherit it too
+def test_environment(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Settings every test and its subprocesses share."""
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
     # decoded caches and the record of checked datasets go to the session's folder, not the repo's data/
     os.environ["DLOPS_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
     # the MLflow servers tests start run no GenAI job runners (8 processes each, unused here)
     os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+
+
+class ModuleTemp:
+    """Folders for what a module's tests share (runs, tracking store, model stores, servers' state)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def mktemp(self, name: str) -> Path:
+        folder = self.root / name
+        folder.mkdir()
+        return folder
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleTemp]:
+    """tmp_path_factory for one module, its folder removed after the module when none of its tests
+    failed: checkpoints and archives run to hundreds of MB a module, so the suite's disk peak stays a
+    module's worth per worker instead of the session's sum (12 GB once, more than some CI disks had)."""
+    root = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    failed_before = request.session.testsfailed
+    yield ModuleTemp(root)
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tracking_store(module_tmp: ModuleTemp) -> str:
+    """A real SQLite-backed MLflow store for the module (created on first use, ~1.3 s)."""
+    uri = f"sqlite:///{module_tmp.mktemp('mlruns') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # subprocesses inherit it too
     mlflow.set_tracking_uri(uri)
     return uri
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def client(tracking_store: str) -> MlflowClient:
     return MlflowClient(tracking_store)
 

@@ -22,8 +22,8 @@ FAST = ["-b", "16", "-j", "0", "--print-freq", "0"]
 
 
 @pytest.fixture(scope="module")
-def two_checkpoints(tiny_dataset, tmp_path_factory, client):
-    out = tmp_path_factory.mktemp("compare-runs")
+def two_checkpoints(tiny_dataset, module_tmp, client):
+    out = module_tmp.mktemp("compare-runs")
     paths = []
     # small batches: enough BatchNorm updates for eval-mode predictions that are not all one class
     for seed, epochs in ((1, "2"), (2, "1")):

@@ -44,22 +44,22 @@ TINY_LM = ["--epochs", "1", "--emsize", "16", "--nhid", "16", "--nlayers", "1", 
 
 
 @pytest.fixture(scope="module")
-def registered(tiny_dataset, tmp_path_factory, client):
+def registered(tiny_dataset, module_tmp, client):
     """Two ResNet versions (different seeds) and two LM versions (trained, and barely trained)."""
-    out = tmp_path_factory.mktemp("deploy-runs")
+    out = module_tmp.mktemp("deploy-runs")
     for seed in ("1", "2"):
         run_cli("train", "resnet", tiny_dataset, *FAST, "--lr", "0.02", "--seed", seed, "--out-dir", out,
                 "--registered-model", RESNET)  # fmt: skip
-    corpus = write_synthetic_corpus(tmp_path_factory.mktemp("deploy-corpus"), 200, 30, 30)
+    corpus = write_synthetic_corpus(module_tmp.mktemp("deploy-corpus"), 200, 30, 30)
     for lr in ("5", "0.000001"):
         run_cli("train", "lm", corpus, *TINY_LM, "--lr", lr, "--out-dir", out, "--registered-model", LM)
     return {"corpus": corpus, "out": out}
 
 
 @pytest.fixture(scope="module")
-def server(registered, tmp_path_factory):
-    options = ServeOptions.on_free_ports(model_store=tmp_path_factory.mktemp("deploy-store"),
-                                         state_dir=tmp_path_factory.mktemp("deploy-ts"))  # fmt: skip
+def server(registered, module_tmp):
+    options = ServeOptions.on_free_ports(model_store=module_tmp.mktemp("deploy-store"),
+                                         state_dir=module_tmp.mktemp("deploy-ts"))  # fmt: skip
     client = serve(options, [f"models:/{RESNET}/1", f"models:/{LM}/1"])
     yield client
     stop(options.state_dir)
@@ -319,3 +319,23 @@ def test_a_second_server_runs_beside_keeps_valid_keys_past_their_expiry_and_stop
     assert "TorchServe has stopped" in said and running_pid(options.state_dir) is None
     assert running_pid(server.state_dir) and server.generate({"max_words": 2}).ok, "stopped the other server"
     assert "no TorchServe is running" in run_cli("stop", "--state-dir", options.state_dir).output
+
+
+def test_a_server_started_empty_takes_its_first_models_by_deploy(registered, tmp_path, monkeypatch):
+    """The serving container's start: no model yet; `dlops deploy` adds them; its health check passes."""
+    from serving import container
+    from serving.server import start
+
+    options = ServeOptions.on_free_ports(model_store=tmp_path / "store", state_dir=tmp_path / "ts")
+    options.model_store.mkdir()
+    assert container.last_served(options.state_dir, options.model_store) == []
+    client = start(options, [], allow_empty=True)
+    try:
+        run_cli("deploy", f"models:/{LM}/1", "--state-dir", options.state_dir, "--model-store", options.model_store)
+        assert served_version(client, "lm") == "1" and client.generate({"max_words": 3}).ok
+        monkeypatch.setattr(container, "STATE_DIR", options.state_dir)
+        assert container.healthy() == 0
+        assert container.last_served(options.state_dir, options.model_store) == [options.model_store / "lm-1.mar"]
+    finally:
+        stop(options.state_dir)
+    assert container.healthy() == 1

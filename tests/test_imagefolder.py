@@ -44,8 +44,8 @@ def write_imagefolder(root: Path, per_class: tuple[int, int] = (8, 3)) -> Path:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return write_imagefolder(tmp_path_factory.mktemp("imagefolder") / "photos")
+def folder(module_tmp) -> Path:
+    return write_imagefolder(module_tmp.mktemp("imagefolder") / "photos")
 
 
 def test_the_index_reads_folder_names_formats_and_labels(folder):

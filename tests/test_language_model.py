@@ -24,13 +24,13 @@ TINY = ["--emsize", "16", "--nhid", "16", "--nlayers", "1", "--nhead", "2", "--b
 
 
 @pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    return write_synthetic_corpus(tmp_path_factory.mktemp("corpus"), train_lines=300, valid_lines=40, test_lines=40)
+def corpus_dir(module_tmp) -> Path:
+    return write_synthetic_corpus(module_tmp.mktemp("corpus"), train_lines=300, valid_lines=40, test_lines=40)
 
 
 @pytest.fixture(scope="module")
-def lstm_run(corpus_dir, tmp_path_factory, client):
-    out = tmp_path_factory.mktemp("lm-runs")
+def lstm_run(corpus_dir, module_tmp, client):
+    out = module_tmp.mktemp("lm-runs")
     result = run_cli("train", "lm", corpus_dir, "--model", "LSTM", "--epochs", "2", *TINY, "--out-dir", out,
                      "--experiment", "test-lm", "--registered-model", "test-lm")  # fmt: skip
     run = latest_run(client, "test-lm", job="train-lm")

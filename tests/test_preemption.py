@@ -42,9 +42,9 @@ def same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def straight(tiny_dataset, tmp_path_factory, client):
+def straight(tiny_dataset, module_tmp, client):
     """The uninterrupted run every stopped one must end up equal to."""
-    out = tmp_path_factory.mktemp("straight")
+    out = module_tmp.mktemp("straight")
     run_cli("train", "resnet", tiny_dataset, *RESNET, "--out-dir", out, "--experiment", "test-preempt-straight")
     run = latest_run(client, "test-preempt-straight")
     return run, out / run.info.run_id / "last.pt"

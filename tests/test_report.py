@@ -22,9 +22,9 @@ def fmt(value: float, digits: int = 2) -> str:
 
 
 @pytest.fixture(scope="module")
-def recorded(tiny_dataset, tmp_path_factory, client):
+def recorded(tiny_dataset, module_tmp, client):
     """Two ResNet runs that differ in lr, an evaluation and a comparison of them; an LM run that generated text."""
-    out = tmp_path_factory.mktemp("report-runs")
+    out = module_tmp.mktemp("report-runs")
     for lr in ("0.02", "0.05"):
         run_cli("train", "resnet", tiny_dataset, "--epochs", "3", *FAST, "--lr", lr, "--out-dir", out,
                 "--experiment", "report-resnet", "--run-name", f"lr-{lr}")  # fmt: skip
@@ -34,7 +34,7 @@ def recorded(tiny_dataset, tmp_path_factory, client):
     run_cli("evaluate", "--checkpoint", a, tiny_dataset, "-b", "8", "-j", "0")
     run_cli("compare", a, b, tiny_dataset, "-b", "8", "-j", "0", "--out-dir", out / "compare",
             "--experiment", "report-resnet")  # fmt: skip
-    corpus = write_synthetic_corpus(tmp_path_factory.mktemp("report-corpus"), 200, 30, 30)
+    corpus = write_synthetic_corpus(module_tmp.mktemp("report-corpus"), 200, 30, 30)
     run_cli("train", "lm", corpus, "--epochs", "3", "--emsize", "16", "--nhid", "16", "--nlayers", "1", "--bptt", "20",
             "--lr", "5", "--out-dir", out, "--experiment", "report-lm", "--run-name", "lstm")  # fmt: skip
     lm = latest_run(client, "report-lm")

@@ -35,12 +35,12 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tiny_dataset, tmp_path_factory, client):
-    out = tmp_path_factory.mktemp("serve-runs")
+def checkpoints(tiny_dataset, module_tmp, client):
+    out = module_tmp.mktemp("serve-runs")
     run_cli("train", "resnet", tiny_dataset, "--epochs", "1", "-b", "16", "-j", "0", "--lr", "0.02", "--out-dir", out,
             "--experiment", "test-serve", "--registered-model", "test-serve-resnet")  # fmt: skip
     resnet_run = latest_run(client, "test-serve", job="train-resnet")
-    corpus = write_synthetic_corpus(tmp_path_factory.mktemp("serve-corpus"), 200, 30, 30)
+    corpus = write_synthetic_corpus(module_tmp.mktemp("serve-corpus"), 200, 30, 30)
     run_cli("train", "lm", corpus, "--epochs", "1", "--emsize", "16", "--nhid", "16", "--nlayers", "1",
             "--bptt", "20", "--lr", "5", "--out-dir", out, "--experiment", "test-serve",
             "--registered-model", "test-serve-lm")  # fmt: skip
@@ -50,8 +50,8 @@ def checkpoints(tiny_dataset, tmp_path_factory, client):
 
 
 @pytest.fixture(scope="module")
-def model_store(checkpoints, tmp_path_factory, client):
-    store = tmp_path_factory.mktemp("model_store")
+def model_store(checkpoints, module_tmp, client):
+    store = module_tmp.mktemp("model_store")
     # one from the registry, one from a run id: both resolve to the best checkpoint
     version = client.search_model_versions(f"run_id = '{checkpoints['resnet_run']}'")[0].version
     run_cli("package", "resnet", "--model-uri", f"models:/test-serve-resnet/{version}", "--model-store", store,
@@ -67,9 +67,9 @@ def mar_of(store: Path, model: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(model_store, tmp_path_factory):
+def server(model_store, module_tmp):
     # fp32, so that HTTP answers equal the fp32 evaluation below bit for bit
-    options = ServeOptions.on_free_ports(model_store=model_store, state_dir=tmp_path_factory.mktemp("ts"), amp="off")
+    options = ServeOptions.on_free_ports(model_store=model_store, state_dir=module_tmp.mktemp("ts"), amp="off")
     client = serve(options, [])
     yield client
     stop(options.state_dir)

@@ -28,8 +28,8 @@ SEED = "10"
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_synthetic_corpus(tmp_path_factory.mktemp("sweep-corpus"), 200, 30, 30)
+def corpus(module_tmp) -> Path:
+    return write_synthetic_corpus(module_tmp.mktemp("sweep-corpus"), 200, 30, 30)
 
 
 def sweep_command(corpus: Path, tmp: Path, study: str, trials: int = 6) -> list[str]:

@@ -32,12 +32,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
+def mlflow_server(module_tmp):
     """`mlflow server` on the PostgreSQL database .ci/run prepared, artifacts proxied to a local folder."""
     if not POSTGRES_URI:
         pytest.skip("DLOPS_TEST_POSTGRES_URI is not set (.ci/run starts PostgreSQL and sets it)")
     port = free_port()
-    log = tmp_path_factory.mktemp("mlflow-server") / "server.log"
+    log = module_tmp.mktemp("mlflow-server") / "server.log"
     artifacts = log.parent / "artifacts"
     command = [
         str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", POSTGRES_URI,
@@ -145,7 +145,9 @@ def test_learning_curve_picture_is_logged(tiny_dataset, tmp_path, client):
     assert picture.stat().st_size > 20_000
 
 
-@pytest.mark.parametrize("dockerfile", ["docker/Dockerfile.train", "docker/Dockerfile.serve"])
+@pytest.mark.parametrize(
+    "dockerfile", ["docker/Dockerfile.train", "docker/Dockerfile.serve", "docker/Dockerfile.postgres"]
+)
 def test_dockerfiles_pass_hadolint(dockerfile):
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
     result = subprocess.run([hadolint, "--failure-threshold", "info", str(REPO / dockerfile)],
@@ -157,18 +159,22 @@ def test_compose_file_names_the_services_volumes_and_ports():
     compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
     services = compose["services"]
     assert set(services) == {"postgres", "mlflow", "trainer", "torchserve"}
-    assert set(compose["volumes"]) == {"pgdata", "mlflow-artifacts", "model-store"}
+    assert set(compose["volumes"]) == {"pgdata", "mlflow-artifacts", "runs"}
     assert "pgdata:/var/lib/postgresql/data" in services["postgres"]["volumes"]
     assert any(v.startswith("mlflow-artifacts:") for v in services["mlflow"]["volumes"])
-    assert any(v.startswith("model-store:") for v in services["torchserve"]["volumes"])
+    # the host reads the server's keys and ports, and writes archives, through bind mounts
+    mounts = {v.rsplit(":", 1)[1] for v in services["torchserve"]["volumes"]}
+    assert mounts == {"/home/model-server/state", "/home/model-server/model-store"}
     # published ports bind to loopback unless overridden
     for name in ("mlflow", "torchserve"):
         assert all(str(p).startswith("${BIND_ADDRESS:-127.0.0.1}:") for p in services[name]["ports"]), name
     assert "postgresql://" in " ".join(services["mlflow"]["command"])
-    gpu = services["trainer"]["deploy"]["resources"]["reservations"]["devices"][0]
-    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    assert "deploy" not in services["trainer"], "GPUs are reserved by compose.gpu.yaml only, where there are GPUs"
+    gpu = yaml.safe_load((REPO / "docker" / "compose.gpu.yaml").read_text())["services"]["trainer"]
+    device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert services["trainer"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert "healthcheck" in services["torchserve"] and "healthcheck" in services["postgres"]
+    assert "healthcheck" in services["mlflow"] and "healthcheck" in services["postgres"]
     for name, service in services.items():
         for dependency in service.get("depends_on", {}):
             assert dependency in services, f"{name} depends on unknown {dependency}"

@@ -36,9 +36,9 @@ FAST = ["-b", "16", "-j", "0", "--print-freq", "1", "--lr", "0.02"]
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_dataset: Path, tmp_path_factory, client):
+def trained(tiny_dataset: Path, module_tmp, client):
     """One 2-epoch run shared by the tests below."""
-    out = tmp_path_factory.mktemp("runs")
+    out = module_tmp.mktemp("runs")
     result = run_cli(
         "train",
         "resnet",

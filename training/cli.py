@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from training.jobs import JOBS, Job, make_config
 from training.jobs.resnet import DEFAULT_WORKERS
 from training.models.classifier import ARCHS, STEMS, input_size_problem, small_stem_applies
 from training.options import click_options
-from training.stopping import TrainingStopped
+from training.stopping import TrainingStopped, exit_now
 from training.tracking import JournalBusy, TrackingUnavailable
 from training.tracking.registry import URI_FORMS, is_model_uri, parse_model_uri
 
@@ -639,9 +638,7 @@ def run() -> None:
         main()
     except SystemExit as exiting:
         if STOPPED:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(exiting.code if isinstance(exiting.code, int) else 1)
+            exit_now(exiting.code if isinstance(exiting.code, int) else 1)
         raise
 
 

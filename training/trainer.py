@@ -10,8 +10,6 @@ A job (training/jobs/) declares what differs; nothing here knows images from wor
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -38,7 +36,7 @@ from training.jobs.base import EpochContext, Job, Optimization, RunConfig
 from training.models.summary import layer_table
 from training.models.weights import warm_start
 from training.session import TrainingSession, training_session
-from training.stopping import StopRequest, TrainingStopped, stop_on_signals
+from training.stopping import StopRequest, TrainingStopped, exit_now, stop_on_signals
 from training.tracking.registry import best_metric_name
 
 
@@ -336,9 +334,7 @@ def main() -> None:
     try:
         train(job_class, config, args.resume)
     except TrainingStopped as stopped:  # state on disk, grace period running: skip the interpreter's teardown
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(stopped.exit_code)
+        exit_now(stopped.exit_code)
 
 
 if __name__ == "__main__":

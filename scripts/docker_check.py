@@ -1,0 +1,228 @@
+"""`make docker-check`: build both images, start the compose stack, and run the team's loop across it.
+
+    train (in the trainer container, against the MLflow server on PostgreSQL; the MLflow container is
+    restarted once mid-training) -> registered MLflow model -> `dlops deploy` from the host to the
+    running TorchServe container (no restart) -> a classification and a generation request from the
+    host on 127.0.0.1 with the server's key -> everything torn down, volumes too.
+
+Each step prints its time; the last line sums it up. Needs a Docker engine (started here when it is
+installed but not running and this runs as root), `docker compose` or Debian's `docker-compose`,
+and the project's venv (the host side: data, deploy, requests). Base images: the official ones when
+they can be pulled, else the stand-ins `docker/bases.sh` builds from Debian's packages. pip in the
+builds uses the host's pip index settings and CA bundle (docker/Dockerfile.train says how).
+The stack publishes 127.0.0.1:5000 (MLflow) and 8080-8082 (TorchServe): they must be free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKER = REPO / "docker"
+STATE = DOCKER / "state"
+PROJECT = "dlops-check"
+OFFICIAL = {"python": "python:3.11.7-slim-bookworm", "postgres": "postgres:16-bookworm"}
+STAND_INS = {"python": "local/bookworm-python:3.11", "postgres": "local/postgres:15-bookworm"}
+PORTS = (5000, 8080, 8081, 8082)
+times: dict[str, float] = {}
+
+
+class CheckFailed(RuntimeError):
+    pass
+
+
+@contextmanager
+def step(name: str):
+    print(f"\n=== {name}", flush=True)
+    start = time.perf_counter()
+    yield
+    times[name] = time.perf_counter() - start
+    print(f"=== {name}: {times[name]:.1f} s", flush=True)
+
+
+def sh(*command: str, check: bool = True, capture: bool = False, env: dict | None = None, timeout: float = 3600,
+       cwd: Path = REPO) -> subprocess.CompletedProcess:  # fmt: skip
+    result = subprocess.run(list(command), cwd=cwd, env={**os.environ, **(env or {})}, text=True, timeout=timeout,
+                            capture_output=capture)  # fmt: skip
+    if check and result.returncode != 0:
+        said = (result.stdout or "")[-3000:] + (result.stderr or "")[-3000:] if capture else ""
+        raise CheckFailed(f"{' '.join(command[:6])} ... exited {result.returncode}\n{said}")
+    return result
+
+
+def engine() -> None:
+    """A running Docker engine: found, or started here (root, dockerd installed), or a clear failure."""
+    if shutil.which("docker") is None:
+        raise CheckFailed("no docker command: apt-get install -y docker.io (it brings dockerd too)")
+    if sh("docker", "info", check=False, capture=True).returncode == 0:
+        return
+    if os.geteuid() != 0 or shutil.which("dockerd") is None:
+        raise CheckFailed("no Docker engine is running: start dockerd (as root: `dockerd &`), or install it with "
+                          "apt-get install -y docker.io")  # fmt: skip
+    print("=> starting dockerd (log: /tmp/dlops-dockerd.log)", flush=True)
+    with open("/tmp/dlops-dockerd.log", "a") as log:
+        subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    for _ in range(60):
+        if sh("docker", "info", check=False, capture=True).returncode == 0:
+            return
+        time.sleep(1)
+    raise CheckFailed("dockerd did not come up in 60 s: see /tmp/dlops-dockerd.log")
+
+
+def compose_command() -> list[str]:
+    if sh("docker", "compose", "version", check=False, capture=True).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    raise CheckFailed("neither `docker compose` nor docker-compose: apt-get install -y docker-compose")
+
+
+def base_images() -> dict[str, str]:
+    """The official base images when they can be pulled, else the stand-ins built from Debian packages."""
+    pulled = all(sh("docker", "pull", "-q", image, check=False, capture=True, timeout=120).returncode == 0
+                 for image in OFFICIAL.values())  # fmt: skip
+    if pulled:
+        return dict(OFFICIAL)
+    print("=> the official base images cannot be pulled here: building stand-ins from Debian packages", flush=True)
+    sh("bash", str(DOCKER / "bases.sh"))
+    return dict(STAND_INS)
+
+
+def pip_ca_bundle() -> None:
+    """The host's pip CA bundle (a proxy's or mirror's CA) for the builds: docker/build-ca/ca.crt."""
+    cert = os.environ.get("PIP_CERT") or sh(sys.executable, "-m", "pip", "config", "get", "global.cert",
+                                            check=False, capture=True).stdout.strip()  # fmt: skip
+    target = DOCKER / "build-ca" / "ca.crt"
+    if cert and Path(cert).is_file():
+        shutil.copy(cert, target)
+        print(f"=> pip in the builds trusts {cert}", flush=True)
+    else:
+        target.unlink(missing_ok=True)
+
+
+def build(bases: dict[str, str]) -> dict[str, float]:
+    sizes = {}
+    for name in ("train", "serve"):
+        sh("docker", "build", "--network", "host", "-f", str(DOCKER / f"Dockerfile.{name}"), "-t",
+           f"dlops/{name}:latest", "--build-arg", f"BASE={bases['python']}", str(REPO))  # fmt: skip
+        size = sh("docker", "image", "inspect", "-f", "{{.Size}}", f"dlops/{name}:latest", capture=True).stdout
+        sizes[name] = int(size.strip()) / 1e9
+        print(f"=> dlops/{name}:latest: {sizes[name]:.2f} GB", flush=True)
+    return sizes
+
+
+def wait_http(url: str, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            time.sleep(1)
+    raise CheckFailed(f"{what} did not answer at {url} within {timeout_s:.0f} s")
+
+
+def dlops(*args: str, env: dict | None = None, capture: bool = False) -> subprocess.CompletedProcess:
+    return sh(sys.executable, "-m", "training.cli", *args, env=env, capture=capture)
+
+
+def main() -> int:
+    started = time.perf_counter()
+    busy = [p for p in PORTS if socket.socket().connect_ex(("127.0.0.1", p)) == 0]
+    if busy:
+        raise CheckFailed(f"ports {busy} on 127.0.0.1 are in use: the stack publishes 5000 and 8080-8082")
+    with step("engine"):
+        engine()
+        compose = [*compose_command(), "-p", PROJECT, "-f", str(DOCKER / "compose.yaml")]
+    with step("base images"):
+        bases = base_images()
+    with step("build images"):
+        pip_ca_bundle()
+        sizes = build(bases)
+    host = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        dlops("data", "synth", str(data / "images"), "--classes", "8", "--train-per-class", "60", "--val-per-class",
+              "10")  # fmt: skip
+        dlops("data", "synth-corpus", str(data / "corpus"))
+        os.chmod(tmp, 0o755)
+        shutil.rmtree(STATE, ignore_errors=True)
+        for folder in ("torchserve", "model-store"):
+            (STATE / folder).mkdir(parents=True)
+            os.chown(STATE / folder, 1000, 1000)  # the serving container's user writes its keys there
+        env = {"PYTHON_BASE": bases["python"], "POSTGRES_IMAGE": bases["postgres"], "DATA_DIR": str(data),
+               "DLOPS_STATE": str(STATE)}  # fmt: skip
+        try:
+            with step("compose up (postgres, mlflow, torchserve)"):
+                sh(*compose, "up", "-d", "postgres", "mlflow", "torchserve", env=env)
+                wait_http("http://127.0.0.1:5000/health", 300, "the MLflow server")
+                wait_http("http://127.0.0.1:8080/ping", 300, "TorchServe")
+            with step("train in the trainer container, MLflow restarted mid-run"):
+                epochs = 6
+                trainer = subprocess.Popen(
+                    [*compose, "run", "--rm", "trainer", "train", "resnet", "/data/images", "--epochs", str(epochs),
+                     "-b", "32", "-j", "0", "--lr", "0.02", "-p", "0", "--run-name", "docker-check"],
+                    cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                )  # fmt: skip
+                seen, restarted = [], False
+                for line in trainer.stdout:
+                    seen.append(line)
+                    print(f"   | {line}", end="", flush=True)
+                    if line.startswith("=> epoch saved") and not restarted:
+                        sh(*compose, "restart", "mlflow", env=env)
+                        restarted = True
+                if trainer.wait() != 0 or not restarted:
+                    raise CheckFailed("training in the trainer container failed:\n" + "".join(seen[-40:]))
+                dlops_env = {**host}
+                script = ("from mlflow import MlflowClient; c = MlflowClient(); "
+                          "r = c.search_runs([c.get_experiment_by_name('resnet-tinyimagenet').experiment_id], "
+                          "\"tags.mlflow.runName = 'docker-check'\")[0]; "
+                          "print(r.info.status, len(c.get_metric_history(r.info.run_id, 'val/acc1')))")  # fmt: skip
+                status, logged = sh(sys.executable, "-c", script, env=dlops_env, capture=True).stdout.split()
+                if status != "FINISHED" or int(logged) != epochs:
+                    raise CheckFailed(f"the run is {status} with {logged} of {epochs} epochs logged")
+                sh(*compose, "run", "--rm", "trainer", "train", "lm", "/data/corpus", "--epochs", "1", "--emsize",
+                   "32", "--nhid", "32", "--run-name", "docker-check-lm", env=env)  # fmt: skip
+            with step("deploy from the host to the running TorchServe container"):
+                for uri in ("models:/resnet-tinyimagenet/latest", "models:/wordlm-wikitext2/latest"):
+                    dlops("deploy", uri, "--state-dir", str(STATE / "torchserve"), "--model-store",
+                          str(STATE / "model-store"), env=dlops_env)  # fmt: skip
+            with step("requests from the host with the server's key"):
+                image = next((data / "images" / "val" / "images").iterdir())
+                answer = dlops("predict", str(image), "--state-dir", str(STATE / "torchserve"), "--topk", "3",
+                               capture=True).stdout  # fmt: skip
+                text = dlops("generate-http", "--state-dir", str(STATE / "torchserve"), "--prompt", "the old cat",
+                             "--max-words", "12", "--seed", "1", capture=True).stdout  # fmt: skip
+                top = json.loads(answer)[0]
+                words = json.loads(text)["words"]
+                print(f"=> classified {image.name}: {top['class']} ({top['probability']:.3f}); generated {words} words")
+        finally:
+            with step("tear down (containers and volumes)"):
+                sh(*compose, "--profile", "tools", "down", "-v", "--remove-orphans", check=False, env=env)
+                shutil.rmtree(STATE, ignore_errors=True)
+    total = time.perf_counter() - started
+    print(
+        f"\ndocker-check passed in {total:.0f} s: images train {sizes['train']:.2f} GB, serve {sizes['serve']:.2f} "
+        f"GB ({bases['python']}); " + "; ".join(f"{name} {seconds:.0f} s" for name, seconds in times.items())
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except CheckFailed as e:
+        print(f"docker-check failed: {e}", file=sys.stderr)
+        sys.exit(1)

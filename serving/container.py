@@ -1,0 +1,78 @@
+"""The serving container's entry point: `dlops serve`'s server, in the foreground, for compose.
+
+    python -m serving.container          (docker/Dockerfile.serve; settings from DLOPS_SERVE_* variables)
+    python -m serving.container --health (its HEALTHCHECK)
+
+It starts TorchServe exactly as `dlops serve` does (serving/server.py: auth on, keys renewed while
+it runs, the management API limited to the model store, per-model batching from each .mar), with
+two differences a container needs: the APIs listen on the container's interface (compose publishes
+them on the host's 127.0.0.1 only), and it starts with what its state dir served last, or with no
+model at all: `dlops deploy` on the host adds them, no restart. The state dir and the model store
+are bind mounts, so host clients find the keys (key_file.json) and the ports (server.json) there.
+SIGTERM (`docker stop`) stops TorchServe and the keeper and exits 0.
+
+Standard library only (and the serving/ modules it imports): the image carries no training code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from serving.keys import process_alive
+from serving.server import ServeOptions, running_pid, start, stop
+
+STATE_DIR = Path(os.environ.get("DLOPS_SERVE_STATE_DIR", "/home/model-server/state"))
+MODEL_STORE = Path(os.environ.get("DLOPS_SERVE_MODEL_STORE", "/home/model-server/model-store"))
+
+
+def last_served(state_dir: Path, store: Path) -> list[Path]:
+    """The archives the state dir's serving.json names as serving (serving/served.py's record)."""
+    path = state_dir / "serving.json"
+    if not path.is_file():
+        return []
+    history = json.loads(path.read_text(encoding="utf-8"))
+    return [
+        store / entries[-1]["mar"] for entries in history.values() if entries and (store / entries[-1]["mar"]).is_file()
+    ]
+
+
+def healthy() -> int:
+    """The image's HEALTHCHECK: /ping answers 200, with the server's own key (the inference API needs one)."""
+    from serving.client import ServerClient
+
+    try:
+        return 0 if ServerClient.of(STATE_DIR).call("inference", "GET", "/ping", timeout_s=4).ok else 1
+    except OSError:
+        return 1
+
+
+def main() -> int:
+    if sys.argv[1:] == ["--health"]:
+        return healthy()
+    options = ServeOptions(
+        model_store=MODEL_STORE,
+        state_dir=STATE_DIR,
+        bind_address="0.0.0.0",  # noqa: S104 - the container's own interface; the host publishes it on 127.0.0.1
+        token_expiration_min=float(os.environ.get("DLOPS_SERVE_TOKEN_EXPIRATION_MIN", "1440")),
+        torch_threads=int(os.environ.get("DLOPS_SERVE_TORCH_THREADS", "1")),
+        amp=os.environ.get("DLOPS_SERVE_AMP", "auto"),
+    )
+    mars = last_served(STATE_DIR, MODEL_STORE)
+    start(options, mars, allow_empty=True)
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: stopping.append(signum))
+    pid = running_pid(STATE_DIR)
+    while pid and process_alive(pid) and not stopping:
+        time.sleep(1)
+    print(stop(STATE_DIR), flush=True)
+    return 0 if stopping else 1  # TorchServe ending on its own is a failure the restart policy should see
+
+
+if __name__ == "__main__":
+    sys.exit(main())
