@@ -102,11 +102,6 @@ def exit_now(code: int) -> None:
     """Exit a stopped run's process without the interpreter's seconds of teardown (its state is on
     disk), DataLoader workers stopped first: they would notice the orphaning only at their next
     check, seconds later, keeping the job alive."""
-    import os
-    import sys
-
-    import psutil
-
     children = psutil.Process().children(recursive=True)
     for child in children:
         child.terminate()
