@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -150,6 +151,9 @@ def build_mar(kind: str, source: Source, store: Path = DEFAULT_STORE, settings: 
                 "--force",
             ],
             check=True,
+            # the archiver stages files in TMPDIR/<model name>, shared by every packaging of that name on the
+            # machine: two at once (two users, a sweep and a deploy) delete each other's files mid-archive
+            env={**os.environ, "TMPDIR": str(workdir)},
         )  # fmt: skip
         shutil.move(workdir / f"{spec.name}.mar", mar)
     print(f"=> wrote {mar} (model {spec.name}, version {version}; {settings.workers} worker(s), batches of up to "

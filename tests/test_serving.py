@@ -371,3 +371,16 @@ print(json.dumps({{"amp": handler.amp, "top1": [a[0]["class"] for a in answers]}
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout.strip().splitlines()[-1])
     assert answer["amp"] == expected and len(answer["top1"]) == len(images)
+
+
+def test_two_packagings_of_one_model_at_once_both_succeed(checkpoints, tmp_path):
+    """torch-model-archiver stages a model's files in TMPDIR/<model name>: two `dlops package resnet` at
+    once (two users, two test workers) deleted each other's files until each got a TMPDIR of its own."""
+    command = [sys.executable, "-m", "training.cli", "package", "resnet", "--checkpoint", str(checkpoints["resnet"])]
+    packagings = [subprocess.Popen([*command, "--model-store", str(tmp_path / f"store{i}")], cwd=REPO,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(3)]  # fmt: skip
+    said = [p.communicate(timeout=300)[0] for p in packagings]
+    assert [p.returncode for p in packagings] == [0, 0, 0], said
+    for i in range(3):
+        with zipfile.ZipFile(mar_of(tmp_path / f"store{i}", "resnet")) as zf:
+            assert {"weights.pt", "dlops_classifier.py", "meta.json"} <= set(zf.namelist())
