@@ -377,8 +377,11 @@ def test_two_packagings_of_one_model_at_once_both_succeed(checkpoints, tmp_path)
     """torch-model-archiver stages a model's files in TMPDIR/<model name>: two `dlops package resnet` at
     once (two users, two test workers) deleted each other's files until each got a TMPDIR of its own."""
     command = [sys.executable, "-m", "training.cli", "package", "resnet", "--checkpoint", str(checkpoints["resnet"])]
-    packagings = [subprocess.Popen([*command, "--model-store", str(tmp_path / f"store{i}")], cwd=REPO,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(3)]  # fmt: skip
+    packagings = [
+        subprocess.Popen([*command, "--model-store", str(tmp_path / f"store{i}")], cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        for i in range(3)
+    ]
     said = [p.communicate(timeout=300)[0] for p in packagings]
     assert [p.returncode for p in packagings] == [0, 0, 0], said
     for i in range(3):
