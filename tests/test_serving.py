@@ -378,8 +378,13 @@ def test_two_packagings_of_one_model_at_once_both_succeed(checkpoints, tmp_path)
     once (two users, two test workers) deleted each other's files until each got a TMPDIR of its own."""
     command = [sys.executable, "-m", "training.cli", "package", "resnet", "--checkpoint", str(checkpoints["resnet"])]
     packagings = [
-        subprocess.Popen([*command, "--model-store", str(tmp_path / f"store{i}")], cwd=REPO, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        subprocess.Popen(
+            [*command, "--model-store", str(tmp_path / f"store{i}")],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
         for i in range(3)
     ]
     said = [p.communicate(timeout=300)[0] for p in packagings]
