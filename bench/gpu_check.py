@@ -109,7 +109,7 @@ def resident_images(
         from training.data.index import load_image_dataset
 
         ds = load_image_dataset(data)
-        cache = build_cache(ds, "train", cache_dir)
+        cache = build_cache(ds, split="train", root=cache_dir)
         images = torch.from_numpy(cache.images[:limit].copy()).to(device).permute(0, 3, 1, 2)
         return images, torch.from_numpy(cache.labels[:limit]).to(device), ds.num_classes
     images = torch.randint(0, 256, (size, 64, 64, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
@@ -142,7 +142,7 @@ def throughput(args, device: torch.device, budget: Budget) -> list[Row]:
                 criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
                 scaler = grad_scaler(device, args.amp)
 
-                def epoch(n: int, trained=trained, optimizer=optimizer, batches=batches, prepare=prepare,
+                def epoch(n: int, *, trained=trained, optimizer=optimizer, batches=batches, prepare=prepare,
                           criterion=criterion, scaler=scaler):  # fmt: skip
                     batches.set_epoch(n)
                     step = ClassifierStep(trained, criterion, optimizer, scaler, device, args.amp, channels_last=True,

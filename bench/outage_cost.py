@@ -39,7 +39,9 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # no GenAI job runners beside the server
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data = args.data or write_synthetic_tinyimagenet(root / "data", 4, 12, 4, progress=False)
+        data = args.data or write_synthetic_tinyimagenet(
+            root / "data", num_classes=4, train_per_class=12, val_per_class=4, progress=False
+        )
         server = Server(root)
         server.start()
         client = MlflowClient(server.uri)

@@ -38,7 +38,9 @@ def measure(batch: int, seconds: float, threads: int | None) -> dict:
     for stem in ("imagenet", "small"):
         for amp in ("off", "bf16"):
             for channels_last in (False, True):
-                rate = training_step_rate(torch.device("cpu"), amp, channels_last, stem, batch, seconds)
+                rate = training_step_rate(
+                    torch.device("cpu"), amp, channels_last=channels_last, stem=stem, batch=batch, seconds=seconds
+                )
                 row = {"stem": stem, "amp": amp, "channels_last": channels_last, "images_per_s": round(rate, 1)}
                 rows.append(row)
                 print(f"  {stem:8s} {amp:4s} channels_last={channels_last!s:5s} {rate:7.1f} img/s", file=sys.stderr)

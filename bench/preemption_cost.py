@@ -48,7 +48,9 @@ def main() -> None:
         if data is None:
             from training.data.synthetic import write_synthetic_tinyimagenet
 
-            data = write_synthetic_tinyimagenet(root / "data", 20, 200, 20, progress=False)
+            data = write_synthetic_tinyimagenet(
+                root / "data", num_classes=20, train_per_class=200, val_per_class=20, progress=False
+            )
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
         rows = {}
         for name, extra in (("no mid-epoch checkpoints", []), (f"--checkpoint-every {args.every:g}",

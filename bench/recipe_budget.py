@@ -70,7 +70,7 @@ def run_config(name: str, data: Path, budget: float, cache_dir: Path) -> Result:
 
     stem, amp, batch, channels_last, fast = CONFIGS[name]
     ds = load_image_dataset(data)
-    train_cache, val_cache = (build_cache(ds, split, cache_dir) for split in ("train", "val"))
+    train_cache, val_cache = (build_cache(ds, split=split, root=cache_dir) for split in ("train", "val"))
     images = torch.from_numpy(np.array(train_cache.images)).permute(0, 3, 1, 2)
     labels = torch.from_numpy(train_cache.labels)
     torch.manual_seed(0)

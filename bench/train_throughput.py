@@ -54,13 +54,13 @@ def timed_loader(batches, n: int, device, prepare=None) -> float:
     count, start = 0, time.perf_counter()
     for _ in range(n):
         images, target = next(it)
-        images, target = to_device(images, target, device, False, prepare)
+        images, target = to_device(images, target, device, channels_last=False, prepare=prepare)
         count += images.size(0)
     synchronize(device)
     return count / (time.perf_counter() - start)
 
 
-def timed_steps(batches, n: int, model, device, amp: str, channels_last: bool, prepare=None, example_style=False):
+def timed_steps(batches, n: int, model, *, device, amp: str, channels_last: bool, prepare=None, example_style=False):
     """images/s of n full training steps (forward, backward, optimizer)."""
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=not example_style)
@@ -72,7 +72,7 @@ def timed_steps(batches, n: int, model, device, amp: str, channels_last: bool, p
             synchronize(device)
             count, start = 0, time.perf_counter()
         images, target = next(it)
-        images, target = to_device(images, target, device, channels_last, prepare)
+        images, target = to_device(images, target, device, channels_last=channels_last, prepare=prepare)
         with autocast(device, "off" if example_style else amp):
             output = model(images)
             loss = criterion(output, target)
@@ -138,7 +138,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         cache_root = args.cache_dir or Path(tmp)
-        cache = build_cache(ds, "train", cache_root)
+        cache = build_cache(ds, split="train", root=cache_root)
         example_tf = transforms.Compose([
             transforms.RandomResizedCrop(64), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -149,7 +149,7 @@ def main() -> None:
                     datasets.ImageFolder(args.data / "train", example_tf),
                     args.batch_size,
                     args.workers,
-                    device,
+                    device=device,
                     shuffle=True,
                 ),
                 None,
@@ -160,7 +160,7 @@ def main() -> None:
                     ImageFiles(ds.train, train_transform("flip-crop", 64)),
                     args.batch_size,
                     args.workers,
-                    device,
+                    device=device,
                     shuffle=True,
                 ),
                 None,
@@ -168,7 +168,12 @@ def main() -> None:
             ),  # fmt: skip
             "c decoded cache, DataLoader": (
                 make_loader(
-                    CachedImages(cache), args.batch_size, args.workers, device, shuffle=True, collate_fn=collate_batch
+                    CachedImages(cache),
+                    args.batch_size,
+                    args.workers,
+                    device=device,
+                    shuffle=True,
+                    collate_fn=collate_batch,
                 ),
                 "prepare",
                 False,
@@ -177,8 +182,12 @@ def main() -> None:
         images = torch.from_numpy(np.ascontiguousarray(cache.images)).permute(0, 3, 1, 2).to(device)
         labels = torch.from_numpy(cache.labels).to(device)
         paths[f"d resident on {device.type}"] = (
-            TensorBatches(lambda i: (images[i.to(device)], labels[i.to(device)]), len(labels), args.batch_size, True),
-            "prepare", False)  # fmt: skip
+            TensorBatches(
+                lambda i: (images[i.to(device)], labels[i.to(device)]), len(labels), args.batch_size, shuffle=True
+            ),
+            "prepare",
+            False,
+        )
         prepare = BatchTransform("flip-crop", IMAGENET_MEAN, IMAGENET_STD, train=True)
         rows = []
         for name, (batches, needs_prepare, example_style) in paths.items():
@@ -188,7 +197,16 @@ def main() -> None:
             channels_last = args.channels_last and not example_style
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)
-            step_rate = timed_steps(batches, args.batches, model, device, args.amp, channels_last, p, example_style)
+            step_rate = timed_steps(
+                batches,
+                args.batches,
+                model,
+                device=device,
+                amp=args.amp,
+                channels_last=channels_last,
+                prepare=p,
+                example_style=example_style,
+            )
             rows.append(
                 {"path": name, "loader_images_per_s": round(loader_rate), "step_images_per_s": round(step_rate)}
             )
@@ -196,7 +214,7 @@ def main() -> None:
 
         memory = {}
         for workers in (0, 4):
-            loader = make_loader(CachedImages(cache), args.batch_size, workers, device, shuffle=True,
+            loader = make_loader(CachedImages(cache), args.batch_size, workers, device=device, shuffle=True,
                                  collate_fn=collate_batch)  # fmt: skip
             memory[f"{workers}_workers"] = memory_while(lambda loader=loader: [None for _ in loader])
         print(f"cache of {cache.images.nbytes / 2**20:.0f} MB read once through, peak memory: {memory}")

@@ -118,7 +118,7 @@ def experiment_view(page, base: str, experiment_id: str, out: Path) -> None:
     print(f"=> {out}")
 
 
-def metrics_overlay(page, base: str, runs: list[str], experiment_id: str, keys: list[str], out: Path) -> None:
+def metrics_overlay(page, base: str, runs: list[str], *, experiment_id: str, keys: list[str], out: Path) -> None:
     """MLflow's run comparison by metric: `keys` overlaid for every run, by step (epoch)."""
     query = (f"runs={as_json(runs)}&metric={as_json(keys[0])}&experiments={as_json([experiment_id])}"
              f"&plot_metric_keys={as_json(keys)}&plot_layout=%7B%7D&x_axis=step&y_axis_scale=linear"
@@ -130,7 +130,7 @@ def metrics_overlay(page, base: str, runs: list[str], experiment_id: str, keys: 
     print(f"=> {out}")
 
 
-def parallel_coordinates(page, base: str, runs: list[str], experiment_id: str, params: list[str], metric: str,
+def parallel_coordinates(page, base: str, runs: list[str], *, experiment_id: str, params: list[str], metric: str,
                          out: Path) -> None:  # fmt: skip
     """The compare view's parallel-coordinates plot of the searched params against the metric."""
     page.goto(f"{base}/#/compare-runs?runs={as_json(runs)}&experiments={as_json([experiment_id])}")
@@ -185,7 +185,14 @@ def readme_pictures() -> None:
         with mlflow_ui(store) as base, browser() as page:
             model_training_mode(page, base)
             experiment_view(page, base, experiment, DOCS / "mlflow-experiment.png")
-            metrics_overlay(page, base, runs, experiment, ["val/acc1", "val/loss"], DOCS / "mlflow-compare.png")
+            metrics_overlay(
+                page,
+                base,
+                runs,
+                experiment_id=experiment,
+                keys=["val/acc1", "val/loss"],
+                out=DOCS / "mlflow-compare.png",
+            )
         report_picture(tmp_path / "report" / "report.html", DOCS / "report.png")
         shutil.copy(next((tmp_path / "runs").glob("*/learning_curves.png")), DOCS / "learning-curves.png")
         print(f"=> {DOCS / 'learning-curves.png'}")
@@ -205,8 +212,15 @@ def sweep_picture(study: str) -> None:
     space = list(json.loads(parent.data.params["space"]))
     with mlflow_ui(tracking_uri()) as base, browser() as page:
         model_training_mode(page, base)
-        parallel_coordinates(page, base, trials, parent.info.experiment_id, space, parent.data.params["metric"],
-                             DOCS / "mlflow-sweep-compare.png")  # fmt: skip
+        parallel_coordinates(
+            page,
+            base,
+            trials,
+            experiment_id=parent.info.experiment_id,
+            params=space,
+            metric=parent.data.params["metric"],
+            out=DOCS / "mlflow-sweep-compare.png",
+        )
 
 
 def main() -> None:

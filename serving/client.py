@@ -72,7 +72,7 @@ class ServerClient:
         return cls(Path(state_dir), urls)
 
     # --- transport ---------------------------------------------------------------------------------
-    def _send(self, api: str, method: str, path: str, body: bytes | None, headers: dict[str, str],
+    def _send(self, api: str, method: str, path: str, *, body: bytes | None, headers: dict[str, str],
               timeout_s: float) -> Answer:  # fmt: skip
         headers = dict(headers)
         keys = read_keys(self.state_dir)
@@ -85,17 +85,19 @@ class ServerClient:
         except urllib.error.HTTPError as e:
             return Answer(e.code, _decode(e.read()), _lower(e.headers))
 
-    def call(self, api: str, method: str, path: str, body: bytes | None = None,
+    def call(self, api: str, method: str, path: str, *, body: bytes | None = None,
              headers: dict[str, str] | None = None, timeout_s: float = 120.0) -> Answer:  # fmt: skip
         """One request to the `api` (inference or management) of this server, with its key."""
-        answer = self._send(api, method, path, body, headers or {}, timeout_s)
+        answer = self._send(api, method, path, body=body, headers=headers or {}, timeout_s=timeout_s)
         if not _refused(answer):
             return answer
         refused_key = read_keys(self.state_dir).get(api)
         if refused_key is not None and refused_key.expires_in() <= 0:
             with contextlib.suppress(KeyFileError, OSError):  # expired, no keeper renewed it: renew it now
                 renew(self.state_dir, self.urls["management"], api)
-        retried = self._send(api, method, path, body, headers or {}, timeout_s)  # a renewed key is read again
+        retried = self._send(
+            api, method, path, body=body, headers=headers or {}, timeout_s=timeout_s
+        )  # a renewed key is read again
         if not _refused(retried):
             return retried
         error = (f"TorchServe refused the {api} key (wrong or expired). The current keys of this server are in "
@@ -108,15 +110,21 @@ class ServerClient:
         return self.call("management", method, path, timeout_s=timeout_s)
 
     # --- inference ---------------------------------------------------------------------------------
-    def predict(self, model: str, body: bytes, content_type: str, headers: dict[str, str] | None = None,
+    def predict(self, model: str, body: bytes, content_type: str, *, headers: dict[str, str] | None = None,
                 version: str | None = None, timeout_s: float = 120.0) -> Answer:  # fmt: skip
         path = f"/predictions/{model}" + (f"/{version}" if version else "")
-        return self.call("inference", "POST", path, body, {"Content-Type": content_type, **(headers or {})},
-                         timeout_s)  # fmt: skip
+        return self.call(
+            "inference",
+            "POST",
+            path,
+            body=body,
+            headers={"Content-Type": content_type, **(headers or {})},
+            timeout_s=timeout_s,
+        )
 
     def predict_image(self, image: Path, topk: int | None = None, model: str = "resnet") -> Answer:
         headers = {"X-TopK": str(topk)} if topk else {}
-        return self.predict(model, Path(image).read_bytes(), "application/octet-stream", headers)
+        return self.predict(model, Path(image).read_bytes(), "application/octet-stream", headers=headers)
 
     def generate(self, request: dict[str, Any], model: str = "lm") -> Answer:
         return self.predict(model, json.dumps(request).encode("utf-8"), "application/json")

@@ -94,7 +94,7 @@ def prepare(source: str, store: Path, settings: ModelSettings | None = None) -> 
     with tempfile.TemporaryDirectory() as tmp:
         resolved = resolve_source(source, None, None, Path(tmp))
         kind = load_checkpoint(resolved.path)["kind"]
-        mar = build_mar(kind, resolved, store, settings)
+        mar = build_mar(kind, resolved, store=store, settings=settings)
     return candidate_from_archive(mar, store, source, resolved.registered)
 
 

@@ -110,7 +110,7 @@ def archive_version(state: dict[str, Any], source: Source, digest: str, store: P
     return version
 
 
-def build_mar(kind: str, source: Source, store: Path = DEFAULT_STORE, settings: ModelSettings | None = None,
+def build_mar(kind: str, source: Source, *, store: Path = DEFAULT_STORE, settings: ModelSettings | None = None,
               version: str | None = None, log_to_mlflow: bool = True) -> Path:  # fmt: skip
     """Package `source` as `<store>/<name>-<version>.mar`; log it to the source run and tag the version."""
     job = job_for(kind)

@@ -157,7 +157,7 @@ def _port_in_use(port: int) -> bool:
     return False
 
 
-def _check_can_start(options: ServeOptions, mars: list[Path], allow_empty: bool) -> None:
+def _check_can_start(options: ServeOptions, mars: list[Path], *, allow_empty: bool) -> None:
     if shutil.which("java") is None:
         raise ServeError(f"java was not found on PATH. {JAVA_HINT}")
     pid = running_pid(options.state_dir)
@@ -180,11 +180,11 @@ def _executable(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
-def start(options: ServeOptions, mars: list[Path], allow_empty: bool = False) -> ServerClient:
+def start(options: ServeOptions, mars: list[Path], *, allow_empty: bool = False) -> ServerClient:
     """Start TorchServe in the background with `mars` (files of the model store); wait until every
     worker is READY; start the key keeper. Return a client of the new server. `allow_empty`: a
     server with no model yet, which `dlops deploy` fills (the container's start)."""
-    _check_can_start(options, mars, allow_empty)
+    _check_can_start(options, mars, allow_empty=allow_empty)
     state = options.state_dir.resolve()
     for folder in ("logs", "tmp"):
         (state / folder).mkdir(parents=True, exist_ok=True)

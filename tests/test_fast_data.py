@@ -25,7 +25,7 @@ def dataset(tiny_dataset: Path, tmp_path: Path) -> Path:
 
 
 def test_cache_round_trips_images_labels_and_file_names(dataset, tmp_path):
-    cached = build_cache(load_tinyimagenet(dataset), "val", tmp_path / "cache", workers=2)
+    cached = build_cache(load_tinyimagenet(dataset), split="val", root=tmp_path / "cache", workers=2)
     samples = load_tinyimagenet(dataset).val
     assert cached.images.shape == (16, 64, 64, 3) and cached.images.dtype == np.uint8
     assert isinstance(cached.images, np.memmap), "the cache must be memory-mapped, not loaded"
@@ -36,23 +36,23 @@ def test_cache_round_trips_images_labels_and_file_names(dataset, tmp_path):
 
 def test_editing_or_adding_a_file_invalidates_the_cache(dataset, tmp_path):
     root = tmp_path / "cache"
-    first = build_cache(load_tinyimagenet(dataset), "train", root, workers=1).directory
+    first = build_cache(load_tinyimagenet(dataset), split="train", root=root, workers=1).directory
     assert find_cache(load_tinyimagenet(dataset), "train", root).directory == first
     image = next((dataset / "train").rglob("*.JPEG"))
     image.write_bytes(image.read_bytes())  # same bytes, new modification time: an edit
     os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
     assert find_cache(load_tinyimagenet(dataset), "train", root) is None
-    second = build_cache(load_tinyimagenet(dataset), "train", root, workers=1).directory
+    second = build_cache(load_tinyimagenet(dataset), split="train", root=root, workers=1).directory
     assert second != first
     new = image.with_name("n90000000_extra.JPEG")
     shutil.copy(image, new)
     assert find_cache(load_tinyimagenet(dataset), "train", root) is None
-    assert len(build_cache(load_tinyimagenet(dataset), "train", root, workers=1).labels) == 49
+    assert len(build_cache(load_tinyimagenet(dataset), split="train", root=root, workers=1).labels) == 49
 
 
 def test_dataloader_workers_read_batches_from_the_memory_map(dataset, tmp_path):
-    cached = build_cache(load_tinyimagenet(dataset), "train", tmp_path / "cache", workers=1)
-    loader = make_loader(CachedImages(cached), 10, 2, torch.device("cpu"), collate_fn=collate_batch)
+    cached = build_cache(load_tinyimagenet(dataset), split="train", root=tmp_path / "cache", workers=1)
+    loader = make_loader(CachedImages(cached), 10, 2, device=torch.device("cpu"), collate_fn=collate_batch)
     seen = []
     for images, labels in loader:
         assert images.dtype == torch.uint8 and images.shape[1:] == (3, 64, 64)
@@ -106,7 +106,10 @@ def test_tensor_batches_cover_each_sample_once_per_epoch_and_shard_by_rank():
     epoch2 = torch.cat([x for x, _ in batches]).flatten().tolist()
     assert sorted(epoch1) == sorted(epoch2) == list(range(10)) and epoch1 != epoch2 and len(batches) == 4
     assert all(torch.equal(y, x.flatten() * 10) for x, y in batches)
-    shards = [TensorBatches(lambda i: (images[i], labels[i]), 10, 3, True, 1, rank, 2) for rank in (0, 1)]
+    shards = [
+        TensorBatches(lambda i: (images[i], labels[i]), 10, 3, shuffle=True, seed=1, rank=rank, world_size=2)
+        for rank in (0, 1)
+    ]
     both = [v for s in shards for x, _ in s for v in x.flatten().tolist()]
     assert sorted(both) == list(range(10))
 

@@ -49,17 +49,17 @@ def test_an_explicit_slow_choice_runs_but_warns():
 
 
 def test_native_bf16_detection_and_its_overrides():
-    assert decide_native_bf16(True, False, {}) == (True, "the CPU has avx512_bf16")
-    assert decide_native_bf16(False, True, {})[0] is True
-    assert decide_native_bf16(False, False, {})[0] is False
-    assert decide_native_bf16(True, True, {"DLOPS_CPU_NATIVE_BF16": "0"}) == (
+    assert decide_native_bf16(avx512_bf16=True, amx=False, env={}) == (True, "the CPU has avx512_bf16")
+    assert decide_native_bf16(avx512_bf16=False, amx=True, env={})[0] is True
+    assert decide_native_bf16(avx512_bf16=False, amx=False, env={})[0] is False
+    assert decide_native_bf16(avx512_bf16=True, amx=True, env={"DLOPS_CPU_NATIVE_BF16": "0"}) == (
         False,
         "DLOPS_CPU_NATIVE_BF16=0 (override)",
     )
-    assert decide_native_bf16(False, False, {"DLOPS_CPU_NATIVE_BF16": "1"})[0] is True
-    limited = decide_native_bf16(True, False, {"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert decide_native_bf16(avx512_bf16=False, amx=False, env={"DLOPS_CPU_NATIVE_BF16": "1"})[0] is True
+    limited = decide_native_bf16(avx512_bf16=True, amx=False, env={"ONEDNN_MAX_CPU_ISA": "AVX2"})
     assert limited[0] is False and "ONEDNN_MAX_CPU_ISA=AVX2" in limited[1]
-    assert decide_native_bf16(True, False, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"})[0] is True
+    assert decide_native_bf16(avx512_bf16=True, amx=False, env={"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"})[0] is True
 
 
 def test_fast_recipe_values_per_device_class_and_explicit_options_win():
@@ -162,8 +162,8 @@ def test_input_layout_follows_the_channels_last_option():
     decoded = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
     labels = torch.zeros(4, dtype=torch.long)
     cpu = torch.device("cpu")
-    off, _ = to_device(decoded, labels, cpu, False, transform)
-    on, _ = to_device(decoded, labels, cpu, True, transform)
+    off, _ = to_device(decoded, labels, cpu, channels_last=False, prepare=transform)
+    on, _ = to_device(decoded, labels, cpu, channels_last=True, prepare=transform)
     assert off.is_contiguous() and not off.is_contiguous(memory_format=torch.channels_last)
     assert on.is_contiguous(memory_format=torch.channels_last) and not on.is_contiguous()
 
@@ -182,13 +182,16 @@ def test_totals_count_in_python_and_reduce_in_one_collective():
 def test_training_shares_are_padded_to_equal_batches_and_validation_shares_are_not():
     images = torch.arange(10)
     fetch = lambda i: (images[i], images[i])  # noqa: E731
-    train = [TensorBatches(fetch, 10, 2, True, 0, rank, 3) for rank in range(3)]
+    train = [TensorBatches(fetch, 10, 2, shuffle=True, seed=0, rank=rank, world_size=3) for rank in range(3)]
     assert [len(t) for t in train] == [2, 2, 2]  # 10 samples, 3 ranks: 4 each after padding
     seen = [v for t in train for x, _ in t for v in x.tolist()]
     assert len(seen) == 12 and set(seen) == set(range(10))
-    val = [TensorBatches(fetch, 10, 2, False, 0, rank, 3, equal_shares=False) for rank in range(3)]
+    val = [
+        TensorBatches(fetch, 10, 2, shuffle=False, seed=0, rank=rank, world_size=3, equal_shares=False)
+        for rank in range(3)
+    ]
     assert sorted(v for t in val for x, _ in t for v in x.tolist()) == list(range(10))
-    dropped = TensorBatches(fetch, 10, 4, True, drop_last=True)
+    dropped = TensorBatches(fetch, 10, 4, shuffle=True, drop_last=True)
     assert len(dropped) == 2 and all(len(x) == 4 for x, _ in dropped)
 
 

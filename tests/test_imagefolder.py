@@ -84,7 +84,7 @@ def test_a_folder_of_photos_trains_evaluates_packages_and_answers_by_folder_name
 
 def test_the_decoded_cache_stores_resized_center_crops(folder, tmp_path):
     ds = load_image_dataset(folder)
-    cached = build_cache(ds, "val", tmp_path / "cache", image_size=32, workers=1, resize_size=37)
+    cached = build_cache(ds, split="val", root=tmp_path / "cache", image_size=32, workers=1, resize_size=37)
     assert cached.images.shape == (12, 32, 32, 3) and cached.images.dtype == np.uint8
     assert cached.files == [str(p.relative_to(folder)) for p, _ in ds.val]
     run_cli("data", "cache", folder, "--cache-dir", tmp_path / "cli-cache", "--image-size", "32")

@@ -182,7 +182,7 @@ def test_a_batch_of_requests_samples_each_as_if_alone(model):
 
     torch.manual_seed(0)
     vocab = [f"w{i}" for i in range(40)] + ["<unk>", "<eos>"]
-    lm = build_language_model(model, len(vocab), 16, 16, 2, 2, 0.0, False).eval()
+    lm = build_language_model(model, len(vocab), 16, nhid=16, nlayers=2, nhead=2, dropout=0.0, tied=False).eval()
     requests = [
         {"prompt": "w1 w2 w3", "n_words": 12, "temperature": 1.0, "seed": 1},
         {"prompt": "", "n_words": 3, "temperature": 0.7, "seed": 2},

@@ -125,7 +125,7 @@ def _train_command(job_class: type[Job]) -> None:
         config = make_config(job_class, given, resume)
         processes = getattr(config, "nproc_per_node", 1)
         if processes > 1 and not under_torchrun():
-            check_process_count(processes, config.device, getattr(config, "allow_oversubscribe", False))
+            check_process_count(processes, config.device, insist=getattr(config, "allow_oversubscribe", False))
             ctx.exit(launch(job_class.kind, config, processes, resume))
         trainer.train(job_class, config, resume=resume)
 
@@ -262,7 +262,7 @@ def compare_command(checkpoint_a: str, checkpoint_b: str, data: Path, **options:
     help="seconds between trial heartbeats; a trial silent for 3 of them is failed",
 )
 @click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
-def sweep_command(kind: str, data: Path, train_args: tuple[str, ...], params: tuple[str, ...], space: Path | None,
+def sweep_command(*, kind: str, data: Path, train_args: tuple[str, ...], params: tuple[str, ...], space: Path | None,
                   jobs: int, storage: str | None, heartbeat: int, **settings: Any) -> None:  # fmt: skip
     """Search KIND's options on DATA with Optuna; options after `--` are fixed for every trial."""
     from training.sweep import DEFAULT_STORAGE, read_space, resolve_spec, run_sweep
@@ -297,7 +297,7 @@ def report_command(run_ids: tuple[str, ...], out: Path, **selection: Any) -> Non
     """Write an HTML report (self-contained) and its Markdown twin about runs recorded in MLflow."""
     from training.report.build import build_report
 
-    build_report(out, run_ids, **selection)
+    build_report(out, run_ids=run_ids, **selection)
 
 
 @main.group(cls=Group)
@@ -333,11 +333,11 @@ def bench_devices_command(data: Path, train_args: tuple[str, ...], **options: An
     show_default=True,
     help="time budget of the training-step probe (0: skip it)",
 )
-def doctor_command(as_json: bool, probe_seconds: float) -> None:
+def doctor_command(*, as_json: bool, probe_seconds: float) -> None:
     """What this machine offers (torch, CUDA, GPUs, CPU ISA, bf16), a speed probe, and the options to use."""
     from training.doctor import run_doctor
 
-    run_doctor(as_json, probe_seconds)
+    run_doctor(as_json=as_json, probe_budget_s=probe_seconds)
 
 
 @main.command("summary")
@@ -347,7 +347,7 @@ def doctor_command(as_json: bool, probe_seconds: float) -> None:
 @click.option("--num-classes", type=click.IntRange(1), default=200, show_default=True)
 @click.option("--depth", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--list", "list_archs", is_flag=True, help="list every model -a accepts")
-def summary_command(arch: str, stem: str, image_size: int, num_classes: int, depth: int, list_archs: bool) -> None:
+def summary_command(*, arch: str, stem: str, image_size: int, num_classes: int, depth: int, list_archs: bool) -> None:
     """Print a classifier's layer table: layer, input shape, output shape, parameters."""
     if list_archs:
         for name in ARCHS:
@@ -379,7 +379,14 @@ def synth_command(out: Path, classes: int, train_per_class: int, val_per_class: 
     """Write a learnable synthetic dataset in Tiny-ImageNet's exact layout to OUT."""
     from training.data.synthetic import write_synthetic_tinyimagenet
 
-    write_synthetic_tinyimagenet(out, classes, train_per_class, val_per_class, seed=seed, progress=sys.stderr.isatty())
+    write_synthetic_tinyimagenet(
+        out,
+        num_classes=classes,
+        train_per_class=train_per_class,
+        val_per_class=val_per_class,
+        seed=seed,
+        progress=sys.stderr.isatty(),
+    )
     click.echo(f"wrote {classes} classes x ({train_per_class} train + {val_per_class} val) images to {out}")
 
 
@@ -396,7 +403,7 @@ def synth_command(out: Path, classes: int, train_per_class: int, val_per_class: 
 @click.option("--val-resize", type=click.IntRange(8), default=None,
               help="resize before the center crop [default: as `train resnet --val-resize`]")  # fmt: skip
 @click.option("-j", "--workers", type=click.IntRange(1), default=None, help="decoding processes (default: all cores)")
-def cache_command(data_dir: Path, splits: str, cache_dir: Path | None, image_size: int, val_resize: int | None,
+def cache_command(*, data_dir: Path, splits: str, cache_dir: Path | None, image_size: int, val_resize: int | None,
                   workers: int | None) -> None:  # fmt: skip
     """Decode DATA's images once into memory-mapped uint8 arrays that training reads instead of image files."""
     from training.data.cache import build_cache
@@ -406,7 +413,9 @@ def cache_command(data_dir: Path, splits: str, cache_dir: Path | None, image_siz
     dataset = load_image_dataset(data_dir)
     resize = resolve_resize(val_resize, image_size, dataset.layout)
     for split in splits.split(","):
-        build_cache(dataset, split.strip(), cache_dir, image_size, workers, resize)
+        build_cache(
+            dataset, split=split.strip(), root=cache_dir, image_size=image_size, workers=workers, resize_size=resize
+        )
 
 
 @data.command("synth-corpus")
@@ -467,7 +476,7 @@ def _settings(options: dict[str, Any]):
 )
 @click.option("--version", default=None, help="model version in TorchServe (default: registry version, else epoch)")
 @_model_settings
-def package_command(kind: str, checkpoint: str | None, model_uri: str | None, run_id: str | None, model_store: Path,
+def package_command(*, kind: str, checkpoint: str | None, model_uri: str | None, run_id: str | None, model_store: Path,
                     version: str | None, **settings: Any) -> None:  # fmt: skip
     """Build a TorchServe .mar of a KIND checkpoint into --model-store; log it to the source MLflow run."""
     import tempfile
@@ -476,7 +485,7 @@ def package_command(kind: str, checkpoint: str | None, model_uri: str | None, ru
 
     with tempfile.TemporaryDirectory() as tmp:
         source = resolve_source(checkpoint, model_uri, run_id, Path(tmp))
-        build_mar(kind, source, model_store, _settings(settings), version)
+        build_mar(kind, source, store=model_store, settings=_settings(settings), version=version)
 
 
 _state_dir_option = click.option(
@@ -532,7 +541,7 @@ def _show_answer(answer: Any) -> None:
 )
 @click.option("--alias", default="serving", show_default=True, help="registry alias of the versions this server serves")
 @_model_settings
-def serve_command(models: tuple[str, ...], no_auth: bool, alias: str, **options: Any) -> None:
+def serve_command(*, models: tuple[str, ...], no_auth: bool, alias: str, **options: Any) -> None:
     """Start TorchServe on 127.0.0.1 and wait until every model is ready; it keeps its keys valid while it runs."""
     from serving.deploy import serve
     from serving.server import ServeOptions
@@ -592,7 +601,7 @@ def rollback_command(model: str, state_dir: Path, alias: str, timeout: float) ->
 @click.argument("model_uri")
 @click.option("--alias", default="champion", show_default=True)
 @click.option("--if-better", is_flag=True, help="only when the version's validation metric beats the alias holder's")
-def promote_command(model_uri: str, alias: str, if_better: bool) -> None:
+def promote_command(*, model_uri: str, alias: str, if_better: bool) -> None:
     """Point a registry alias (models:/NAME@ALIAS) at the version MODEL_URI names."""
     from training.tracking import registry
 

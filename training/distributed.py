@@ -79,7 +79,7 @@ class TooManyProcesses(ValueError):
     """More processes than the machine has cores (CPU) or GPUs (CUDA): refused unless insisted on."""
 
 
-def check_process_count(processes: int, device: str, insist: bool) -> None:
+def check_process_count(processes: int, device: str, *, insist: bool) -> None:
     """Refuse more training processes than the device can hold one each of: on the CPU its usable
     cores (each process also starts data workers and holds a model copy: 64 processes on 2 cores
     exhausted 24 GiB), on CUDA the visible GPUs (nccl needs one per process)."""

@@ -62,7 +62,7 @@ def gpus() -> dict[str, Any]:
     return {"cuda": True, "devices": devices}
 
 
-def training_step_rate(device: torch.device, amp: str, channels_last: bool, stem: str = "imagenet",
+def training_step_rate(device: torch.device, amp: str, *, channels_last: bool, stem: str = "imagenet",
                        batch: int = PROBE_BATCH, seconds: float = 0.0) -> float:  # fmt: skip
     """images/s of resnet18 64x64 SGD steps on random data: one warm-up step, then steps for
     `seconds` (at least one). The probe here and bench/precision_throughput.py both time this."""
@@ -104,7 +104,9 @@ def probe(devices: list[torch.device], budget_s: float) -> list[dict[str, Any]]:
                 rows.append({**row, "skipped": f"the probe's {budget_s:g} s budget is spent"})
                 continue
             try:
-                rows.append({**row, "images_per_s": round(training_step_rate(device, amp, channels_last), 1)})
+                rows.append(
+                    {**row, "images_per_s": round(training_step_rate(device, amp, channels_last=channels_last), 1)}
+                )
             except Exception as e:  # e.g. bf16 unsupported on this device
                 rows.append({**row, "error": f"{type(e).__name__}: {e}"})
     return rows
@@ -234,7 +236,7 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_doctor(as_json: bool, probe_budget_s: float) -> dict[str, Any]:
+def run_doctor(*, as_json: bool, probe_budget_s: float) -> dict[str, Any]:
     report = diagnose(probe_budget_s)
     print(json.dumps(report, indent=1) if as_json else format_report(report))
     return report

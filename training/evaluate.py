@@ -33,6 +33,7 @@ def evaluate_samples(
     state: dict,
     samples: list[Sample],
     device: torch.device,
+    *,
     batch_size: int,
     workers: int,
     amp: str = "off",
@@ -42,7 +43,7 @@ def evaluate_samples(
     """One ordered, batched pass of a ResNet checkpoint's model over `samples` (evaluation transform)."""
     model = classifier_from_checkpoint(state).to(device)
     transform = eval_transform(state["image_size"], state.get("resize_size"))  # checkpoints before 2026-12: none
-    loader = make_loader(ImageFiles(samples, transform), batch_size, workers, device)
+    loader = make_loader(ImageFiles(samples, transform), batch_size, workers, device=device)
     return evaluate(model, loader, criterion=nn.CrossEntropyLoss(), device=device, amp=amp, print_freq=print_freq,
                     on_batch=on_batch)  # fmt: skip
 
@@ -50,6 +51,7 @@ def evaluate_samples(
 def evaluate_checkpoint(
     checkpoint: str | Path,
     data: Path,
+    *,
     split: str = "val",
     batch_size: int = 256,
     workers: int = 0,
@@ -81,7 +83,9 @@ def evaluate_checkpoint(
                 "amp": amp,
             }
         )
-        result = evaluate_samples(state, samples, choice.device, batch_size, workers, amp, print_freq)
+        result = evaluate_samples(
+            state, samples, choice.device, batch_size=batch_size, workers=workers, amp=amp, print_freq=print_freq
+        )
         run.log_metrics(
             {
                 "eval/loss": result.loss,

@@ -13,6 +13,7 @@ from training.tracking import registry
 
 def generate(
     checkpoint: str | Path,
+    *,
     prompt: str = "",
     words: int = 1000,
     temperature: float = 1.0,
@@ -32,7 +33,16 @@ def generate(
         if log_interval and count % log_interval == 0:
             print(f"| Generated {count}/{words} words", flush=True)
 
-    result = generate_text(model, state["vocab"], prompt, words, temperature, seed, state["window"], progress)
+    result = generate_text(
+        model,
+        state["vocab"],
+        prompt,
+        n_words=words,
+        temperature=temperature,
+        seed=seed,
+        window=state["window"],
+        on_word=progress,
+    )
     if result["unknown_words"]:
         print(f"warning: prompt words not in the vocabulary, read as <unk>: {', '.join(result['unknown_words'])}")
     outf.parent.mkdir(parents=True, exist_ok=True)

@@ -92,7 +92,7 @@ def _onednn_isa_has_bf16(isa: str) -> bool:
     return isa in ("ALL", "DEFAULT") or "BF16" in isa or "AMX" in isa or isa.startswith("AVX10")
 
 
-def decide_native_bf16(avx512_bf16: bool, amx: bool, env: dict[str, str]) -> tuple[bool, str]:
+def decide_native_bf16(*, avx512_bf16: bool, amx: bool, env: dict[str, str]) -> tuple[bool, str]:
     """Whether bf16 runs at full speed on this CPU, and why; `env` may override (tests, emulation)."""
     override = env.get("DLOPS_CPU_NATIVE_BF16", "").strip()
     if override in ("0", "1"):
@@ -111,7 +111,7 @@ def cpu_facts(env: dict[str, str] | None = None) -> CpuFacts:
     env = dict(os.environ) if env is None else env
     avx512_bf16 = bool(torch.cpu._is_avx512_bf16_supported())
     amx = bool(torch.cpu._is_amx_tile_supported())
-    native, reason = decide_native_bf16(avx512_bf16, amx, env)
+    native, reason = decide_native_bf16(avx512_bf16=avx512_bf16, amx=amx, env=env)
     capability = torch.backends.cpu.get_cpu_capability()
     return CpuFacts(cpu_model_name(), usable_cores(), capability, avx512_bf16, amx, native, reason)
 

@@ -85,7 +85,7 @@ class TrainingSession:
     def best(self) -> Path:
         return self.run_dir / "best.pt"
 
-    def save_epoch(self, state: dict[str, Any], improved: bool) -> None:
+    def save_epoch(self, state: dict[str, Any], *, improved: bool) -> None:
         """Write last.pt (and best.pt when the epoch improved) before its metrics are logged."""
         if not self.active:
             return
@@ -108,7 +108,7 @@ class TrainingSession:
         print(f"=> epoch {position['epoch']} step {position['step']} saved to {self.last} (resumable)", flush=True)
         return self.last
 
-    def _note_last(self, state: dict[str, Any], finished: bool = False) -> None:
+    def _note_last(self, state: dict[str, Any], *, finished: bool = False) -> None:
         """last.json beside last.pt: what `--resume auto` looks for without loading checkpoints."""
         position = state.get("position") or {}
         note = {"kind": state["kind"], "run_name": state["config"].get("run_name"), "run_id": self.run.run_id,
@@ -156,6 +156,7 @@ def training_session(
     config: Any,
     kind: str,
     saved: dict[str, Any] | None,
+    *,
     resume: Path | None,
     device: DeviceChoice,
     tags: dict[str, Any],
@@ -172,8 +173,16 @@ def training_session(
         return
     run_tags = {"job": f"train-{kind}"}
     resume_dir = Path(resume).parent if saved and resume else None
-    with tracking.open_run(config.experiment, Path(config.out_dir), config.run_name, run_tags, resume_dir,
-                           saved["run_id"] if saved else None, config.offline, config.sync_timeout) as run:  # fmt: skip
+    with tracking.open_run(
+        config.experiment,
+        Path(config.out_dir),
+        run_name=config.run_name,
+        tags=run_tags,
+        resume_dir=resume_dir,
+        saved_run_id=saved["run_id"] if saved else None,
+        offline=config.offline,
+        sync_timeout_s=config.sync_timeout,
+    ) as run:
         run_dir = run.journal.dir.parent
         run.open_tensorboard(run_dir / "tensorboard")
         if saved:

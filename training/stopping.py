@@ -61,7 +61,7 @@ class StopRequest:
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
 
-    def agreed(self, device: torch.device, distributed: bool) -> bool:
+    def agreed(self, device: torch.device, *, distributed: bool) -> bool:
         """Whether any process was asked to stop: the same answer on every rank (one all-reduce)."""
         if not distributed:
             return self.requested

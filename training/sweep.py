@@ -368,8 +368,15 @@ def register_trial(spec: SweepSpec, run_id: str, tags: dict[str, str], client: A
         checkpoint = local if local.is_file() else tracking.download_run_checkpoint(run_id, Path(tmp))
         model_dir = build_mlflow_model(spec.job, checkpoint, Path(tmp) / "mlflow-model")
         step = int(client.get_run(run_id).data.metrics.get("best/epoch", 0))
-        return registry.log_mlflow_model(client, run_id, model_dir, spec.registered_model, tags, step,
-                                         source_key=f"sweep-{spec.study_name}-{run_id}")  # fmt: skip
+        return registry.log_mlflow_model(
+            client,
+            run_id,
+            model_dir,
+            registered_name=spec.registered_model,
+            tags=tags,
+            step=step,
+            source_key=f"sweep-{spec.study_name}-{run_id}",
+        )
 
 
 def _log_plots(study: optuna.Study, parent: tracking.DirectRun) -> None:

@@ -119,7 +119,7 @@ def start_runtime(config: RunConfig) -> Runtime:
     return Runtime(choice, device, group, precision)
 
 
-def _checkpoint(job: Job, epoch: int, model: nn.Module, optimization: Optimization, scaler, state: TrainState,
+def _checkpoint(job: Job, epoch: int, model: nn.Module, *, optimization: Optimization, scaler, state: TrainState,
                 metrics: dict[str, float], model_config: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     return {
         "format_version": FORMAT_VERSION,
@@ -176,7 +176,7 @@ class EpochControl:
         self.stopped: dict[str, Any] | None = None  # where the epoch stopped: {"step", "checkpoint"}
 
     def after_step(self, step: int, snapshot: Callable[[], dict[str, Any]]) -> bool:
-        if self.stop.agreed(self.runtime.device, self.runtime.group.enabled):
+        if self.stop.agreed(self.runtime.device, distributed=self.runtime.group.enabled):
             self.stopped = {"step": step, "checkpoint": self.save(snapshot())}
             return True
         if self.every_s and time.monotonic() - self.last_save >= self.every_s:
@@ -188,6 +188,7 @@ class EpochControl:
 def train(
     job_class: type[Job],
     config: RunConfig,
+    *,
     resume: Path | None = None,
     on_epoch: EpochHook | None = None,
     register: bool = True,
@@ -234,8 +235,8 @@ def _train(job_class: type[Job], config: RunConfig, runtime: Runtime, *, saved: 
     reduce = runtime.group.sum if runtime.group.enabled else None
 
     params = {**job.run_params(), **warm, **runtime.choice.features()}
-    with training_session(config, job.kind, saved, resume, runtime.choice, tags, params,
-                          runtime.group.is_main) as session:  # fmt: skip
+    with training_session(config, job.kind, saved, resume=resume, device=runtime.choice, tags=tags, params=params,
+                          active=runtime.group.is_main) as session:  # fmt: skip
         run = session.run
         if saved:
             session.catch_up(saved, "val/loss")
@@ -251,7 +252,16 @@ def _train(job_class: type[Job], config: RunConfig, runtime: Runtime, *, saved: 
 
         def save_position(epoch: int, loop: dict[str, Any]) -> Path | None:
             """A resumable last.pt within `epoch`: the last finished epoch's state plus the loop's."""
-            checkpoint = _checkpoint(job, epoch - 1, model, optimization, scaler, state, last_metrics, model_config)
+            checkpoint = _checkpoint(
+                job,
+                epoch - 1,
+                model,
+                optimization=optimization,
+                scaler=scaler,
+                state=state,
+                metrics=last_metrics,
+                model_config=model_config,
+            )
             return session.save_position({**checkpoint, "position": {"epoch": epoch, **loop}})
 
         stop_reason = f"completed {config.epochs} epochs"
@@ -275,15 +285,24 @@ def _train(job_class: type[Job], config: RunConfig, runtime: Runtime, *, saved: 
                 optimization.scheduler.step()
             metrics.update({"lr": lr, "time/epoch_seconds": time.perf_counter() - start})
             improved = state.update(epoch, metrics, metrics["time/epoch_seconds"], job)
-            job.after_epoch(improved)
+            job.after_epoch(improved=improved)
             print(job.epoch_line(epoch, metrics), flush=True)
             # Checkpoint first, then metrics: a resume logs whatever a crash in between left out.
-            checkpoint = _checkpoint(job, epoch, model, optimization, scaler, state, metrics, model_config)
-            session.save_epoch(checkpoint, improved)
+            checkpoint = _checkpoint(
+                job,
+                epoch,
+                model,
+                optimization=optimization,
+                scaler=scaler,
+                state=state,
+                metrics=metrics,
+                model_config=model_config,
+            )
+            session.save_epoch(checkpoint, improved=improved)
             last_metrics = metrics
             run.log_metrics(metrics, step=epoch)
             run.sync_tensorboard()
-            if epoch < config.epochs and stop.agreed(runtime.device, runtime.group.enabled):
+            if epoch < config.epochs and stop.agreed(runtime.device, distributed=runtime.group.enabled):
                 # a signal during validation, or a job whose loop takes no StepControl: stop at the epoch's end
                 run.set_tags({"stop_reason": f"{stop.name} after epoch {epoch}: resumable from {session.last}"})
                 print(f"=> {stop.name}: stopped after epoch {epoch}; resume with: dlops train {job.kind} --resume "
@@ -332,7 +351,7 @@ def main() -> None:
     # the config class checks every value as the CLI does
     config = job_class.config_class(**json.loads(args.config.read_text(encoding="utf-8")))
     try:
-        train(job_class, config, args.resume)
+        train(job_class, config, resume=args.resume)
     except TrainingStopped as stopped:  # state on disk, grace period running: skip the interpreter's teardown
         exit_now(stopped.exit_code)
 

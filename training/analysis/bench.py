@@ -68,7 +68,14 @@ def unavailable(config: DeviceConfig) -> str | None:
 
 
 def run_config(
-    data: Path, config: DeviceConfig, workers: int, epochs: int, experiment: str, comparison: str, train_args: list[str]
+    data: Path,
+    config: DeviceConfig,
+    workers: int,
+    *,
+    epochs: int,
+    experiment: str,
+    comparison: str,
+    train_args: list[str],
 ) -> BenchRow:
     row = BenchRow(config, workers)
     command = [
@@ -114,6 +121,7 @@ def format_table(rows: list[BenchRow]) -> str:
 def bench_devices(
     data: Path,
     configs: str,
+    *,
     epochs: int = 1,
     workers: str = "2",
     experiment: str = "device-bench",
@@ -133,7 +141,16 @@ def bench_devices(
             rows.append(BenchRow(config, 0, skipped=reason))
             continue
         rows += [
-            run_config(data, config, w, epochs, experiment, comparison, list(train_args or [])) for w in worker_counts
+            run_config(
+                data,
+                config,
+                w,
+                epochs=epochs,
+                experiment=experiment,
+                comparison=comparison,
+                train_args=list(train_args or []),
+            )
+            for w in worker_counts
         ]
     print(format_table(rows))
     return rows

@@ -53,7 +53,7 @@ def predict(state: dict, samples: list[Sample], device: torch.device, batch_size
         top1.append(classes.cpu())
         confidence.append(probabilities.cpu())
 
-    result = evaluate_samples(state, samples, device, batch_size, workers, on_batch=keep)
+    result = evaluate_samples(state, samples, device, batch_size=batch_size, workers=workers, on_batch=keep)
     return Predictions(result, torch.cat(top1), torch.cat(confidence))
 
 
@@ -107,6 +107,7 @@ def compare_checkpoints(
     checkpoint_a: str | Path,
     checkpoint_b: str | Path,
     data: Path,
+    *,
     split: str = "val",
     limit: int | None = None,
     grid: int = 16,

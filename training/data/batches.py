@@ -36,7 +36,7 @@ def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) 
 class BatchTransform:
     """uint8 (N, 3, H, W) batch -> normalized float batch, augmented when training."""
 
-    def __init__(self, augment: str, mean: tuple[float, ...], std: tuple[float, ...], train: bool):
+    def __init__(self, augment: str, mean: tuple[float, ...], std: tuple[float, ...], *, train: bool):
         if augment not in TENSOR_AUGMENTATIONS:
             raise ValueError(
                 f"--augment {augment!r} needs the image-file loader (--data-cache off); decoded batches support "
@@ -79,6 +79,7 @@ class TensorBatches:
         fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
         size: int,
         batch_size: int,
+        *,
         shuffle: bool,
         seed: int = 0,
         rank: int = 0,

@@ -86,6 +86,7 @@ def _decode_chunk(args: tuple[str, int, list[str], int, int | None]) -> int:
 
 def build_cache(
     dataset: ImageDataset,
+    *,
     split: str = "train",
     root: Path | None = None,
     image_size: int = 64,

@@ -100,6 +100,7 @@ def make_loader(
     dataset: Dataset,
     batch_size: int,
     workers: int,
+    *,
     device: torch.device,
     shuffle: bool = False,
     sampler: Sampler | None = None,

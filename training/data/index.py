@@ -38,7 +38,7 @@ def detect_layout(root: Path) -> str:
                        "ImageFolder (train/<class>/<images>, val/<class>/<images>)")  # fmt: skip
 
 
-def load_image_dataset(root: Path | str, verify: bool = True) -> ImageDataset:
+def load_image_dataset(root: Path | str, *, verify: bool = True) -> ImageDataset:
     """Index the dataset at `root` in whichever layout it has; with `verify`, check every image."""
     root = Path(root)
     layout = detect_layout(root)

@@ -84,8 +84,8 @@ def build_pipeline(config: Any, batch_size: int, device: torch.device, group: Pr
     if builds and group.is_main:
         group.barrier()
     if caches is None:
-        return _jpeg(config, ds, batch_size, device, rank, world_size)
-    return _cached(config, ds, caches, batch_size, device, rank, world_size)
+        return _jpeg(config, ds, batch_size, device=device, rank=rank, world_size=world_size)
+    return _cached(config, ds, caches, batch_size=batch_size, device=device, rank=rank, world_size=world_size)
 
 
 def _share(indices: list[int], rank: int, world_size: int) -> list[int]:
@@ -109,13 +109,13 @@ class EpochSampler(DistributedSampler):
         return max(super().__len__() - self.skip, 0)
 
 
-def _loader(dataset, config, batch_size, device, rank, world_size, train: bool, collate=None):
+def _loader(dataset, config, batch_size, *, device, rank, world_size, train: bool, collate=None):
     """A DataLoader over `dataset`; training batches are shuffled by a permutation of (seed, epoch),
     as DistributedSampler draws it (the same on every rank), so a resumed run sees the same order
     as an uninterrupted one. Workers' augmentation RNGs differ per rank. A compiled model gets no
     final partial batch (a new shape would recompile it)."""
     sampler = EpochSampler(dataset, world_size, rank, shuffle=True, seed=config.seed) if train else None
-    loader = make_loader(dataset, batch_size, config.workers, device, sampler=sampler, seed=config.seed + rank,
+    loader = make_loader(dataset, batch_size, config.workers, device=device, sampler=sampler, seed=config.seed + rank,
                          collate_fn=collate, drop_last=train and config.compile)  # fmt: skip
     return loader, sampler
 
@@ -126,8 +126,8 @@ def _dummy(config, batch_size, device, rank, world_size) -> ImagePipeline:
     train_set = RandomImages(n_train, len(classes), config.image_size, seed=config.seed)
     val_set = Subset(RandomImages(n_val, len(classes), config.image_size, seed=config.seed + 1),
                      _share(list(range(n_val)), rank, world_size))  # fmt: skip
-    train, sampler = _loader(train_set, config, batch_size, device, rank, world_size, train=True)
-    val, _ = _loader(val_set, config, batch_size, device, rank, world_size, train=False)
+    train, sampler = _loader(train_set, config, batch_size, device=device, rank=rank, world_size=world_size, train=True)
+    val, _ = _loader(val_set, config, batch_size, device=device, rank=rank, world_size=world_size, train=False)
     tags = {"dataset": "dummy", "train_images": n_train, "val_images": n_val, "data_path": "random tensors"}
     config.augment = resolve_augment(config.augment, "dummy")
     return ImagePipeline(train, val, classes, classes, tags, epoch_setters=[sampler], batch_size=batch_size,
@@ -146,13 +146,13 @@ def _dataset_tags(config, ds: ImageDataset, n_train: int, n_val: int, path: str)
     }
 
 
-def _jpeg(config, ds: ImageDataset, batch_size, device, rank, world_size) -> ImagePipeline:
+def _jpeg(config, ds: ImageDataset, batch_size, *, device, rank, world_size) -> ImagePipeline:
     transform = train_transform(config.augment, config.image_size, config.val_resize)
     train_set = ImageFiles(take_evenly(ds.train, config.limit_train), transform)
     val_samples = take_evenly(ds.val, config.limit_val)
     val_set = ImageFiles(_share(val_samples, rank, world_size), eval_transform(config.image_size, config.val_resize))
-    train, sampler = _loader(train_set, config, batch_size, device, rank, world_size, train=True)
-    val, _ = _loader(val_set, config, batch_size, device, rank, world_size, train=False)
+    train, sampler = _loader(train_set, config, batch_size, device=device, rank=rank, world_size=world_size, train=True)
+    val, _ = _loader(val_set, config, batch_size, device=device, rank=rank, world_size=world_size, train=False)
     tags = _dataset_tags(config, ds, len(train_set), len(val_samples), "image files (PIL in DataLoader workers)")
     return ImagePipeline(train, val, ds.classes, ds.class_labels, tags, epoch_setters=[sampler],
                          batch_size=batch_size, augment=config.augment, resize_size=config.val_resize)  # fmt: skip
@@ -173,7 +173,7 @@ def _find_caches(config, ds: ImageDataset) -> tuple[DecodedSplit, DecodedSplit] 
             return None
         return found[0], found[1]
     root = Path(config.data_cache)
-    return build_cache(ds, "train", root, **sizes), build_cache(ds, "val", root, **sizes)
+    return build_cache(ds, split="train", root=root, **sizes), build_cache(ds, split="val", root=root, **sizes)
 
 
 def _on_gpu(config, caches: tuple[DecodedSplit, DecodedSplit], device: torch.device) -> bool:
@@ -185,21 +185,48 @@ def _on_gpu(config, caches: tuple[DecodedSplit, DecodedSplit], device: torch.dev
     return sum(c.images.nbytes for c in caches) <= GPU_MEMORY_SHARE * free
 
 
-def _cached(config, ds: ImageDataset, caches, batch_size, device, rank, world_size) -> ImagePipeline:
+def _cached(config, ds: ImageDataset, caches, *, batch_size, device, rank, world_size) -> ImagePipeline:
     train_cache, val_cache = caches
     train_rows = evenly_spaced(len(train_cache.labels), config.limit_train)
     val_rows = evenly_spaced(len(val_cache.labels), config.limit_val)
     prepare_train = BatchTransform(config.augment, IMAGENET_MEAN, IMAGENET_STD, train=True)
     prepare_val = BatchTransform("none", IMAGENET_MEAN, IMAGENET_STD, train=False)
     if _on_gpu(config, caches, device):
-        train = _resident(train_cache, train_rows, batch_size, device, True, config, rank, world_size)
-        val = _resident(val_cache, val_rows, batch_size, device, False, config, rank, world_size)
+        train = _resident(
+            train_cache,
+            train_rows,
+            batch_size,
+            device=device,
+            train=True,
+            config=config,
+            rank=rank,
+            world_size=world_size,
+        )
+        val = _resident(
+            val_cache, val_rows, batch_size, device=device, train=False, config=config, rank=rank, world_size=world_size
+        )
         setters, path = [train], f"decoded cache {train_cache.directory.parent} on the GPU"
     else:
-        train, sampler = _loader(CachedImages(train_cache, np.array(train_rows)), config, batch_size, device, rank,
-                                 world_size, train=True, collate=collate_batch)  # fmt: skip
-        val, _ = _loader(CachedImages(val_cache, np.array(_share(val_rows, rank, world_size))), config, batch_size,
-                         device, rank, world_size, train=False, collate=collate_batch)  # fmt: skip
+        train, sampler = _loader(
+            CachedImages(train_cache, np.array(train_rows)),
+            config,
+            batch_size,
+            device=device,
+            rank=rank,
+            world_size=world_size,
+            train=True,
+            collate=collate_batch,
+        )
+        val, _ = _loader(
+            CachedImages(val_cache, np.array(_share(val_rows, rank, world_size))),
+            config,
+            batch_size,
+            device=device,
+            rank=rank,
+            world_size=world_size,
+            train=False,
+            collate=collate_batch,
+        )
         setters = [sampler]
         path = f"decoded cache {train_cache.directory.parent} (memory-mapped)"
     tags = _dataset_tags(config, ds, len(train_rows), len(val_rows), path)
@@ -207,7 +234,7 @@ def _cached(config, ds: ImageDataset, caches, batch_size, device, rank, world_si
                          batch_size, config.augment, config.val_resize)  # fmt: skip
 
 
-def _resident(cache: DecodedSplit, rows, batch_size, device, train: bool, config, rank, world_size) -> TensorBatches:
+def _resident(cache: DecodedSplit, rows, batch_size, *, device, train: bool, config, rank, world_size) -> TensorBatches:
     """Copy the split's uint8 images to the device once; batches are index lookups there.
 
     Training shares are padded to equal lengths across ranks (and lose a final partial batch when
@@ -218,5 +245,15 @@ def _resident(cache: DecodedSplit, rows, batch_size, device, train: bool, config
     def fetch(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return images[indices], labels[indices]
 
-    return TensorBatches(fetch, len(rows), batch_size, train, config.seed, rank, world_size,
-                         drop_last=train and config.compile, equal_shares=train, device=device)  # fmt: skip
+    return TensorBatches(
+        fetch,
+        len(rows),
+        batch_size,
+        shuffle=train,
+        seed=config.seed,
+        rank=rank,
+        world_size=world_size,
+        drop_last=train and config.compile,
+        equal_shares=train,
+        device=device,
+    )

@@ -92,6 +92,7 @@ def _save(image: Image.Image, path: Path, serial: int) -> None:
 
 def write_synthetic_tinyimagenet(
     out: Path | str,
+    *,
     num_classes: int = 10,
     train_per_class: int = 100,
     val_per_class: int = 20,

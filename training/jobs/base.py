@@ -240,7 +240,7 @@ class Job:
     def evaluate(self, model: nn.Module, reduce: Callable | None) -> dict[str, float]:
         raise NotImplementedError
 
-    def after_epoch(self, improved: bool) -> None:
+    def after_epoch(self, *, improved: bool) -> None:
         """Per-epoch bookkeeping after validation (e.g. anneal the learning rate)."""
 
     def epoch_line(self, epoch: int, metrics: dict[str, float]) -> str:

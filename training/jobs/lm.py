@@ -152,7 +152,7 @@ class LMJob(Job):
         val = evaluate_lm(model, self.val_data, self.device, "off", self.config.bptt)
         return {"val/loss": val.loss, "val/ppl": val.ppl}
 
-    def after_epoch(self, improved: bool) -> None:
+    def after_epoch(self, *, improved: bool) -> None:
         if not improved:
             self.lr /= LR_ANNEAL
 

@@ -70,7 +70,7 @@ class Totals:
         return loss / n, 100 * c1 / n, 100 * c5 / n, self.count
 
 
-def _line(header: str, i: int, total: int, batch_time: float, data_time: float, totals: Totals) -> str:
+def _line(header: str, i: int, total: int, *, batch_time: float, data_time: float, totals: Totals) -> str:
     loss, acc1, acc5, _ = totals.averages()
     width = len(str(total))
     return (
@@ -83,7 +83,7 @@ Prepare = Callable[[torch.Tensor], torch.Tensor]
 
 
 def to_device(
-    images: torch.Tensor, target: torch.Tensor, device: torch.device, channels_last: bool, prepare: Prepare | None
+    images: torch.Tensor, target: torch.Tensor, device: torch.device, *, channels_last: bool, prepare: Prepare | None
 ):
     """Move a batch to the device; decoded uint8 batches are normalized (and augmented) there.
 
@@ -112,7 +112,7 @@ class ClassifierStep:
     prepare: Prepare | None = None  # decoded uint8 batches: normalize and augment on the device
 
     def __call__(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        images, target = to_device(images, target, self.device, self.channels_last, self.prepare)
+        images, target = to_device(images, target, self.device, channels_last=self.channels_last, prepare=self.prepare)
         with autocast(self.device, self.amp):
             output = self.model(images)
             loss = self.criterion(output, target)
@@ -153,7 +153,16 @@ def train_one_epoch(
         loss, output, target = step(images, target)
         totals.add(loss, output.float(), target)
         if print_freq and (i % print_freq == 0 or i == total):
-            progress.print(_line(f"Epoch: [{epoch}]", i, total, time.perf_counter() - last, data_time, totals))
+            progress.print(
+                _line(
+                    f"Epoch: [{epoch}]",
+                    i,
+                    total,
+                    batch_time=time.perf_counter() - last,
+                    data_time=data_time,
+                    totals=totals,
+                )
+            )
         last = time.perf_counter()
 
         def snapshot(i: int = i, data_seconds: float = data_seconds) -> dict[str, Any]:  # called right away
@@ -193,7 +202,7 @@ def evaluate(
     for i, (images, target) in enumerate(progress, 1):
         data_time = time.perf_counter() - last
         data_seconds += data_time
-        images, target = to_device(images, target, device, channels_last, prepare)
+        images, target = to_device(images, target, device, channels_last=channels_last, prepare=prepare)
         with autocast(device, amp):
             output = model(images)
             loss = criterion(output, target)
@@ -201,7 +210,11 @@ def evaluate(
         if on_batch is not None:
             on_batch(output.float(), target)
         if print_freq and (i % print_freq == 0 or i == len(loader)):
-            progress.print(_line("Test: ", i, len(loader), time.perf_counter() - last, data_time, totals))
+            progress.print(
+                _line(
+                    "Test: ", i, len(loader), batch_time=time.perf_counter() - last, data_time=data_time, totals=totals
+                )
+            )
         last = time.perf_counter()
     progress.close()
     synchronize(device)

@@ -21,7 +21,7 @@ EOS = "<eos>"
 class RNNModel(nn.Module):
     """Embedding -> RNN/LSTM/GRU -> linear decoder, with dropout and optional weight tying."""
 
-    def __init__(self, model: str, ntokens: int, emsize: int, nhid: int, nlayers: int, dropout: float, tied: bool):
+    def __init__(self, model: str, ntokens: int, emsize: int, *, nhid: int, nlayers: int, dropout: float, tied: bool):
         super().__init__()
         self.model_type, self.nhid, self.nlayers = model, nhid, nlayers
         self.drop = nn.Dropout(dropout)
@@ -73,7 +73,7 @@ class TransformerModel(nn.Module):
 
     model_type = "Transformer"
 
-    def __init__(self, ntokens: int, emsize: int, nhead: int, nhid: int, nlayers: int, dropout: float, tied: bool):
+    def __init__(self, ntokens: int, emsize: int, nhead: int, *, nhid: int, nlayers: int, dropout: float, tied: bool):
         super().__init__()
         if emsize % nhead:
             raise ValueError(f"--emsize {emsize} must be divisible by --nhead {nhead}")
@@ -101,13 +101,13 @@ class TransformerModel(nn.Module):
 
 
 def build_language_model(
-    model: str, ntokens: int, emsize: int, nhid: int, nlayers: int, nhead: int, dropout: float, tied: bool
+    model: str, ntokens: int, emsize: int, *, nhid: int, nlayers: int, nhead: int, dropout: float, tied: bool
 ) -> nn.Module:
     if model == "Transformer":
-        return TransformerModel(ntokens, emsize, nhead, nhid, nlayers, dropout, tied)
+        return TransformerModel(ntokens, emsize, nhead, nhid=nhid, nlayers=nlayers, dropout=dropout, tied=tied)
     if model not in MODEL_TYPES:
         raise ValueError(f"--model {model!r} is not one of {', '.join(MODEL_TYPES)}")
-    return RNNModel(model, ntokens, emsize, nhid, nlayers, dropout, tied)
+    return RNNModel(model, ntokens, emsize, nhid=nhid, nlayers=nlayers, dropout=dropout, tied=tied)
 
 
 def detach_hidden(hidden):
@@ -258,6 +258,7 @@ def generate_text(
     model: nn.Module,
     vocab: list[str],
     prompt: str,
+    *,
     n_words: int,
     temperature: float,
     seed: int,

@@ -52,7 +52,7 @@ def gather(client, runs: list[collect.RunFacts], mlflow_url: str | None) -> tupl
     return sections, pictures
 
 
-def write_report(out: Path, title: str, runs: list[collect.RunFacts], sections: dict[str, Any],
+def write_report(out: Path, title: str, runs: list[collect.RunFacts], *, sections: dict[str, Any],
                  pictures: list[Picture], selection: str) -> tuple[Path, Path]:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     files = out / "report_files"
@@ -75,18 +75,26 @@ def write_report(out: Path, title: str, runs: list[collect.RunFacts], sections: 
     return html_path, md_path
 
 
-def build_report(out: Path, run_ids: tuple[str, ...] = (), experiment: tuple[str, ...] = (), filter_string: str = "",
+def build_report(out: Path, *, run_ids: tuple[str, ...] = (), experiment: tuple[str, ...] = (), filter_string: str = "",
                  max_runs: int = 50, sweep: str | None = None, comparison: str | None = None,
                  mlflow_url: str | None = None, title: str | None = None) -> tuple[Path, Path]:  # fmt: skip
     """Write OUT/report.html and OUT/report.md about the selected runs; return both paths."""
     client = tracking.store_client()
-    runs = collect.select_runs(client, run_ids, experiment, filter_string, max_runs, sweep, comparison)
+    runs = collect.select_runs(
+        client,
+        run_ids=run_ids,
+        experiments=experiment,
+        filter_string=filter_string,
+        max_runs=max_runs,
+        sweep=sweep,
+        comparison=comparison,
+    )
     selection = ", ".join(f"{k} {v}" for k, v in (("runs", " ".join(run_ids)), ("experiment", ", ".join(experiment)),
                                                   ("filter", filter_string), ("sweep", sweep),
                                                   ("comparison", comparison)) if v)  # fmt: skip
     sections, pictures = gather(client, runs, mlflow_url)
     title = title or (f"Report: {', '.join(experiment)}" if experiment else f"Report of {len(runs)} runs")
-    html, md = write_report(Path(out), title, runs, sections, pictures, selection)
+    html, md = write_report(Path(out), title, runs, sections=sections, pictures=pictures, selection=selection)
     present = [name for name, section in sections.items() if section]
     print(f"=> report of {len(runs)} runs ({', '.join(present)}): {html} and {md}")
     return html, md

@@ -69,7 +69,7 @@ def _newest(client: MlflowClient, experiment_ids: list[str], filter_string: str,
     return runs[::-1]
 
 
-def select_runs(client: MlflowClient, run_ids: tuple[str, ...] = (), experiments: tuple[str, ...] = (),
+def select_runs(client: MlflowClient, *, run_ids: tuple[str, ...] = (), experiments: tuple[str, ...] = (),
                 filter_string: str = "", max_runs: int = 50, sweep: str | None = None,
                 comparison: str | None = None) -> list[RunFacts]:  # fmt: skip
     """The runs a report is about: by id, by experiment (and MLflow filter, newest `max_runs` of

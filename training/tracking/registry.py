@@ -199,7 +199,7 @@ def _link_metrics(client: MlflowClient, run_id: str, model_id: str, step: int) -
         client.log_batch(run_id, metrics=linked[start : start + 500])
 
 
-def log_mlflow_model(client: MlflowClient, run_id: str, model_dir: Path, registered_name: str,
+def log_mlflow_model(client: MlflowClient, run_id: str, model_dir: Path, *, registered_name: str,
                      tags: Mapping[str, str], step: int, source_key: str) -> str:  # fmt: skip
     """Log a saved MLflow model as a LoggedModel of run `run_id` and register it; return the version.
 

@@ -166,7 +166,7 @@ class JournalSystemMetrics(SystemMetricsMonitor):
 
 
 def _start_journal(
-    experiment: str, out_dir: Path, run_name: str | None, tags: Mapping[str, str], resume_dir: Path | None,
+    experiment: str, out_dir: Path, run_name: str | None, *, tags: Mapping[str, str], resume_dir: Path | None,
     saved_run_id: str | None, offline: bool, uri: str,
 ) -> tuple[Journal, str]:  # fmt: skip
     """Create or reopen the run's journal; online, create or check the run on the server now."""
@@ -195,6 +195,7 @@ def _start_journal(
 def open_run(
     experiment: str,
     out_dir: Path,
+    *,
     run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
     resume_dir: Path | None = None,
@@ -207,8 +208,16 @@ def open_run(
     if not offline:
         check_reachable(uri)
         http_client_settings(uri)
-    journal, run_id = _start_journal(experiment, Path(out_dir), run_name, dict(tags or {}), resume_dir, saved_run_id,
-                                     offline, uri)  # fmt: skip
+    journal, run_id = _start_journal(
+        experiment,
+        Path(out_dir),
+        run_name,
+        tags=dict(tags or {}),
+        resume_dir=resume_dir,
+        saved_run_id=saved_run_id,
+        offline=offline,
+        uri=uri,
+    )
     with contextlib.ExitStack() as stack:
         sender = None
         if not offline:

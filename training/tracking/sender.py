@@ -89,8 +89,15 @@ class Delivery:
             if op == "register":
                 version = register_model(run_id, record["artifact_path"], record["name"], record["tags"], client)
             else:
-                version = log_mlflow_model(client, run_id, Path(record["path"]), record["name"], record["tags"],
-                                           record["step"], source_key=f"{run_id}-{record['time']}")  # fmt: skip
+                version = log_mlflow_model(
+                    client,
+                    run_id,
+                    Path(record["path"]),
+                    registered_name=record["name"],
+                    tags=record["tags"],
+                    step=record["step"],
+                    source_key=f"{run_id}-{record['time']}",
+                )
             client.set_tag(run_id, "registered_model", f"{record['name']}/{version}")
             self.journal.update_state(registered={"name": record["name"], "version": version})
         elif op == "end":
