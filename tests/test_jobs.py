@@ -164,6 +164,18 @@ class ToyJob(Job):
         return f"=> toy epoch {epoch}: val loss {metrics['val/loss']:.4f}"
 
 
+def test_a_job_missing_a_method_fails_before_it_runs():
+    class Incomplete(ToyJob):
+        epoch_line = Job.epoch_line  # as if never written
+
+    with pytest.raises(TypeError, match="epoch_line"):
+        Incomplete(ToyConfig(), None)
+    with pytest.raises(TypeError, match="serves through ToyHandler but does not define example_request, offline"):
+
+        class Serving(ToyJob):
+            serving = ServingSpec("toy", "toy.py", "toy.py", handler_class="ToyHandler")
+
+
 def test_a_third_job_is_one_declaration(tmp_path, client):
     run_dir = trainer.train(ToyJob, ToyConfig(epochs=3, out_dir=str(tmp_path), device="cpu")).run_dir
     run = latest_run(client, "toy")

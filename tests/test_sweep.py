@@ -33,9 +33,10 @@ def corpus(module_tmp) -> Path:
 
 
 def sweep_command(corpus: Path, tmp: Path, study: str, trials: int = 6) -> list[str]:
-    return [sys.executable, "-m", "training.cli", "sweep", "lm", str(corpus), "--trials", str(trials), "--jobs", "2",
-            *SPACE, "--sampler", "random", "--seed", SEED, "--storage", f"sqlite:///{tmp / 'optuna.db'}",
-            "--study-name", study, "--heartbeat", "2", "--", *TINY, "--out-dir", str(tmp / "runs"),
+    return [sys.executable, "-m", "training.cli", "sweep", "lm", str(corpus), "--trials", str(trials),
+            "--processes", "2", *SPACE, "--sampler", "random", "--seed", SEED, "--storage",
+            f"sqlite:///{tmp / 'optuna.db'}", "--study-name", study, "--heartbeat", "2", "--", *TINY, "--out-dir",
+            str(tmp / "runs"),
             "--experiment", f"sweep-{study}", "--registered-model", f"sweep-{study}"]  # fmt: skip
 
 
@@ -129,6 +130,8 @@ def test_bad_sweeps_fail_before_any_trial(corpus, tmp_path):
     assert "an empty range" in cli_error(*base, "--param", "lr=log:1:0.001")
     assert "expected one of float:..." in cli_error(*base, "--param", "lr=gauss:1:2")
     assert "expected NAME=SPEC" in cli_error(*base, "--param", "lr")
+    said = cli_error(*base, "--jobs", "2", "--param", "lr")  # the old name of --processes still works, noted
+    assert "--jobs is deprecated; it is --processes now" in said and "expected NAME=SPEC" in said
     assert "not a valid --model" in cli_error(*base, "--param", "model=choice:LSTM,GPT")
     assert "--direction maximize contradicts val/ppl, where lower is better" in cli_error(
         *base, "--param", "lr=log:1e-3:1", "--direction", "maximize"

@@ -246,7 +246,10 @@ def compare_command(checkpoint_a: str, checkpoint_b: str, data: Path, **options:
     default=None,
     help="must agree with the metric (val Acc@1: maximize; val ppl: minimize)",
 )
-@click.option("--jobs", type=click.IntRange(1), default=1, show_default=True, help="trial processes on this machine")
+@click.option("--processes", type=click.IntRange(1), default=1, show_default=True,
+              help="trial processes on this machine")  # fmt: skip
+@click.option("--jobs", "jobs_deprecated", type=click.IntRange(1), default=None, hidden=True,
+              help="the old name of --processes")  # fmt: skip
 @click.option(
     "--storage",
     default=None,
@@ -263,10 +266,14 @@ def compare_command(checkpoint_a: str, checkpoint_b: str, data: Path, **options:
 )
 @click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
 def sweep_command(*, kind: str, data: Path, train_args: tuple[str, ...], params: tuple[str, ...], space: Path | None,
-                  jobs: int, storage: str | None, heartbeat: int, **settings: Any) -> None:  # fmt: skip
+                  processes: int, jobs_deprecated: int | None, storage: str | None, heartbeat: int,
+                  **settings: Any) -> None:  # fmt: skip
     """Search KIND's options on DATA with Optuna; options after `--` are fixed for every trial."""
     from training.sweep import DEFAULT_STORAGE, read_space, resolve_spec, run_sweep
 
+    if jobs_deprecated is not None:  # "jobs" also names the job kinds (resnet, lm): the old flag still works
+        click.echo(f"Note: --jobs is deprecated; it is --processes now (using --processes {jobs_deprecated})", err=True)
+        processes = jobs_deprecated
     job = JOBS[kind]
     command = train.commands[kind]
     with command.make_context(kind, [str(data), *train_args]) as train_ctx:  # the train command's own parsing
@@ -274,7 +281,7 @@ def sweep_command(*, kind: str, data: Path, train_args: tuple[str, ...], params:
     fixed["data"] = str(data)
     spec = resolve_spec(kind, fixed, read_space(job, params, space), storage=storage or DEFAULT_STORAGE,
                         heartbeat_s=heartbeat, **settings)  # fmt: skip
-    run_sweep(spec, jobs)
+    run_sweep(spec, processes=processes)
 
 
 @main.command("report")

@@ -8,7 +8,7 @@
   option's own type and range, before any trial starts.
 - Each trial is an ordinary training run (a child of the sweep's parent run, tagged sweep_id,
   trial and state) that reports its validation metric every epoch; the pruner may stop it there.
-- The study lives in Optuna's RDB storage (default a SQLite file under mlruns/): `--jobs K` runs
+- The study lives in Optuna's RDB storage (default a SQLite file under mlruns/): `--processes K` runs
   K worker processes on it, other machines join with the same --storage (e.g. PostgreSQL), and
   running the same command again continues it. A trial whose process died is failed by Optuna's
   heartbeat check and its run marked FAILED; the study runs another in its place.
@@ -40,7 +40,7 @@ from training.jobs import JOBS, Job, make_config
 from training.options import cli_fields, display_flag
 from training.session import build_mlflow_model
 from training.tracking import registry
-from training.trainer import StopTraining, train
+from training.trainer import StopCause, StopTraining, train
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 SAMPLERS = ("tpe", "random")
@@ -264,7 +264,8 @@ def objective(spec: SweepSpec, trial: optuna.Trial, out_dir: Path) -> float:
         value = metrics[spec.metric]
         trial.report(value, epoch)
         if trial.should_prune():
-            raise StopTraining(f"pruned by the {spec.pruner} pruner at epoch {epoch} ({spec.metric} {value:.4g})")
+            raise StopTraining(f"pruned by the {spec.pruner} pruner at epoch {epoch} ({spec.metric} {value:.4g})",
+                               StopCause.PRUNED)  # fmt: skip
 
     try:
         result = train(spec.job, config, on_epoch=report, register=False)
@@ -274,7 +275,7 @@ def objective(spec: SweepSpec, trial: optuna.Trial, out_dir: Path) -> float:
             tracking.store_client().set_tag(run_id, "state", "failed")
         raise
     trial.set_user_attr("run_id", result.run_id)
-    pruned = result.stop_reason.startswith("pruned")
+    pruned = result.stop_cause is StopCause.PRUNED
     tracking.store_client().set_tag(result.run_id, "state", "pruned" if pruned else "complete")
     if pruned:
         raise optuna.TrialPruned(result.stop_reason)
@@ -317,18 +318,18 @@ def _parent_run(spec: SweepSpec) -> str:
     return run.info.run_id
 
 
-def _launch_workers(spec: SweepSpec, jobs: int) -> list[int]:
-    """`jobs` worker processes on the study; return their exit codes."""
+def _launch_workers(spec: SweepSpec, processes: int) -> list[int]:
+    """`processes` worker processes on the study; return their exit codes."""
     with tempfile.TemporaryDirectory() as tmp:
         spec_file = Path(tmp) / "sweep.json"
         spec_file.write_text(spec.to_json(), encoding="utf-8")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        processes = [
+        workers = [
             subprocess.Popen([sys.executable, "-m", "training.sweep", str(spec_file), str(worker)], env=env)
-            for worker in range(jobs)
+            for worker in range(processes)
         ]
-        print(f"=> {jobs} worker processes: {' '.join(str(p.pid) for p in processes)}", flush=True)
-        return [p.wait() for p in processes]
+        print(f"=> {processes} worker processes: {' '.join(str(p.pid) for p in workers)}", flush=True)
+        return [p.wait() for p in workers]
 
 
 def summarize(spec: SweepSpec) -> dict[str, Any]:
@@ -402,17 +403,17 @@ def _log_plots(study: optuna.Study, parent: tracking.DirectRun) -> None:
             parent.log_artifact(path)
 
 
-def run_sweep(spec: SweepSpec, jobs: int) -> dict[str, Any]:
+def run_sweep(spec: SweepSpec, *, processes: int) -> dict[str, Any]:
     study = open_study(spec)  # created here once, before any worker starts
     spec.parent_run_id = _parent_run(spec)
     study.set_user_attr("parent_run_id", spec.parent_run_id)
     print(f"=> study {spec.study_name} in {spec.storage}: {_count(study, *FINISHED)} of {spec.trials} trials "
           f"done; optimizing {spec.metric} ({spec.direction}); MLflow parent run {spec.parent_run_id}",
           flush=True)  # fmt: skip
-    if jobs == 1:
+    if processes == 1:
         run_worker(spec)
     else:
-        codes = _launch_workers(spec, jobs)
+        codes = _launch_workers(spec, processes)
         if any(codes):
             print(f"=> worker exit codes {codes}: trials of a worker that died are failed and run again", flush=True)
     summary = summarize(spec)

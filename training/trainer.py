@@ -9,7 +9,9 @@ A job (training/jobs/) declares what differs; nothing here knows images from wor
 
 from __future__ import annotations
 
+import enum
 import math
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -23,20 +25,22 @@ from torch.nn.parallel import DistributedDataParallel
 
 from training.checkpoint import (
     FORMAT_VERSION,
+    CheckpointError,
     load_checkpoint,
     process_seed,
     restore_rng_state,
     rng_state,
     seed_everything,
 )
-from training.devices import DeviceChoice, choose_device, configure_backend, default_print_freq, grad_scaler
-from training.distributed import ProcessGroup, close_process_group, init_process_group
-from training.hardware import Precision
+from training.devices import choose_device, configure_backend, grad_scaler
+from training.distributed import close_process_group, init_process_group
 from training.jobs.base import EpochContext, Job, Optimization, RunConfig
 from training.models.summary import layer_table
-from training.models.weights import warm_start
+from training.models.weights import copy_matching
+from training.runtime import Runtime
 from training.session import TrainingSession, training_session
 from training.stopping import StopRequest, TrainingStopped, exit_now, stop_on_signals
+from training.tracking import registry
 from training.tracking.registry import best_metric_name
 
 
@@ -46,28 +50,29 @@ class TrainResult:
     run_id: str
     best_value: float  # the job's best metric at its best epoch
     best_epoch: int
-    stop_reason: str
+    stop_reason: str  # for people: the run's stop_reason tag
+    stop_cause: StopCause  # for code
+
+
+class StopCause(enum.Enum):
+    """Why a run ended before a signal could stop it (a signal raises TrainingStopped instead)."""
+
+    COMPLETED = "completed"  # every epoch ran
+    EARLY_STOP = "early stop"  # --early-stop-patience
+    PRUNED = "pruned"  # a sweep's pruner, through an epoch hook
+    REQUESTED = "requested"  # another epoch hook's reason
 
 
 class StopTraining(Exception):  # noqa: N818 - a signal, like StopIteration
     """Raised by an epoch hook to end the run after this epoch (e.g. a pruned sweep trial)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, cause: StopCause = StopCause.REQUESTED):
         super().__init__(reason)
         self.reason = reason
+        self.cause = cause
 
 
 EpochHook = Callable[[int, dict[str, float]], None]
-
-
-@dataclass
-class Runtime:
-    """Where and how this process trains."""
-
-    choice: DeviceChoice
-    device: torch.device
-    group: ProcessGroup
-    precision: Precision
 
 
 @dataclass
@@ -113,10 +118,31 @@ def start_runtime(config: RunConfig) -> Runtime:
     if config.amp_requested is None:
         config.amp_requested = config.amp
     config.amp = precision.amp
-    if getattr(config, "print_freq", 0) is None:
-        config.print_freq = default_print_freq(device)
     seed_everything(process_seed(config.seed, group.rank))
     return Runtime(choice, device, group, precision)
+
+
+def warm_start(job: Job, model: nn.Module) -> dict[str, Any]:
+    """--pretrained (the job's published weights), then --init-from (one of our checkpoints or
+    registered models) on a freshly built model; return what was done (run params)."""
+    done = job.pretrain(model)
+    spec = job.config.init_from
+    if not spec:
+        return done
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = registry.local_checkpoint(spec, Path(tmp))[0]
+        except registry.RegistryError as e:
+            raise ValueError(f"--init-from {e}") from e
+        source = load_checkpoint(path)
+        if source["kind"] != job.kind:
+            raise CheckpointError(f"--init-from {spec}: a {source['kind']!r} checkpoint cannot start a "
+                                  f"{job.kind!r} model")  # fmt: skip
+        job.check_warm_start(source)
+        kept = copy_matching(model, source["model"])
+    print(f"=> --init-from {spec}: weights of run {source.get('run_id')} epoch {source.get('epoch')}; "
+          f"fresh: {', '.join(kept) or 'none'}")  # fmt: skip
+    return {**done, "init_from_run_id": str(source.get("run_id"))}
 
 
 def _checkpoint(job: Job, epoch: int, model: nn.Module, *, optimization: Optimization, scaler, state: TrainState,
@@ -264,7 +290,7 @@ def _train(job_class: type[Job], config: RunConfig, runtime: Runtime, *, saved: 
             )
             return session.save_position({**checkpoint, "position": {"epoch": epoch, **loop}})
 
-        stop_reason = f"completed {config.epochs} epochs"
+        stop_reason, stop_cause = f"completed {config.epochs} epochs", StopCause.COMPLETED
         for epoch in range(state.epoch + 1, config.epochs + 1):
             resumed = position if position and position["epoch"] == epoch else None
             control = EpochControl(stop, runtime, config.checkpoint_every,
@@ -312,10 +338,11 @@ def _train(job_class: type[Job], config: RunConfig, runtime: Runtime, *, saved: 
                 if on_epoch is not None:
                     on_epoch(epoch, metrics)
             except StopTraining as stopping:
-                stop_reason = stopping.reason
+                stop_reason, stop_cause = stopping.reason, stopping.cause
                 print(f"=> {stop_reason}", flush=True)
                 break
             if config.early_stop_patience and state.epochs_since_improvement >= config.early_stop_patience:
+                stop_cause = StopCause.EARLY_STOP
                 stop_reason = (f"early stop: val loss has not improved for {state.epochs_since_improvement} epochs "
                                f"(best {state.best_val_loss:.4f})")  # fmt: skip
                 print(f"=> {stop_reason}", flush=True)
@@ -332,7 +359,8 @@ def _train(job_class: type[Job], config: RunConfig, runtime: Runtime, *, saved: 
             session.publish(config.registered_model if register else None, registry_tags, job.panels, job_class,
                             state.best_epoch)  # fmt: skip
             session.mark_finished()
-    return TrainResult(session.run_dir, session.run.run_id, state.best_value, state.best_epoch, stop_reason)
+    return TrainResult(session.run_dir, session.run.run_id, state.best_value, state.best_epoch, stop_reason,
+                       stop_cause)  # fmt: skip
 
 
 def main() -> None:

@@ -8,11 +8,12 @@ write one file in training/jobs/ and list it in training/jobs/__init__.py.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import click
 import torch
@@ -21,9 +22,7 @@ from torch import nn
 from training.hardware import AMP_CHOICES
 from training.loops.control import StepControl
 from training.options import check_fields, internal, option
-
-if TYPE_CHECKING:
-    from training.trainer import Runtime
+from training.runtime import Runtime
 
 
 def parse_tags(ctx: click.Context | None, param: click.Parameter | None, values: Any) -> dict[str, str]:
@@ -153,8 +152,13 @@ class EpochContext:
     resume: dict[str, Any] | None = None  # the loop's state where a stopped epoch left off (its "step")
 
 
-class Job:
-    """The declaration the trainer runs. Subclasses set the class attributes and the methods below."""
+SERVING_METHODS = ("example_request", "offline_answer")
+
+
+class Job(abc.ABC):
+    """The declaration the trainer runs. Subclasses set the class attributes and implement the
+    abstract methods (a job missing one fails when its class is instantiated, not mid-run); the
+    other methods are hooks with defaults."""
 
     kind: ClassVar[str]
     data_hint: ClassVar[str]  # what DATA is, for the error when it is missing
@@ -171,6 +175,16 @@ class Job:
         """A new run's options: the defaults, any preset the options select, then what the user gave."""
         return {**defaults, **given}
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A job that serves (its ServingSpec names a handler class) defines what a deploy checks."""
+        super().__init_subclass__(**kwargs)
+        serving = getattr(cls, "serving", None)
+        if serving is not None and serving.handler_class:
+            missing = [name for name in SERVING_METHODS if getattr(cls, name) is getattr(Job, name)]
+            if missing:
+                raise TypeError(f"{cls.__name__} serves through {serving.handler_class} but does not define "
+                                f"{', '.join(missing)}")  # fmt: skip
+
     def __init__(self, config: RunConfig, runtime: Runtime):
         self.config, self.runtime = config, runtime
 
@@ -179,15 +193,18 @@ class Job:
         return self.runtime.device
 
     # data and model
+    @abc.abstractmethod
     def build_data(self) -> dict[str, Any]:
         """Load the data; return run tags describing it (dataset path, sizes...)."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def model_config(self) -> dict[str, Any]:
         """Everything build_model needs; stored in every checkpoint."""
         raise NotImplementedError
 
     @staticmethod
+    @abc.abstractmethod
     def build_model(model_config: dict[str, Any]) -> nn.Module:
         raise NotImplementedError
 
@@ -195,11 +212,13 @@ class Job:
         """Last touches before training (memory format...)."""
         return model
 
+    @abc.abstractmethod
     def inference_meta(self) -> dict[str, Any]:
         """The checkpoint entries named by `serving.inference_keys` (class names, vocabulary...)."""
         raise NotImplementedError
 
-    # what a deploy checks, and an MLflow model's input example
+    # what a deploy checks, and an MLflow model's input example: required of a job that serves
+    # (checked when its class is defined, __init_subclass__)
     @staticmethod
     def example_request(meta: dict[str, Any]) -> dict[str, Any]:
         """One request to the served model as named fields, built from the checkpoint's inference
@@ -217,32 +236,42 @@ class Job:
         """Why a served answer differs from the offline one, or None when they agree."""
         return None if served == offline else f"served {served!r}, expected {offline!r}"
 
-    def check_warm_start(self, source: dict[str, Any]) -> None:
+    def pretrain(self, model: nn.Module) -> dict[str, Any]:
+        """Start a fresh `model` from published weights where the config asks (--pretrained); return
+        run params saying what was done."""
+        return {}
+
+    def check_warm_start(self, source: dict[str, Any]) -> None:  # noqa: B027 - a hook, empty by default
         """Refuse --init-from a checkpoint whose weights mean something else (raise ValueError)."""
 
+    @abc.abstractmethod
     def example_input(self) -> torch.Tensor:
         """One input as the model sees it, for the layer table."""
         raise NotImplementedError
 
     # optimization and epochs
+    @abc.abstractmethod
     def build_optimization(self, model: nn.Module, steps_per_epoch: int) -> Optimization:
         raise NotImplementedError
 
     def steps_per_epoch(self) -> int:
         return 1
 
-    def before_epoch(self, epoch: int, optimization: Optimization) -> None:
+    def before_epoch(self, epoch: int, optimization: Optimization) -> None:  # noqa: B027 - a hook, empty by default
         """Per-epoch set-up (the learning rate...)."""
 
+    @abc.abstractmethod
     def train_epoch(self, model: nn.Module, context: EpochContext) -> dict[str, float]:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def evaluate(self, model: nn.Module, reduce: Callable | None) -> dict[str, float]:
         raise NotImplementedError
 
-    def after_epoch(self, *, improved: bool) -> None:
+    def after_epoch(self, *, improved: bool) -> None:  # noqa: B027 - a hook, empty by default
         """Per-epoch bookkeeping after validation (e.g. anneal the learning rate)."""
 
+    @abc.abstractmethod
     def epoch_line(self, epoch: int, metrics: dict[str, float]) -> str:
         raise NotImplementedError
 
@@ -265,5 +294,5 @@ class Job:
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - a hook, empty by default
         pass

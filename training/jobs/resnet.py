@@ -20,13 +20,15 @@ from torch import nn
 from training.data.images import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from training.data.pipeline import ImagePipeline, build_pipeline
 from training.data.synthetic import draw_example
-from training.devices import autocast, choose_device
+from training.devices import autocast, choose_device, default_print_freq
 from training.hardware import AMP_CHOICES, device_class
 from training.jobs.base import Criterion, EpochContext, Job, Optimization, RunConfig, ServingSpec
 from training.loops.classify import ClassifierStep, EpochResult, evaluate, train_one_epoch
 from training.models.classifier import ARCHS, STEMS, build_classifier, classifier_from_checkpoint
+from training.models.weights import load_pretrained
 from training.options import internal, option
 from training.recipes import RECIPES, apply_recipe
+from training.runtime import Runtime
 
 SCHEDULERS = ("step", "cosine", "one-cycle")
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -119,6 +121,11 @@ class ResNetJob(Job):
         klass = device_class(choice.device.type, choice.cpu)
         return apply_recipe(given.get("recipe", defaults["recipe"]), klass, defaults, given)
 
+    def __init__(self, config: ResNetConfig, runtime: Runtime):
+        super().__init__(config, runtime)
+        if config.print_freq is None:  # -p: every 100 batches on a GPU, 10 on a CPU, unless given
+            config.print_freq = default_print_freq(runtime.device)
+
     def build_data(self) -> dict[str, Any]:
         runtime = self.runtime
         # --batch-size is the global batch, as in the ImageNet example: each process takes its share.
@@ -183,6 +190,11 @@ class ResNetJob(Job):
             if abs(got["probability"] - want["probability"]) > tolerance:
                 return f"{got['class']}: served probability {got['probability']}, expected {want['probability']}"
         return None
+
+    def pretrain(self, model: nn.Module) -> dict[str, Any]:
+        if not self.config.pretrained:
+            return {}
+        return {"pretrained_fresh_tensors": len(load_pretrained(model, self.config.arch))}
 
     def check_warm_start(self, source: dict[str, Any]) -> None:
         theirs, ours = source["model_config"], self.model_config()

@@ -2,7 +2,7 @@
 
 --pretrained            torchvision's ImageNet weights for the arch (from torch's hub cache, or
                         downloaded there once; offline, a clear error says where to put the file)
---init-from CKPT        one of our own checkpoints, or models:/NAME/VERSION from the MLflow registry
+--init-from CKPT        one of our own checkpoints or registered models (the trainer resolves it)
 
 Weights are copied tensor by tensor where the names and shapes match; the rest (a classifier head
 for another number of classes, a small stem where the weights have ImageNet's) keeps its fresh
@@ -12,19 +12,12 @@ initialisation, and the run says which.
 from __future__ import annotations
 
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-
-from training.checkpoint import CheckpointError, load_checkpoint
-
-if TYPE_CHECKING:
-    from training.jobs.base import Job
 
 REACH_TIMEOUT_S = 5.0
 # A mirror of download.pytorch.org/models (same file names), e.g. inside a company network.
@@ -79,34 +72,3 @@ def load_pretrained(model: nn.Module, arch: str) -> list[str]:
     kept = copy_matching(model, weights)
     print(f"=> --pretrained: torchvision's ImageNet weights from {path}; fresh: {', '.join(kept) or 'none'}")
     return kept
-
-
-def resolve_init_from(spec: str, workdir: Path) -> Path:
-    """A local checkpoint path for --init-from: a file, or a model URI downloaded from the registry."""
-    from training.tracking import registry
-
-    try:
-        return registry.local_checkpoint(spec, workdir)[0]
-    except registry.RegistryError as e:
-        raise ValueError(f"--init-from {e}") from e
-
-
-def warm_start(job: Job, model: nn.Module) -> dict[str, Any]:
-    """Apply --pretrained and/or --init-from to a freshly built model; return what was done (run params)."""
-    config = job.config
-    done: dict[str, Any] = {}
-    if getattr(config, "pretrained", False):
-        done["pretrained_fresh_tensors"] = len(load_pretrained(model, config.arch))
-    if config.init_from:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = resolve_init_from(config.init_from, Path(tmp))
-            source = load_checkpoint(path)
-            if source["kind"] != job.kind:
-                raise CheckpointError(f"--init-from {config.init_from}: a {source['kind']!r} checkpoint cannot "
-                                      f"start a {job.kind!r} model")  # fmt: skip
-            job.check_warm_start(source)
-            kept = copy_matching(model, source["model"])
-        print(f"=> --init-from {config.init_from}: weights of run {source.get('run_id')} epoch {source.get('epoch')}; "
-              f"fresh: {', '.join(kept) or 'none'}")  # fmt: skip
-        done["init_from_run_id"] = str(source.get("run_id"))
-    return done

@@ -12,6 +12,7 @@ costs no training time, and a run that ends while the server is down is delivere
 from __future__ import annotations
 
 import contextlib
+import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -131,38 +132,50 @@ class NullTracker(RunTracker):
         pass
 
 
-class JournalSystemMetrics(SystemMetricsMonitor):
-    """MLflow's CPU, memory, disk, network and GPU samplers, logged through the journal."""
+class JournalSystemMetrics:
+    """MLflow's system-metric samplers (CPU, memory, disk, network, GPU), their figures logged through
+    the journal as system/* metrics. Only the samplers' public methods are used (collect_metrics,
+    aggregate_metrics, monitors, clear_metrics); the thread and the step count are ours, so an MLflow
+    release that reworks its own logging loop cannot break this one silently."""
+
+    PREFIX = "system/"  # MLflow's own name for them, which its UI charts as system metrics
 
     def __init__(self, run: RunTracker):
-        super().__init__(run.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S)
         self.run = run
+        self.sampler = SystemMetricsMonitor(run.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S)
         steps = [r["step"] for r in run.journal.records if r["op"] == "metrics" and r.get("system")]
-        self._logging_step = max(steps) + 1 if steps else 0
+        self.step = max(steps) + 1 if steps else 0  # a resumed run goes on where it stopped
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
 
-    def monitor(self) -> None:
-        while not self._shutdown_event.is_set():
-            for _ in range(self.samples_before_logging):
-                self.collect_metrics()
-                if self._shutdown_event.wait(self.sampling_interval):
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._sample, name="dlops-system-metrics", daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while not self.stopping.is_set():
+            for _ in range(self.sampler.samples_before_logging):
+                self.sampler.collect_metrics()
+                if self.stopping.wait(self.sampler.sampling_interval):
                     break
-            metrics = self.aggregate_metrics()
+            metrics = self.sampler.aggregate_metrics()
             if metrics:
-                self.publish_metrics(metrics)
+                self._publish(metrics)
 
-    def publish_metrics(self, metrics: dict[str, float]) -> None:
-        prefix = self._metrics_prefix + (f"{self.node_id}/" if self.node_id else "")
-        self.run._record("metrics", metrics={prefix + k: float(v) for k, v in metrics.items()},
-                         step=self._logging_step, system=True)  # fmt: skip
-        self._logging_step += 1
-        for monitor in self.monitors:
+    def _publish(self, metrics: dict[str, float]) -> None:
+        node = self.sampler.node_id
+        prefix = self.PREFIX + (f"{node}/" if node else "")
+        self.run._record("metrics", metrics={prefix + k: float(v) for k, v in metrics.items()}, step=self.step,
+                         system=True)  # fmt: skip
+        self.step += 1
+        for monitor in self.sampler.monitors:
             monitor.clear_metrics()
 
     def finish(self) -> None:
-        self._shutdown_event.set()
-        if self._process is not None:
-            self._process.join()
-            self._process = None
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
 
 
 def _start_journal(
