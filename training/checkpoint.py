@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,21 +83,18 @@ def _load_error(error: Exception) -> str:
     return f"torch.load said: {text.strip().splitlines()[0] if text.strip() else type(error).__name__}"
 
 
+# kind -> that job's reading of its version-1 checkpoints: (model_config, best value, job state,
+# entries to add). Each job module registers its own (training/jobs/), so nothing here knows a job.
+V1_CONVERSIONS: dict[str, Callable[[dict[str, Any]], tuple[dict, float, dict, dict]]] = {}
+
+
 def upgrade_v1(state: dict[str, Any]) -> dict[str, Any]:
     """A version-1 checkpoint in version 2's schema (the weights and every resume state kept)."""
     old = state["train_state"]
-    config = state["config"]
-    if state["kind"] == "resnet":
-        model_config = {"arch": config["arch"], "num_classes": len(state["classes"]), "stem": config["stem"],
-                        "image_size": state["image_size"]}  # fmt: skip
-        best_value, job_state = old["best_acc1"], {}
-        extra: dict[str, Any] = {}
-    elif state["kind"] == "lm":
-        model_config = state["model_config"]
-        best_value, job_state = old["best_val_loss"], {"lr": old["lr"], "global_step": old["global_step"]}
-        extra = {"window": config["bptt"], "scheduler": None, "scaler": {}}
-    else:
-        raise CheckpointError(f"a version-1 checkpoint of unknown kind {state['kind']!r}")
+    convert = V1_CONVERSIONS.get(state["kind"])
+    if convert is None:
+        raise CheckpointError(f"a version-1 checkpoint of kind {state['kind']!r}, which no job of training.jobs reads")
+    model_config, best_value, job_state, extra = convert(state)
     train_state = {
         "epoch": old["epoch"],
         "best_value": best_value,

@@ -120,13 +120,12 @@ def _train_command(job_class: type[Job]) -> None:
         if data:
             given["data"] = str(data)
         resume = _resume_path(job_class, resume, given)
-        if not data and not resume and not given.get("dummy"):
+        if not data and not resume and job_class.data_required(given):
             raise click.UsageError(f"give DATA: {job_class.data_hint}")
         config = make_config(job_class, given, resume)
-        processes = getattr(config, "nproc_per_node", 1)
-        if processes > 1 and not under_torchrun():
-            check_process_count(processes, config.device, insist=getattr(config, "allow_oversubscribe", False))
-            ctx.exit(launch(job_class.kind, config, processes, resume))
+        if job_class.distributed and config.nproc_per_node > 1 and not under_torchrun():
+            check_process_count(config.nproc_per_node, config.device, insist=config.allow_oversubscribe)
+            ctx.exit(launch(job_class.kind, config, config.nproc_per_node, resume))
         trainer.train(job_class, config, resume=resume)
 
 

@@ -169,6 +169,13 @@ class Job(abc.ABC):
     serving: ClassVar[ServingSpec]
     summary_graph: ClassVar[bool] = False  # also trace the model into TensorBoard
     step_metrics: ClassVar[tuple[str, ...]] = ()  # metrics logged per global step inside an epoch
+    # trains in several processes: its config has nproc_per_node and allow_oversubscribe (DDP via torchrun)
+    distributed: ClassVar[bool] = False
+
+    @classmethod
+    def data_required(cls, given: dict[str, Any]) -> bool:
+        """Whether DATA must be given, from the options `given` (a job may generate its own, --dummy)."""
+        return True
 
     @classmethod
     def resolve_options(cls, defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:

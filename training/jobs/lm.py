@@ -15,7 +15,7 @@ import click
 import torch
 from torch import nn
 
-from training.checkpoint import load_checkpoint
+from training.checkpoint import V1_CONVERSIONS, load_checkpoint
 from training.data.text import EOS, UNK, batchify, load_corpus
 from training.jobs.base import Criterion, EpochContext, Job, Optimization, RunConfig, ServingSpec
 from training.loops.language import LMStep, evaluate_lm, perplexity, train_lm_epoch
@@ -52,6 +52,17 @@ class LMConfig(RunConfig):
 
 def ruler(char: str) -> str:
     return char * RULER
+
+
+def _read_v1(state: dict[str, Any]) -> tuple[dict, float, dict, dict]:
+    """A version-1 LM checkpoint: val loss as the best value, the annealed lr and step as job state."""
+    old = state["train_state"]
+    job_state = {"lr": old["lr"], "global_step": old["global_step"]}
+    return state["model_config"], old["best_val_loss"], job_state, {"window": state["config"]["bptt"],
+                                                                     "scheduler": None, "scaler": {}}  # fmt: skip
+
+
+V1_CONVERSIONS["lm"] = _read_v1
 
 
 class LMJob(Job):

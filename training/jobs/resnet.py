@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from training.checkpoint import V1_CONVERSIONS
 from training.data.images import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from training.data.pipeline import ImagePipeline, build_pipeline
 from training.data.synthetic import draw_example
@@ -100,6 +101,17 @@ class ResNetConfig(RunConfig):
     recipe_device_class: str | None = internal()  # which column of the recipe table applied
 
 
+def _read_v1(state: dict[str, Any]) -> tuple[dict, float, dict, dict]:
+    """A version-1 ResNet checkpoint: its model config from the options, Acc@1 as the best value."""
+    config = state["config"]
+    model_config = {"arch": config["arch"], "num_classes": len(state["classes"]), "stem": config["stem"],
+                    "image_size": state["image_size"]}  # fmt: skip
+    return model_config, state["train_state"]["best_acc1"], {}, {}
+
+
+V1_CONVERSIONS["resnet"] = _read_v1
+
+
 class ResNetJob(Job):
     """Images at DATA (Tiny-ImageNet's original layout, or any ImageFolder) with any torchvision classifier."""
 
@@ -112,7 +124,12 @@ class ResNetJob(Job):
         inference_keys=("classes", "labels", "image_size", "resize_size", "normalization"),
     )  # fmt: skip
     summary_graph = True
+    distributed = True
     config: ResNetConfig
+
+    @classmethod
+    def data_required(cls, given: dict[str, Any]) -> bool:
+        return not given.get("dummy")
 
     @classmethod
     def resolve_options(cls, defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
