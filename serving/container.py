@@ -16,7 +16,6 @@ Standard library only (and the serving/ modules it imports): the image carries n
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 from serving.keys import process_alive
+from serving.served import last_archives
 from serving.server import ServeOptions, running_pid, start, stop
 
 STATE_DIR = Path(os.environ.get("DLOPS_SERVE_STATE_DIR", "/home/model-server/state"))
@@ -32,13 +32,7 @@ MODEL_STORE = Path(os.environ.get("DLOPS_SERVE_MODEL_STORE", "/home/model-server
 
 def last_served(state_dir: Path, store: Path) -> list[Path]:
     """The archives the state dir's serving.json names as serving (serving/served.py's record)."""
-    path = state_dir / "serving.json"
-    if not path.is_file():
-        return []
-    history = json.loads(path.read_text(encoding="utf-8"))
-    return [
-        store / entries[-1]["mar"] for entries in history.values() if entries and (store / entries[-1]["mar"]).is_file()
-    ]
+    return list(last_archives(state_dir, store).values())
 
 
 def healthy() -> int:

@@ -272,7 +272,7 @@ def client_store(client: ServerClient) -> str:
 
 def mars_to_serve(store: Path, state_dir: Path) -> list[Path]:
     """Without --model: what the state dir served last, and for other models in the store their newest archive."""
-    chosen = {d.model: store / d.mar for d in served.serving_now(state_dir) if (store / d.mar).is_file()}
+    chosen = served.last_archives(state_dir, store)
     newest: dict[str, Path] = {}
     for mar in sorted(store.glob("*.mar"), key=lambda p: p.stat().st_mtime):  # oldest first: the newest stays
         newest[mar_identity(mar)[0]] = mar

@@ -57,6 +57,11 @@ def serving_now(state_dir: Path) -> list[Deployment]:
     return [entries[-1] for entries in history(state_dir).values() if entries]
 
 
+def last_archives(state_dir: Path, store: Path) -> dict[str, Path]:
+    """Model -> the archive in `store` that the state dir served last (archives since deleted left out)."""
+    return {d.model: store / d.mar for d in serving_now(state_dir) if (store / d.mar).is_file()}
+
+
 def previous(state_dir: Path, model: str) -> Deployment | None:
     """What served `model` before the current version (a rollback's target)."""
     entries = history(state_dir).get(model, [])
