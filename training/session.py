@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,15 +25,10 @@ from training.checkpoint import inference_checkpoint, load_checkpoint, save_chec
 from training.devices import DeviceChoice
 from training.jobs.base import HANDLERS, Job
 from training.plots import learning_curves
+from training.tracking.journal import write_atomic
 from training.tracking.registry import CHECKPOINT_ARTIFACT, save_mlflow_model
 
 LAST_NOTE = "last.json"
-
-
-def write_json_atomic(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def find_resumable(out_dir: Path, kind: str, run_name: str | None) -> Path | None:
@@ -114,13 +108,15 @@ class TrainingSession:
         note = {"kind": state["kind"], "run_name": state["config"].get("run_name"), "run_id": self.run.run_id,
                 "epoch": state["epoch"], "position": {"epoch": position.get("epoch"), "step": position.get("step")},
                 "finished": finished, "time": time.time()}  # fmt: skip
-        write_json_atomic(self.run_dir / LAST_NOTE, note)
+        write_atomic(self.run_dir / LAST_NOTE, json.dumps(note, indent=1))
 
     def mark_finished(self) -> None:
         """The run is complete: `--resume auto` starts a new one rather than continuing it."""
         if self.active and (self.run_dir / LAST_NOTE).is_file():
             note = json.loads((self.run_dir / LAST_NOTE).read_text(encoding="utf-8"))
-            write_json_atomic(self.run_dir / LAST_NOTE, {**note, "finished": True, "time": time.time()})
+            write_atomic(
+                self.run_dir / LAST_NOTE, json.dumps({**note, "finished": True, "time": time.time()}, indent=1)
+            )
 
     def catch_up(self, saved: dict[str, Any], metric: str) -> None:
         """Log the saved epoch's metrics if the process died between checkpoint and logging."""

@@ -29,7 +29,8 @@ class JournalBusy(RuntimeError):
     """Another live process is delivering this journal."""
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` atomically: a crash leaves the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -99,7 +100,7 @@ class Journal:
         return int(path.read_text()) if path.exists() else 0
 
     def mark_delivered(self, count: int) -> None:
-        _write_atomic(self.dir / "delivered", str(count))
+        write_atomic(self.dir / "delivered", str(count))
 
     @property
     def pending(self) -> int:
@@ -111,7 +112,7 @@ class Journal:
 
     def update_state(self, **fields: Any) -> dict[str, Any]:
         state = {**self.state(), **fields}
-        _write_atomic(self.dir / "run.json", json.dumps(state, indent=1))
+        write_atomic(self.dir / "run.json", json.dumps(state, indent=1))
         return state
 
     @contextmanager
