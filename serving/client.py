@@ -95,9 +95,8 @@ class ServerClient:
         if refused_key is not None and refused_key.expires_in() <= 0:
             with contextlib.suppress(KeyFileError, OSError):  # expired, no keeper renewed it: renew it now
                 renew(self.state_dir, self.urls["management"], api)
-        retried = self._send(
-            api, method, path, body=body, headers=headers or {}, timeout_s=timeout_s
-        )  # a renewed key is read again
+        # the key is read again: a renewed one is in the file now
+        retried = self._send(api, method, path, body=body, headers=headers or {}, timeout_s=timeout_s)
         if not _refused(retried):
             return retried
         error = (f"TorchServe refused the {api} key (wrong or expired). The current keys of this server are in "

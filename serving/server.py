@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -247,31 +248,35 @@ def workers(client: ServerClient, model: str, version: str | None = None) -> lis
     return answer.data[0].get("workers", [])
 
 
+def _poll(ready: Callable[[], bool], timeout_s: float) -> bool:
+    """Ask `ready` every half second until it says yes (True) or `timeout_s` passes (False); a server
+    not listening yet (OSError) or its key file caught half written is not ready yet."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, KeyFileError):
+            if ready():
+                return True
+        time.sleep(0.5)
+    return False
+
+
 def wait_listening(client: ServerClient, timeout_s: float) -> None:
     """Poll until the management API answers with the server's keys (a server with no model yet has no
     worker to wait for)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError, KeyFileError):  # not listening, or its key file half written
-            if client.management("GET", "/models", timeout_s=10).ok:
-                return
-        time.sleep(0.5)
-    raise ServeError(f"TorchServe did not answer within {timeout_s:.0f} s; see {client.state_dir / 'logs'}")
+    if not _poll(lambda: client.management("GET", "/models", timeout_s=10).ok, timeout_s):
+        raise ServeError(f"TorchServe did not answer within {timeout_s:.0f} s; see {client.state_dir / 'logs'}")
 
 
 def wait_ready(client: ServerClient, model: str, version: str, timeout_s: float) -> None:
     """Poll until every worker of `model` `version` is READY."""
-    deadline = time.monotonic() + timeout_s
-    log = client.state_dir / "logs" / "model_log.log"
-    while time.monotonic() < deadline:
-        try:
-            found = workers(client, model, version)
-            if found and all(w["status"] == "READY" for w in found):
-                return
-        except OSError:
-            pass  # not listening yet
-        time.sleep(0.5)
-    raise ServeError(f"model {model} version {version} not ready after {timeout_s:.0f} s; see {log}")
+
+    def all_ready() -> bool:
+        found = workers(client, model, version)
+        return bool(found) and all(w["status"] == "READY" for w in found)
+
+    if not _poll(all_ready, timeout_s):
+        log = client.state_dir / "logs" / "model_log.log"
+        raise ServeError(f"model {model} version {version} not ready after {timeout_s:.0f} s; see {log}")
 
 
 def stop(state_dir: Path, timeout_s: float = 60.0) -> str:
