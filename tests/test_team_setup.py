@@ -155,6 +155,24 @@ def test_dockerfiles_pass_hadolint(dockerfile):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_serving_image_copies_every_module_its_entry_point_imports():
+    """Dockerfile.serve copies serving/ file by file (no training code in the image): a module the
+    container's entry point comes to import, and the COPY line lacks, breaks the container only."""
+    from tests.test_layers import project_imports
+
+    copied = {word for line in (REPO / "docker" / "Dockerfile.serve").read_text().splitlines()
+              for word in line.replace("\\", " ").split() if word.startswith("serving/")}  # fmt: skip
+    needed, todo = set(), ["serving.container"]
+    while todo:
+        module = todo.pop()
+        if module not in needed:
+            needed.add(module)
+            todo += project_imports(REPO / (module.replace(".", "/") + ".py"))
+    assert all(m.startswith("serving.") for m in needed), f"the serving image has no training code: {needed}"
+    files = {f"{m.replace('.', '/')}.py" for m in needed}
+    assert files <= copied, f"not copied into the image: {sorted(files - copied)}"
+
+
 def test_compose_file_names_the_services_volumes_and_ports():
     compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
     services = compose["services"]
