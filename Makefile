@@ -141,12 +141,13 @@ mlflow-ui: setup
 	$(MLFLOW_ENV) $(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
 		--backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --default-artifact-root $(CURDIR)/mlruns/artifacts
 
+# The team's server, with logins (MLflow's basic-auth app): the admin's password from MLFLOW_AUTH_ADMIN_PASSWORD or
+# MLFLOW_ADMIN_PASSWORD_FILE (on loopback without either, one is made once in mlruns/auth/admin-password).
+# MLFLOW_HOST=0.0.0.0 serves other machines by this machine's names and addresses; MLFLOW_ALLOWED_HOSTS adds names.
+MLFLOW_ADMIN_PASSWORD_FILE ?=
 mlflow-server: setup
-	@mkdir -p mlruns
-	$(MLFLOW_ENV) $(BIN)/mlflow server --backend-store-uri $(MLFLOW_BACKEND_URI) --artifacts-destination $(MLFLOW_ARTIFACTS) \
-		--host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
-		--allowed-hosts $(MLFLOW_HOST):$(MLFLOW_PORT),localhost:$(MLFLOW_PORT) \
-		--cors-allowed-origins http://$(MLFLOW_HOST):$(MLFLOW_PORT),http://localhost:$(MLFLOW_PORT)
+	$(DLOPS) tracking-server --backend-store-uri $(MLFLOW_BACKEND_URI) --artifacts-destination $(MLFLOW_ARTIFACTS) \
+		--host $(MLFLOW_HOST) --port $(MLFLOW_PORT) $(if $(MLFLOW_ADMIN_PASSWORD_FILE),--admin-password-file $(MLFLOW_ADMIN_PASSWORD_FILE))
 
 screenshots: setup data/synthetic/wnids.txt
 	$(BIN)/python scripts/screenshots.py

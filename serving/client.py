@@ -3,6 +3,7 @@
     server = ServerClient.of(Path("logs/torchserve"))      # ports from the state dir's server.json
     answer = server.predict_image(Path("cat.jpg"), topk=3)   # Answer(status, data, headers)
     server.management("GET", "/models/resnet")
+    teammate = ServerClient.remote("http://10.1.2.3:8080", key)  # another machine: a URL and a handed-over key
 
 Every call carries the key of its API from the state dir's key_file.json. When TorchServe refuses
 a key (the keeper may just have renewed it, or it expired), the call reads the file again, renews
@@ -60,8 +61,20 @@ def _refused(answer: Answer) -> bool:
 
 @dataclass(frozen=True)
 class ServerClient:
-    state_dir: Path
+    state_dir: Path | None  # None: a client on another machine, with the URL and key it was handed
     urls: dict[str, str]  # inference, management, metrics -> http://127.0.0.1:PORT
+    inference_key: str | None = None  # a handed-over key (`dlops keys show` on the server's machine)
+
+    @classmethod
+    def remote(cls, url: str, key: str | None) -> ServerClient:
+        """The inference API at `url` with `key`: what a teammate has, without the server's state dir."""
+        return cls(None, {"inference": url.rstrip("/")}, key)
+
+    def _key(self, api: str) -> str | None:
+        if self.state_dir is None:
+            return self.inference_key if api == "inference" else None
+        keys = read_keys(self.state_dir)
+        return keys[api].value if api in keys else None
 
     @classmethod
     def of(cls, state_dir: Path, **ports: int | None) -> ServerClient:
@@ -75,9 +88,9 @@ class ServerClient:
     def _send(self, api: str, method: str, path: str, *, body: bytes | None, headers: dict[str, str],
               timeout_s: float) -> Answer:  # fmt: skip
         headers = dict(headers)
-        keys = read_keys(self.state_dir)
-        if api in keys:
-            headers["Authorization"] = f"Bearer {keys[api].value}"
+        key = self._key(api)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(f"{self.urls[api]}{path}", data=body, headers=headers, method=method)
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -91,6 +104,12 @@ class ServerClient:
         answer = self._send(api, method, path, body=body, headers=headers or {}, timeout_s=timeout_s)
         if not _refused(answer):
             return answer
+        if self.state_dir is None:  # a handed-over key: only the server's machine can give the current one
+            error = (f"TorchServe at {self.urls[api]} refused the {api} key (wrong, renewed or expired): ask the "
+                     "server's owner for the current one (`dlops keys show` there) and pass it as --key or "
+                     "DLOPS_INFERENCE_KEY")  # fmt: skip
+            return Answer(answer.status, {"error": error, "status": answer.status, "server_said": answer.data},
+                          answer.headers)  # fmt: skip
         refused_key = read_keys(self.state_dir).get(api)
         if refused_key is not None and refused_key.expires_in() <= 0:
             with contextlib.suppress(KeyFileError, OSError):  # expired, no keeper renewed it: renew it now

@@ -51,7 +51,11 @@ def main() -> int:
     options = ServeOptions(
         model_store=MODEL_STORE,
         state_dir=STATE_DIR,
-        bind_address="0.0.0.0",  # noqa: S104 - the container's own interface; the host publishes it on 127.0.0.1
+        # the container's own interface: compose publishes inference on ${BIND_ADDRESS:-127.0.0.1}, management on
+        # the host's 127.0.0.1 only, metrics on ${METRICS_BIND_ADDRESS:-127.0.0.1}
+        inference_address="0.0.0.0",  # noqa: S104
+        management_address="0.0.0.0",  # noqa: S104
+        metrics_address="0.0.0.0",  # noqa: S104
         token_expiration_min=float(os.environ.get("DLOPS_SERVE_TOKEN_EXPIRATION_MIN", "1440")),
         torch_threads=int(os.environ.get("DLOPS_SERVE_TORCH_THREADS", "1")),
         amp=os.environ.get("DLOPS_SERVE_AMP", "auto"),

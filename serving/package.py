@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from serving.server import executable
 from training import tracking
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.jobs import Job, job_for
@@ -140,7 +140,7 @@ def build_mar(kind: str, source: Source, *, store: Path = DEFAULT_STORE, setting
         handler = shipped.pop(spec.handler)
         subprocess.run(
             [
-                str(Path(sys.executable).with_name("torch-model-archiver")),
+                executable("torch-model-archiver"),
                 "--model-name", spec.name,
                 "--version", version,
                 "--serialized-file", str(weights),

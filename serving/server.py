@@ -12,7 +12,10 @@ its own server only:
     <state dir>/logs/               TorchServe's, the workers' and the key keeper's logs
 
 Every API binds to 127.0.0.1 behind its key. The management API can register and remove models
-(what `dlops deploy` needs), limited by `allowed_urls` to the server's own model store.
+(what `dlops deploy` needs), limited by `allowed_urls` to the server's own model store; it stays
+on 127.0.0.1 always (TorchServe's security notes, the ShellTorch advisories). Teammates on other
+machines reach the inference API when `--inference-address` publishes it (with its key); the
+metrics API leaves loopback only on its own request (`--metrics-address`, for a Prometheus elsewhere).
 """
 
 from __future__ import annotations
@@ -62,9 +65,12 @@ class ServeOptions:
     torch_threads: int = 1
     amp: str = "auto"  # the classifier's precision: auto (bf16 where native), off, bf16
     timeout_s: float = 180.0
-    # Where the APIs listen. 127.0.0.1 always, except inside a container, whose runtime publishes the
-    # ports on the host's 127.0.0.1 (docker/compose.yaml): there 0.0.0.0 is the container's own interface.
-    bind_address: str = "127.0.0.1"
+    # Where each API listens: loopback unless published on request. The management API is never
+    # published, except from inside a container (management_address 0.0.0.0, the container's own
+    # interface), whose runtime publishes it on the host's 127.0.0.1 only (docker/compose.yaml).
+    inference_address: str = "127.0.0.1"
+    metrics_address: str = "127.0.0.1"
+    management_address: str = "127.0.0.1"
 
     @classmethod
     def on_free_ports(cls, **options: Any) -> ServeOptions:
@@ -101,18 +107,27 @@ def mar_identity(mar: Path) -> tuple[str, str]:
     return model["modelName"], model["modelVersion"]
 
 
+def _url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def local_url(address: str, port: int) -> str:
+    """How a client on this machine reaches an API bound to `address` (any-address: over loopback)."""
+    return f"http://{_url_host('127.0.0.1' if address in ('0.0.0.0', '::') else address)}:{port}"  # noqa: S104
+
+
 def effective_config(options: ServeOptions, mars: list[Path]) -> dict[str, str]:
     """The template's settings with this server's ports, paths, auth and key lifetime."""
     props = read_properties(CONFIG_TEMPLATE)
     store = options.model_store.resolve()
-    host = options.bind_address
     props.update(
         {
-            "inference_address": f"http://{host}:{options.inference_port}",
-            "management_address": f"http://{host}:{options.management_port}",
-            "metrics_address": f"http://{host}:{options.metrics_port}",
-            "grpc_inference_address": host,
-            "grpc_management_address": host,
+            "inference_address": f"http://{_url_host(options.inference_address)}:{options.inference_port}",
+            "management_address": f"http://{_url_host(options.management_address)}:{options.management_port}",
+            "metrics_address": f"http://{_url_host(options.metrics_address)}:{options.metrics_port}",
+            # gRPC: nothing of ours speaks it; it stays on loopback whatever is published
+            "grpc_inference_address": "127.0.0.1",
+            "grpc_management_address": "127.0.0.1",
             "grpc_inference_port": str(options.grpc_inference_port),
             "grpc_management_port": str(options.grpc_management_port),
             "disable_token_authorization": str(not options.auth).lower(),
@@ -165,6 +180,9 @@ def _check_can_start(options: ServeOptions, mars: list[Path], *, allow_empty: bo
     if pid:
         raise ServeError(f"a TorchServe started from {options.state_dir} is running (process {pid}); stop it with "
                          f"`dlops stop --state-dir {options.state_dir}`, or give another --state-dir")  # fmt: skip
+    if not options.auth and options.inference_address != "127.0.0.1":
+        raise ServeError(f"the inference API would listen on {options.inference_address} without a key: "
+                         "publishing it needs token authorization (drop --no-auth)")  # fmt: skip
     busy = [f"{name} port {port}" for name, port in options.ports.items() if _port_in_use(port)]
     if busy:
         raise ServeError(f"{', '.join(busy)} already in use on 127.0.0.1 (another server?); choose other ports")
@@ -177,8 +195,15 @@ def _check_can_start(options: ServeOptions, mars: list[Path], *, allow_empty: bo
         raise ServeError(f"more than one .mar of model {twice[0]!r} to load; serve one version of each model")
 
 
-def _executable(name: str) -> str:
-    return str(Path(sys.executable).with_name(name))
+def executable(name: str) -> str:
+    """A command installed with this Python's packages (torchserve, torch-model-archiver, mlflow): beside
+    the interpreter in a virtualenv, else on PATH."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found is None:
+        raise ServeError(f"{name} was found neither beside {sys.executable} nor on PATH: install dlops with its "
+                         "dependencies (pip install dlops) in this environment")  # fmt: skip
+    return found
 
 
 def start(options: ServeOptions, mars: list[Path], *, allow_empty: bool = False) -> ServerClient:
@@ -192,7 +217,7 @@ def start(options: ServeOptions, mars: list[Path], *, allow_empty: bool = False)
     (state / "key_file.json").unlink(missing_ok=True)
     config = state / "config.properties"
     config.write_text("".join(f"{k}={v}\n" for k, v in effective_config(options, mars).items()), encoding="utf-8")
-    command = [_executable("torchserve"), "--start", "--ts-config", str(config), "--model-store",
+    command = [executable("torchserve"), "--start", "--ts-config", str(config), "--model-store",
                str(options.model_store.resolve()), "--ncs"]  # fmt: skip
     if not options.auth:
         command.append("--disable-token-auth")
@@ -205,8 +230,8 @@ def start(options: ServeOptions, mars: list[Path], *, allow_empty: bool = False)
     pid = running_pid(state)
     if returncode != 0 or pid is None:
         raise ServeError(f"torchserve did not start: {said.strip()[-2000:]}")
-    urls = {api: f"http://127.0.0.1:{getattr(options, f'{api}_port')}" for api in ("inference", "management",
-                                                                                  "metrics")}  # fmt: skip
+    urls = {api: local_url(getattr(options, f"{api}_address"), getattr(options, f"{api}_port"))
+            for api in ("inference", "management", "metrics")}  # fmt: skip
     record = {"pid": pid, "urls": urls, "model_store": str(options.model_store.resolve()),
               "options": {k: str(v) for k, v in asdict(options).items()}}  # fmt: skip
     (state / SERVER_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
@@ -222,6 +247,12 @@ def start(options: ServeOptions, mars: list[Path], *, allow_empty: bool = False)
         _start_keeper(state, urls["management"], pid)
     print(f"=> TorchServe is up: inference {urls['inference']}, management {urls['management']}, "
           f"metrics {urls['metrics']}; state dir {state}")  # fmt: skip
+    published = {api: getattr(options, f"{api}_address") for api in ("inference", "metrics")}
+    for api, address in published.items():
+        if address != "127.0.0.1":
+            print(f"=> the {api} API listens on {address}:{getattr(options, f'{api}_port')}"
+                  + (" (with its key: `dlops keys show` prints it for teammates)" if options.auth and
+                     api == "inference" else ""))  # fmt: skip
     print(f"=> models: {', '.join('{} version {}'.format(*mar_identity(m)) for m in mars)}; logs in {state / 'logs'}")
     if read_keys(state):
         print(f"=> token authorization is on; keys in {state / 'key_file.json'} (valid "
@@ -291,7 +322,7 @@ def stop(state_dir: Path, timeout_s: float = 60.0) -> str:
     if pid is None:
         return f"no TorchServe is running from {state}"
     env = {**os.environ, "TMPDIR": str(state / "tmp"), "TEMP": str(state / "tmp")}
-    result = subprocess.run([_executable("torchserve"), "--stop"], cwd=state, env=env, capture_output=True,
+    result = subprocess.run([executable("torchserve"), "--stop"], cwd=state, env=env, capture_output=True,
                             text=True, timeout=timeout_s)  # fmt: skip
     deadline = time.monotonic() + timeout_s
     while process_alive(pid) and time.monotonic() < deadline:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
 import subprocess
@@ -194,3 +195,15 @@ def test_a_batch_of_requests_samples_each_as_if_alone(model):
         assert generate_batch(lm, vocab, [request], window=8) == [answer]
         assert answer["words"] == request["n_words"]
     assert together[2]["unknown_words"] == ["unseen"]
+
+
+def test_runs_of_the_same_seed_get_names_of_their_own_and_say_who_started_them(corpus_dir, tmp_path, client):
+    """MLflow drew generated names from `random` after the trainer seeded it: same seed, same name."""
+    for _ in range(2):
+        run_cli("train", "lm", corpus_dir, "--epochs", "1", *TINY, "--seed", "7", "--out-dir", tmp_path,
+                "--experiment", "test-lm-names")  # fmt: skip
+    experiment = client.get_experiment_by_name("test-lm-names").experiment_id
+    runs = client.search_runs([experiment])
+    names = [run.info.run_name for run in runs]
+    assert len(runs) == 2 and len(set(names)) == 2, names
+    assert {run.data.tags["mlflow.user"] for run in runs} == {getpass.getuser()}

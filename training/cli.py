@@ -25,12 +25,13 @@ from training.jobs.resnet import DEFAULT_WORKERS
 from training.models.classifier import ARCHS, STEMS, input_size_problem, small_stem_applies
 from training.options import click_options
 from training.stopping import TrainingStopped, exit_now
-from training.tracking import JournalBusy, TrackingUnavailable
+from training.tracking import JournalBusy, TrackingRefused, TrackingUnavailable
 from training.tracking.registry import URI_FORMS, is_model_uri, parse_model_uri
+from training.tracking.server import ServerSetupError
 
 USER_ERRORS = (
     DatasetError, DeviceError, CheckpointError, DownloadError, ServeError, DeployError, KeyFileError, ValueError,
-    TrackingUnavailable, JournalBusy,
+    TrackingUnavailable, TrackingRefused, JournalBusy, ServerSetupError,
 )  # fmt: skip
 
 
@@ -159,6 +160,78 @@ def sync_command(path: Path) -> None:
     from training.tracking.sync import sync_runs
 
     sync_runs(path)
+
+
+@main.command("tracking-server")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to bind; anything but loopback needs the admin's password given")  # fmt: skip
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+@click.option("--backend-store-uri", default=None, help="runs and models [default: SQLite in mlruns/]")
+@click.option("--artifacts-destination", default=None, help="where uploads go [default: mlruns/artifacts]")
+@click.option("--workers", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--admin-password-file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="a file holding the admin's password (a secret); default: $MLFLOW_AUTH_ADMIN_PASSWORD")  # fmt: skip
+@click.option(
+    "--auth-db-uri",
+    default=None,
+    help="where logins live [default: the store's PostgreSQL database, else a SQLite file in --state-dir]",
+)
+@click.option("--allowed-hosts", default="auto", show_default=True,
+              help="Host headers answered besides loopback: auto (this machine's names and addresses when "
+              "--host is not loopback), or a comma list where `machine` stands for them; "
+              "$MLFLOW_ALLOWED_HOSTS adds more")  # fmt: skip
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("mlruns/auth"),
+              show_default=True, help="the auth config, and the logins and generated password on SQLite")  # fmt: skip
+def tracking_server_command(**options: Any) -> None:
+    """Run the team's MLflow tracking server with logins (MLflow's basic-auth app) until stopped."""
+    from training.tracking.server import TrackingServer, run_server
+    from training.tracking.store import DEFAULT_STORE_DIR
+
+    store = DEFAULT_STORE_DIR.resolve()
+    store.mkdir(exist_ok=True)
+    options["backend_store_uri"] = options["backend_store_uri"] or f"sqlite:///{store / 'mlflow.db'}"
+    options["artifacts_destination"] = options["artifacts_destination"] or str(store / "artifacts")
+    sys.exit(run_server(TrackingServer(**options)))
+
+
+@main.group(cls=Group)
+def users() -> None:
+    """Teammates' logins on the tracking server (run as its admin: MLFLOW_TRACKING_USERNAME/PASSWORD)."""
+
+
+_role_option = click.option(
+    "--role",
+    type=click.Choice(["reader", "editor"]),
+    required=True,
+    help="reader: read everything; editor: also train, register and promote (never delete)",
+)
+
+
+@users.command("add")
+@click.argument("name")
+@_role_option
+@click.option("--password-file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="the new user's password [default: a random one, printed once]")  # fmt: skip
+def users_add_command(name: str, role: str, password_file: Path | None) -> None:
+    """Create login NAME on the tracking server (MLFLOW_TRACKING_URI) with the rights of --role."""
+    from training.tracking.users import add_user
+
+    password = password_file.read_text(encoding="utf-8").strip() if password_file else None
+    user = add_user(name, role, password)
+    click.echo(f"=> user {user.name!r} ({user.role}) on {tracking.tracking_uri()}")
+    if user.generated:
+        click.echo(f"password (shown once; hand it over privately): {user.password}")
+
+
+@users.command("set-role")
+@click.argument("name")
+@_role_option
+def users_set_role_command(name: str, role: str) -> None:
+    """Change the rights of login NAME."""
+    from training.tracking.users import set_role
+
+    set_role(name, role)
+    click.echo(f"=> {name!r} is now a {role}")
 
 
 @main.command("generate")
@@ -508,8 +581,25 @@ _client_options = _options(
         type=click.IntRange(1, 65535),
         default=None,
         help="default: the one the server of --state-dir was started with",
-    ),  # fmt: skip
-)
+    ),
+    click.option("--url", envvar="DLOPS_INFERENCE_URL", default=None, metavar="URL",
+                 help="a server on another machine: its inference API, e.g. http://10.1.2.3:8080 (instead of "
+                 "--state-dir) [env DLOPS_INFERENCE_URL]"),
+    click.option("--key", envvar="DLOPS_INFERENCE_KEY", default=None,
+                 help="the inference key handed over with --url (`dlops keys show` on the server's machine) "
+                 "[env DLOPS_INFERENCE_KEY]"),
+)  # fmt: skip
+
+
+def _server_client(state_dir: Path, inference_port: int | None, url: str | None, key: str | None):
+    """The client of --url with --key (another machine), else of the server started from --state-dir."""
+    from serving.client import ServerClient
+
+    if url:
+        return ServerClient.remote(url, key)
+    if key:
+        raise click.UsageError("--key goes with --url (a server on this machine is reached through --state-dir)")
+    return ServerClient.of(state_dir, inference=inference_port)
 
 
 def _show_answer(answer: Any) -> None:
@@ -530,6 +620,11 @@ def _show_answer(answer: Any) -> None:
 )
 @_state_dir_option
 @click.option("--inference-port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--inference-address", default="127.0.0.1", show_default=True,
+              help="publish the inference API (with its key) for other machines, e.g. 0.0.0.0 or this machine's "
+              "address; the management API stays on 127.0.0.1 always")  # fmt: skip
+@click.option("--metrics-address", default="127.0.0.1", show_default=True,
+              help="publish the metrics API, for a Prometheus on another machine")  # fmt: skip
 @click.option("--management-port", type=click.IntRange(1, 65535), default=8081, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8082, show_default=True)
 @click.option("--grpc-inference-port", type=click.IntRange(1, 65535), default=7070, show_default=True)
@@ -548,7 +643,8 @@ def _show_answer(answer: Any) -> None:
 @click.option("--alias", default="serving", show_default=True, help="registry alias of the versions this server serves")
 @_model_settings
 def serve_command(*, models: tuple[str, ...], no_auth: bool, alias: str, **options: Any) -> None:
-    """Start TorchServe on 127.0.0.1 and wait until every model is ready; it keeps its keys valid while it runs."""
+    """Start TorchServe (on 127.0.0.1 unless --inference-address publishes it) and wait until every model is
+    ready; it keeps its keys valid while it runs."""
     from serving.deploy import serve
     from serving.server import ServeOptions
 
@@ -627,22 +723,62 @@ def promote_command(*, model_uri: str, alias: str, if_better: bool) -> None:
 @click.argument("image", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @_client_options
 @click.option("--topk", type=click.IntRange(1), default=None, help="number of classes to return (server default 5)")
-def predict_command(image: Path, state_dir: Path, inference_port: int | None, topk: int | None) -> None:
+def predict_command(image: Path, topk: int | None, **server: Any) -> None:
     """Classify IMAGE with the served ResNet (HTTP client)."""
-    from serving.client import ServerClient
-
-    _show_answer(ServerClient.of(state_dir, inference=inference_port).predict_image(image, topk))
+    _show_answer(_server_client(**server).predict_image(image, topk))
 
 
 @main.command("generate-http")
 @_client_options
 @generation_field_options(GENERATION_FIELDS)  # the server's own request fields, ranges and defaults
-def generate_http_command(state_dir: Path, inference_port: int | None, **request: Any) -> None:
+def generate_http_command(state_dir: Path, inference_port: int | None, url: str | None, key: str | None,
+                          **request: Any) -> None:  # fmt: skip
     """Generate text with the served language model (HTTP client)."""
-    from serving.client import ServerClient
-
-    client = ServerClient.of(state_dir, inference=inference_port)
+    client = _server_client(state_dir, inference_port, url, key)
     _show_answer(client.generate({k: v for k, v in request.items() if v is not None}))
+
+
+@main.group(cls=Group)
+def keys() -> None:
+    """The keys of a running `dlops serve` (its state dir): hand the inference key to teammates, rotate it."""
+
+
+_api_option = click.option("--api", type=click.Choice(["inference", "management"]), default="inference",
+                           show_default=True, help="the management key never leaves this machine's admins")  # fmt: skip
+
+
+@keys.command("show")
+@_state_dir_option
+@_api_option
+def keys_show_command(state_dir: Path, api: str) -> None:
+    """Print the current key of --api (the inference key is what a teammate's --key needs)."""
+    from serving.keys import key_file, read_keys
+
+    found = read_keys(state_dir)
+    if api not in found:
+        raise click.ClickException(f"no {api} key in {key_file(state_dir)}: no server with token authorization "
+                                   "was started from this state dir")  # fmt: skip
+    click.echo(found[api].value)
+    expires = found[api].expires
+    when = f"it expires at {expires:%Y-%m-%d %H:%M} UTC" if expires else "it does not expire"
+    click.echo(
+        f"({api} key of {state_dir}; {when}, and the key keeper replaces it at half its lifetime: "
+        "hand over the new one then, or start the server with a longer --token-expiration-min)",
+        err=True,
+    )
+
+
+@keys.command("rotate")
+@_state_dir_option
+@_api_option
+def keys_rotate_command(state_dir: Path, api: str) -> None:
+    """Replace the key of --api now: the old one stops working at once (a leaked or departed teammate's key)."""
+    from serving.client import ServerClient
+    from serving.keys import renew
+
+    fresh = renew(state_dir, ServerClient.of(state_dir).urls["management"], api)
+    click.echo(fresh.value)
+    click.echo(f"(the new {api} key; the old one is refused from now on)", err=True)
 
 
 def run() -> None:

@@ -5,6 +5,7 @@ from training.tracking.journal import Journal, JournalBusy, find_journals, serve
 from training.tracking.run import NullTracker, RunTracker, open_run
 from training.tracking.store import (
     DirectRun,
+    TrackingRefused,
     TrackingUnavailable,
     check_reachable,
     download_run_checkpoint,
@@ -25,6 +26,7 @@ __all__ = [
     "JournalBusy",
     "NullTracker",
     "RunTracker",
+    "TrackingRefused",
     "TrackingUnavailable",
     "check_reachable",
     "download_run_checkpoint",

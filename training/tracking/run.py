@@ -12,7 +12,9 @@ costs no training time, and a run that ends while the server is down is delivere
 from __future__ import annotations
 
 import contextlib
+import secrets
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -20,17 +22,35 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+from mlflow.utils.mlflow_tags import MLFLOW_USER
 from torch.utils.tensorboard import SummaryWriter
 
 from training.tracking.journal import Journal
 from training.tracking.sender import Delivery, Sender, http_client_settings
-from training.tracking.store import check_reachable, ending, ensure_experiment, find_run, store_client, tracking_uri
+from training.tracking.store import (
+    check_access,
+    check_reachable,
+    ending,
+    ensure_experiment,
+    find_run,
+    login_name,
+    refusals_explained,
+    store_client,
+    tracking_uri,
+)
 
 # Short runs would end before MLflow's default 10 s sampling logs anything.
 SYSTEM_METRICS_INTERVAL_S = 2.0
 # What a stopped run (SIGTERM, Ctrl-C) waits for delivery: well inside a preemption's grace period
 # (30 s is usual); records still pending are delivered by the resume or `dlops sync`.
 KILLED_SYNC_S = 5.0
+
+
+def unique_run_name() -> str:
+    """A run name no other run has: the start time and random hex from the OS, which no seed touches.
+    (MLflow draws its generated names from `random` after the trainer seeded it: runs of the same
+    seed got the same name.)"""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 class RunTracker:
@@ -198,7 +218,8 @@ def _start_journal(
         journal.append("create_run", experiment=experiment, run_name=run_name, tags=dict(tags), local_id=local_id)
         return journal, local_id
     client = store_client()
-    run = client.create_run(ensure_experiment(experiment, client), run_name=run_name, tags=dict(tags))
+    with refusals_explained(uri):  # a login without the right to create runs here stops the run now
+        run = client.create_run(ensure_experiment(experiment, client), run_name=run_name, tags=dict(tags))
     journal = Journal(out_dir / run.info.run_id)
     journal.update_state(run_id=run.info.run_id, experiment=experiment, tracking_uri=uri)
     return journal, run.info.run_id
@@ -221,11 +242,12 @@ def open_run(
     if not offline:
         check_reachable(uri)
         http_client_settings(uri)
+        check_access(uri)
     journal, run_id = _start_journal(
         experiment,
         Path(out_dir),
-        run_name,
-        tags=dict(tags or {}),
+        run_name or unique_run_name(),
+        tags={MLFLOW_USER: login_name(), **(tags or {})},
         resume_dir=resume_dir,
         saved_run_id=saved_run_id,
         offline=offline,
@@ -261,7 +283,10 @@ def _finish_delivery(journal: Journal, sender: Sender | None, uri: str, timeout_
     else:
         delivered = sender.drain(timeout_s)
         sender.stop()
-        if not delivered:
+        if sender.refused is not None:
+            print(f"=> {sender.refused}. {journal.pending} records are kept in {journal.dir}; once that is fixed, "
+                  f"deliver them with: dlops sync {run_dir}", flush=True)  # fmt: skip
+        elif not delivered:
             print(f"=> the tracking server at {uri} did not take the run within {timeout_s:g} s "
                   f"({sender.last_error}); {journal.pending} records are kept in {journal.dir}. Deliver them "
                   f"with: dlops sync {run_dir}", flush=True)  # fmt: skip

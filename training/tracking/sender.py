@@ -1,7 +1,10 @@
 """Deliver a journal's records to the tracking store, in order, exactly once.
 
-`Delivery` sends what is pending; `Sender` runs it in a background thread, retrying with backoff
-for as long as the process lives, so training never waits for the server. Delivery is
+`Delivery` sends what is pending; `Sender` runs it in a background thread, retrying an outage
+(no connection, a timeout, 5xx, 429) with backoff for as long as the process lives, so training
+never waits for the server. A refusal (401, 403, another 4xx: a wrong login, no permission) is
+not an outage: the sender says so once and stops; the records stay in the journal for `dlops sync`
+once the login or the permission is fixed. Delivery is
 idempotent where a record may already be on the server (the first one after a restart, or one
 retried after an error whose effect is unknown): metric steps the run's history already holds
 are not sent again, an artifact already there with the same size is not uploaded again, a model
@@ -22,7 +25,14 @@ from mlflow.tracking import MlflowClient
 
 from training.tracking.journal import Journal
 from training.tracking.registry import log_mlflow_model
-from training.tracking.store import ensure_experiment, initialize_store, register_model
+from training.tracking.store import (
+    TrackingRefused,
+    ensure_experiment,
+    explain_refusal,
+    initialize_store,
+    refusal_status,
+    register_model,
+)
 
 BACKOFF_MAX_S = 30.0
 COALESCED = ("artifact", "artifact_dir")  # a later record of the same files makes an earlier one moot
@@ -149,6 +159,7 @@ class Sender(threading.Thread):
         super().__init__(name="dlops-tracking-sender", daemon=True)
         self.delivery = delivery
         self.last_error: Exception | None = None
+        self.refused: TrackingRefused | None = None  # a permanent refusal: delivery stopped
         self._wake, self._stopping = threading.Event(), threading.Event()
         self._idle = threading.Event()
 
@@ -162,9 +173,15 @@ class Sender(threading.Thread):
             try:
                 self.delivery.deliver_pending()
                 self.last_error, backoff = None, 1.0
-            except Exception as e:  # the server is down or refused: keep the records, try again later
+            except Exception as e:  # keep the records; an outage is tried again later, a refusal is not
                 self.delivery.uncertain = True
                 self.last_error = e
+                status = refusal_status(e)
+                if status is not None:
+                    self.refused = TrackingRefused(explain_refusal(self.delivery.uri, e, status))
+                    print(f"=> tracking stopped: {self.refused}. The run goes on; its records stay in "
+                          f"{self.delivery.journal.dir} for `dlops sync`", flush=True)  # fmt: skip
+                    return
                 self._stopping.wait(backoff)
                 backoff = min(2 * backoff, BACKOFF_MAX_S)
                 continue
@@ -178,7 +195,7 @@ class Sender(threading.Thread):
         deadline = time.monotonic() + timeout_s
         next_report = time.monotonic() + 5.0
         self.notify()
-        while journal.pending > 0 and time.monotonic() < deadline:
+        while journal.pending > 0 and time.monotonic() < deadline and self.refused is None:
             if time.monotonic() >= next_report:
                 why = f" (last error: {self.last_error})" if self.last_error else ""
                 say(f"=> delivering tracking records to {self.delivery.uri}: {journal.pending} left{why}")
@@ -193,7 +210,7 @@ class Sender(threading.Thread):
 
 
 def http_client_settings(uri: str) -> None:
-    """Let each MLflow HTTP call fail fast: the sender retries with its own backoff, without limit.
+    """Let each MLflow HTTP call fail fast: the sender retries an outage with its own backoff, without limit.
     (MLflow's defaults retry about 4 minutes inside one call.) Variables already set are kept."""
     if uri.startswith(("http://", "https://")):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

@@ -9,6 +9,8 @@ evaluate and compare, which take seconds, log directly (start_run below).
 from __future__ import annotations
 
 import fcntl
+import getpass
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -26,6 +28,7 @@ import torchvision
 from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_USER
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_STORE_DIR = Path("mlruns")
@@ -35,6 +38,66 @@ _initialized: set[str] = set()
 
 class TrackingUnavailable(RuntimeError):
     """The tracking server cannot be reached; the message names the URI and what to do."""
+
+
+class TrackingRefused(RuntimeError):
+    """The tracking server answered with a refusal that asking again cannot change (wrong or missing
+    login, no permission, a request it rejects); the message gives its answer and what to set."""
+
+
+# HTTP answers that mean "not now" rather than "no": a timeout and too many requests
+TRANSIENT_4XX = (408, 429)
+
+
+def refusal_status(error: BaseException) -> int | None:
+    """The HTTP status of a permanent refusal (400-499 but 408 and 429), else None: a connection
+    error, a timeout or a 5xx is an outage, worth retrying."""
+    if not isinstance(error, MlflowException):
+        return None
+    status = error.get_http_status_code()
+    return status if 400 <= status < 500 and status not in TRANSIENT_4XX else None
+
+
+def login_name() -> str:
+    """Who starts runs: the tracking server's login (MLFLOW_TRACKING_USERNAME), else the OS user."""
+    return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+
+
+def explain_refusal(uri: str, error: MlflowException, status: int) -> str:
+    said = error.message.partition("Response body: ")[2].strip(" '") or error.message
+    if status == 401:
+        who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        what = (f"refused the login of {who!r} (wrong password?)" if who else
+                "asks for a login and none was given")  # fmt: skip
+        return (
+            f"the MLflow tracking server {uri} {what} (HTTP 401: {said}). Set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD to your login; the server's admin creates it with `dlops users add NAME`"
+        )
+    if status == 403:
+        return (f"the MLflow tracking server {uri} refused user {login_name()!r} (HTTP 403: {said}): no permission "
+                "for this experiment or model. The server's admin grants it: `dlops users set-role "
+                f"{login_name()} editor`")  # fmt: skip
+    return f"the MLflow tracking server {uri} refused the request (HTTP {status}): {said}"
+
+
+@contextmanager
+def refusals_explained(uri: str) -> Iterator[None]:
+    """Turn a server's permanent refusal into TrackingRefused, saying what the server said and what to set."""
+    try:
+        yield
+    except MlflowException as e:
+        status = refusal_status(e)
+        if status is None:
+            raise
+        raise TrackingRefused(explain_refusal(uri, e, status)) from e
+
+
+def check_access(uri: str) -> None:
+    """One request that needs a login where the server asks for one: a refused login fails here,
+    before anything else starts (/health, which check_reachable asks, needs none)."""
+    if uri.startswith(("http://", "https://")):
+        with refusals_explained(uri):
+            MlflowClient(uri).search_experiments(max_results=1)
 
 
 def tracking_uri() -> str:
@@ -108,10 +171,12 @@ def store_client() -> MlflowClient:
 
 
 def find_run(run_id: str) -> Run | None:
-    """The run with this id in the configured store, or None."""
+    """The run with this id in the configured store, or None; a refused login raises TrackingRefused."""
     try:
         return store_client().get_run(run_id)
-    except MlflowException:
+    except MlflowException as e:
+        if refusal_status(e) in (401, 403):
+            raise TrackingRefused(explain_refusal(tracking_uri(), e, refusal_status(e))) from e
         return None
 
 
@@ -138,6 +203,10 @@ def ensure_experiment(name: str, client: MlflowClient | None = None) -> str:
 
 
 def _git_commit() -> str:
+    """The checkout's commit ("-dirty" with local changes); "installed" when the code is an installed
+    package (whatever repository its site-packages may sit in is not this code's)."""
+    if not (PROJECT_ROOT / ".git").exists():
+        return "installed"
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5, check=True
@@ -166,7 +235,15 @@ def environment_tags(device_name: str) -> dict[str, str]:
         "python_version": platform.python_version(),
         "hostname": platform.node(),
         "git_commit": _git_commit(),
+        "dlops_version": _dlops_version(),
     }
+
+
+def _dlops_version() -> str:
+    try:
+        return importlib.metadata.version("dlops")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 @contextmanager
@@ -210,9 +287,12 @@ def start_run(
     experiment: str, run_name: str | None = None, tags: Mapping[str, str] | None = None
 ) -> Iterator[DirectRun]:
     """A new run, ended FINISHED, FAILED or KILLED."""
-    check_reachable(tracking_uri())
+    uri = tracking_uri()
+    check_reachable(uri)
     client = store_client()
-    run = client.create_run(ensure_experiment(experiment), run_name=run_name, tags=dict(tags or {}))
+    with refusals_explained(uri):
+        run = client.create_run(ensure_experiment(experiment), run_name=run_name,
+                                tags={MLFLOW_USER: login_name(), **(tags or {})})  # fmt: skip
     with ending(lambda status: client.set_terminated(run.info.run_id, status)):
         yield DirectRun(client, run.info.run_id)
 

@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from training.tracking.journal import Journal, find_journals
 from training.tracking.sender import Delivery
-from training.tracking.store import check_reachable, tracking_uri
+from training.tracking.store import check_access, check_reachable, refusals_explained, tracking_uri
 
 
 def sync_runs(path: Path) -> int:
@@ -28,7 +28,9 @@ def sync_runs(path: Path) -> int:
             continue
         with journal.delivery_lock(), tqdm(total=journal.pending, desc=run_dir.name, unit="record") as bar:
             check_reachable(target)
-            count = Delivery(journal, target).deliver_pending(lambda done, _: bar.update(done - bar.n))
+            check_access(target)
+            with refusals_explained(target):  # a refusal keeps the rest pending, for a sync after the fix
+                count = Delivery(journal, target).deliver_pending(lambda done, _: bar.update(done - bar.n))
         journal.close()
         total += count
         print(f"=> {run_dir}: delivered {count} records to run {journal.state().get('run_id')} at {target}")
