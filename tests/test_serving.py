@@ -16,13 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from serving.client import ServerClient
 from serving.deploy import serve
 from serving.package import ModelSettings
-from serving.server import ServeOptions, stop
+from serving.server import ServeOptions, effective_config, stop
 from tests.conftest import REPO, artifact_paths, cli_error, latest_run, run_cli
 from training.checkpoint import load_checkpoint
+from training.cli import main
 from training.data.images import ImageFiles, eval_transform
 from training.data.synthetic import write_synthetic_corpus
 from training.data.tinyimagenet import load_tinyimagenet
@@ -233,6 +235,38 @@ def test_requests_without_the_key_are_refused_saying_where_it_is(server, tiny_da
         answer.status == 400
         and f"The current keys of this server are in {tmp_path / 'key_file.json'}" in (answer.data["error"])
     )
+
+
+def test_a_teammate_with_the_url_and_a_handed_over_key_is_answered(server, tiny_dataset, monkeypatch, tmp_path):
+    """Another machine has no state dir: `dlops keys show` hands the key over, --url and --key (or
+    DLOPS_INFERENCE_KEY) use it; `dlops keys rotate` makes the old one useless at once."""
+    monkeypatch.chdir(tmp_path)  # no state dir around: only the URL and the key reach the server
+    image = load_tinyimagenet(tiny_dataset).val[0][0]
+    key = CliRunner().invoke(main, ["keys", "show", "--state-dir", str(server.state_dir)]).stdout.strip()
+    url = server.urls["inference"]
+    answer = json.loads(run_cli("predict", image, "--url", url, "--key", key, "--topk", "2").stdout)
+    assert len(answer) == 2 and {"class", "label", "probability"} <= set(answer[0])
+    refused = cli_error("predict", image, "--url", url)
+    assert "refused the inference key" in refused and "dlops keys show" in refused
+    monkeypatch.setenv("DLOPS_INFERENCE_KEY", key)
+    assert json.loads(run_cli("predict", image, "--url", url).stdout)
+    rotated = CliRunner().invoke(main, ["keys", "rotate", "--state-dir", str(server.state_dir)]).stdout.strip()
+    assert rotated and rotated != key
+    assert "refused the inference key" in cli_error("predict", image, "--url", url)
+    assert json.loads(run_cli("predict", image, "--url", url, "--key", rotated).stdout)
+    assert server.predict_image(image).ok, "clients with the state dir read the new key"
+
+
+def test_only_the_inference_and_metrics_apis_can_be_published(tmp_path):
+    published = effective_config(ServeOptions(inference_address="0.0.0.0", metrics_address="10.0.0.5"), [])
+    assert published["inference_address"] == "http://0.0.0.0:8080"
+    assert published["metrics_address"] == "http://10.0.0.5:8082"
+    assert published["management_address"] == "http://127.0.0.1:8081", "management never leaves loopback"
+    assert published["grpc_inference_address"] == published["grpc_management_address"] == "127.0.0.1"
+    assert effective_config(ServeOptions(), [])["inference_address"] == "http://127.0.0.1:8080"
+    keyless = cli_error("serve", "--inference-address", "0.0.0.0", "--no-auth", "--model-store", tmp_path,
+                        "--state-dir", tmp_path / "ts")  # fmt: skip
+    assert "without a key" in keyless
 
 
 def test_handler_runs_from_the_unpacked_archive_without_the_project(model_store, tiny_dataset, tmp_path):
