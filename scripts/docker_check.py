@@ -1,9 +1,14 @@
 """`make docker-check`: build both images, start the compose stack, and run the team's loop across it.
 
-    train (in the trainer container, against the MLflow server on PostgreSQL; the MLflow container is
-    restarted once mid-training) -> registered MLflow model -> `dlops deploy` from the host to the
-    running TorchServe container (no restart) -> a classification and a generation request from the
-    host on 127.0.0.1 with the server's key -> everything torn down, volumes too.
+    the MLflow server starts with logins (its admin's password a secret file) -> the admin adds a
+    teammate with editor rights -> train as that teammate (in the trainer container, against the
+    MLflow server on PostgreSQL; the MLflow container is restarted once mid-training) -> registered
+    MLflow model -> `dlops deploy` from the host to the running TorchServe container (no restart) ->
+    a classification and a generation request from the host on 127.0.0.1 with the server's key ->
+    from a teammate's machine (the `client` service: another container on the compose network, not
+    the host) a run logged with the teammate's login and a prediction with the handed-over key; the
+    same without the login gets 401 from MLflow, without the key a 4xx from TorchServe -> the
+    trainer container writes a report -> everything torn down, volumes too.
 
 Each step prints its time; the last line sums it up. Needs a Docker engine (started here when it is
 installed but not running and this runs as root), `docker compose` or Debian's `docker-compose`,
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -26,6 +32,8 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+
+from training.tracking.server import machine_hosts
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
@@ -138,6 +146,51 @@ def dlops(*args: str, env: dict | None = None, capture: bool = False) -> subproc
     return sh(sys.executable, "-m", "training.cli", *args, env=env, capture=capture)
 
 
+def admin_secret(folder: Path) -> tuple[str, Path]:
+    """The MLflow admin's password as the stack reads it: a secret file, readable by the container's user."""
+    password = secrets.token_urlsafe(18)
+    path = folder / "mlflow_admin_password"
+    path.write_text(password + "\n")
+    os.chown(path, 1000, 1000)
+    path.chmod(0o600)
+    return password, path
+
+
+def refused(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """A command that had to fail, saying why: its output, or CheckFailed."""
+    said = (result.stdout or "") + (result.stderr or "")
+    if result.returncode == 0 or not all(needle in said for needle in needles):
+        raise CheckFailed(f"expected a refusal saying {needles}, got exit {result.returncode}:\n{said[-2000:]}")
+    return said
+
+
+def team_check(compose: list[str], env: dict, host_env: dict, image: str) -> None:
+    """From the `client` container (another machine on the compose network, not the host): a run with
+    the teammate's login, a prediction with the handed-over inference key; without either, refused."""
+    key = dlops("keys", "show", "--state-dir", str(STATE / "torchserve"), capture=True).stdout.strip()
+    client = [*compose, "run", "--rm"]
+    train = ["train", "lm", "/data/corpus", "--epochs", "1", "--emsize", "16", "--nhid", "16", "--run-name"]
+    sh(*client, "client", *train, "from-a-teammate", env=env)
+    script = (
+        "from mlflow import MlflowClient; c = MlflowClient(); "
+        "r = c.search_runs([c.get_experiment_by_name('wordlm-wikitext2').experiment_id], "
+        "\"tags.mlflow.runName = 'from-a-teammate'\")[0]; print(r.info.status, r.data.tags['mlflow.user'])"
+    )
+    status_user = sh(sys.executable, "-c", script, env=host_env, capture=True).stdout.split()
+    if status_user != ["FINISHED", "bob"]:
+        raise CheckFailed(f"the teammate's run is {status_user}, expected FINISHED by bob")
+    predict = ["client", "predict", f"/data/images/val/images/{image}", "--topk", "1"]
+    answer = sh(*client, "-e", f"DLOPS_INFERENCE_KEY={key}", *predict, env=env, capture=True).stdout
+    top = json.loads(answer[answer.index("[") :])[0]
+    print(f"=> the client container, with the handed-over key: {top['class']} ({top['probability']:.3f})")
+    said = refused(sh(*client, "-e", "MLFLOW_TRACKING_USERNAME=", "-e", "MLFLOW_TRACKING_PASSWORD=", "client",
+                      *train, "no-login", env=env, capture=True, check=False), "HTTP 401")  # fmt: skip
+    print(f"=> without a login MLflow refused: {said.strip().splitlines()[-1][:160]}")
+    said = refused(sh(*client, "-e", "DLOPS_INFERENCE_KEY=", *predict, env=env, capture=True, check=False),
+                   "refused the inference key", "HTTP 4")  # fmt: skip
+    print(f"=> without the key TorchServe refused: {said.strip().splitlines()[-1][:160]}")
+
+
 def main() -> int:
     started = time.perf_counter()
     busy = [p for p in PORTS if socket.socket().connect_ex(("127.0.0.1", p)) == 0]
@@ -162,13 +215,21 @@ def main() -> int:
         for folder in ("torchserve", "model-store"):
             (STATE / folder).mkdir(parents=True)
             os.chown(STATE / folder, 1000, 1000)  # the serving container's user writes its keys there
+        admin_password, secret = admin_secret(Path(tmp))
         env = {"PYTHON_BASE": bases["python"], "POSTGRES_IMAGE": bases["postgres"], "DATA_DIR": str(data),
-               "DLOPS_STATE": str(STATE)}  # fmt: skip
+               "DLOPS_STATE": str(STATE), "MLFLOW_ADMIN_PASSWORD_FILE": str(secret),
+               "MLFLOW_ALLOWED_HOSTS": ",".join(machine_hosts())}  # fmt: skip
+        admin = {**host, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": admin_password}
         try:
-            with step("compose up (postgres, mlflow, torchserve)"):
+            with step("compose up (postgres, mlflow with logins, torchserve)"):
                 sh(*compose, "up", "-d", "postgres", "mlflow", "torchserve", env=env)
                 wait_http("http://127.0.0.1:5000/health", 300, "the MLflow server")
                 wait_http("http://127.0.0.1:8080/ping", 300, "TorchServe")
+            with step("the admin adds a teammate (editor)"):
+                said = dlops("users", "add", "bob", "--role", "editor", env=admin, capture=True).stdout
+                teammate = {"MLFLOW_TRACKING_USERNAME": "bob",
+                            "MLFLOW_TRACKING_PASSWORD": said.split("privately): ")[1].strip()}  # fmt: skip
+                env.update(teammate)  # what compose hands the trainer and the client containers
             with step("train in the trainer container, MLflow restarted mid-run"):
                 epochs = 6
                 trainer = subprocess.Popen(
@@ -185,7 +246,7 @@ def main() -> int:
                         restarted = True
                 if trainer.wait() != 0 or not restarted:
                     raise CheckFailed("training in the trainer container failed:\n" + "".join(seen[-40:]))
-                dlops_env = {**host}
+                dlops_env = {**host, **teammate}
                 script = ("from mlflow import MlflowClient; c = MlflowClient(); "
                           "r = c.search_runs([c.get_experiment_by_name('resnet-tinyimagenet').experiment_id], "
                           "\"tags.mlflow.runName = 'docker-check'\")[0]; "
@@ -208,6 +269,14 @@ def main() -> int:
                 top = json.loads(answer)[0]
                 words = json.loads(text)["words"]
                 print(f"=> classified {image.name}: {top['class']} ({top['probability']:.3f}); generated {words} words")
+            with step("a teammate's machine: the client container logs a run and asks TorchServe"):
+                team_check(compose, env, dlops_env, image.name)
+            with step("the trainer container writes a report"):
+                said = sh(*compose, "run", "--rm", "trainer", "report", "--experiment", "resnet-tinyimagenet",
+                          "--out", "runs/report", env=env, capture=True).stdout  # fmt: skip
+                if "=> report of" not in said:
+                    raise CheckFailed(f"no report written:\n{said[-2000:]}")
+                print(said.strip().splitlines()[-1])
         finally:
             with step("tear down (containers and volumes)"):
                 sh(*compose, "--profile", "tools", "down", "-v", "--remove-orphans", check=False, env=env)

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -31,35 +30,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+ADMIN = ("admin", "postgres-admin-passphrase")
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(module_tmp):
-    """`mlflow server` on the PostgreSQL database .ci/run prepared, artifacts proxied to a local folder."""
+    """`dlops tracking-server` (logins on) on the PostgreSQL database .ci/run prepared, the logins in
+    that database too, artifacts proxied to a local folder."""
     if not POSTGRES_URI:
         pytest.skip("DLOPS_TEST_POSTGRES_URI is not set (.ci/run starts PostgreSQL and sets it)")
     port = free_port()
     log = module_tmp.mktemp("mlflow-server") / "server.log"
-    artifacts = log.parent / "artifacts"
     command = [
-        str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", POSTGRES_URI,
-        "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}", "--cors-allowed-origins", f"http://127.0.0.1:{port}",
+        sys.executable, "-m", "training.cli", "tracking-server", "--backend-store-uri", POSTGRES_URI,
+        "--artifacts-destination", str(log.parent / "artifacts"), "--port", str(port), "--workers", "1",
+        "--state-dir", str(log.parent / "auth"),
     ]  # fmt: skip
+    env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1]}
     with log.open("w") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                  start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            if server.poll() is not None:
-                pytest.fail(f"mlflow server exited: {log.read_text()[-3000:]}")
-            time.sleep(1)
-    else:
-        pytest.fail(f"mlflow server not healthy after 180 s: {log.read_text()[-3000:]}")
-    yield uri
+    while "=> admin login" not in log.read_text():
+        if server.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"tracking-server did not start: {log.read_text()[-3000:]}")
+        time.sleep(1)
+    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = ADMIN  # this module's clients
+    yield f"http://127.0.0.1:{port}"
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        os.environ.pop(name, None)
     os.killpg(server.pid, signal.SIGTERM)
     server.wait(timeout=30)
 
@@ -176,22 +175,32 @@ def test_the_serving_image_copies_every_module_its_entry_point_imports():
 def test_compose_file_names_the_services_volumes_and_ports():
     compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"postgres", "mlflow", "trainer", "torchserve"}
+    assert set(services) == {"postgres", "mlflow", "trainer", "torchserve", "client"}
     assert set(compose["volumes"]) == {"pgdata", "mlflow-artifacts", "runs"}
     assert "pgdata:/var/lib/postgresql/data" in services["postgres"]["volumes"]
     assert any(v.startswith("mlflow-artifacts:") for v in services["mlflow"]["volumes"])
     # the host reads the server's keys and ports, and writes archives, through bind mounts
     mounts = {v.rsplit(":", 1)[1] for v in services["torchserve"]["volumes"]}
     assert mounts == {"/home/model-server/state", "/home/model-server/model-store"}
-    # published ports bind to loopback unless overridden
-    for name in ("mlflow", "torchserve"):
-        assert all(str(p).startswith("${BIND_ADDRESS:-127.0.0.1}:") for p in services[name]["ports"]), name
-    assert "postgresql://" in " ".join(services["mlflow"]["command"])
+    # MLflow and inference are published on loopback unless BIND_ADDRESS says otherwise; management never
+    assert services["mlflow"]["ports"] == ["${BIND_ADDRESS:-127.0.0.1}:5000:5000"]
+    assert services["torchserve"]["ports"] == ["${BIND_ADDRESS:-127.0.0.1}:8080:8080", "127.0.0.1:8081:8081",
+                                               "${METRICS_BIND_ADDRESS:-127.0.0.1}:8082:8082"]  # fmt: skip
+    # the tracking server runs with logins, its admin's password a secret file, never a default
+    command = services["mlflow"]["command"]
+    assert command[0] == "tracking-server" and "postgresql://" in " ".join(command)
+    assert command[command.index("--admin-password-file") + 1] == "/run/secrets/mlflow_admin_password"
+    assert "mlflow_admin_password" in compose["secrets"] and services["mlflow"]["secrets"] == ["mlflow_admin_password"]
+    assert services["mlflow"]["environment"]["MLFLOW_ALLOWED_HOSTS"].startswith("mlflow,")
     assert "deploy" not in services["trainer"], "GPUs are reserved by compose.gpu.yaml only, where there are GPUs"
     gpu = yaml.safe_load((REPO / "docker" / "compose.gpu.yaml").read_text())["services"]["trainer"]
     device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    assert services["trainer"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    for name in ("trainer", "client"):
+        environment = services[name]["environment"]
+        assert environment["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+        assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(environment), name
+    assert services["client"]["environment"]["DLOPS_INFERENCE_URL"] == "http://torchserve:8080"
     assert "healthcheck" in services["mlflow"] and "healthcheck" in services["postgres"]
     for name, service in services.items():
         for dependency in service.get("depends_on", {}):
