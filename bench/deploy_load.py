@@ -29,7 +29,7 @@ import psutil
 import torch
 from PIL import Image
 
-from serving.deploy import deploy, prepare, serve
+from release.deploy import deploy, prepare, serve
 from serving.server import ServeOptions, stop
 
 
@@ -46,7 +46,7 @@ class Load:
         while not self.stopping.is_set():
             sent = time.perf_counter()
             try:
-                answer = self.client.predict_image(self.image)
+                answer = self.client.predict_file("resnet", self.image)
                 status, version = answer.status, answer.headers.get("x-dlops-model-version")
             except OSError:
                 status, version = -1, None

@@ -145,8 +145,16 @@ def throughput(args, device: torch.device, budget: Budget) -> list[Row]:
                 def epoch(n: int, *, trained=trained, optimizer=optimizer, batches=batches, prepare=prepare,
                           criterion=criterion, scaler=scaler):  # fmt: skip
                     batches.set_epoch(n)
-                    step = ClassifierStep(trained, criterion, optimizer, scaler, device, args.amp, channels_last=True,
-                                          prepare=prepare)  # fmt: skip
+                    step = ClassifierStep(
+                        model=trained,
+                        criterion=criterion,
+                        optimizer=optimizer,
+                        scaler=scaler,
+                        device=device,
+                        amp=args.amp,
+                        channels_last=True,
+                        prepare=prepare,
+                    )
                     return train_one_epoch(step, batches, epoch=n, print_freq=0)
 
                 warm_start = time.perf_counter()
@@ -229,7 +237,7 @@ def lm_tokens(args, device: torch.device, budget: Budget) -> list[Row]:
             model = build_language_model(ntokens=vocab, dropout=0.2, tied=False, **config).to(device)
             data = torch.randint(vocab, (steps * bptt + 1, batch), device=device)
             optimizer = torch.optim.SGD(model.parameters(), lr=1.0, fused=True)
-            step = LMStep(model, optimizer, device, bptt, clip=0.25, amp=amp)
+            step = LMStep(model=model, optimizer=optimizer, device=device, bptt=bptt, clip=0.25, amp=amp)
             train_lm_epoch(step, data[: 3 * bptt + 1], epoch=0, log_interval=10**9)  # warm-up
             with SyncCounter() as syncs:
                 result = train_lm_epoch(step, data, epoch=1, log_interval=10**9)
@@ -273,7 +281,7 @@ def served(args, checkpoint: Path | None, workdir: Path, budget: Budget) -> list
         why = "no checkpoint (the fast-recipe run did not run)"
     if why or budget.left() < 60:
         return [Row("TorchServe on the GPU", "", note=f"skipped: {why or 'time budget spent'}")]
-    from serving.deploy import serve
+    from release.deploy import serve
     from serving.server import ServeOptions, stop
 
     options = ServeOptions.on_free_ports(model_store=workdir / "store", state_dir=workdir / "ts")
@@ -283,7 +291,7 @@ def served(args, checkpoint: Path | None, workdir: Path, budget: Budget) -> list
 
         image = load_image_dataset(args.data).val[0][0]
         begin = time.perf_counter()
-        answer = client.predict_image(image)
+        answer = client.predict_file("resnet", image)
         status = answer.status
         ms = 1000 * (time.perf_counter() - begin)
     finally:

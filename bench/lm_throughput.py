@@ -56,7 +56,12 @@ def example_loop(model, data: torch.Tensor, device: torch.device) -> float:
 
 def project_loop(model, data: torch.Tensor, device: torch.device, amp: str) -> float:
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    result = train_lm_epoch(LMStep(model, optimizer, device, BPTT, CLIP, amp), data, epoch=1, log_interval=10**9)
+    result = train_lm_epoch(
+        LMStep(model=model, optimizer=optimizer, device=device, bptt=BPTT, clip=CLIP, amp=amp),
+        data,
+        epoch=1,
+        log_interval=10**9,
+    )
     return result.seconds
 
 

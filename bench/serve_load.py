@@ -34,7 +34,7 @@ import psutil
 import torch
 from PIL import Image
 
-from serving.deploy import mars_to_serve
+from release.deploy import mars_to_serve
 from serving.server import ServeOptions, mar_identity, start, stop
 
 
@@ -165,11 +165,13 @@ def main() -> None:
         try:
             results = {"classify": [], "generate": []}
             for c in levels:
-                results["classify"].append(load(lambda: client.predict_image(image), c, args.requests, args.seconds))
+                results["classify"].append(
+                    load(lambda: client.predict_file("resnet", image), c, args.requests, args.seconds)
+                )
                 print("classify", results["classify"][-1], flush=True)
             request = {"prompt": "the", "max_words": args.words, "seed": 1}
             for c in levels:
-                row = load(lambda: client.generate(request), c, args.requests, args.seconds)
+                row = load(lambda: client.predict_fields("lm", request), c, args.requests, args.seconds)
                 row["words_per_s"] = round(row["req_per_s"] * args.words, 1)
                 results["generate"].append(row)
                 print("generate", row, flush=True)

@@ -1,7 +1,7 @@
 """HTTP clients of one TorchServe, found by its state dir: inference, management, keys that survive renewal.
 
     server = ServerClient.of(Path("logs/torchserve"))      # ports from the state dir's server.json
-    answer = server.predict_image(Path("cat.jpg"), topk=3)   # Answer(status, data, headers)
+    answer = server.predict_file("resnet", Path("cat.jpg"), {"X-TopK": "3"})   # Answer(status, data, headers)
     server.management("GET", "/models/resnet")
     teammate = ServerClient.remote("http://10.1.2.3:8080", key)  # another machine: a URL and a handed-over key
 
@@ -28,7 +28,7 @@ SERVER_FILE = "server.json"  # written by `dlops serve`: the server's URLs, mode
 DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Answer:
     status: int
     data: Any  # decoded JSON, or text
@@ -59,7 +59,7 @@ def _refused(answer: Answer) -> bool:
     return answer.status in (400, 401, 403) and REFUSED in json.dumps(answer.data)
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class ServerClient:
     state_dir: Path | None  # None: a client on another machine, with the URL and key it was handed
     urls: dict[str, str]  # inference, management, metrics -> http://127.0.0.1:PORT
@@ -68,7 +68,7 @@ class ServerClient:
     @classmethod
     def remote(cls, url: str, key: str | None) -> ServerClient:
         """The inference API at `url` with `key`: what a teammate has, without the server's state dir."""
-        return cls(None, {"inference": url.rstrip("/")}, key)
+        return cls(state_dir=None, urls={"inference": url.rstrip("/")}, inference_key=key)
 
     def _key(self, api: str) -> str | None:
         if self.state_dir is None:
@@ -82,7 +82,7 @@ class ServerClient:
         recorded = read_server_file(state_dir).get("urls", {})
         urls = {api: recorded.get(api, f"http://127.0.0.1:{port}") for api, port in DEFAULT_PORTS.items()}
         urls.update({api: f"http://127.0.0.1:{port}" for api, port in ports.items() if port})
-        return cls(Path(state_dir), urls)
+        return cls(state_dir=Path(state_dir), urls=urls)
 
     # --- transport ---------------------------------------------------------------------------------
     def _send(self, api: str, method: str, path: str, *, body: bytes | None, headers: dict[str, str],
@@ -94,9 +94,9 @@ class ServerClient:
         request = urllib.request.Request(f"{self.urls[api]}{path}", data=body, headers=headers, method=method)
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                return Answer(response.status, _decode(response.read()), _lower(response.headers))
+                return Answer(status=response.status, data=_decode(response.read()), headers=_lower(response.headers))
         except urllib.error.HTTPError as e:
-            return Answer(e.code, _decode(e.read()), _lower(e.headers))
+            return Answer(status=e.code, data=_decode(e.read()), headers=_lower(e.headers))
 
     def call(self, api: str, method: str, path: str, *, body: bytes | None = None,
              headers: dict[str, str] | None = None, timeout_s: float = 120.0) -> Answer:  # fmt: skip
@@ -108,8 +108,11 @@ class ServerClient:
             error = (f"TorchServe at {self.urls[api]} refused the {api} key (wrong, renewed or expired): ask the "
                      "server's owner for the current one (`dlops keys show` there) and pass it as --key or "
                      "DLOPS_INFERENCE_KEY")  # fmt: skip
-            return Answer(answer.status, {"error": error, "status": answer.status, "server_said": answer.data},
-                          answer.headers)  # fmt: skip
+            return Answer(
+                status=answer.status,
+                data={"error": error, "status": answer.status, "server_said": answer.data},
+                headers=answer.headers,
+            )
         refused_key = read_keys(self.state_dir).get(api)
         if refused_key is not None and refused_key.expires_in() <= 0:
             with contextlib.suppress(KeyFileError, OSError):  # expired, no keeper renewed it: renew it now
@@ -121,8 +124,11 @@ class ServerClient:
         error = (f"TorchServe refused the {api} key (wrong or expired). The current keys of this server are in "
                  f"{key_file(self.state_dir)}, renewed while it runs; send `Authorization: Bearer <key>` with the "
                  "key of this API")  # fmt: skip
-        return Answer(retried.status, {"error": error, "status": retried.status, "server_said": retried.data},
-                      retried.headers)  # fmt: skip
+        return Answer(
+            status=retried.status,
+            data={"error": error, "status": retried.status, "server_said": retried.data},
+            headers=retried.headers,
+        )
 
     def management(self, method: str, path: str, timeout_s: float = 120.0) -> Answer:
         return self.call("management", method, path, timeout_s=timeout_s)
@@ -140,12 +146,9 @@ class ServerClient:
             timeout_s=timeout_s,
         )
 
-    def predict_image(self, image: Path, topk: int | None = None, model: str = "resnet") -> Answer:
-        headers = {"X-TopK": str(topk)} if topk else {}
-        return self.predict(model, Path(image).read_bytes(), "application/octet-stream", headers=headers)
-
-    def generate(self, request: dict[str, Any], model: str = "lm") -> Answer:
-        return self.predict(model, json.dumps(request).encode("utf-8"), "application/json")
+    def predict_file(self, model: str, path: Path, headers: dict[str, str] | None = None) -> Answer:
+        """A file's bytes as the request body (an image to a classifier)."""
+        return self.predict(model, Path(path).read_bytes(), "application/octet-stream", headers=headers)
 
     def predict_fields(self, model: str, fields: dict[str, Any], version: str | None = None) -> Answer:
         """A JSON request of named fields (bytes travel base64-encoded), as a job's example request is."""

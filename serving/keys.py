@@ -39,7 +39,7 @@ class KeyFileError(RuntimeError):
     """A key could not be read or renewed; the message says where the keys are."""
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Key:
     value: str
     expires: datetime | None  # None: never (the API key)
@@ -78,7 +78,7 @@ def read_keys(state_dir: Path) -> dict[str, Key]:
     keys = {}
     for kind, entry in raw.items():
         expiry = entry.get("expiration time")
-        keys[kind] = Key(entry["key"], _parse_time(expiry) if expiry else None)
+        keys[kind] = Key(value=entry["key"], expires=_parse_time(expiry) if expiry else None)
     return keys
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 SERVED_FILE = "serving.json"
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Deployment:
     model: str  # TorchServe's model name (/predictions/<model>)
     version: str  # TorchServe's version of it

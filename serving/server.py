@@ -51,7 +51,7 @@ class ServeError(RuntimeError):
     pass
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServeOptions:
     model_store: Path = Path("model_store")
     state_dir: Path = DEFAULT_STATE_DIR

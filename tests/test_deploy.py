@@ -21,9 +21,9 @@ import pandas as pd
 import pytest
 import torch
 
+from release.deploy import DEFAULT_ALIAS, default_version, serve
 from serving import served
 from serving.client import ServerClient
-from serving.deploy import DEFAULT_ALIAS, default_version, serve
 from serving.keys import read_keys
 from serving.server import ServeOptions, running_pid, stop
 from tests.conftest import cli_error, latest_run, run_cli
@@ -213,7 +213,7 @@ class Load:
     def send(self) -> None:
         while not self.stopping.is_set() and len(self.answers) < self.max_requests:
             try:
-                answer = self.server.predict_image(self.image)
+                answer = self.server.predict_file("resnet", self.image)
                 self.answers.append((answer.status, answer.headers.get("x-dlops-model-version")))
             except OSError as e:  # a refused or reset connection is a failed request too
                 self.answers.append((-1, str(e)))
@@ -252,7 +252,7 @@ def test_three_deploys_under_load_drop_no_request_and_rollback_restores(server, 
     output = run_cli("rollback", "resnet", "--state-dir", server.state_dir).output
     assert "serving resnet version 1" in output and served_version(server) == "1"
     assert str(client.get_model_version_by_alias(RESNET, DEFAULT_ALIAS).version) == "1"
-    assert server.predict_image(image).headers["x-dlops-model-version"] == "1"
+    assert server.predict_file("resnet", image).headers["x-dlops-model-version"] == "1"
     versions_now = server.management("GET", "/models/resnet/all").data
     assert [v["modelVersion"] for v in versions_now] == ["1"], "the old version was not retired"
 
@@ -311,13 +311,15 @@ def test_a_second_server_runs_beside_keeps_valid_keys_past_their_expiry_and_stop
                                           "Content-Type": "application/json"})  # fmt: skip
         with urllib.request.urlopen(request, timeout=60) as response:
             assert response.status == 200  # a plain client with the key file's key
-        assert second.generate({"max_words": 3}).ok and server.generate({"max_words": 3}).ok
+        assert second.predict_fields("lm", {"max_words": 3}).ok and server.predict_fields("lm", {"max_words": 3}).ok
         assert "renewed the inference key" in (options.state_dir / "logs" / "keys.log").read_text()
         assert "is running" in cli_error("serve", "--state-dir", options.state_dir, "--model-store", tmp_path)
     finally:
         said = stop(options.state_dir)
     assert "TorchServe has stopped" in said and running_pid(options.state_dir) is None
-    assert running_pid(server.state_dir) and server.generate({"max_words": 2}).ok, "stopped the other server"
+    assert running_pid(server.state_dir) and server.predict_fields("lm", {"max_words": 2}).ok, (
+        "stopped the other server"
+    )
     assert "no TorchServe is running" in run_cli("stop", "--state-dir", options.state_dir).output
 
 
@@ -332,7 +334,7 @@ def test_a_server_started_empty_takes_its_first_models_by_deploy(registered, tmp
     client = start(options, [], allow_empty=True)
     try:
         run_cli("deploy", f"models:/{LM}/1", "--state-dir", options.state_dir, "--model-store", options.model_store)
-        assert served_version(client, "lm") == "1" and client.generate({"max_words": 3}).ok
+        assert served_version(client, "lm") == "1" and client.predict_fields("lm", {"max_words": 3}).ok
         monkeypatch.setattr(container, "STATE_DIR", options.state_dir)
         assert container.healthy() == 0
         assert container.last_served(options.state_dir, options.model_store) == [options.model_store / "lm-1.mar"]

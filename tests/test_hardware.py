@@ -18,10 +18,26 @@ from training.hardware import CpuFacts, GpuFacts, decide_native_bf16, device_cla
 from training.loops.classify import Totals, to_device
 from training.recipes import RECIPES, apply_recipe
 
-NATIVE = CpuFacts("test CPU", 8, "AVX512", True, False, True, "the CPU has avx512_bf16")
-AVX2 = CpuFacts("test CPU", 8, "AVX2", False, False, False, "the CPU has neither avx512_bf16 nor AMX")
-H100 = GpuFacts(0, "H100", 80.0, (9, 0))
-V100 = GpuFacts(0, "V100", 32.0, (7, 0))
+NATIVE = CpuFacts(
+    model="test CPU",
+    cores=8,
+    capability="AVX512",
+    avx512_bf16=True,
+    amx=False,
+    native_bf16=True,
+    native_bf16_reason="the CPU has avx512_bf16",
+)
+AVX2 = CpuFacts(
+    model="test CPU",
+    cores=8,
+    capability="AVX2",
+    avx512_bf16=False,
+    amx=False,
+    native_bf16=False,
+    native_bf16_reason="the CPU has neither avx512_bf16 nor AMX",
+)
+H100 = GpuFacts(index=0, name="H100", memory_gib=80.0, capability=(9, 0))
+V100 = GpuFacts(index=0, name="V100", memory_gib=32.0, capability=(7, 0))
 FAST = ["-b", "16", "-j", "0", "-p", "0", "--lr", "0.02"]
 
 

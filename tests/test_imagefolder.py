@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.deploy import serve
+from release.deploy import serve
 from serving.server import ServeOptions, stop
 from tests.conftest import cli_error, latest_run, run_cli
 from training.data.cache import build_cache
@@ -73,7 +73,7 @@ def test_a_folder_of_photos_trains_evaluates_packages_and_answers_by_folder_name
     server = serve(options, ["models:/test-folder/latest"])
     try:
         image = next(p for p, label in load_image_dataset(folder).val if p.suffix == ".webp")
-        answer = server.predict_image(image, topk=4)
+        answer = server.predict_file("resnet", image, {"X-TopK": "4"})
         assert answer.ok, answer
         assert sorted(a["class"] for a in answer.data) == sorted(CLASSES)
         labels = {a["class"]: a["label"] for a in answer.data}

@@ -25,8 +25,20 @@ from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from training.data.synthetic import write_synthetic_corpus, write_synthetic_tinyimagenet
 from training.data.text import load_corpus
 from training.data.tinyimagenet import load_tinyimagenet
-from training.jobs import JOBS, LMConfig, ResNetConfig
-from training.jobs.base import Criterion, EpochContext, Job, Optimization, RunConfig, ServingSpec
+from training.jobs import jobs
+from training.jobs.base import (
+    HANDLERS,
+    VAL_LOSS,
+    Column,
+    EpochContext,
+    Job,
+    Optimization,
+    ReportSpec,
+    RunConfig,
+    ServingSpec,
+)
+from training.jobs.lm import LMConfig
+from training.jobs.resnet import ResNetConfig
 from training.models.classifier import build_classifier
 from training.models.weights import copy_matching, torchvision_weights
 from training.options import cli_fields, option
@@ -55,7 +67,7 @@ def test_every_entry_point_validates_options_the_same_way(tmp_path):
 
 
 def test_click_options_come_from_the_config_fields():
-    for job in JOBS.values():
+    for job in jobs().values():
         help_text = run_cli("train", job.kind, "--help").output
         for field in cli_fields(job.config_class):
             flag = f"--{field.name.replace('_', '-')}"
@@ -109,7 +121,7 @@ def test_version_1_checkpoints_evaluate_resume_generate_and_package(tiny_dataset
 # --- a third job from one declaration -----------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class ToyConfig(RunConfig):
     width: int = option(8, type=click.IntRange(1), help="hidden units")
     lr: float = option(0.1, type=click.FloatRange(0, min_open=True))
@@ -123,9 +135,12 @@ class ToyJob(Job):
     kind = "toy"
     data_hint = "nothing (the data are generated)"
     config_class = ToyConfig
-    best = Criterion("val/loss", higher_is_better=False)
+    metrics = ()
+    best = VAL_LOSS
     panels: ClassVar = {"loss": ["train/loss", "val/loss"]}
-    serving = ServingSpec("toy", "none.py", "none.py")
+    report = ReportSpec(columns=(Column(label="best val loss", metric="val/loss", summary="min"),),
+                        throughput=Column(label="throughput", metric="time/none"), train_loss="train/loss",
+                        quality=VAL_LOSS)  # fmt: skip
 
     def build_data(self) -> dict[str, Any]:
         x = torch.linspace(-1, 1, 64)[:, None]
@@ -146,7 +161,7 @@ class ToyJob(Job):
         return self.x[:1]
 
     def build_optimization(self, model: nn.Module, steps_per_epoch: int) -> Optimization:
-        return Optimization(torch.optim.SGD(model.parameters(), lr=self.config.lr))
+        return Optimization(optimizer=torch.optim.SGD(model.parameters(), lr=self.config.lr))
 
     def train_epoch(self, model: nn.Module, context: EpochContext) -> dict[str, float]:
         for _ in range(20):
@@ -170,10 +185,12 @@ def test_a_job_missing_a_method_fails_before_it_runs():
 
     with pytest.raises(TypeError, match="epoch_line"):
         Incomplete(ToyConfig(), None)
-    with pytest.raises(TypeError, match="serves through ToyHandler but does not define example_request, offline"):
+    missing = "serves through ToyHandler but does not define example_request, offline_answer, http_request"
+    with pytest.raises(TypeError, match=missing):
 
         class Serving(ToyJob):
-            serving = ServingSpec("toy", "toy.py", "toy.py", handler_class="ToyHandler")
+            serving = ServingSpec(name="toy", handler=HANDLERS / "toy.py", handler_class="ToyHandler",
+                                  model_file=HANDLERS / "toy_model.py")  # fmt: skip
 
 
 def test_a_third_job_is_one_declaration(tmp_path, client):

@@ -18,9 +18,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from release.deploy import serve
+from release.package import ModelSettings
 from serving.client import ServerClient
-from serving.deploy import serve
-from serving.package import ModelSettings
 from serving.server import ServeOptions, effective_config, stop
 from tests.conftest import REPO, artifact_paths, cli_error, latest_run, run_cli
 from training.checkpoint import load_checkpoint
@@ -112,7 +112,7 @@ def test_http_top1_equals_local_evaluation_for_every_val_image(server, checkpoin
     with torch.no_grad():
         local = model(torch.stack([images[i][0] for i in range(len(images))])).argmax(1).tolist()
     with ThreadPoolExecutor(8) as pool:  # concurrent requests exercise server-side batching
-        answers = list(pool.map(lambda s: server.predict_image(s[0]), val))
+        answers = list(pool.map(lambda s: server.predict_file("resnet", s[0]), val))
     for (path, _), answer, expected in zip(val, answers, local, strict=True):
         assert answer.ok, answer
         top = answer.data
@@ -123,7 +123,7 @@ def test_http_top1_equals_local_evaluation_for_every_val_image(server, checkpoin
 
 def test_topk_from_header_multipart_and_json(server, tiny_dataset):
     image = load_tinyimagenet(tiny_dataset).val[0][0]
-    answer = server.predict_image(image, topk=2)
+    answer = server.predict_file("resnet", image, {"X-TopK": "2"})
     assert answer.ok and len(answer.data) == 2
     body = json.dumps({"image": base64.b64encode(image.read_bytes()).decode(), "topk": 3}).encode()
     answer = server.predict("resnet", body, "application/json")
@@ -143,7 +143,7 @@ def test_topk_from_header_multipart_and_json(server, tiny_dataset):
 
 
 def server_store(server: ServerClient) -> Path:
-    from serving.deploy import client_store
+    from release.deploy import client_store
 
     return Path(client_store(server))
 
@@ -152,11 +152,11 @@ def test_http_generation_equals_cli_generation(server, checkpoints, tmp_path):
     outf = tmp_path / "cli.txt"
     run_cli("generate", "--checkpoint", checkpoints["lm"], "--prompt", "the old cat", "--words", "30",
             "--seed", "42", "--temperature", "0.8", "--outf", outf)  # fmt: skip
-    answer = server.generate({"prompt": "the old cat", "max_words": 30, "seed": 42, "temperature": 0.8})
+    answer = server.predict_fields("lm", {"prompt": "the old cat", "max_words": 30, "seed": 42, "temperature": 0.8})
     assert answer.ok, answer
     assert answer.data["text"] == outf.read_text(encoding="utf-8").rstrip("\n")
     assert answer.data["words"] == 30 and answer.data["unknown_words"] == []
-    answer = server.generate({"prompt": "the Atlantis cat", "max_words": 3, "seed": 1})
+    answer = server.predict_fields("lm", {"prompt": "the Atlantis cat", "max_words": 3, "seed": 1})
     assert answer.ok and answer.data["unknown_words"] == ["Atlantis"]
 
 
@@ -215,9 +215,9 @@ def test_bad_input_gets_a_4xx_json_answer_and_the_worker_survives(
     assert answer.status == status and message in answer.data["error"], answer
     assert worker_pids(server, model) == before, "the worker restarted"
     if model == "resnet":
-        assert server.predict_image(load_tinyimagenet(tiny_dataset).val[1][0]).ok
+        assert server.predict_file("resnet", load_tinyimagenet(tiny_dataset).val[1][0]).ok
     else:
-        assert server.generate({"max_words": 2}).ok
+        assert server.predict_fields("lm", {"max_words": 2}).ok
 
 
 def test_requests_without_the_key_are_refused_saying_where_it_is(server, tiny_dataset, tmp_path):
@@ -225,12 +225,12 @@ def test_requests_without_the_key_are_refused_saying_where_it_is(server, tiny_da
 
     assert read_keys(server.state_dir).get("inference"), "token authorization should be on by default"
     image = load_tinyimagenet(tiny_dataset).val[0][0]
-    keyless = ServerClient(tmp_path, server.urls)  # no key file there: no key sent
-    answer = keyless.predict_image(image)
+    keyless = ServerClient(state_dir=tmp_path, urls=server.urls)  # no key file there: no key sent
+    answer = keyless.predict_file("resnet", image)
     assert answer.status == 400 and "Token Authorization failed" in json.dumps(answer.data)
     (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "wrong-key", "expiration time":
                                                                       "2099-01-01T00:00:00Z"}}))  # fmt: skip
-    answer = keyless.predict_image(image)
+    answer = keyless.predict_file("resnet", image)
     assert (
         answer.status == 400
         and f"The current keys of this server are in {tmp_path / 'key_file.json'}" in (answer.data["error"])
@@ -254,7 +254,7 @@ def test_a_teammate_with_the_url_and_a_handed_over_key_is_answered(server, tiny_
     assert rotated and rotated != key
     assert "refused the inference key" in cli_error("predict", image, "--url", url)
     assert json.loads(run_cli("predict", image, "--url", url, "--key", rotated).stdout)
-    assert server.predict_image(image).ok, "clients with the state dir read the new key"
+    assert server.predict_file("resnet", image).ok, "clients with the state dir read the new key"
 
 
 def test_only_the_inference_and_metrics_apis_can_be_published(tmp_path):
@@ -340,7 +340,7 @@ MIXED = [
 
 
 def test_a_request_gets_the_same_text_alone_in_a_batch_and_from_the_cli(server, checkpoints, tmp_path):
-    alone = [server.generate(r) for r in MIXED]
+    alone = [server.predict_fields("lm", r) for r in MIXED]
     before = metric_values(server, "DlopsBatches"), metric_values(server, "DlopsRequests")
     with ThreadPoolExecutor(len(MIXED)) as pool:
         together = list(pool.map(server.generate, MIXED))
@@ -363,7 +363,7 @@ def test_a_request_gets_the_same_text_alone_in_a_batch_and_from_the_cli(server, 
 def test_the_metrics_endpoint_counts_requests_latency_and_errors_per_model(server, tiny_dataset):
     before = metric_values(server, "DlopsRequests")
     image = load_tinyimagenet(tiny_dataset).val[0][0]
-    assert server.predict_image(image).ok
+    assert server.predict_file("resnet", image).ok
     assert server.predict("lm", b'{"temperature": NaN}', "application/json").status == 400
     after = metric_values(server, "DlopsRequests")
     assert labelled(after, ModelName="lm", Status="400") - labelled(before, ModelName="lm", Status="400") == 1

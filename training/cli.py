@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -9,24 +10,22 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from serving.deploy import DeployError
-from serving.handlers.request_fields import GENERATION_FIELDS
-from serving.handlers.request_fields import click_options as generation_field_options
+from release.deploy import DeployError
 from serving.keys import KeyFileError
-from serving.server import DEFAULT_STATE_DIR, DEFAULT_TOKEN_EXPIRATION_MIN, ServeError
+from serving.server import DEFAULT_TOKEN_EXPIRATION_MIN, ServeError
 from training import tracking, trainer
 from training.checkpoint import CheckpointError
+from training.clitools import CHECKPOINT, client_options, options, server_client, show_answer, state_dir_option
 from training.data.download import DownloadError
 from training.data.errors import DatasetError
 from training.devices import DeviceError
 from training.distributed import check_process_count, launch, under_torchrun
-from training.jobs import JOBS, Job, make_config
-from training.jobs.resnet import DEFAULT_WORKERS
-from training.models.classifier import ARCHS, STEMS, input_size_problem, small_stem_applies
+from training.jobs import Job, broken_jobs, job_for, job_serving, jobs, make_config
+from training.jobs.base import EvaluateOptions
 from training.options import click_options
 from training.stopping import TrainingStopped, exit_now
 from training.tracking import JournalBusy, TrackingRefused, TrackingUnavailable
-from training.tracking.registry import URI_FORMS, is_model_uri, parse_model_uri
+from training.tracking.registry import URI_FORMS
 from training.tracking.server import ServerSetupError
 
 USER_ERRORS = (
@@ -51,50 +50,22 @@ class Group(click.Group):
             raise click.exceptions.Exit(e.exit_code) from e
 
 
-class CheckpointSource(click.ParamType):
-    """A checkpoint file, or a model URI (resolved, and downloaded, by the command)."""
-
-    name = "CKPT|MODEL_URI"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        text = str(value)
-        if is_model_uri(text):
-            try:
-                parse_model_uri(text)
-            except ValueError as e:
-                self.fail(str(e), param, ctx)
-        elif not Path(text).is_file():
-            self.fail(f"{text!r}: no such checkpoint file (or give {URI_FORMS})", param, ctx)
-        return text
-
-
-CHECKPOINT = CheckpointSource()
-
-
 def given_options(ctx: click.Context) -> dict[str, Any]:
     """Options the user gave, on the command line or through their environment variable (not defaults)."""
     given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     return {k: v for k, v in ctx.params.items() if ctx.get_parameter_source(k) in given}
 
 
-def _options(*options):
-    """One decorator applying several click options: a group of options declared once."""
-
-    def decorate(function):
-        for option in reversed(options):
-            function = option(function)
-        return function
-
-    return decorate
-
-
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def main() -> None:
-    """Train, evaluate and serve a ResNet (Tiny-ImageNet) and a word-level LM (WikiText-2), tracked in MLflow."""
+    """Train, evaluate and serve models of every installed job (a ResNet on Tiny-ImageNet, a word-level LM
+    on WikiText-2, and any job a plug-in adds), tracked in MLflow."""
     # A console in a non-UTF-8 codec (e.g. gbk) must not crash a run over one printed word.
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    for broken in broken_jobs():
+        click.echo(f"warning: {broken.describe()}; the other jobs work", err=True)
 
 
 @main.group(cls=Group)
@@ -148,8 +119,21 @@ def _resume_path(job_class: type[Job], resume: str | None, given: dict[str, Any]
     return found
 
 
-for _job in JOBS.values():
+def _broken_train_command(kind: str, reason: str) -> None:
+    """`dlops train KIND` of a plug-in that failed to load: says why, instead of "no such command"."""
+
+    @train.command(kind, help=f"(failed to load) {reason}", context_settings={"ignore_unknown_options": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def command(args: tuple[str, ...]) -> None:
+        raise click.ClickException(reason)
+
+
+for _job in jobs().values():
     _train_command(_job)
+    for _command in _job.commands():
+        main.add_command(_command)
+for _broken in broken_jobs():
+    _broken_train_command(_broken.kind, _broken.describe())
 
 
 @main.command("sync")
@@ -234,67 +218,28 @@ def users_set_role_command(name: str, role: str) -> None:
     click.echo(f"=> {name!r} is now a {role}")
 
 
-@main.command("generate")
-@click.option("--checkpoint", required=True, type=CHECKPOINT, help="a checkpoint file or a model URI")
-@click.option("--prompt", default="", help="text to continue; words outside the vocabulary become <unk>")
-@click.option("--words", type=click.IntRange(1), default=1000, show_default=True)
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="> 0; higher is more diverse")
-@click.option("--seed", type=int, default=1111, show_default=True)
-@click.option(
-    "--outf", type=click.Path(dir_okay=False, path_type=Path), default=Path("generated.txt"), show_default=True
-)
-@click.option("--log-interval", type=click.IntRange(0), default=100, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-def generate_command(checkpoint: str, **options: Any) -> None:
-    """Generate text from a language-model checkpoint (written as UTF-8)."""
-    from training.generate import generate
-
-    if options["temperature"] <= 0:
-        raise click.BadParameter(f"must be > 0, got {options['temperature']}", param_hint="--temperature")
-    generate(checkpoint, **options)
-
-
 @main.command("evaluate")
 @click.option("--checkpoint", required=True, type=CHECKPOINT, help="a checkpoint file or a model URI")
 @click.argument("data", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
+@click.option("--split", default="val", show_default=True, help="which split of DATA (the job says which it has)")
 @click.option("-b", "--batch-size", type=click.IntRange(1), default=256, show_default=True)
-@click.option("-j", "--workers", type=click.IntRange(0), default=DEFAULT_WORKERS, show_default=True)
+@click.option("-j", "--workers", type=click.IntRange(0), default=min(4, os.cpu_count() or 1), show_default=True,
+              help="data loading processes, where the job loads files")  # fmt: skip
 @click.option("--device", default="auto", show_default=True)
 @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True)
 @click.option("--limit", type=click.IntRange(1), default=None)
 @click.option("-p", "--print-freq", type=click.IntRange(0), default=10, show_default=True)
-def evaluate_command(checkpoint: str, data: Path, **options: Any) -> None:
-    """Evaluate a ResNet checkpoint on DATA and log the result to MLflow."""
-    from training.evaluate import evaluate_checkpoint
+def evaluate_command(checkpoint: str, data: Path, **settings: Any) -> None:
+    """Evaluate a checkpoint on DATA as its job evaluates (a classifier: Acc@1/Acc@5; an LM: perplexity);
+    the result is an MLflow run under the training run."""
+    from training.tracking import registry
 
-    evaluate_checkpoint(checkpoint, data, **options)
-
-
-@main.command("compare")
-@click.argument("checkpoint_a", type=CHECKPOINT)
-@click.argument("checkpoint_b", type=CHECKPOINT)
-@click.argument("data", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
-@click.option("--limit", type=click.IntRange(1), default=None, help="compare on N images spread over classes")
-@click.option("--grid", type=click.IntRange(1), default=16, show_default=True, help="images in the PNG grid")
-@click.option("--show", type=click.IntRange(0), default=20, show_default=True, help="table rows printed")
-@click.option("-b", "--batch-size", type=click.IntRange(1), default=256, show_default=True)
-@click.option("-j", "--workers", type=click.IntRange(0), default=DEFAULT_WORKERS, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option(
-    "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/compare"), show_default=True
-)
-@click.option("--experiment", default="compare", show_default=True)
-def compare_command(checkpoint_a: str, checkpoint_b: str, data: Path, **options: Any) -> None:
-    """List the DATA images two ResNet checkpoints classify differently (CSV, PNG grid, MLflow run)."""
-    from training.analysis.compare import compare_checkpoints
-
-    compare_checkpoints(checkpoint_a, checkpoint_b, data, **options)
+    state, source = registry.load_source(checkpoint)
+    job_for(state["kind"]).evaluate_checkpoint(state, source, data, EvaluateOptions(**settings))
 
 
 @main.command("sweep", context_settings={"ignore_unknown_options": True})
-@click.argument("kind", type=click.Choice(list(JOBS)))
+@click.argument("kind", type=click.Choice(list(jobs())))
 @click.argument("data", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--trials", type=click.IntRange(1), required=True, help="complete or pruned trials the study ends with")
 @click.option(
@@ -316,7 +261,7 @@ def compare_command(checkpoint_a: str, checkpoint_b: str, data: Path, **options:
     "--direction",
     type=click.Choice(["maximize", "minimize"]),
     default=None,
-    help="must agree with the metric (val Acc@1: maximize; val ppl: minimize)",
+    help="must agree with the job's sweep metric (an accuracy: maximize; a perplexity: minimize)",
 )
 @click.option("--processes", type=click.IntRange(1), default=1, show_default=True,
               help="trial processes on this machine")  # fmt: skip
@@ -343,10 +288,10 @@ def sweep_command(*, kind: str, data: Path, train_args: tuple[str, ...], params:
     """Search KIND's options on DATA with Optuna; options after `--` are fixed for every trial."""
     from training.sweep import DEFAULT_STORAGE, read_space, resolve_spec, run_sweep
 
-    if jobs_deprecated is not None:  # "jobs" also names the job kinds (resnet, lm): the old flag still works
+    if jobs_deprecated is not None:  # "jobs" also names the job kinds: the old flag still works
         click.echo(f"Note: --jobs is deprecated; it is --processes now (using --processes {jobs_deprecated})", err=True)
         processes = jobs_deprecated
-    job = JOBS[kind]
+    job = job_for(kind)
     command = train.commands[kind]
     with command.make_context(kind, [str(data), *train_args]) as train_ctx:  # the train command's own parsing
         fixed = {k: v for k, v in given_options(train_ctx).items() if k != "resume"}
@@ -379,30 +324,6 @@ def report_command(run_ids: tuple[str, ...], out: Path, **selection: Any) -> Non
     build_report(out, run_ids=run_ids, **selection)
 
 
-@main.group(cls=Group)
-def bench() -> None:
-    """Benchmarks that log to MLflow."""
-
-
-@bench.command("devices", context_settings={"ignore_unknown_options": True})
-@click.argument("data", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option(
-    "--configs",
-    default="cpu,cuda:1,cuda:2",
-    show_default=True,
-    help="comma-separated: cpu, cpu:N (N gloo processes), cuda:N (N GPUs), mps",
-)
-@click.option("--epochs", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--workers", default="2", show_default=True, help="DataLoader workers; a list (0,2,4) sweeps them")
-@click.option("--experiment", default="device-bench", show_default=True)
-@click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
-def bench_devices_command(data: Path, train_args: tuple[str, ...], **options: Any) -> None:
-    """Time the same ResNet training on each device configuration (extra args go to `train resnet`)."""
-    from training.analysis.bench import bench_devices
-
-    bench_devices(data, train_args=list(train_args), **options)
-
-
 @main.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option(
@@ -417,30 +338,6 @@ def doctor_command(*, as_json: bool, probe_seconds: float) -> None:
     from training.doctor import run_doctor
 
     run_doctor(as_json=as_json, probe_budget_s=probe_seconds)
-
-
-@main.command("summary")
-@click.option("-a", "--arch", type=click.Choice(ARCHS), default="resnet18", show_default=True, show_choices=False)
-@click.option("--stem", type=click.Choice(STEMS), default="imagenet", show_default=True)
-@click.option("--image-size", type=click.IntRange(8), default=64, show_default=True)
-@click.option("--num-classes", type=click.IntRange(1), default=200, show_default=True)
-@click.option("--depth", type=click.IntRange(1), default=3, show_default=True)
-@click.option("--list", "list_archs", is_flag=True, help="list every model -a accepts")
-def summary_command(*, arch: str, stem: str, image_size: int, num_classes: int, depth: int, list_archs: bool) -> None:
-    """Print a classifier's layer table: layer, input shape, output shape, parameters."""
-    if list_archs:
-        for name in ARCHS:
-            notes = ["--stem small"] if small_stem_applies(name) else []
-            notes += [problem] if (problem := input_size_problem(name, image_size)) else []
-            click.echo(name + (f"  ({'; '.join(notes)})" if notes else ""))
-        return
-    import torch
-
-    from training.models.classifier import build_classifier
-    from training.models.summary import layer_table
-
-    model = build_classifier(arch, num_classes, stem, image_size)
-    click.echo(layer_table(model, torch.zeros(1, 3, image_size, image_size), depth=depth))
 
 
 @main.group(cls=Group)
@@ -529,7 +426,7 @@ def download_command(dataset: str, dest: Path, url: str | None, archive: Path | 
     click.echo(f"{dataset} is ready at {root}")
 
 
-_model_settings = _options(
+_model_settings = options(
     click.option("--workers", type=click.IntRange(1), default=1, show_default=True, help="TorchServe workers"),
     click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="server-side batching"),
     click.option("--max-batch-delay", type=click.IntRange(0), default=20, show_default=True, help="milliseconds"),
@@ -539,14 +436,15 @@ _model_settings = _options(
 
 def _settings(options: dict[str, Any]):
     """The per-model settings a .mar carries (model-config.yaml), from the _model_settings options."""
-    from serving.package import ModelSettings
+    from release.package import ModelSettings
 
-    return ModelSettings(options.pop("workers"), options.pop("batch_size"), options.pop("max_batch_delay"),
-                         options.pop("response_timeout"))  # fmt: skip
+    return ModelSettings(workers=options.pop("workers"), batch_size=options.pop("batch_size"),
+                         max_batch_delay_ms=options.pop("max_batch_delay"),
+                         response_timeout_s=options.pop("response_timeout"))  # fmt: skip
 
 
 @main.command("package")
-@click.argument("kind", type=click.Choice(list(JOBS)))
+@click.argument("kind", type=click.Choice(list(jobs())))
 @click.option("--checkpoint", type=CHECKPOINT, default=None, help="a checkpoint file or a model URI")
 @click.option("--model-uri", default=None, help=f"from the MLflow registry: {URI_FORMS}")
 @click.option("--run-id", default=None, help="an MLflow run: its checkpoints/best.pt")
@@ -560,55 +458,11 @@ def package_command(*, kind: str, checkpoint: str | None, model_uri: str | None,
     """Build a TorchServe .mar of a KIND checkpoint into --model-store; log it to the source MLflow run."""
     import tempfile
 
-    from serving.package import build_mar, resolve_source
+    from release.package import build_mar, resolve_source
 
     with tempfile.TemporaryDirectory() as tmp:
         source = resolve_source(checkpoint, model_uri, run_id, Path(tmp))
         build_mar(kind, source, store=model_store, settings=_settings(settings), version=version)
-
-
-_state_dir_option = click.option(
-    "--state-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_STATE_DIR,
-    show_default=True,
-    help="the server's folder: its config, ports, keys, logs and what it serves",
-)
-_client_options = _options(
-    _state_dir_option,
-    click.option(
-        "--inference-port",
-        type=click.IntRange(1, 65535),
-        default=None,
-        help="default: the one the server of --state-dir was started with",
-    ),
-    click.option("--url", envvar="DLOPS_INFERENCE_URL", default=None, metavar="URL",
-                 help="a server on another machine: its inference API, e.g. http://10.1.2.3:8080 (instead of "
-                 "--state-dir) [env DLOPS_INFERENCE_URL]"),
-    click.option("--key", envvar="DLOPS_INFERENCE_KEY", default=None,
-                 help="the inference key handed over with --url (`dlops keys show` on the server's machine) "
-                 "[env DLOPS_INFERENCE_KEY]"),
-)  # fmt: skip
-
-
-def _server_client(state_dir: Path, inference_port: int | None, url: str | None, key: str | None):
-    """The client of --url with --key (another machine), else of the server started from --state-dir."""
-    from serving.client import ServerClient
-
-    if url:
-        return ServerClient.remote(url, key)
-    if key:
-        raise click.UsageError("--key goes with --url (a server on this machine is reached through --state-dir)")
-    return ServerClient.of(state_dir, inference=inference_port)
-
-
-def _show_answer(answer: Any) -> None:
-    """Print a server answer as JSON; fail the command unless it is HTTP 200."""
-    import json
-
-    click.echo(json.dumps(answer.data, indent=1, ensure_ascii=False))
-    if not answer.ok:
-        raise click.ClickException(f"HTTP {answer.status}")
 
 
 @main.command("serve")
@@ -618,7 +472,7 @@ def _show_answer(answer: Any) -> None:
 @click.option(
     "--model-store", type=click.Path(file_okay=False, path_type=Path), default=Path("model_store"), show_default=True
 )
-@_state_dir_option
+@state_dir_option
 @click.option("--inference-port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--inference-address", default="127.0.0.1", show_default=True,
               help="publish the inference API (with its key) for other machines, e.g. 0.0.0.0 or this machine's "
@@ -645,7 +499,7 @@ def _show_answer(answer: Any) -> None:
 def serve_command(*, models: tuple[str, ...], no_auth: bool, alias: str, **options: Any) -> None:
     """Start TorchServe (on 127.0.0.1 unless --inference-address publishes it) and wait until every model is
     ready; it keeps its keys valid while it runs."""
-    from serving.deploy import serve
+    from release.deploy import serve
     from serving.server import ServeOptions
 
     settings = _settings(options)
@@ -653,7 +507,7 @@ def serve_command(*, models: tuple[str, ...], no_auth: bool, alias: str, **optio
 
 
 @main.command("stop")
-@_state_dir_option
+@state_dir_option
 def stop_command(state_dir: Path) -> None:
     """Stop the TorchServe started from --state-dir (no other)."""
     from serving.server import stop
@@ -663,7 +517,7 @@ def stop_command(state_dir: Path) -> None:
 
 @main.command("deploy")
 @click.argument("source", metavar="MODEL_URI|CHECKPOINT|MAR")
-@_state_dir_option
+@state_dir_option
 @click.option("--model-store", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="the server's model store (default: the one it was started with)")  # fmt: skip
 @click.option("--alias", default="serving", show_default=True, help="registry alias moved to the version now serving")
@@ -676,8 +530,8 @@ def deploy_command(source: str, state_dir: Path, model_store: Path | None, alias
     Packages SOURCE, registers it beside the serving version, checks it answers the example request
     as its checkpoint does, switches to it, drains and retires the old version. Any failure leaves
     the old version serving and exits 1."""
+    from release.deploy import client_store, deploy, prepare
     from serving.client import ServerClient
-    from serving.deploy import client_store, deploy, prepare
 
     client = ServerClient.of(state_dir)
     store = model_store or Path(client_store(client))
@@ -687,13 +541,14 @@ def deploy_command(source: str, state_dir: Path, model_store: Path | None, alias
 
 @main.command("rollback")
 @click.argument("model", metavar="NAME")
-@_state_dir_option
+@state_dir_option
 @click.option("--alias", default="serving", show_default=True)
 @click.option("--timeout", type=click.FloatRange(1), default=180.0, show_default=True, help="seconds per step")
 def rollback_command(model: str, state_dir: Path, alias: str, timeout: float) -> None:
-    """Serve again the version of model NAME (resnet, lm) that served before the current one."""
+    """Serve again the version of model NAME (its name in TorchServe: /predictions/NAME) that served before
+    the current one."""
+    from release.deploy import rollback
     from serving.client import ServerClient
-    from serving.deploy import rollback
 
     deployed = rollback(ServerClient.of(state_dir), model, alias, timeout)
     click.echo(f"=> serving {deployed.describe()}")
@@ -711,31 +566,70 @@ def promote_command(*, model_uri: str, alias: str, if_better: bool) -> None:
     criterion = None
     if if_better:
         kind = registry.job_kind(version, tracking.store_client())
-        if kind not in JOBS:
-            raise click.ClickException(f"{model_uri}: no training run of a known job to compare by (job {kind!r})")
-        criterion = JOBS[kind].best
-    outcome = registry.promote(model_uri, alias, metric=criterion.metric if criterion else None,
+        if kind not in jobs():
+            raise click.ClickException(f"{model_uri}: no training run of an installed job to compare by (job "
+                                       f"{kind!r})")  # fmt: skip
+        criterion = job_for(kind).best
+    outcome = registry.promote(model_uri, alias, metric=criterion.name if criterion else None,
                                higher_is_better=criterion.higher_is_better if criterion else True)  # fmt: skip
     click.echo(f"=> {outcome.message}")
 
 
+def _predicting_job(model: str | None, given: str):
+    """The job whose request `dlops predict` builds: the one serving --model, else the one installed job
+    whose served model takes a file, when INPUT is a file."""
+    if model is not None:
+        job = job_serving(model)
+        if job is None:
+            served = ", ".join(j.serving.name for j in jobs().values() if j.serving)
+            raise click.UsageError(f"--model {model}: no installed job serves a model of that name ({served})")
+        return job
+    takes = "file" if Path(given).is_file() else "text"
+    candidates = [j for j in jobs().values() if j.serving and j.serving.input == takes]
+    if len(candidates) != 1:
+        names = ", ".join(j.serving.name for j in candidates) or "none"
+        raise click.UsageError(f"give --model NAME: INPUT is {'a file' if takes == 'file' else 'text'}, which the "
+                               f"models of more than one job take, or none ({names})")  # fmt: skip
+    return candidates[0]
+
+
+def _fields(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """--field KEY=VALUE: VALUE read as JSON when it parses (numbers, lists), else as text."""
+    import json
+
+    fields = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--field")
+        try:
+            fields[key] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key] = value
+    return fields
+
+
 @main.command("predict")
-@click.argument("image", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-@_client_options
-@click.option("--topk", type=click.IntRange(1), default=None, help="number of classes to return (server default 5)")
-def predict_command(image: Path, topk: int | None, **server: Any) -> None:
-    """Classify IMAGE with the served ResNet (HTTP client)."""
-    _show_answer(_server_client(**server).predict_image(image, topk))
-
-
-@main.command("generate-http")
-@_client_options
-@generation_field_options(GENERATION_FIELDS)  # the server's own request fields, ranges and defaults
-def generate_http_command(state_dir: Path, inference_port: int | None, url: str | None, key: str | None,
-                          **request: Any) -> None:  # fmt: skip
-    """Generate text with the served language model (HTTP client)."""
-    client = _server_client(state_dir, inference_port, url, key)
-    _show_answer(client.generate({k: v for k, v in request.items() if v is not None}))
+@click.argument("given", metavar="INPUT")
+@click.option("--model", default=None,
+              help="the served model's name (/predictions/NAME); default: the one model that takes INPUT's kind "
+              "(a file or text)")  # fmt: skip
+@click.option("--topk", type=click.IntRange(1), default=None, help="classes to return, for a classifier")
+@click.option("--field", "field_pairs", multiple=True, metavar="KEY=VALUE",
+              help="another request field, as the model's job defines them (repeatable)")  # fmt: skip
+@client_options
+def predict_command(*, given: str, model: str | None, topk: int | None, field_pairs: tuple[str, ...],
+                    **server: Any) -> None:  # fmt: skip
+    """Ask a served model about INPUT (an image file, a prompt, a table row: what the model's job says a
+    request is) and print its answer (HTTP client)."""
+    job = _predicting_job(model, given)
+    if job.serving.input == "file" and not Path(given).is_file():
+        raise click.BadParameter(f"{given!r}: no such file", param_hint="INPUT")
+    fields = {**_fields(field_pairs), **({"topk": topk} if topk else {})}
+    request = job.http_request(given, fields)
+    answer = server_client(**server).predict(model or job.serving.name, request.body, request.content_type,
+                                             headers=request.headers)  # fmt: skip
+    show_answer(answer)
 
 
 @main.group(cls=Group)
@@ -748,7 +642,7 @@ _api_option = click.option("--api", type=click.Choice(["inference", "management"
 
 
 @keys.command("show")
-@_state_dir_option
+@state_dir_option
 @_api_option
 def keys_show_command(state_dir: Path, api: str) -> None:
     """Print the current key of --api (the inference key is what a teammate's --key needs)."""
@@ -769,7 +663,7 @@ def keys_show_command(state_dir: Path, api: str) -> None:
 
 
 @keys.command("rotate")
-@_state_dir_option
+@state_dir_option
 @_api_option
 def keys_rotate_command(state_dir: Path, api: str) -> None:
     """Replace the key of --api now: the old one stops working at once (a leaked or departed teammate's key)."""

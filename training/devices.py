@@ -17,7 +17,7 @@ class DeviceError(RuntimeError):
     """The requested device cannot be used; the message says why."""
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class DeviceChoice:
     device: torch.device
     reason: str
@@ -85,17 +85,17 @@ def choose_device(spec: str = "auto") -> DeviceChoice:
     spec = spec.strip().lower()
     if spec == "auto":
         if torch.cuda.is_available():
-            return DeviceChoice(torch.device("cuda", 0), "auto: a CUDA device is available")
+            return DeviceChoice(device=torch.device("cuda", 0), reason="auto: a CUDA device is available")
         if torch.backends.mps.is_available():
-            return DeviceChoice(torch.device("mps"), "auto: Apple MPS is available")
+            return DeviceChoice(device=torch.device("mps"), reason="auto: Apple MPS is available")
         why = "torch has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
-        return DeviceChoice(torch.device("cpu"), f"auto: {why}, using the CPU")
+        return DeviceChoice(device=torch.device("cpu"), reason=f"auto: {why}, using the CPU")
     if spec == "cpu":
-        return DeviceChoice(torch.device("cpu"), "requested with --device cpu")
+        return DeviceChoice(device=torch.device("cpu"), reason="requested with --device cpu")
     if spec == "mps":
         if not torch.backends.mps.is_available():
             raise DeviceError("--device mps was requested but Apple MPS is not available on this machine.")
-        return DeviceChoice(torch.device("mps"), "requested with --device mps")
+        return DeviceChoice(device=torch.device("mps"), reason="requested with --device mps")
     if spec == "cuda" or spec.startswith("cuda:"):
         index = None
         if ":" in spec:
@@ -109,7 +109,7 @@ def choose_device(spec: str = "auto") -> DeviceChoice:
             raise DeviceError(problem)
         if index:  # kernels and allocations go to cuda:N without naming it each time
             torch.cuda.set_device(index)
-        return DeviceChoice(torch.device("cuda", index or 0), f"requested with --device {spec}")
+        return DeviceChoice(device=torch.device("cuda", index or 0), reason=f"requested with --device {spec}")
     raise DeviceError(f"--device {spec!r} is not one of auto, cpu, cuda, cuda:N, mps")
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class ProcessGroup:
     rank: int = 0
     world_size: int = 1
@@ -57,7 +57,9 @@ def init_process_group(device: torch.device) -> ProcessGroup:
     """Join the group torchrun set up (nccl on GPUs, gloo on CPUs); a single process otherwise."""
     if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return ProcessGroup()
-    group = ProcessGroup(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    group = ProcessGroup(
+        rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), local_rank=int(os.environ["LOCAL_RANK"])
+    )
     if device.type == "cuda":
         gpu = torch.device("cuda", group.local_rank)
         torch.cuda.set_device(gpu)

@@ -26,7 +26,7 @@ CPU_BF16_SLOWDOWN = "about 25x slower than fp32"
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class CpuFacts:
     model: str
     cores: int
@@ -40,7 +40,7 @@ class CpuFacts:
         return asdict(self)
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class GpuFacts:
     index: int
     name: str
@@ -56,7 +56,7 @@ class GpuFacts:
         return {**asdict(self), "capability": f"{self.capability[0]}.{self.capability[1]}", "bf16": self.bf16}
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Precision:
     """The resolved --amp value, why, and a warning when the user asked for something slow."""
 
@@ -113,12 +113,25 @@ def cpu_facts(env: dict[str, str] | None = None) -> CpuFacts:
     amx = bool(torch.cpu._is_amx_tile_supported())
     native, reason = decide_native_bf16(avx512_bf16=avx512_bf16, amx=amx, env=env)
     capability = torch.backends.cpu.get_cpu_capability()
-    return CpuFacts(cpu_model_name(), usable_cores(), capability, avx512_bf16, amx, native, reason)
+    return CpuFacts(
+        model=cpu_model_name(),
+        cores=usable_cores(),
+        capability=capability,
+        avx512_bf16=avx512_bf16,
+        amx=amx,
+        native_bf16=native,
+        native_bf16_reason=reason,
+    )
 
 
 def gpu_facts(index: int) -> GpuFacts:
     props = torch.cuda.get_device_properties(index)
-    return GpuFacts(index, props.name, round(props.total_memory / 2**30, 1), (props.major, props.minor))
+    return GpuFacts(
+        index=index,
+        name=props.name,
+        memory_gib=round(props.total_memory / 2**30, 1),
+        capability=(props.major, props.minor),
+    )
 
 
 def resolve_amp(requested: str, device_type: str, cpu: CpuFacts, gpu: GpuFacts | None = None) -> Precision:
@@ -131,38 +144,48 @@ def resolve_amp(requested: str, device_type: str, cpu: CpuFacts, gpu: GpuFacts |
     if requested not in AMP_CHOICES:
         raise ValueError(f"--amp {requested!r} is not one of {', '.join(AMP_CHOICES)}")
     if requested == "off":
-        return Precision("off", "fp32 (--amp off)")
+        return Precision(amp="off", reason="fp32 (--amp off)")
     if device_type == "cuda":
         assert gpu is not None, "a CUDA device needs its GpuFacts"
         where = f"{gpu.name} (compute capability {gpu.capability[0]}.{gpu.capability[1]})"
         if requested == "auto":
             if gpu.bf16:
-                return Precision("bf16", f"auto: {where} has native bf16")
-            return Precision("fp16", f"auto: {where} predates bf16 (Ampere, 8.0): fp16 with a gradient scaler")
+                return Precision(amp="bf16", reason=f"auto: {where} has native bf16")
+            return Precision(
+                amp="fp16", reason=f"auto: {where} predates bf16 (Ampere, 8.0): fp16 with a gradient scaler"
+            )
         if requested == "bf16" and not gpu.bf16:
-            return Precision("bf16", "--amp bf16", f"{where} has no native bf16: it is emulated and slow; "
-                                                   "--amp fp16 (or auto) uses its tensor cores")  # fmt: skip
-        return Precision(requested, f"--amp {requested}")
+            return Precision(
+                amp="bf16",
+                reason="--amp bf16",
+                warning=f"{where} has no native bf16: it is emulated and slow; "
+                "--amp fp16 (or auto) uses its tensor cores",
+            )
+        return Precision(amp=requested, reason=f"--amp {requested}")
     if device_type == "cpu":
         if requested == "auto":
             if cpu.native_bf16:
-                return Precision("bf16", f"auto: native bf16 on the CPU ({cpu.native_bf16_reason})")
+                return Precision(amp="bf16", reason=f"auto: native bf16 on the CPU ({cpu.native_bf16_reason})")
             return Precision(
-                "off", f"auto: fp32, no native bf16 on the CPU ({cpu.native_bf16_reason}); bf16 would run "
+                amp="off", reason=f"auto: fp32, no native bf16 on the CPU ({cpu.native_bf16_reason}); bf16 would run "
                 f"{CPU_BF16_SLOWDOWN}"
             )  # fmt: skip
         if requested == "bf16" and not cpu.native_bf16:
-            return Precision("bf16", "--amp bf16", f"--amp bf16 on a CPU without native bf16 "
+            return Precision(amp="bf16", reason="--amp bf16", warning=f"--amp bf16 on a CPU without native bf16 "
                              f"({cpu.native_bf16_reason}; avx512_bf16 or AMX is missing): expect it to run "
                              f"{CPU_BF16_SLOWDOWN}; --amp auto picks fp32 here")  # fmt: skip
         if requested == "fp16":
-            return Precision("fp16", "--amp fp16", "--amp fp16 on a CPU: no fused fp16 kernels for training "
-                             "here, expect it to be slower than fp32")  # fmt: skip
-        return Precision(requested, f"--amp {requested}")
+            return Precision(
+                amp="fp16",
+                reason="--amp fp16",
+                warning="--amp fp16 on a CPU: no fused fp16 kernels for training "
+                "here, expect it to be slower than fp32",
+            )
+        return Precision(amp=requested, reason=f"--amp {requested}")
     # MPS and other devices: autocast is not tuned here
     if requested == "auto":
-        return Precision("off", f"auto: fp32 on {device_type}")
-    return Precision(requested, f"--amp {requested}")
+        return Precision(amp="off", reason=f"auto: fp32 on {device_type}")
+    return Precision(amp=requested, reason=f"--amp {requested}")
 
 
 def device_class(device_type: str, cpu: CpuFacts) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(kw_only=True, frozen=True)
 class CliSpec:
     flags: tuple[str, ...]
     kwargs: dict[str, Any]
@@ -37,7 +37,11 @@ def option(
 ) -> Any:
     """A dataclass field that is also a command-line option (`flags` default to --field-name)."""
     kwargs = {"type": type, "help": help, **click_kwargs}
-    metadata = {"cli": CliSpec(tuple(flags), {k: v for k, v in kwargs.items() if v is not None}, resumable)}
+    metadata = {
+        "cli": CliSpec(
+            flags=tuple(flags), kwargs={k: v for k, v in kwargs.items() if v is not None}, resumable=resumable
+        )
+    }
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -86,7 +90,8 @@ def click_options(config_class: type) -> Callable:
 
 
 def check_fields(config: Any) -> None:
-    """Convert and range-check every declared field through its Click type (in place)."""
+    """Convert and range-check every declared field through its Click type, as the config is built
+    (its __post_init__: frozen from then on)."""
     for f in cli_fields(type(config)):
         value = getattr(config, f.name)
         param_type = f.metadata["cli"].kwargs.get("type")
@@ -94,6 +99,6 @@ def check_fields(config: Any) -> None:
             continue
         param_type = click.types.convert_type(param_type)
         try:
-            setattr(config, f.name, param_type.convert(value, None, None))
+            object.__setattr__(config, f.name, param_type.convert(value, None, None))
         except click.BadParameter as e:
             raise ValueError(f"{display_flag(f)} {value!r}: {e.message}") from e

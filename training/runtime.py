@@ -11,7 +11,7 @@ from training.distributed import ProcessGroup
 from training.hardware import Precision
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Runtime:
     choice: DeviceChoice  # the device asked for and why it was chosen
     device: torch.device  # this process's device (cuda:LOCAL_RANK under DDP)

@@ -1,6 +1,6 @@
 """A training run's lifecycle, shared by every job: one MLflow run, one run directory, checkpoints.
 
-    with training_session(config, "resnet", saved, resume, device, tags, params) as session:
+    with training_session(config, kind, saved, resume=..., device=..., tags=..., params=...) as session:
         ...each epoch: session.save_epoch(state, improved); session.run.log_metrics(...)
         session.publish(model_name, tags, panels)  # learning curves, best/last checkpoints, register best
 
@@ -27,6 +27,7 @@ from training.jobs.base import HANDLERS, Job
 from training.plots import learning_curves
 from training.tracking.journal import write_atomic
 from training.tracking.registry import CHECKPOINT_ARTIFACT, save_mlflow_model
+from training.tracking.tags import JOB_TAG, training_job
 
 LAST_NOTE = "last.json"
 
@@ -64,7 +65,7 @@ def build_mlflow_model(job: type[Job], checkpoint: Path, directory: Path) -> Pat
                                  answer=job.offline_answer(state, example))  # fmt: skip
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class TrainingSession:
     run: tracking.RunTracker
     run_dir: Path
@@ -139,7 +140,7 @@ class TrainingSession:
                 self.run.log_artifact(path, "checkpoints")
         if model_name is None or not self.best.exists():
             return
-        if job.serving.handler_class:
+        if job.serving is not None:
             model_dir = build_mlflow_model(job, self.best, self.run_dir / "mlflow-model")
             self.run.log_model(model_dir, model_name, tags, step=best_epoch)
         else:
@@ -165,9 +166,9 @@ def training_session(
     session that logs and writes nothing.
     """
     if not active:
-        yield TrainingSession(tracking.NullTracker(), Path(config.out_dir), active=False)
+        yield TrainingSession(run=tracking.NullTracker(), run_dir=Path(config.out_dir), active=False)
         return
-    run_tags = {"job": f"train-{kind}"}
+    run_tags = {JOB_TAG: training_job(kind)}
     resume_dir = Path(resume).parent if saved and resume else None
     with tracking.open_run(
         config.experiment,
@@ -192,7 +193,7 @@ def training_session(
                           "device_reason": device.reason, **tags})  # fmt: skip
         where = "offline" if config.offline else f"MLflow run {run.run_id}"
         print(f"=> {where}; checkpoints, TensorBoard logs and the tracking journal in {run_dir}", flush=True)
-        session = TrainingSession(run, run_dir)
+        session = TrainingSession(run=run, run_dir=run_dir)
         yield session
     version = run.registered_version()
     if session.registering and version:

@@ -36,10 +36,11 @@ import yaml
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from training import tracking
-from training.jobs import JOBS, Job, make_config
+from training.jobs import Job, job_for, make_config
 from training.options import cli_fields, display_flag
 from training.session import build_mlflow_model
 from training.tracking import registry
+from training.tracking.tags import JOB_TAG, SWEEP_ID, sweep_job
 from training.trainer import StopCause, StopTraining, train
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
@@ -56,7 +57,7 @@ class SweepError(ValueError):
 # --- the search space ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Dimension:
     name: str
     kind: str  # float | log | int | intlog | choice
@@ -107,7 +108,7 @@ def parse_dimension(job: type[Job], name: str, spec: str) -> Dimension:
         values = [v.strip() for v in rest.split(",") if v.strip()]
         if not values:
             raise SweepError(f"--param {name}={spec}: an empty choice")
-        return Dimension(name, kind, choices=tuple(_convert(job, f, v, spec) for v in values))
+        return Dimension(name=name, kind=kind, choices=tuple(_convert(job, f, v, spec) for v in values))
     bounds = rest.split(":")
     number = int if kind in ("int", "intlog") else float
     try:
@@ -118,7 +119,7 @@ def parse_dimension(job: type[Job], name: str, spec: str) -> Dimension:
         raise SweepError(f"--param {name}={spec}: an empty range (LOW must be below HIGH)")
     if kind in ("log", "intlog") and low <= 0:
         raise SweepError(f"--param {name}={spec}: a log range needs LOW > 0")
-    return Dimension(name, kind, _convert(job, f, low, spec), _convert(job, f, high, spec))
+    return Dimension(name=name, kind=kind, low=_convert(job, f, low, spec), high=_convert(job, f, high, spec))
 
 
 def read_space(job: type[Job], params: tuple[str, ...], space_file: Path | None) -> list[Dimension]:
@@ -146,7 +147,7 @@ def read_space(job: type[Job], params: tuple[str, ...], space_file: Path | None)
 # --- the sweep's settings, resolved once in the launcher --------------------------------------------
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SweepSpec:
     kind: str
     fixed: dict[str, Any]  # options of `train KIND` given after `--` (and DATA)
@@ -167,7 +168,7 @@ class SweepSpec:
 
     @property
     def job(self) -> type[Job]:
-        return JOBS[self.kind]
+        return job_for(self.kind)
 
     def to_json(self) -> str:
         return json.dumps({**dataclasses.asdict(self), "space": [dataclasses.asdict(d) for d in self.space]})
@@ -181,8 +182,8 @@ class SweepSpec:
 
 def metric_direction(job: type[Job]) -> tuple[str, str]:
     """The per-epoch validation metric a sweep of this job optimizes, and which way is better."""
-    criterion = job.sweep_criterion()
-    return criterion.metric, criterion.direction
+    metric = job.sweep_metric()
+    return metric.name, metric.direction
 
 
 def default_study_name(kind: str, fixed: dict[str, Any], space: list[Dimension]) -> str:
@@ -193,7 +194,7 @@ def default_study_name(kind: str, fixed: dict[str, Any], space: list[Dimension])
 
 def resolve_spec(kind: str, fixed: dict[str, Any], space: list[Dimension], trials: int, direction: str | None,
                  **settings: Any) -> SweepSpec:  # fmt: skip
-    job = JOBS[kind]
+    job = job_for(kind)
     metric, natural = metric_direction(job)
     if direction is not None and direction != natural:
         better = "higher" if natural == "maximize" else "lower"
@@ -203,8 +204,9 @@ def resolve_spec(kind: str, fixed: dict[str, Any], space: list[Dimension], trial
         raise SweepError(f"{', '.join(clash)} is both searched (--param) and fixed (after --)")
     base = make_config(job, fixed)  # the fixed options are checked now, before any trial
     study_name = settings.pop("study_name", None) or default_study_name(kind, fixed, space)
-    return SweepSpec(kind, fixed, space, trials, study_name, direction=natural, metric=metric,
-                     experiment=base.experiment, registered_model=base.registered_model, **settings)  # fmt: skip
+    return SweepSpec(kind=kind, fixed=fixed, space=space, trials=trials, study_name=study_name, direction=natural,
+                     metric=metric, experiment=base.experiment, registered_model=base.registered_model,
+                     **settings)  # fmt: skip
 
 
 # --- the study --------------------------------------------------------------------------------------
@@ -223,7 +225,7 @@ def _find_trial_run(study_name: str, number: int) -> str | None:
     client = tracking.store_client()
     runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
-        f"tags.sweep_id = '{study_name}' and tags.trial = '{number}'",
+        f"tags.{SWEEP_ID} = '{study_name}' and tags.trial = '{number}'",
     )
     return runs[0].info.run_id if runs else None
 
@@ -253,7 +255,7 @@ def _count(study: optuna.Study, *states: optuna.trial.TrialState) -> int:
 def objective(spec: SweepSpec, trial: optuna.Trial, out_dir: Path) -> float:
     """One training run with the trial's values; its validation metric reported every epoch."""
     values = {d.name: d.suggest(trial) for d in spec.space}
-    tags = {**spec.fixed.get("tags", {}), "sweep_id": spec.study_name, "trial": str(trial.number),
+    tags = {**spec.fixed.get("tags", {}), SWEEP_ID: spec.study_name, "trial": str(trial.number),
             "state": "running", MLFLOW_PARENT_RUN_ID: spec.parent_run_id or ""}  # fmt: skip
     given = {**spec.fixed, **values, "tags": tags, "run_name": f"trial-{trial.number}",
              "out_dir": str(out_dir)}  # fmt: skip
@@ -307,7 +309,7 @@ def _parent_run(spec: SweepSpec) -> str:
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
-    tags = {"sweep_id": spec.study_name, "sweep_role": "parent", "job": f"sweep-{spec.kind}"}
+    tags = {SWEEP_ID: spec.study_name, "sweep_role": "parent", JOB_TAG: sweep_job(spec.kind)}
     run = client.create_run(experiment_id, run_name=spec.study_name, tags=tags)
     storage = re.sub(r"//([^:/@]+):[^@]+@", r"//\1:***@", spec.storage)  # no password in a param
     params = {"study_name": spec.study_name, "storage": storage, "sampler": spec.sampler, "pruner": spec.pruner,
@@ -349,7 +351,7 @@ def summarize(spec: SweepSpec) -> dict[str, Any]:
                             "trials/pruned": states["pruned"]}, step=len(study.trials))  # fmt: skip
         summary.update(best_trial=best.number, best_value=best.value, best_params=best.params, best_run_id=best_run)
         if best_run:
-            tags = {"sweep_id": spec.study_name, "trial": str(best.number),
+            tags = {SWEEP_ID: spec.study_name, "trial": str(best.number),
                     spec.metric.replace("/", "_"): f"{best.value:.4f}"}  # fmt: skip
             version = register_trial(spec, best_run, tags, client)
             parent.set_tags({"registered_model": f"{spec.registered_model}/{version}"})

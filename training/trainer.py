@@ -9,6 +9,7 @@ A job (training/jobs/) declares what differs; nothing here knows images from wor
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import tempfile
@@ -34,7 +35,7 @@ from training.checkpoint import (
 )
 from training.devices import choose_device, configure_backend, grad_scaler
 from training.distributed import close_process_group, init_process_group
-from training.jobs.base import EpochContext, Job, Optimization, RunConfig
+from training.jobs.base import EpochContext, Job, RunConfig
 from training.models.summary import layer_table
 from training.models.weights import copy_matching
 from training.runtime import Runtime
@@ -42,9 +43,10 @@ from training.session import TrainingSession, training_session
 from training.stopping import StopRequest, TrainingStopped, exit_now, stop_on_signals
 from training.tracking import registry
 from training.tracking.registry import best_metric_name
+from training.tracking.tags import STOP_REASON
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainResult:
     run_dir: Path  # best.pt, last.pt, the journal
     run_id: str
@@ -75,14 +77,14 @@ class StopTraining(Exception):  # noqa: N818 - a signal, like StopIteration
 EpochHook = Callable[[int, dict[str, float]], None]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainState:
     """What survives between epochs and across a resume, for every job."""
 
     epoch: int = 0
     best_value: float = math.nan  # the job's best metric at its best epoch
     best_epoch: int = 0
-    best_val_loss: float = math.inf  # early stopping watches validation loss
+    best_val_loss: float = math.inf  # early stopping watches the job's early-stop metric (val loss)
     epochs_since_improvement: int = 0
     train_seconds: float = 0.0
     seconds_to_best: float = 0.0
@@ -91,19 +93,21 @@ class TrainState:
         """Record a finished epoch; return whether it is the best so far by the job's metric."""
         self.epoch = epoch
         self.train_seconds += seconds
-        value = metrics[job.best.metric]
+        value = metrics[job.best.name]
         improved = math.isnan(self.best_value) or job.best.better(value, self.best_value)
         if improved:
             self.best_value, self.best_epoch, self.seconds_to_best = value, epoch, self.train_seconds
-        if metrics["val/loss"] < self.best_val_loss:
-            self.best_val_loss, self.epochs_since_improvement = metrics["val/loss"], 0
+        watched = metrics[job.early_stop.name]
+        if math.isinf(self.best_val_loss) or job.early_stop.better(watched, self.best_val_loss):
+            self.best_val_loss, self.epochs_since_improvement = watched, 0
         else:
             self.epochs_since_improvement += 1
         return improved
 
 
-def start_runtime(config: RunConfig) -> Runtime:
-    """Choose the device, join the process group, resolve --amp, seed; print what was chosen and why."""
+def start_runtime(config: RunConfig) -> tuple[Runtime, RunConfig]:
+    """Choose the device, join the process group, resolve --amp, seed; print what was chosen and why.
+    Returns the runtime and the config with --amp resolved for the device (what was asked kept)."""
     choice = choose_device(config.device)
     device = choice.device
     group = init_process_group(device)
@@ -115,11 +119,9 @@ def start_runtime(config: RunConfig) -> Runtime:
     print(precision.describe(), flush=True)
     if precision.warning:
         print(f"WARNING: {precision.warning}", flush=True)
-    if config.amp_requested is None:
-        config.amp_requested = config.amp
-    config.amp = precision.amp
+    config = dataclasses.replace(config, amp=precision.amp, amp_requested=config.amp_requested or config.amp)
     seed_everything(process_seed(config.seed, group.rank))
-    return Runtime(choice, device, group, precision)
+    return Runtime(choice=choice, device=device, group=group, precision=precision), config
 
 
 def warm_start(job: Job, model: nn.Module) -> dict[str, Any]:
@@ -143,39 +145,6 @@ def warm_start(job: Job, model: nn.Module) -> dict[str, Any]:
     print(f"=> --init-from {spec}: weights of run {source.get('run_id')} epoch {source.get('epoch')}; "
           f"fresh: {', '.join(kept) or 'none'}")  # fmt: skip
     return {**done, "init_from_run_id": str(source.get("run_id"))}
-
-
-def _checkpoint(job: Job, epoch: int, model: nn.Module, *, optimization: Optimization, scaler, state: TrainState,
-                metrics: dict[str, float], model_config: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": job.kind,
-        "epoch": epoch,
-        "experiment": job.config.experiment,
-        "model": model.state_dict(),
-        "model_config": model_config,
-        **job.inference_meta(),
-        "optimizer": optimization.optimizer.state_dict(),
-        "scheduler": optimization.scheduler.state_dict() if optimization.scheduler else None,
-        "scaler": scaler.state_dict(),
-        "rng": rng_state(),
-        "train_state": asdict(state),
-        "job_state": job.state_dict(),
-        "metrics": metrics,
-        "config": job.config.as_dict(),
-    }
-
-
-def _restore(saved: dict[str, Any], job: Job, model: nn.Module, optimization: Optimization, scaler) -> TrainState:
-    model.load_state_dict(saved["model"])
-    optimization.optimizer.load_state_dict(saved["optimizer"])
-    if optimization.scheduler is not None and saved.get("scheduler"):
-        optimization.scheduler.load_state_dict(saved["scheduler"])
-    if saved.get("scaler"):
-        scaler.load_state_dict(saved["scaler"])
-    restore_rng_state(saved["rng"])
-    job.load_state_dict(saved["job_state"])
-    return TrainState(**saved["train_state"])
 
 
 def _model_summary(session: TrainingSession, job: Job, model: nn.Module) -> None:
@@ -226,141 +195,195 @@ def train(
     SIGTERM or SIGINT ends the run KILLED after a resumable checkpoint (TrainingStopped).
     """
     saved = load_checkpoint(resume, kind=job_class.kind) if resume else None
-    runtime = start_runtime(config)
+    runtime, config = start_runtime(config)
     try:
         with stop_on_signals() as stop:
-            return _train(job_class, config, runtime, saved=saved, resume=resume, on_epoch=on_epoch,
-                          register=register, stop=stop)  # fmt: skip
+            trainer = Trainer(job_class(config, runtime), saved=saved, resume=resume, stop=stop)
+            return trainer.run(on_epoch=on_epoch, register=register)
     finally:
         close_process_group(runtime.group)
 
 
-def _train(job_class: type[Job], config: RunConfig, runtime: Runtime, *, saved: dict[str, Any] | None,
-           resume: Path | None, on_epoch: EpochHook | None, register: bool,
-           stop: StopRequest) -> TrainResult:  # fmt: skip
-    job = job_class(config, runtime)
-    tags = {**job.build_data(), **config.tags, "amp_reason": runtime.precision.reason}
-    model_config = job.model_config()
-    model = job.build_model(model_config)
-    warm = warm_start(job, model) if not saved else {}
-    model = job.prepare_model(model.to(runtime.device))
-    optimization = job.build_optimization(model, job.steps_per_epoch())
-    scaler = grad_scaler(runtime.device, config.amp)
-    state = TrainState()
-    position = saved.get("position") if saved else None  # a run stopped within an epoch resumes there
-    if saved:
-        state = _restore(saved, job, model, optimization, scaler)
-        if runtime.group.rank:  # the checkpoint holds rank 0's RNG; other ranks draw their own augmentations
-            seed_everything(process_seed(config.seed, runtime.group.rank, state.epoch))
-    # DDP averages gradients across processes; evaluation uses the plain module (no collectives).
-    trained = model
-    if runtime.group.enabled:
-        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        trained = DistributedDataParallel(model, device_ids=device_ids)
-    trained = torch.compile(trained) if config.compile else trained
-    reduce = runtime.group.sum if runtime.group.enabled else None
+class Trainer:
+    """One run of a job, from a fresh or resumed start to its published result.
 
-    params = {**job.run_params(), **warm, **runtime.choice.features()}
-    with training_session(config, job.kind, saved, resume=resume, device=runtime.choice, tags=tags, params=params,
-                          active=runtime.group.is_main) as session:  # fmt: skip
-        run = session.run
-        if saved:
-            session.catch_up(saved, "val/loss")
+    Its state, all of it here: the job (and through it the resolved config, data and runtime), the
+    model as built and as trained (wrapped in DDP and compiled when asked), the optimizer and
+    schedule, the loss scaler, TrainState (epochs, best, early stopping), the stop request of a
+    signal, and, while the run is open, its session (checkpoints and tracking) and the last
+    epoch's metrics (what a mid-epoch checkpoint records).
+    """
+
+    def __init__(self, job: Job, *, saved: dict[str, Any] | None, resume: Path | None, stop: StopRequest):
+        self.job, self.runtime, self.saved, self.resume, self.stop = job, job.runtime, saved, resume, stop
+        self.tags = {**job.build_data(), **job.config.tags, "amp_reason": self.runtime.precision.reason}
+        self.model_config = job.model_config()
+        self.model = job.build_model(self.model_config)
+        self.warm = warm_start(job, self.model) if not saved else {}
+        self.model = job.prepare_model(self.model.to(self.runtime.device))
+        self.optimization = job.build_optimization(self.model, job.steps_per_epoch())
+        self.scaler = grad_scaler(self.runtime.device, job.config.amp)
+        self.state = self._restore(saved) if saved else TrainState()
+        self.trained = self._wrap(self.model)
+        self.session: TrainingSession | None = None
+        self.last_metrics: dict[str, float] = saved["metrics"] if saved else {}
+        self.logged_steps: set[int] = set()
+
+    @property
+    def config(self) -> RunConfig:
+        return self.job.config
+
+    def _restore(self, saved: dict[str, Any]) -> TrainState:
+        self.model.load_state_dict(saved["model"])
+        self.optimization.optimizer.load_state_dict(saved["optimizer"])
+        if self.optimization.scheduler is not None and saved.get("scheduler"):
+            self.optimization.scheduler.load_state_dict(saved["scheduler"])
+        if saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        restore_rng_state(saved["rng"])
+        self.job.load_state_dict(saved["job_state"])
+        state = TrainState(**saved["train_state"])
+        if self.runtime.group.rank:  # the checkpoint holds rank 0's RNG; other ranks draw their own augmentations
+            seed_everything(process_seed(self.config.seed, self.runtime.group.rank, state.epoch))
+        return state
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """What trains: DDP averages gradients across processes (evaluation uses the plain module, no
+        collectives), then torch.compile when asked."""
+        if self.runtime.group.enabled:
+            device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=device_ids)
+        return torch.compile(model) if self.config.compile else model
+
+    # --- the run -------------------------------------------------------------------------------------
+    def run(self, *, on_epoch: EpochHook | None, register: bool) -> TrainResult:
+        job, runtime = self.job, self.runtime
+        params = {**job.run_params(), **self.warm, **runtime.choice.features()}
+        with training_session(self.config, job.kind, self.saved, resume=self.resume, device=runtime.choice,
+                              tags=self.tags, params=params, active=runtime.group.is_main) as session:  # fmt: skip
+            self.session = session
+            self._begin()
+            stop_reason, stop_cause = self._epochs(on_epoch)
+            if session.active:
+                self._publish(stop_reason, register=register)
+        state = self.state
+        return TrainResult(run_dir=session.run_dir, run_id=session.run.run_id, best_value=state.best_value,
+                           best_epoch=state.best_epoch, stop_reason=stop_reason, stop_cause=stop_cause)  # fmt: skip
+
+    def _begin(self) -> None:
+        session, job = self.session, self.job
+        if self.saved:
+            session.catch_up(self.saved, job.early_stop.name)
         elif session.active:
-            _model_summary(session, job, model)
-        logged = run.logged_steps(next(iter(job.step_metrics), "")) if saved and job.step_metrics else set()
+            _model_summary(session, job, self.model)
+        if self.saved and job.step_metrics:  # a replayed epoch (after a crash) must not log its steps twice
+            self.logged_steps = session.run.logged_steps(job.step_metrics[0])
 
-        def log_step(metrics: dict[str, float], step: int) -> None:
-            if step not in logged:  # a replayed epoch (after a crash) must not log its steps twice
-                run.log_metrics(metrics, step=step)
+    def _log_step(self, metrics: dict[str, float], step: int) -> None:
+        if step not in self.logged_steps:
+            self.session.run.log_metrics(metrics, step=step)
 
-        last_metrics: dict[str, float] = saved["metrics"] if saved else {}
-
-        def save_position(epoch: int, loop: dict[str, Any]) -> Path | None:
-            """A resumable last.pt within `epoch`: the last finished epoch's state plus the loop's."""
-            checkpoint = _checkpoint(
-                job,
-                epoch - 1,
-                model,
-                optimization=optimization,
-                scaler=scaler,
-                state=state,
-                metrics=last_metrics,
-                model_config=model_config,
-            )
-            return session.save_position({**checkpoint, "position": {"epoch": epoch, **loop}})
-
-        stop_reason, stop_cause = f"completed {config.epochs} epochs", StopCause.COMPLETED
-        for epoch in range(state.epoch + 1, config.epochs + 1):
-            resumed = position if position and position["epoch"] == epoch else None
-            control = EpochControl(stop, runtime, config.checkpoint_every,
-                                   lambda loop, epoch=epoch: save_position(epoch, loop))  # fmt: skip
-            job.before_epoch(epoch, optimization)
-            lr = optimization.optimizer.param_groups[0]["lr"]
-            start = time.perf_counter() - (resumed["seconds"] if resumed else 0.0)
-            context = EpochContext(epoch, optimization, scaler, log_step, reduce, control, resumed)
-            metrics = job.train_epoch(trained, context)
-            if control.stopped is not None:
-                where = f"at epoch {epoch}, step {control.stopped['step']}"
-                run.set_tags({"stop_reason": f"{stop.name} {where}: resumable from {control.stopped['checkpoint']}"})
-                print(f"=> {stop.name}: stopped {where}; resume with: dlops train {job.kind} --resume "
-                      f"{control.stopped['checkpoint']}", flush=True)  # fmt: skip
-                raise TrainingStopped(stop.signum, str(control.stopped["checkpoint"]), where)
-            metrics.update(job.evaluate(model, reduce))
-            if optimization.scheduler is not None and not optimization.scheduler_per_batch:
-                optimization.scheduler.step()
-            metrics.update({"lr": lr, "time/epoch_seconds": time.perf_counter() - start})
-            improved = state.update(epoch, metrics, metrics["time/epoch_seconds"], job)
-            job.after_epoch(improved=improved)
-            print(job.epoch_line(epoch, metrics), flush=True)
-            # Checkpoint first, then metrics: a resume logs whatever a crash in between left out.
-            checkpoint = _checkpoint(
-                job,
-                epoch,
-                model,
-                optimization=optimization,
-                scaler=scaler,
-                state=state,
-                metrics=metrics,
-                model_config=model_config,
-            )
-            session.save_epoch(checkpoint, improved=improved)
-            last_metrics = metrics
-            run.log_metrics(metrics, step=epoch)
-            run.sync_tensorboard()
-            if epoch < config.epochs and stop.agreed(runtime.device, distributed=runtime.group.enabled):
-                # a signal during validation, or a job whose loop takes no StepControl: stop at the epoch's end
-                run.set_tags({"stop_reason": f"{stop.name} after epoch {epoch}: resumable from {session.last}"})
-                print(f"=> {stop.name}: stopped after epoch {epoch}; resume with: dlops train {job.kind} --resume "
-                      f"{session.last}", flush=True)  # fmt: skip
-                raise TrainingStopped(stop.signum, str(session.last), f"after epoch {epoch}")
+    def _epochs(self, on_epoch: EpochHook | None) -> tuple[str, StopCause]:
+        """Every epoch still to train; why they ended (a signal raises TrainingStopped instead)."""
+        for epoch in range(self.state.epoch + 1, self.config.epochs + 1):
+            metrics = self._epoch(epoch)
+            # a signal during validation, or a job whose loop takes no StepControl: stop at the epoch's end
+            if epoch < self.config.epochs and self.stop.agreed(self.runtime.device,
+                                                               distributed=self.runtime.group.enabled):  # fmt: skip
+                self._stopped(f"after epoch {epoch}", self.session.last)
             try:
                 if on_epoch is not None:
                     on_epoch(epoch, metrics)
             except StopTraining as stopping:
-                stop_reason, stop_cause = stopping.reason, stopping.cause
-                print(f"=> {stop_reason}", flush=True)
-                break
-            if config.early_stop_patience and state.epochs_since_improvement >= config.early_stop_patience:
-                stop_cause = StopCause.EARLY_STOP
-                stop_reason = (f"early stop: val loss has not improved for {state.epochs_since_improvement} epochs "
-                               f"(best {state.best_val_loss:.4f})")  # fmt: skip
-                print(f"=> {stop_reason}", flush=True)
-                break
+                print(f"=> {stopping.reason}", flush=True)
+                return stopping.reason, stopping.cause
+            patience, waited = self.config.early_stop_patience, self.state.epochs_since_improvement
+            if patience and waited >= patience:
+                reason = (f"early stop: {self.job.early_stop.label} has not improved for {waited} epochs "
+                          f"(best {self.state.best_val_loss:.4f})")  # fmt: skip
+                print(f"=> {reason}", flush=True)
+                return reason, StopCause.EARLY_STOP
+        return f"completed {self.config.epochs} epochs", StopCause.COMPLETED
 
-        if session.active:
-            final = job.finish(model, session.best)
-            best_name = best_metric_name(job.best.metric)  # best/val_acc1, best/val_loss
-            run.log_metrics({**final, "time/total_seconds": state.train_seconds, "time/to_best_seconds":
-                             state.seconds_to_best, best_name: state.best_value, "best/epoch": state.best_epoch},
-                            step=state.epoch)  # fmt: skip
-            run.set_tags({"stop_reason": stop_reason})
-            registry_tags = job.registry_tags(state.best_value, state.best_epoch, final)
-            session.publish(config.registered_model if register else None, registry_tags, job.panels, job_class,
-                            state.best_epoch)  # fmt: skip
-            session.mark_finished()
-    return TrainResult(session.run_dir, session.run.run_id, state.best_value, state.best_epoch, stop_reason,
-                       stop_cause)  # fmt: skip
+    def _epoch(self, epoch: int) -> dict[str, float]:
+        """Train, validate, checkpoint and log one epoch; return its metrics."""
+        job, optimization = self.job, self.optimization
+        position = self.saved.get("position") if self.saved else None  # a run stopped within an epoch resumes there
+        resumed = position if position and position["epoch"] == epoch else None
+        control = EpochControl(self.stop, self.runtime, self.config.checkpoint_every,
+                               lambda loop: self._save_position(epoch, loop))  # fmt: skip
+        job.before_epoch(epoch, optimization)
+        lr = optimization.optimizer.param_groups[0]["lr"]
+        start = time.perf_counter() - (resumed["seconds"] if resumed else 0.0)
+        context = EpochContext(epoch=epoch, optimization=optimization, scaler=self.scaler, log_step=self._log_step,
+                               reduce=self._reduce, control=control, resume=resumed)  # fmt: skip
+        metrics = job.train_epoch(self.trained, context)
+        if control.stopped is not None:
+            self._stopped(f"at epoch {epoch}, step {control.stopped['step']}", control.stopped["checkpoint"])
+        metrics.update(job.evaluate(self.model, self._reduce))
+        if optimization.scheduler is not None and not optimization.scheduler_per_batch:
+            optimization.scheduler.step()
+        metrics.update({"lr": lr, "time/epoch_seconds": time.perf_counter() - start})
+        improved = self.state.update(epoch, metrics, metrics["time/epoch_seconds"], job)
+        job.after_epoch(improved=improved)
+        print(job.epoch_line(epoch, metrics), flush=True)
+        # Checkpoint first, then metrics: a resume logs whatever a crash in between left out.
+        self.session.save_epoch(self._checkpoint(epoch, metrics), improved=improved)
+        self.last_metrics = metrics
+        self.session.run.log_metrics(metrics, step=epoch)
+        self.session.run.sync_tensorboard()
+        return metrics
+
+    @property
+    def _reduce(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return self.runtime.group.sum if self.runtime.group.enabled else None
+
+    def _stopped(self, where: str, checkpoint: Path | str | None) -> None:
+        """A signal asked to stop and every process agreed: end the run KILLED where it stands, resumable
+        from `checkpoint` (TrainingStopped)."""
+        self.session.run.set_tags({STOP_REASON: f"{self.stop.name} {where}: resumable from {checkpoint}"})
+        print(f"=> {self.stop.name}: stopped {where}; resume with: dlops train {self.job.kind} --resume "
+              f"{checkpoint}", flush=True)  # fmt: skip
+        raise TrainingStopped(self.stop.signum, str(checkpoint), where)
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+    def _checkpoint(self, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
+        job, optimization = self.job, self.optimization
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": job.kind,
+            "epoch": epoch,
+            "experiment": self.config.experiment,
+            "model": self.model.state_dict(),
+            "model_config": self.model_config,
+            **job.inference_meta(),
+            "optimizer": optimization.optimizer.state_dict(),
+            "scheduler": optimization.scheduler.state_dict() if optimization.scheduler else None,
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "train_state": asdict(self.state),
+            "job_state": job.state_dict(),
+            "metrics": metrics,
+            "config": self.config.as_dict(),
+        }
+
+    def _save_position(self, epoch: int, loop: dict[str, Any]) -> Path | None:
+        """A resumable last.pt within `epoch`: the last finished epoch's state plus the loop's."""
+        checkpoint = self._checkpoint(epoch - 1, self.last_metrics)
+        return self.session.save_position({**checkpoint, "position": {"epoch": epoch, **loop}})
+
+    def _publish(self, stop_reason: str, *, register: bool) -> None:
+        """Final metrics, the stop reason, learning curves, checkpoints and the registered version."""
+        job, state, run = self.job, self.state, self.session.run
+        final = job.finish(self.model, self.session.best)
+        run.log_metrics({**final, "time/total_seconds": state.train_seconds, "time/to_best_seconds":
+                         state.seconds_to_best, best_metric_name(job.best.name): state.best_value,
+                         "best/epoch": state.best_epoch}, step=state.epoch)  # fmt: skip
+        run.set_tags({STOP_REASON: stop_reason})
+        registry_tags = job.registry_tags(state.best_value, state.best_epoch, final)
+        self.session.publish(self.config.registered_model if register else None, registry_tags, job.panels, type(job),
+                             state.best_epoch)  # fmt: skip
+        self.session.mark_finished()
 
 
 def main() -> None:

@@ -79,7 +79,9 @@ class ImageClassifier(BaseHandler):
         n_classes = len(self.meta["classes"])
         k = min(DEFAULT_TOPK, n_classes)
         if fields.get("topk") is not None:
-            k = Field("topk", int, k, "classes to return", low=1, high=n_classes).check(fields["topk"])
+            k = Field(name="topk", kind=int, default=k, help="classes to return", low=1, high=n_classes).check(
+                fields["topk"]
+            )
         return self.transform(open_image(bytes(image))), k
 
     def infer(self, inputs: list[tuple[torch.Tensor, int]]) -> list[list[dict]]:

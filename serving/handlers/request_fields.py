@@ -24,7 +24,7 @@ class BadRequest(Exception):
         self.status = status
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Field:
     name: str
     kind: type  # str, int or float
@@ -69,12 +69,31 @@ class Field:
 
 
 GENERATION_FIELDS = (
-    Field("prompt", str, "", "text to continue; words outside the vocabulary become `<unk>`", max_length=2000),
-    Field("max_words", int, 50, "words to generate", low=1, high=500),
     Field(
-        "temperature", float, 1.0, "sampling temperature; higher is more diverse", low=0.0, high=10.0, low_open=True
+        name="prompt",
+        kind=str,
+        default="",
+        help="text to continue; words outside the vocabulary become `<unk>`",
+        max_length=2000,
+    ),
+    Field(name="max_words", kind=int, default=50, help="words to generate", low=1, high=500),
+    Field(
+        name="temperature",
+        kind=float,
+        default=1.0,
+        help="sampling temperature; higher is more diverse",
+        low=0.0,
+        high=10.0,
+        low_open=True,
     ),  # fmt: skip
-    Field("seed", int, lambda: random.randrange(2**31), "the same seed gives the same text", low=0, high=2**63 - 1),
+    Field(
+        name="seed",
+        kind=int,
+        default=lambda: random.randrange(2**31),
+        help="the same seed gives the same text",
+        low=0,
+        high=2**63 - 1,
+    ),
 )
 
 

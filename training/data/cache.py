@@ -61,7 +61,7 @@ def cache_dir(root: Path, dataset: ImageDataset, split: str, key: str) -> Path:
     return root / f"{dataset.root.resolve().name}-{split}-{key}"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DecodedSplit:
     """A cached split: images (N, H, W, 3) uint8 memory-mapped, labels (N,), file names."""
 
@@ -137,7 +137,7 @@ def open_cache(directory: Path) -> DecodedSplit:
     meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
     images = np.load(directory / "images.npy", mmap_mode="r")
     labels = np.load(directory / "labels.npy")
-    return DecodedSplit(images, labels, meta["files"], directory)
+    return DecodedSplit(images=images, labels=labels, files=meta["files"], directory=directory)
 
 
 def find_cache(

@@ -19,7 +19,7 @@ IMAGE_SUFFIXES = frozenset(IMG_EXTENSIONS)  # what torchvision's ImageFolder acc
 Sample = tuple[Path, int]  # an image file and its class index
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class ImageDataset:
     root: Path
     classes: list[str]  # class index -> name: the folder name (a wnid for Tiny-ImageNet), sorted

@@ -61,4 +61,12 @@ def load_imagefolder(root: Path | str) -> ImageDataset:
         raise DatasetError(f"{val_dir}: holds no class folders (expected val/<class>/<images>)")
     train = _split(train_dir, index, classes)
     val = _split(val_dir, index, val_classes)
-    return ImageDataset(root, classes, read_words(root / "words.txt", classes), train, val, "imagefolder", "folders")
+    return ImageDataset(
+        root=root,
+        classes=classes,
+        labels=read_words(root / "words.txt", classes),
+        train=train,
+        val=val,
+        layout="imagefolder",
+        val_layout="folders",
+    )

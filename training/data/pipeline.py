@@ -11,6 +11,7 @@ applies on the training device.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ DUMMY_SIZES = (100_000, 10_000)  # Tiny-ImageNet's train and val sizes
 GPU_MEMORY_SHARE = 0.5  # put the cache on the GPU when it takes at most this share of free memory
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ImagePipeline:
     train: Iterable
     val: Iterable
@@ -73,9 +74,11 @@ def build_pipeline(config: Any, batch_size: int, device: torch.device, group: Pr
         return _dummy(config, batch_size, device, rank, world_size)
     ds = load_image_dataset(config.data)
     # --augment auto and the evaluation resize follow the dataset: Tiny-ImageNet as always, photos
-    # of any size the ImageNet example's way; the job records the resolved values as its options
-    config.augment = resolve_augment(config.augment, ds.layout)
-    config.val_resize = resolve_resize(config.val_resize, config.image_size, ds.layout)
+    # of any size the ImageNet example's way; the pipeline carries the resolved values (the job
+    # records them as its options)
+    augment = resolve_augment(config.augment, ds.layout)
+    val_resize = resolve_resize(config.val_resize, config.image_size, ds.layout)
+    config = dataclasses.replace(config, augment=augment, val_resize=val_resize)
     # With a cache folder to build, rank 0 decodes while the others wait, then they find it finished.
     builds = config.data_cache not in ("auto", "off") and group.enabled
     if builds and not group.is_main:
@@ -129,9 +132,17 @@ def _dummy(config, batch_size, device, rank, world_size) -> ImagePipeline:
     train, sampler = _loader(train_set, config, batch_size, device=device, rank=rank, world_size=world_size, train=True)
     val, _ = _loader(val_set, config, batch_size, device=device, rank=rank, world_size=world_size, train=False)
     tags = {"dataset": "dummy", "train_images": n_train, "val_images": n_val, "data_path": "random tensors"}
-    config.augment = resolve_augment(config.augment, "dummy")
-    return ImagePipeline(train, val, classes, classes, tags, epoch_setters=[sampler], batch_size=batch_size,
-                         augment=config.augment)  # fmt: skip
+    config = dataclasses.replace(config, augment=resolve_augment(config.augment, "dummy"))
+    return ImagePipeline(
+        train=train,
+        val=val,
+        classes=classes,
+        labels=classes,
+        tags=tags,
+        epoch_setters=[sampler],
+        batch_size=batch_size,
+        augment=config.augment,
+    )
 
 
 def _dataset_tags(config, ds: ImageDataset, n_train: int, n_val: int, path: str) -> dict[str, Any]:
@@ -154,8 +165,17 @@ def _jpeg(config, ds: ImageDataset, batch_size, *, device, rank, world_size) -> 
     train, sampler = _loader(train_set, config, batch_size, device=device, rank=rank, world_size=world_size, train=True)
     val, _ = _loader(val_set, config, batch_size, device=device, rank=rank, world_size=world_size, train=False)
     tags = _dataset_tags(config, ds, len(train_set), len(val_samples), "image files (PIL in DataLoader workers)")
-    return ImagePipeline(train, val, ds.classes, ds.class_labels, tags, epoch_setters=[sampler],
-                         batch_size=batch_size, augment=config.augment, resize_size=config.val_resize)  # fmt: skip
+    return ImagePipeline(
+        train=train,
+        val=val,
+        classes=ds.classes,
+        labels=ds.class_labels,
+        tags=tags,
+        epoch_setters=[sampler],
+        batch_size=batch_size,
+        augment=config.augment,
+        resize_size=config.val_resize,
+    )
 
 
 def _find_caches(config, ds: ImageDataset) -> tuple[DecodedSplit, DecodedSplit] | None:
@@ -230,8 +250,19 @@ def _cached(config, ds: ImageDataset, caches, *, batch_size, device, rank, world
         setters = [sampler]
         path = f"decoded cache {train_cache.directory.parent} (memory-mapped)"
     tags = _dataset_tags(config, ds, len(train_rows), len(val_rows), path)
-    return ImagePipeline(train, val, ds.classes, ds.class_labels, tags, prepare_train, prepare_val, setters,
-                         batch_size, config.augment, config.val_resize)  # fmt: skip
+    return ImagePipeline(
+        train=train,
+        val=val,
+        classes=ds.classes,
+        labels=ds.class_labels,
+        tags=tags,
+        prepare_train=prepare_train,
+        prepare_val=prepare_val,
+        epoch_setters=setters,
+        batch_size=batch_size,
+        augment=config.augment,
+        resize_size=config.val_resize,
+    )
 
 
 def _resident(cache: DecodedSplit, rows, batch_size, *, device, train: bool, config, rank, world_size) -> TensorBatches:

@@ -76,7 +76,7 @@ def split_path(root: Path, split: str) -> Path:
     raise DatasetError(f"{root}: the {split} split is missing (expected {names})")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Corpus:
     vocab: Vocabulary
     train: torch.Tensor
@@ -85,21 +85,24 @@ class Corpus:
     unknown_rate: dict[str, float]  # share of valid/test tokens mapped to <unk> (new words only)
 
 
-def load_corpus(root: Path | str) -> Corpus:
+def load_corpus(root: Path | str, vocab: list[str] | None = None) -> Corpus:
+    """The three splits as word ids of the training split's vocabulary, or of `vocab` (a trained model's)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: corpus folder does not exist")
     paths = {split: split_path(root, split) for split in SPLIT_FILES}
     train_tokens = read_tokens(paths["train"])
-    vocab = Vocabulary(train_tokens)
-    vocab.add(UNK)  # WikiText has <unk> already; other corpora need it for unseen words
-    splits = {"train": torch.tensor(vocab.encode(train_tokens), dtype=torch.long)}
+    words = Vocabulary(train_tokens if vocab is None else vocab)
+    words.add(UNK)  # WikiText has <unk> already; other corpora need it for unseen words
+    splits = {"train": torch.tensor(words.encode(train_tokens), dtype=torch.long)}
     unknown_rate = {}
     for split in ("valid", "test"):
         tokens = read_tokens(paths[split])
-        unknown_rate[split] = sum(t not in vocab.index for t in tokens) / len(tokens)
-        splits[split] = torch.tensor(vocab.encode(tokens), dtype=torch.long)
-    return Corpus(vocab, splits["train"], splits["valid"], splits["test"], unknown_rate)
+        unknown_rate[split] = sum(t not in words.index for t in tokens) / len(tokens)
+        splits[split] = torch.tensor(words.encode(tokens), dtype=torch.long)
+    return Corpus(
+        vocab=words, train=splits["train"], valid=splits["valid"], test=splits["test"], unknown_rate=unknown_rate
+    )
 
 
 def batchify(data: torch.Tensor, batch_size: int) -> torch.Tensor:

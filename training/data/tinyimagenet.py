@@ -31,7 +31,9 @@ def load_tinyimagenet(root: Path | str) -> ImageDataset:
     labels = read_words(root / "words.txt", wnids)
     train = list_train(root / "train", index)
     val, layout = list_val(root / "val", index)
-    return ImageDataset(root, wnids, labels, train, val, "tiny-imagenet", layout)
+    return ImageDataset(
+        root=root, classes=wnids, labels=labels, train=train, val=val, layout="tiny-imagenet", val_layout=layout
+    )
 
 
 def read_wnids(path: Path) -> list[str]:

@@ -1,9 +1,13 @@
-"""What a training job declares; the trainer (training/trainer.py) does everything else.
+"""What a training job declares; the trainer, reports, sweeps, packaging, deploys and the HTTP client
+read the declaration and nothing else about the job.
 
-A job is a config (options every job shares, in RunConfig, plus its own) and a Job subclass that
-says how to build its data and model, how to train and evaluate one epoch, which metric picks the
-best epoch, what its learning-curve panels show, and what serving needs. To add a third model,
-write one file in training/jobs/ and list it in training/jobs/__init__.py.
+A job is a config (the options every job shares, in RunConfig, plus its own) and a Job subclass: how
+to build its data and model, how to train and evaluate one epoch, and declarations: its metrics
+(which picks the best epoch, what a sweep optimizes, how a report shows them), its report, and what
+serving needs (handler, model code, request format, the example request a deploy checks). Jobs are
+plug-ins found through the `dlops.jobs` entry-point group (training/jobs/__init__.py), the built-in
+ones too: a package outside this one adds a model kind to every command once installed
+(docs/jobs.md walks through one).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,6 +23,8 @@ import click
 import torch
 from torch import nn
 
+import serving
+import training.hardware
 from training.hardware import AMP_CHOICES
 from training.loops.control import StepControl
 from training.options import check_fields, internal, option
@@ -36,9 +42,12 @@ def parse_tags(ctx: click.Context | None, param: click.Parameter | None, values:
     return {key: value for key, _, value in pairs}
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """Options every training job has. A job's config subclasses this and may change defaults."""
+    """Options every training job has. A job's config subclasses this and may change defaults.
+
+    Frozen once validated: a value resolved later (the precision for the device, an augmentation for
+    the dataset) makes a new config with dataclasses.replace, never changes this one."""
 
     data: str | None = None  # the positional DATA argument
     epochs: int = option(20, type=click.IntRange(1), resumable=True)
@@ -82,47 +91,22 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         # checkpoints store the config and load with weights_only=True: plain strings, never Paths
-        self.data = None if self.data is None else str(self.data)
-        self.tags = parse_tags(None, None, self.tags or {})
+        object.__setattr__(self, "data", None if self.data is None else str(self.data))
+        object.__setattr__(self, "tags", parse_tags(None, None, self.tags or {}))
         check_fields(self)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-REPO = Path(__file__).resolve().parents[2]
-HANDLERS = REPO / "serving" / "handlers"  # code that ships inside .mar archives and MLflow models
+@dataclass(frozen=True, kw_only=True)
+class Metric:
+    """A metric a job logs: its name in MLflow, how people read it, which way is better."""
 
-
-@dataclass(frozen=True)
-class ServingSpec:
-    """What packaging needs: the TorchServe model name, the handler (file and class), the model file
-    it imports and the checkpoint entries inference needs beside the weights and model_config."""
-
-    name: str  # /predictions/<name>
-    handler: str  # serving/handlers/<handler>
-    model_file: str  # training/models/<model_file>, shipped as dlops_<model_file>
-    inference_keys: tuple[str, ...] = ()
-    handler_class: str | None = None  # the handler's class: also the MLflow model's (None: no MLflow model)
-
-    def files(self) -> dict[Path, str]:
-        """The code a .mar or an MLflow model of this job ships: source file -> name inside it.
-        None of it imports this project (a served model needs torch, torchvision and Pillow only)."""
-        return {
-            HANDLERS / self.handler: self.handler,
-            HANDLERS / "handler_common.py": "handler_common.py",
-            HANDLERS / "request_fields.py": "request_fields.py",
-            REPO / "training" / "hardware.py": "dlops_hardware.py",
-            REPO / "training" / "models" / self.model_file: f"dlops_{self.model_file}",
-        }
-
-
-@dataclass(frozen=True)
-class Criterion:
-    """A validation metric and which way is better: picks the best epoch, or what a sweep optimizes."""
-
-    metric: str
+    name: str  # as logged: "val/acc1"
+    label: str  # as shown: "val Acc@1 (%)"
     higher_is_better: bool
+    log_scale: bool = False  # plotted on a log axis when it spans orders of magnitude (a perplexity)
 
     def better(self, value: float, than: float) -> bool:
         return value > than if self.higher_is_better else value < than
@@ -132,14 +116,86 @@ class Criterion:
         return "maximize" if self.higher_is_better else "minimize"
 
 
-@dataclass
+VAL_LOSS = Metric(name="val/loss", label="val loss", higher_is_better=False)  # what early stopping watches
+
+
+@dataclass(frozen=True, kw_only=True)
+class Column:
+    """A column of a report's run table: one number per run, from a metric's history."""
+
+    label: str
+    metric: str
+    summary: str = "last"  # last (the run's latest value), max, min or mean over its epochs
+    digits: int = 2
+    unit: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EpochTable:
+    """A report table of one metric per epoch, a column per run, and a final row (e.g. test ppl),
+    followed by each run's newest file under `samples` (an artifact folder) when it has one."""
+
+    title: str
+    metric: Metric
+    final: Column | None = None
+    samples: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportSpec:
+    """How `dlops report` shows the job's runs."""
+
+    columns: tuple[Column, ...]  # the run table's quality columns
+    throughput: Column
+    train_loss: str  # the training loss curve (dashed) beside val loss
+    quality: Metric  # the second learning-curve panel
+    epoch_table: EpochTable | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    """One HTTP request to a served model."""
+
+    body: bytes
+    content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+# The code every served model ships beside its handler (serving/handlers/): loading, batching, errors
+COMMON_HANDLER_FILES = ("handler_common.py", "request_fields.py")
+HANDLERS = Path(serving.__file__).resolve().parent / "handlers"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServingSpec:
+    """What packaging, deploys, MLflow models and the HTTP client need of a job that serves."""
+
+    name: str  # the TorchServe model name: /predictions/<name>
+    handler: Path  # the handler module (a BaseHandler of serving/handlers/handler_common.py)
+    handler_class: str  # its class: TorchServe's entry point and the MLflow pyfunc model's
+    model_file: Path  # the module that builds the model, shipped as dlops_<its name>
+    inference_keys: tuple[str, ...] = ()  # checkpoint entries inference needs beside weights and model_config
+    input: str = "file"  # what `dlops predict INPUT` takes: "file" (a path) or "text" (the input itself)
+
+    def files(self) -> dict[Path, str]:
+        """The code a .mar or an MLflow model of this job ships: source file -> name inside it. None of
+        it imports this project (a served model needs torch, and what the job's own code imports)."""
+        return {
+            self.handler: self.handler.name,
+            **{HANDLERS / name: name for name in COMMON_HANDLER_FILES},
+            Path(training.hardware.__file__).resolve(): "dlops_hardware.py",
+            self.model_file: f"dlops_{self.model_file.name}",
+        }
+
+
+@dataclass(kw_only=True)
 class Optimization:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     scheduler_per_batch: bool = False  # one-cycle steps every batch, the others every epoch
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class EpochContext:
     """What a job's train_epoch gets from the trainer."""
 
@@ -152,7 +208,20 @@ class EpochContext:
     resume: dict[str, Any] | None = None  # the loop's state where a stopped epoch left off (its "step")
 
 
-SERVING_METHODS = ("example_request", "offline_answer")
+@dataclass(frozen=True, kw_only=True)
+class EvaluateOptions:
+    """`dlops evaluate`'s options; a job uses those that apply to it."""
+
+    split: str = "val"
+    batch_size: int = 256
+    workers: int = 0
+    device: str = "auto"
+    amp: str = "off"
+    limit: int | None = None
+    print_freq: int = 10
+
+
+SERVING_METHODS = ("example_request", "offline_answer", "http_request")
 
 
 class Job(abc.ABC):
@@ -160,18 +229,47 @@ class Job(abc.ABC):
     abstract methods (a job missing one fails when its class is instantiated, not mid-run); the
     other methods are hooks with defaults."""
 
-    kind: ClassVar[str]
+    kind: ClassVar[str]  # `dlops train KIND`; the entry point's name
     data_hint: ClassVar[str]  # what DATA is, for the error when it is missing
     config_class: ClassVar[type[RunConfig]]
-    best: ClassVar[Criterion]  # picks the best epoch (best.pt, the registered version)
-    sweep: ClassVar[Criterion | None] = None  # what a sweep optimizes, reported every epoch (default: best)
-    panels: ClassVar[dict[str, list[str]]]  # learning-curve picture: panel title -> metrics
-    serving: ClassVar[ServingSpec]
+    metrics: ClassVar[tuple[Metric, ...]]  # what it logs per epoch that a user may pick (sweeps, reports)
+    best: ClassVar[Metric]  # picks the best epoch (best.pt, the registered version, promote --if-better)
+    sweep: ClassVar[Metric | None] = None  # what a sweep optimizes, reported every epoch (default: best)
+    early_stop: ClassVar[Metric] = VAL_LOSS  # what --early-stop-patience watches (evaluate must return it)
+    panels: ClassVar[dict[str, list[str]]]  # the run's learning-curve picture: panel title -> metrics
+    report: ClassVar[ReportSpec]
+    serving: ClassVar[ServingSpec | None] = None
     summary_graph: ClassVar[bool] = False  # also trace the model into TensorBoard
     step_metrics: ClassVar[tuple[str, ...]] = ()  # metrics logged per global step inside an epoch
     # trains in several processes: its config has nproc_per_node and allow_oversubscribe (DDP via torchrun)
     distributed: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A job that serves defines what a deploy checks and how a request is sent."""
+        super().__init_subclass__(**kwargs)
+        if getattr(cls, "metrics", None) is not None:  # a concrete job: what it names, it declares
+            declared = {m.name for m in cls.metrics} | {cls.early_stop.name}
+            named = [m.name for m in (cls.best, cls.sweep_metric(), cls.report.quality)]
+            if cls.report.epoch_table:
+                named.append(cls.report.epoch_table.metric.name)
+            if set(named) - declared:
+                raise TypeError(f"{cls.__name__} names metrics it does not declare: {sorted(set(named) - declared)}")
+        if getattr(cls, "serving", None) is not None:
+            missing = [name for name in SERVING_METHODS if getattr(cls, name) is getattr(Job, name)]
+            if missing:
+                raise TypeError(f"{cls.__name__} serves through {cls.serving.handler_class} but does not define "
+                                f"{', '.join(missing)}")  # fmt: skip
+
+    def __init__(self, config: RunConfig, runtime: Runtime):
+        """`self.config` is the run's config from here on: a job may derive it (dataclasses.replace) as it
+        resolves values (the dataset's augmentation...); the trainer logs and checkpoints this one."""
+        self.config, self.runtime = config, runtime
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    # --- options -------------------------------------------------------------------------------------
     @classmethod
     def data_required(cls, given: dict[str, Any]) -> bool:
         """Whether DATA must be given, from the options `given` (a job may generate its own, --dummy)."""
@@ -182,24 +280,17 @@ class Job(abc.ABC):
         """A new run's options: the defaults, any preset the options select, then what the user gave."""
         return {**defaults, **given}
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        """A job that serves (its ServingSpec names a handler class) defines what a deploy checks."""
-        super().__init_subclass__(**kwargs)
-        serving = getattr(cls, "serving", None)
-        if serving is not None and serving.handler_class:
-            missing = [name for name in SERVING_METHODS if getattr(cls, name) is getattr(Job, name)]
-            if missing:
-                raise TypeError(f"{cls.__name__} serves through {serving.handler_class} but does not define "
-                                f"{', '.join(missing)}")  # fmt: skip
+    @classmethod
+    def commands(cls) -> list[click.Command]:
+        """CLI commands of this job's own beside `dlops train KIND` (an LM's `generate`...)."""
+        return []
 
-    def __init__(self, config: RunConfig, runtime: Runtime):
-        self.config, self.runtime = config, runtime
+    @classmethod
+    def upgrade_v1(cls, state: dict[str, Any]) -> tuple[dict, float, dict, dict]:
+        """A version-1 checkpoint's (model_config, best value, job_state, extra entries)."""
+        raise NotImplementedError(f"no {cls.kind} checkpoint of format version 1 exists")
 
-    @property
-    def device(self) -> torch.device:
-        return self.runtime.device
-
-    # data and model
+    # --- data and model ------------------------------------------------------------------------------
     @abc.abstractmethod
     def build_data(self) -> dict[str, Any]:
         """Load the data; return run tags describing it (dataset path, sizes...)."""
@@ -215,6 +306,11 @@ class Job(abc.ABC):
     def build_model(model_config: dict[str, Any]) -> nn.Module:
         raise NotImplementedError
 
+    @staticmethod
+    def describe_model(params: dict[str, str]) -> str:
+        """The model in a few words, from a run's params (a report groups layer tables by it)."""
+        return ""
+
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Last touches before training (memory format...)."""
         return model
@@ -224,18 +320,17 @@ class Job(abc.ABC):
         """The checkpoint entries named by `serving.inference_keys` (class names, vocabulary...)."""
         raise NotImplementedError
 
-    # what a deploy checks, and an MLflow model's input example: required of a job that serves
-    # (checked when its class is defined, __init_subclass__)
+    # --- serving: required of a job that serves (checked when its class is defined) -------------------
     @staticmethod
     def example_request(meta: dict[str, Any]) -> dict[str, Any]:
         """One request to the served model as named fields, built from the checkpoint's inference
-        entries (`meta`), no data needed."""
+        entries (`meta`), no data needed: what a deploy checks, an MLflow model's input example."""
         raise NotImplementedError
 
     @staticmethod
     def offline_answer(state: dict[str, Any], request: dict[str, Any], amp: str = "off") -> Any:
-        """The answer to `request` computed here from checkpoint `state`, as `dlops evaluate` or
-        `dlops generate` compute it (not through the handler)."""
+        """The answer to `request` computed here from checkpoint `state`, as the job's own commands
+        compute it (not through the handler)."""
         raise NotImplementedError
 
     @staticmethod
@@ -243,6 +338,13 @@ class Job(abc.ABC):
         """Why a served answer differs from the offline one, or None when they agree."""
         return None if served == offline else f"served {served!r}, expected {offline!r}"
 
+    @staticmethod
+    def http_request(given: str, fields: dict[str, Any]) -> Request:
+        """The request `dlops predict` sends for INPUT `given` (a path or text, as serving.input says)
+        and the options the user added (`--topk`, `--field KEY=VALUE`)."""
+        raise NotImplementedError
+
+    # --- training ------------------------------------------------------------------------------------
     def pretrain(self, model: nn.Module) -> dict[str, Any]:
         """Start a fresh `model` from published weights where the config asks (--pretrained); return
         run params saying what was done."""
@@ -256,7 +358,6 @@ class Job(abc.ABC):
         """One input as the model sees it, for the layer table."""
         raise NotImplementedError
 
-    # optimization and epochs
     @abc.abstractmethod
     def build_optimization(self, model: nn.Module, steps_per_epoch: int) -> Optimization:
         raise NotImplementedError
@@ -273,6 +374,7 @@ class Job(abc.ABC):
 
     @abc.abstractmethod
     def evaluate(self, model: nn.Module, reduce: Callable | None) -> dict[str, float]:
+        """Validation metrics of one epoch, `early_stop.name` among them."""
         raise NotImplementedError
 
     def after_epoch(self, *, improved: bool) -> None:  # noqa: B027 - a hook, empty by default
@@ -291,11 +393,11 @@ class Job(abc.ABC):
         return {}
 
     @classmethod
-    def sweep_criterion(cls) -> Criterion:
+    def sweep_metric(cls) -> Metric:
         return cls.sweep or cls.best
 
     def registry_tags(self, best_value: float, best_epoch: int, final: dict[str, float]) -> dict[str, str]:
-        return {self.best.metric.replace("/", "_"): f"{best_value:.3f}", "epoch": str(best_epoch)}
+        return {self.best.name.replace("/", "_"): f"{best_value:.3f}", "epoch": str(best_epoch)}
 
     # what survives a resume besides the model, optimizer and RNG
     def state_dict(self) -> dict[str, Any]:
@@ -303,3 +405,9 @@ class Job(abc.ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - a hook, empty by default
         pass
+
+    # --- after training ------------------------------------------------------------------------------
+    @classmethod
+    def evaluate_checkpoint(cls, state: dict[str, Any], source: str, data: Path, options: EvaluateOptions) -> None:
+        """`dlops evaluate`: the checkpoint `state` (named `source`) on DATA, logged as an MLflow run."""
+        raise NotImplementedError(f"the {cls.kind} job has no `dlops evaluate`")

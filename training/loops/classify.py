@@ -21,7 +21,7 @@ from training.loops.progress import Progress
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EpochResult:
     loss: float
     acc1: float
@@ -97,7 +97,7 @@ def to_device(
     return images, target.to(device, non_blocking=True)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ClassifierStep:
     """What one training step of a classifier needs; built once per run."""
 
@@ -227,4 +227,4 @@ def _result(totals: Totals, seconds: float, data_seconds: float, reduce: Reduce 
     if reduce is not None:
         totals.reduce(reduce)
     loss, acc1, acc5, n = totals.averages()
-    return EpochResult(loss, acc1, acc5, n, seconds, data_seconds)
+    return EpochResult(loss=loss, acc1=acc1, acc5=acc5, images=n, seconds=seconds, data_seconds=data_seconds)

@@ -22,7 +22,7 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700.0))  # exp overflows past ~709
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LMEpochResult:
     loss: float
     tokens: int
@@ -39,7 +39,7 @@ class LMEpochResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LMStep:
     """What one truncated-BPTT step of a language model needs; built once per run."""
 
@@ -149,7 +149,9 @@ def train_lm_epoch(
     total_loss += interval_loss.item()
     synchronize(step.device)
     seconds = seconds_before + time.perf_counter() - start
-    return LMEpochResult(total_loss / max(batch, 1), tokens, seconds, batch, stopped_at)
+    return LMEpochResult(
+        loss=total_loss / max(batch, 1), tokens=tokens, seconds=seconds, batches=batch, stopped_at=stopped_at
+    )
 
 
 @torch.no_grad()
@@ -170,4 +172,6 @@ def evaluate_lm(model: nn.Module, data: torch.Tensor, device: torch.device, amp:
         tokens += targets.numel()
         batches += 1
     synchronize(device)
-    return LMEpochResult(total.item() / max(tokens, 1), tokens, time.perf_counter() - start, batches)
+    return LMEpochResult(
+        loss=total.item() / max(tokens, 1), tokens=tokens, seconds=time.perf_counter() - start, batches=batches
+    )

@@ -119,7 +119,7 @@ def detach_hidden(hidden):
     return tuple(detach_hidden(h) for h in hidden)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Stream:
     """One request of a generation batch: its context so far, its own sampler and its own settings."""
 
@@ -243,7 +243,9 @@ def generate_batch(model: nn.Module, vocab: list[str], requests: list[dict], win
         words = request["prompt"].split()
         generator = torch.Generator().manual_seed(request["seed"])
         context = [index.get(w, unk) for w in words] or [int(torch.randint(len(vocab), (1,), generator=generator))]
-        streams.append(Stream(context, request["n_words"], request["temperature"], generator))
+        streams.append(
+            Stream(context=context, n_words=request["n_words"], temperature=request["temperature"], generator=generator)
+        )
         prompts.append(words)
     sample_streams(model, streams, window, on_step)
     answers = []

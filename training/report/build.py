@@ -35,14 +35,14 @@ def gather(client, runs: list[collect.RunFacts], mlflow_url: str | None) -> tupl
         "bench": collect.bench_section(client, runs),
         "layers": collect.layers_section(client, runs),
         "evaluation": collect.evaluation_section(client, runs),
-        "language": collect.language_section(client, runs),
+        "epochs": collect.epoch_tables_section(client, runs),
         "environment": collect.environment_section(runs),
     }
     pictures: list[Picture] = []
     if sections["curves"]:
-        kinds = sorted({s["kind"] for s in sections["curves"]["series"]}, reverse=True)  # ResNet first
-        sections["curves"]["pictures"] = [learning_curves(sections["curves"]["series"], kind) for kind in kinds]
-        pictures += sections["curves"]["pictures"]
+        curves = sections["curves"]
+        curves["pictures"] = [learning_curves(curves["series"], job.kind, job.report.quality) for job in curves["jobs"]]
+        pictures += curves["pictures"]
     for comparison in (sections["evaluation"] or {}).get("comparisons", []):
         for index, row in enumerate(comparison["first"]):
             picture = thumbnail(Path(row["path"]), f"{comparison['name']}-{index}.png")

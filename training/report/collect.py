@@ -17,6 +17,19 @@ from pathlib import Path
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from training.jobs import Job, jobs
+from training.jobs.base import Column
+from training.tracking.tags import (
+    BENCH_CONFIG,
+    COMPARE,
+    COMPARISON_ID,
+    EVALUATE,
+    JOB_TAG,
+    SOURCE_RUN_TAG,
+    SWEEP_ID,
+    trained_kind,
+)
+
 # params that differ between any two runs without saying anything about the experiment
 NOISE_PARAMS = {"run_name", "out_dir", "experiment", "registered_model", "tags", "amp_requested", "data",
                 "init_from", "offline", "sync_timeout", "print_freq", "log_interval", "workers", "device"}  # fmt: skip
@@ -29,11 +42,16 @@ class SelectionError(ValueError):
     """The selection matched no run; the message says what was searched."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunFacts:
     run: Run
-    kind: str  # train-resnet, train-lm, evaluate, compare, sweep-..., other
+    kind: str  # the job tag: train-<kind>, evaluate, compare, sweep-<kind>, other
     histories: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+    @property
+    def job(self) -> type[Job] | None:
+        """The installed job that trained this run; None for other runs (and jobs not installed here)."""
+        return jobs().get(trained_kind(self.run.data.tags) or "")
 
     @property
     def id(self) -> str:
@@ -82,20 +100,23 @@ def select_runs(client: MlflowClient, *, run_ids: tuple[str, ...] = (), experime
         runs += _newest(client, [found.experiment_id], filter_string, max_runs)
     all_experiments = [e.experiment_id for e in client.search_experiments()]
     if sweep:
-        runs += _newest(client, all_experiments, f"tags.sweep_id = '{sweep}'", max_runs)
+        runs += _newest(client, all_experiments, f"tags.{SWEEP_ID} = '{sweep}'", max_runs)
     if comparison:
-        runs += _newest(client, all_experiments, f"tags.comparison_id = '{comparison}'", max_runs)
+        runs += _newest(client, all_experiments, f"tags.{COMPARISON_ID} = '{comparison}'", max_runs)
     unique = list({r.info.run_id: r for r in runs}.values())
     if not unique:
         what = ", ".join(f"{k} {v!r}" for k, v in (("run ids", run_ids), ("experiment", experiments),
                                                    ("filter", filter_string), ("sweep", sweep),
                                                    ("comparison", comparison)) if v)  # fmt: skip
         raise SelectionError(f"no runs match {what or 'nothing (give run ids, --experiment, --sweep or --comparison)'}")
-    return [RunFacts(r, r.data.tags.get("job", "other")) for r in unique]
+    return [RunFacts(run=r, kind=r.data.tags.get(JOB_TAG, "other")) for r in unique]
 
 
 def training_runs(runs: list[RunFacts]) -> list[RunFacts]:
-    return [r for r in runs if r.kind in ("train-resnet", "train-lm")]
+    """The training runs of installed jobs, grouped by job in the order the jobs are installed."""
+    order = list(jobs())
+    trained = [r for r in runs if r.job is not None]
+    return sorted(trained, key=lambda r: order.index(r.job.kind))
 
 
 def varying_params(runs: list[RunFacts]) -> list[str]:
@@ -105,35 +126,37 @@ def varying_params(runs: list[RunFacts]) -> list[str]:
 
 
 def overview_section(client: MlflowClient, runs: list[RunFacts], mlflow_url: str | None) -> dict | None:
-    """One table per job kind: a row per run, the params that differ between that kind's runs."""
+    """One table per job: a row per run, the params that differ between that job's runs, its columns."""
     trained = training_runs(runs)
     if not trained:
         return None
     groups = []
-    for kind in sorted({r.kind for r in trained}, reverse=True):  # train-resnet first
-        of_kind = [r for r in trained if r.kind == kind]
+    for job in dict.fromkeys(r.job for r in trained):
+        of_kind = [r for r in trained if r.job is job]
         varying = varying_params(of_kind)
-        groups.append({"kind": kind.removeprefix("train-"), "varying": varying,
+        groups.append({"kind": job.kind, "varying": varying, "columns": job.report.columns,
                        "rows": [_overview_row(client, r, varying, mlflow_url) for r in of_kind]})  # fmt: skip
     return {"groups": groups}
 
 
+def summarize(client: MlflowClient, r: RunFacts, column: Column) -> float | None:
+    """A run's number for a report column: its latest value, or the max, min or mean over its epochs."""
+    if column.summary == "last":
+        return r.metrics.get(column.metric)
+    values = [v for _, v in r.history(client, column.metric)]
+    if not values:
+        return None
+    return {"max": max, "min": min, "mean": lambda v: sum(v) / len(v)}[column.summary](values)
+
+
 def _overview_row(client: MlflowClient, r: RunFacts, varying: list[str], mlflow_url: str | None) -> dict:
     url = f"{mlflow_url.rstrip('/')}/#/experiments/{r.run.info.experiment_id}/runs/{r.id}" if mlflow_url else None
-    row = {"run": r, "name": r.name, "kind": r.kind.removeprefix("train-"), "url": url,
-           "params": [r.params.get(p, "") for p in varying], "epochs": len(r.history(client, "val/loss")),
-           "seconds": r.metrics.get("time/total_seconds"), "device": r.tags.get("device_name", "")}  # fmt: skip
-    if r.kind == "train-resnet":
-        acc5 = r.history(client, "val/acc5")
-        rate = r.history(client, "time/images_per_second")
-        row.update(best_acc1=r.metrics.get("best/val_acc1"), best_acc5=max((v for _, v in acc5), default=None),
-                   rate=sum(v for _, v in rate) / len(rate) if rate else None, rate_unit="images/s")  # fmt: skip
-    else:
-        ppl = r.history(client, "val/ppl")
-        rate = r.history(client, "time/tokens_per_second")
-        row.update(best_ppl=min((v for _, v in ppl), default=None), test_ppl=r.metrics.get("test/ppl"),
-                   rate=sum(v for _, v in rate) / len(rate) if rate else None, rate_unit="tokens/s")  # fmt: skip
-    return row
+    report = r.job.report
+    return {"run": r, "name": r.name, "kind": r.job.kind, "url": url, "params": [r.params.get(p, "") for p in varying],
+            "values": [summarize(client, r, c) for c in report.columns],
+            "epochs": len(r.history(client, r.job.early_stop.name)), "seconds": r.metrics.get("time/total_seconds"),
+            "rate": summarize(client, r, report.throughput), "rate_unit": report.throughput.unit,
+            "device": r.tags.get("device_name", "")}  # fmt: skip
 
 
 def overfitting_epoch(train: list[tuple[int, float]], val: list[tuple[int, float]]) -> int | None:
@@ -157,19 +180,18 @@ def curves_section(client: MlflowClient, runs: list[RunFacts]) -> dict | None:
         return None
     series = []
     for r in trained:
-        train_key = "train/loss" if r.kind == "train-resnet" else "train/epoch_loss"
-        quality = "val/acc1" if r.kind == "train-resnet" else "val/ppl"
-        train, val = r.history(client, train_key), r.history(client, "val/loss")
+        report = r.job.report
+        train, val = r.history(client, report.train_loss), r.history(client, r.job.early_stop.name)
         best = r.metrics.get("best/epoch")
-        series.append({"name": r.name, "kind": r.kind, "train_loss": train, "val_loss": val,
-                       "quality_key": quality, "quality": r.history(client, quality),
+        series.append({"name": r.name, "kind": r.job.kind, "train_loss": train, "val_loss": val,
+                       "quality_key": report.quality.name, "quality": r.history(client, report.quality.name),
                        "best_epoch": int(best) if best is not None else None,
                        "overfit_epoch": overfitting_epoch(train, val)})  # fmt: skip
-    return {"series": series}
+    return {"series": series, "jobs": list(dict.fromkeys(r.job for r in trained))}
 
 
 def bench_section(client: MlflowClient, runs: list[RunFacts]) -> dict | None:
-    benched = [r for r in runs if "comparison_id" in r.tags and "bench_config" in r.tags]
+    benched = [r for r in runs if COMPARISON_ID in r.tags and BENCH_CONFIG in r.tags]
     if not benched:
         return None
     rows = []
@@ -177,13 +199,13 @@ def bench_section(client: MlflowClient, runs: list[RunFacts]) -> dict | None:
         rate = r.history(client, "time/images_per_second")
         wait = r.history(client, "time/data_wait_share")
         acc = r.history(client, "val/acc1")
-        rows.append({"configuration": r.tags["bench_config"], "processes": r.params.get("world_size", "1"),
+        rows.append({"configuration": r.tags[BENCH_CONFIG], "processes": r.params.get("world_size", "1"),
                      "workers": r.params.get("workers", ""), "epochs": len(acc),
                      "seconds": r.metrics.get("time/total_seconds"),
                      "images_per_s": sum(v for _, v in rate) / len(rate) if rate else None,
                      "data_wait": sum(v for _, v in wait) / len(wait) if wait else None,
                      "val_acc1": acc[-1][1] if acc else None})  # fmt: skip
-    return {"comparisons": sorted({r.tags["comparison_id"] for r in benched}), "rows": rows}
+    return {"comparisons": sorted({r.tags[COMPARISON_ID] for r in benched}), "rows": rows}
 
 
 def _download_text(client: MlflowClient, run_id: str, path: str) -> str | None:
@@ -196,17 +218,11 @@ def _download_text(client: MlflowClient, run_id: str, path: str) -> str | None:
         return Path(local).read_text(encoding="utf-8", errors="replace")
 
 
-def model_key(r: RunFacts) -> str:
-    p = r.params
-    if r.kind == "train-resnet":
-        return f"{p.get('arch')} ({p.get('stem')} stem, {p.get('image_size', '64')}px)"
-    return f"{p.get('model')} {p.get('nlayers')}x{p.get('nhid')} (emsize {p.get('emsize')})"
-
-
 def layers_section(client: MlflowClient, runs: list[RunFacts]) -> dict | None:
+    """Each model's layer table once (runs of the same model share it), named as its job describes it."""
     tables = {}
     for r in training_runs(runs):
-        key = model_key(r)
+        key = r.job.describe_model(r.params) or r.job.kind
         if key not in tables:
             text = _download_text(client, r.id, "model_summary.txt")
             if text:
@@ -215,11 +231,13 @@ def layers_section(client: MlflowClient, runs: list[RunFacts]) -> dict | None:
 
 
 def evaluation_section(client: MlflowClient, runs: list[RunFacts], thumbnails: int = 8) -> dict | None:
-    evaluations = [{"name": r.name, "source": r.tags.get("source_run_id"), "split": r.params.get("split"),
-                    "images": r.params.get("images"), "acc1": r.metrics.get("eval/acc1"),
-                    "acc5": r.metrics.get("eval/acc5")} for r in runs if r.kind == "evaluate"]  # fmt: skip
+    evaluated = [r for r in runs if r.kind == EVALUATE]
+    metrics = sorted({m for r in evaluated for m in r.metrics if m.startswith("eval/") and m != "eval/loss"})
+    evaluations = [{"name": r.name, "source": r.tags.get(SOURCE_RUN_TAG), "split": r.params.get("split"),
+                    "size": r.params.get("images") or r.params.get("tokens") or r.params.get("rows"),
+                    "values": [r.metrics.get(m) for m in metrics]} for r in evaluated]  # fmt: skip
     comparisons = []
-    for r in (r for r in runs if r.kind == "compare"):
+    for r in (r for r in runs if r.kind == COMPARE):
         rows = []
         text = _download_text(client, r.id, "disagreements.csv")
         if text:
@@ -231,22 +249,36 @@ def evaluation_section(client: MlflowClient, runs: list[RunFacts], thumbnails: i
                             "images": r.params.get("images"), "first": rows})  # fmt: skip
     if not evaluations and not comparisons:
         return None
-    return {"evaluations": evaluations, "comparisons": comparisons}
+    return {
+        "evaluations": evaluations,
+        "metrics": [m.removeprefix("eval/") for m in metrics],
+        "comparisons": comparisons,
+    }
 
 
-def language_section(client: MlflowClient, runs: list[RunFacts]) -> dict | None:
-    lms = [r for r in runs if r.kind == "train-lm"]
-    if not lms:
-        return None
-    epochs = sorted({step for r in lms for step, _ in r.history(client, "val/ppl")})
-    table = [[dict(r.history(client, "val/ppl")).get(e) for r in lms] for e in epochs]
-    samples = {}
-    for r in lms:
-        generated = sorted(a.path for a in client.list_artifacts(r.id, "generated") if not a.is_dir)
-        if generated:
-            samples[r.name] = {"file": generated[-1], "text": _download_text(client, r.id, generated[-1])}
-    return {"runs": [r.name for r in lms], "epochs": epochs, "ppl": table,
-            "test_ppl": [r.metrics.get("test/ppl") for r in lms], "samples": samples}  # fmt: skip
+def epoch_tables_section(client: MlflowClient, runs: list[RunFacts]) -> dict | None:
+    """Per job that declares one (its report's epoch_table): a metric per epoch, a column per run, a
+    final row, and each run's newest sample file (generated text)."""
+    tables = []
+    trained = training_runs(runs)
+    for job in dict.fromkeys(r.job for r in trained):
+        spec = job.report.epoch_table
+        if spec is None:
+            continue
+        of_kind = [r for r in trained if r.job is job]
+        epochs = sorted({step for r in of_kind for step, _ in r.history(client, spec.metric.name)})
+        values = [[dict(r.history(client, spec.metric.name)).get(e) for r in of_kind] for e in epochs]
+        final = [summarize(client, r, spec.final) for r in of_kind] if spec.final else None
+        samples = {}
+        for r in of_kind if spec.samples else ():
+            files = sorted(a.path for a in client.list_artifacts(r.id, spec.samples) if not a.is_dir)
+            if files:
+                samples[r.name] = {"file": files[-1], "text": _download_text(client, r.id, files[-1])}
+        tables.append({"kind": job.kind, "title": spec.title, "header": spec.metric.name.replace("/", " "),
+                       "final_label": spec.final.label if spec.final else "",
+                       "runs": [r.name for r in of_kind], "epochs": epochs, "values": values, "final": final,
+                       "samples": samples})  # fmt: skip
+    return {"tables": tables} if tables else None
 
 
 def environment_section(runs: list[RunFacts]) -> dict | None:

@@ -10,8 +10,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
+from training.jobs.base import Metric
 
-@dataclass
+
+@dataclass(kw_only=True)
 class Picture:
     name: str  # file name in the Markdown twin's folder
     png: bytes
@@ -25,11 +27,11 @@ def _png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def learning_curves(series: list[dict], kind: str) -> Picture:
-    """Loss (train dashed, val solid) and the quality metric of every run of `kind`, overlaid by epoch;
-    a star on each run's best epoch, a dotted line where its overfitting starts."""
+def learning_curves(series: list[dict], kind: str, quality: Metric) -> Picture:
+    """Loss (train dashed, val solid) and the job's quality metric of every run of `kind`, overlaid by
+    epoch; a star on each run's best epoch, a dotted line where its overfitting starts."""
     runs = [s for s in series if s["kind"] == kind]
-    quality_title = "val Acc@1 (%)" if kind == "train-resnet" else "val perplexity"
+    quality_title = quality.label
     figure = Figure(figsize=(12, 4.5))
     loss_ax, quality_ax = figure.subplots(1, 2)
     for index, s in enumerate(runs):
@@ -56,10 +58,9 @@ def learning_curves(series: list[dict], kind: str) -> Picture:
         ax.grid(alpha=0.3)
     quality_ax.legend(fontsize=8)
     values = [v for s in runs for _, v in s["quality"]]
-    if kind == "train-lm" and values and max(values) > 10 * min(values):  # perplexity falls by orders
+    if quality.log_scale and values and min(values) > 0 and max(values) > 10 * min(values):  # falls by orders
         quality_ax.set_yscale("log")
-    name = "curves-resnet.png" if kind == "train-resnet" else "curves-lm.png"
-    return Picture(name, _png(figure), f"learning curves of {len(runs)} runs ({kind.removeprefix('train-')})")
+    return Picture(name=f"curves-{kind}.png", png=_png(figure), alt=f"learning curves of {len(runs)} runs ({kind})")
 
 
 def thumbnail(path: Path, name: str, size: int = 96) -> Picture | None:
@@ -71,4 +72,4 @@ def thumbnail(path: Path, name: str, size: int = 96) -> Picture | None:
         return None
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return Picture(name, buffer.getvalue(), path.name)
+    return Picture(name=name, png=buffer.getvalue(), alt=path.name)

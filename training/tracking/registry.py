@@ -36,6 +36,7 @@ from mlflow.tracking import MlflowClient
 from training.checkpoint import load_checkpoint
 from training.tracking.journal import server_run_id
 from training.tracking.store import store_client, tracking_uri
+from training.tracking.tags import JOB_TAG, trained_kind
 
 URI_PATTERN = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P<alias>[\w-]+))$")
 URI_FORMS = "models:/NAME/VERSION, models:/NAME@ALIAS or models:/NAME/latest"
@@ -47,7 +48,7 @@ class RegistryError(ValueError):
     """A model URI that does not resolve, or a registry operation that cannot be done."""
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class ModelRef:
     name: str
     version: str | None = None  # a number
@@ -69,7 +70,12 @@ def parse_model_uri(uri: str) -> ModelRef:
     if not match:
         raise RegistryError(f"{uri!r}: expected {URI_FORMS}")
     version = match["version"]
-    return ModelRef(match["name"], None if version == "latest" else version, match["alias"], version == "latest")
+    return ModelRef(
+        name=match["name"],
+        version=None if version == "latest" else version,
+        alias=match["alias"],
+        latest=version == "latest",
+    )
 
 
 def resolve(uri: str, client: MlflowClient | None = None) -> ModelVersion:
@@ -124,7 +130,7 @@ def checkpoint_file(source: str | Path) -> Iterator[Path]:
         yield local_checkpoint(source, Path(tmp))[0]
 
 
-def load_source(source: str | Path, kind: str) -> tuple[dict[str, Any], str]:
+def load_source(source: str | Path, kind: str | None = None) -> tuple[dict[str, Any], str]:
     """The checkpoint `source` names (a file or a model URI), loaded, and `source` as runs record it
     (a resolved path, or the URI). Its run_id is the tracking server's (offline runs: after sync)."""
     with checkpoint_file(source) as path:
@@ -215,7 +221,7 @@ def log_mlflow_model(client: MlflowClient, run_id: str, model_dir: Path, *, regi
         params = {k: v[:6000] for k, v in run.data.params.items()}
         logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id, params=params,
                                             tags={SOURCE_TAG: source_key, "registered_model": registered_name},
-                                            model_type=run.data.tags.get("job"))  # fmt: skip
+                                            model_type=run.data.tags.get(JOB_TAG))  # fmt: skip
     if str(logged.status) != "READY":
         with tempfile.TemporaryDirectory() as tmp:
             staged = Path(shutil.copytree(model_dir, Path(tmp) / "model"))
@@ -261,13 +267,13 @@ def version_metric(version: ModelVersion, metric: str, client: MlflowClient) -> 
 
 
 def job_kind(version: ModelVersion, client: MlflowClient) -> str | None:
-    """The job that trained the version ("resnet", "lm"...), from its run's `job` tag."""
+    """The kind of job that trained the version, from its run's tags."""
     if not version.run_id:
         return None
-    return client.get_run(version.run_id).data.tags.get("job", "").removeprefix("train-") or None
+    return trained_kind(client.get_run(version.run_id).data.tags)
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Promotion:
     moved: bool
     message: str
@@ -284,19 +290,19 @@ def promote(uri: str, alias: str, *, metric: str | None = None, higher_is_better
     except MlflowException:
         holder = None
     if holder is not None and holder.version == version.version:
-        return Promotion(False, f"@{alias} already points at {name}")
+        return Promotion(moved=False, message=f"@{alias} already points at {name}")
     if metric is not None and holder is not None:
         ours, theirs = version_metric(version, metric, client), version_metric(holder, metric, client)
         comparison = (f"{metric} {ours:.4f} ({name}) against {theirs:.4f} "
                       f"({version.name}/{holder.version}, @{alias} now)")  # fmt: skip
         if not (ours > theirs if higher_is_better else ours < theirs):
-            return Promotion(False, f"@{alias} stays on {version.name}/{holder.version}: {comparison}; "
+            return Promotion(moved=False, message=f"@{alias} stays on {version.name}/{holder.version}: {comparison}; "
                                     f"{'higher' if higher_is_better else 'lower'} is better")  # fmt: skip
         client.set_registered_model_alias(version.name, alias, version.version)
-        return Promotion(True, f"@{alias} moved to {name}: {comparison}")
+        return Promotion(moved=True, message=f"@{alias} moved to {name}: {comparison}")
     client.set_registered_model_alias(version.name, alias, version.version)
     was = f" (was {version.name}/{holder.version})" if holder is not None else ""
-    return Promotion(True, f"@{alias} now points at {name}{was}")
+    return Promotion(moved=True, message=f"@{alias} now points at {name}{was}")
 
 
 def record_event(name: str, version: str, event: str, alias: str | None = None) -> None:

@@ -25,7 +25,7 @@ RESOURCES = ("experiment", "registered_model")
 ROLES = {"reader": "READ", "editor": "EDIT"}
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class NewUser:
     name: str
     role: str
@@ -79,4 +79,4 @@ def add_user(name: str, role: str, password: str | None = None, uri: str | None 
                                  "their rights") from e  # fmt: skip
             raise
     set_role(name, role, uri)
-    return NewUser(name, role, password, generated)
+    return NewUser(name=name, role=role, password=password, generated=generated)

@@ -20,22 +20,23 @@ from training.data.dataset import Sample, open_rgb
 from training.data.images import take_evenly
 from training.data.index import load_image_dataset
 from training.devices import choose_device
-from training.evaluate import check_same_classes, evaluate_samples
+from training.jobs.resnet.evaluation import check_same_classes, evaluate_samples
 from training.loops.classify import EpochResult
 from training.tracking import registry
+from training.tracking.tags import COMPARE, JOB_TAG
 
 CSV_COLUMNS = ["file", "path", "true_class", "true_label", "a_class", "a_label", "a_confidence", "b_class",
                "b_label", "b_confidence"]  # fmt: skip
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Predictions:
     result: EpochResult
     top1: torch.Tensor  # (N,) class index
     confidence: torch.Tensor  # (N,) softmax probability of top1
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Disagreement:
     sample: Sample
     a_class: int
@@ -54,13 +55,19 @@ def predict(state: dict, samples: list[Sample], device: torch.device, batch_size
         confidence.append(probabilities.cpu())
 
     result = evaluate_samples(state, samples, device, batch_size=batch_size, workers=workers, on_batch=keep)
-    return Predictions(result, torch.cat(top1), torch.cat(confidence))
+    return Predictions(result=result, top1=torch.cat(top1), confidence=torch.cat(confidence))
 
 
 def find_disagreements(samples: list[Sample], a: Predictions, b: Predictions) -> list[Disagreement]:
     """Images whose top-1 differs, most confident (higher of the two confidences) first."""
     rows = [
-        Disagreement(samples[i], int(a.top1[i]), float(a.confidence[i]), int(b.top1[i]), float(b.confidence[i]))
+        Disagreement(
+            sample=samples[i],
+            a_class=int(a.top1[i]),
+            a_confidence=float(a.confidence[i]),
+            b_class=int(b.top1[i]),
+            b_confidence=float(b.confidence[i]),
+        )
         for i in torch.nonzero(a.top1 != b.top1).flatten().tolist()
     ]
     return sorted(rows, key=lambda d: (-max(d.a_confidence, d.b_confidence), d.sample[0].name))
@@ -147,7 +154,7 @@ def compare_checkpoints(
     csv_path, png_path = out_dir / "disagreements.csv", out_dir / "disagreements.png"
     write_csv(rows, ds.classes, labels, csv_path)
     draw_grid(rows[:grid], labels, png_path)
-    tags = {"job": "compare", "source_run_a": str(state_a.get("run_id")), "source_run_b": str(state_b.get("run_id"))}
+    tags = {JOB_TAG: COMPARE, "source_run_a": str(state_a.get("run_id")), "source_run_b": str(state_b.get("run_id"))}
     with tracking.start_run(experiment, run_name=f"compare-{split}", tags=tags) as run:
         run.log_params(
             {

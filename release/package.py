@@ -36,7 +36,7 @@ from training.tracking import registry
 DEFAULT_STORE = Path("model_store")
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class ModelSettings:
     """TorchServe's per-model settings, written into the .mar as model-config.yaml. On a CPU one
     worker per model with one torch thread serves fastest (docs/serving.md has the measurements)."""
@@ -51,7 +51,7 @@ class ModelSettings:
                 f"maxBatchDelay: {self.max_batch_delay_ms}\nresponseTimeout: {self.response_timeout_s}\n")  # fmt: skip
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Source:
     """A checkpoint to package and where it came from."""
 
@@ -67,9 +67,9 @@ def resolve_source(checkpoint: Path | str | None, model_uri: str | None, run_id:
     if len(given) != 1:
         raise ValueError("give exactly one of --checkpoint, --model-uri or --run-id")
     if run_id:
-        return Source(tracking.download_run_checkpoint(run_id, workdir), None, f"run {run_id}")
+        return Source(path=tracking.download_run_checkpoint(run_id, workdir), given=f"run {run_id}")
     path, version = registry.local_checkpoint(str(given[0]), workdir)
-    return Source(path, f"{version.name}/{version.version}" if version else None, str(given[0]))
+    return Source(path=path, registered=f"{version.name}/{version.version}" if version else None, given=str(given[0]))
 
 
 def weights_hash(weights: dict[str, torch.Tensor]) -> str:
@@ -137,7 +137,7 @@ def build_mar(kind: str, source: Source, *, store: Path = DEFAULT_STORE, setting
         config = workdir / "model-config.yaml"
         config.write_text(settings.yaml(), encoding="utf-8")
         shipped = {name: Path(shutil.copy(path, workdir / name)) for path, name in spec.files().items()}
-        handler = shipped.pop(spec.handler)
+        handler = shipped.pop(spec.handler.name)
         subprocess.run(
             [
                 executable("torch-model-archiver"),

@@ -20,14 +20,14 @@ import torch
 from training import tracking
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class DeviceConfig:
     name: str
     device: str
     processes: int
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BenchRow:
     config: DeviceConfig
     workers: int
@@ -46,7 +46,7 @@ def parse_configs(spec: str) -> list[DeviceConfig]:
         kind, _, count = name.partition(":")
         if kind not in ("cpu", "cuda", "mps") or (count and not count.isdigit()) or count == "0":
             raise ValueError(f"--configs: {name!r} is not one of cpu, cpu:N, cuda, cuda:N, mps")
-        configs.append(DeviceConfig(name, kind, int(count or 1)))
+        configs.append(DeviceConfig(name=name, device=kind, processes=int(count or 1)))
     return configs
 
 
@@ -77,7 +77,7 @@ def run_config(
     comparison: str,
     train_args: list[str],
 ) -> BenchRow:
-    row = BenchRow(config, workers)
+    row = BenchRow(config=config, workers=workers)
     command = [
         sys.executable, "-m", "training.cli", "train", "resnet", str(data), "--epochs", str(epochs),
         "--device", config.device, "--nproc-per-node", str(config.processes), "-j", str(workers),
@@ -138,7 +138,7 @@ def bench_devices(
         reason = unavailable(config)
         if reason:
             print(f"=> {config.name}: skipped ({reason})", flush=True)
-            rows.append(BenchRow(config, 0, skipped=reason))
+            rows.append(BenchRow(config=config, workers=0, skipped=reason))
             continue
         rows += [
             run_config(

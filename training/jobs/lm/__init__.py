@@ -7,6 +7,7 @@ on the test split, and the example's console lines.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -15,9 +16,24 @@ import click
 import torch
 from torch import nn
 
+import training.models.wordlm
 from training.checkpoint import V1_CONVERSIONS, load_checkpoint
 from training.data.text import EOS, UNK, batchify, load_corpus
-from training.jobs.base import Criterion, EpochContext, Job, Optimization, RunConfig, ServingSpec
+from training.jobs.base import (
+    HANDLERS,
+    VAL_LOSS,
+    Column,
+    EpochContext,
+    EpochTable,
+    EvaluateOptions,
+    Job,
+    Metric,
+    Optimization,
+    ReportSpec,
+    Request,
+    RunConfig,
+    ServingSpec,
+)
 from training.loops.language import LMStep, evaluate_lm, perplexity, train_lm_epoch
 from training.models.wordlm import MODEL_TYPES, build_language_model, generate_batch, lm_from_checkpoint
 from training.options import option
@@ -26,7 +42,7 @@ LR_ANNEAL = 4.0  # the example divides lr by 4 when validation loss does not imp
 RULER = 89
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class LMConfig(RunConfig):
     model: str = option("LSTM", type=click.Choice(MODEL_TYPES))
     emsize: int = option(200, type=click.IntRange(1), help="word embedding size")
@@ -65,18 +81,40 @@ def _read_v1(state: dict[str, Any]) -> tuple[dict, float, dict, dict]:
 V1_CONVERSIONS["lm"] = _read_v1
 
 
+PPL = Metric(name="val/ppl", label="val perplexity", higher_is_better=False, log_scale=True)
+
+
 class LMJob(Job):
     """A word-level language model on DATA (train.txt/valid.txt/test.txt or wiki.*.tokens)."""
 
     kind, config_class = "lm", LMConfig
     data_hint = "a folder with train.txt, valid.txt and test.txt"
-    best = Criterion("val/loss", higher_is_better=False)  # as the example: the model kept for test
-    sweep = Criterion("val/ppl", higher_is_better=False)  # what people compare LMs by
+    metrics = (PPL,)
+    best = VAL_LOSS  # as the example: the model kept for test
+    sweep = PPL  # what people compare LMs by
     panels: ClassVar = {"loss": ["train/epoch_loss", "val/loss"], "perplexity": ["val/ppl"]}
-    serving = ServingSpec("lm", "text_generator.py", "wordlm.py", handler_class="TextGenerator",
-                          inference_keys=("vocab", "window"))  # fmt: skip
+    report = ReportSpec(
+        columns=(Column(label="best val ppl", metric=PPL.name, summary="min"),
+                 Column(label="test ppl", metric="test/ppl")),
+        throughput=Column(label="throughput", metric="time/tokens_per_second", summary="mean", digits=0,
+                          unit="tokens/s"),
+        train_loss="train/epoch_loss",
+        quality=PPL,
+        epoch_table=EpochTable(title="Language models", metric=PPL, final=Column(label="test", metric="test/ppl"),
+                               samples="generated"),
+    )  # fmt: skip
+    serving = ServingSpec(
+        name="lm", handler=HANDLERS / "text_generator.py", handler_class="TextGenerator",
+        model_file=Path(training.models.wordlm.__file__).resolve(), inference_keys=("vocab", "window"), input="text",
+    )  # fmt: skip
     step_metrics = ("train/loss", "train/ppl")
     config: LMConfig
+
+    @classmethod
+    def commands(cls) -> list[click.Command]:
+        from training.jobs.lm.commands import COMMANDS
+
+        return COMMANDS
 
     def build_data(self) -> dict[str, Any]:
         c = self.config
@@ -107,6 +145,10 @@ class LMJob(Job):
     def build_model(model_config: dict[str, Any]) -> nn.Module:
         return build_language_model(**model_config)
 
+    @staticmethod
+    def describe_model(params: dict[str, str]) -> str:
+        return f"{params.get('model')} {params.get('nlayers')}x{params.get('nhid')} (emsize {params.get('emsize')})"
+
     def inference_meta(self) -> dict[str, Any]:
         return {"vocab": self.vocab, "window": self.config.bptt}
 
@@ -123,6 +165,18 @@ class LMJob(Job):
                     "temperature": request.get("temperature", 1.0), "seed": request["seed"]}  # fmt: skip
         return generate_batch(lm_from_checkpoint(state), state["vocab"], [settings], state["window"])[0]
 
+    @staticmethod
+    def http_request(given: str, fields: dict[str, Any]) -> Request:
+        """A JSON request: the prompt, and any generation field (max_words, temperature, seed)."""
+        body = json.dumps({"prompt": given, **fields}).encode("utf-8")
+        return Request(body=body, content_type="application/json")
+
+    @classmethod
+    def evaluate_checkpoint(cls, state: dict[str, Any], source: str, data: Path, options: EvaluateOptions) -> None:
+        from training.jobs.lm.generate import evaluate_checkpoint
+
+        evaluate_checkpoint(state, source, data, options)
+
     def check_warm_start(self, source: dict[str, Any]) -> None:
         if source["vocab"] != self.vocab:
             raise ValueError("--init-from: the checkpoint was trained on another vocabulary; its word ids would "
@@ -136,8 +190,8 @@ class LMJob(Job):
 
     def build_optimization(self, model: nn.Module, steps_per_epoch: int) -> Optimization:
         # fused: one kernel per step for all parameters (CPU and CUDA)
-        return Optimization(torch.optim.SGD(model.parameters(), lr=self.config.lr,
-                                            fused=self.device.type in ("cpu", "cuda")))  # fmt: skip
+        sgd = torch.optim.SGD(model.parameters(), lr=self.config.lr, fused=self.device.type in ("cpu", "cuda"))
+        return Optimization(optimizer=sgd)
 
     def before_epoch(self, epoch: int, optimization: Optimization) -> None:
         for group in optimization.optimizer.param_groups:
@@ -149,7 +203,15 @@ class LMJob(Job):
         def log_interval(step: int, loss: float) -> None:
             context.log_step({"train/loss": loss, "train/ppl": perplexity(loss)}, step)
 
-        step = LMStep(model, context.optimization.optimizer, self.device, c.bptt, c.clip, c.amp, context.scaler)
+        step = LMStep(
+            model=model,
+            optimizer=context.optimization.optimizer,
+            device=self.device,
+            bptt=c.bptt,
+            clip=c.clip,
+            amp=c.amp,
+            scaler=context.scaler,
+        )
         train = train_lm_epoch(step, self.train_data, epoch=context.epoch, log_interval=c.log_interval,
                                first_step=self.global_step, on_interval=log_interval, dry_run=c.dry_run,
                                drop_last=c.compile, control=context.control, resume=context.resume)  # fmt: skip

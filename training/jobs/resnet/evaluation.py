@@ -1,4 +1,4 @@
-"""Evaluate a ResNet checkpoint on a dataset split and log the result as an MLflow run."""
+"""Evaluate a classifier checkpoint on a dataset split and log the result as an MLflow run."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ from training.data.errors import DatasetError
 from training.data.images import ImageFiles, eval_transform, make_loader, take_evenly
 from training.data.index import load_image_dataset
 from training.devices import choose_device
+from training.jobs.base import EvaluateOptions
+from training.jobs.resnet import ResNetConfig
 from training.loops.classify import EpochResult, evaluate
 from training.models.classifier import classifier_from_checkpoint
-from training.tracking import registry
+from training.tracking.tags import EVALUATE, JOB_TAG, SOURCE_RUN_TAG
 
 
 def check_same_classes(checkpoint_classes: list[str], dataset_classes: list[str], checkpoint: Path, data: Path) -> None:
@@ -48,34 +50,24 @@ def evaluate_samples(
                     on_batch=on_batch)  # fmt: skip
 
 
-def evaluate_checkpoint(
-    checkpoint: str | Path,
-    data: Path,
-    *,
-    split: str = "val",
-    batch_size: int = 256,
-    workers: int = 0,
-    device: str = "auto",
-    amp: str = "off",
-    print_freq: int = 10,
-    limit: int | None = None,
-) -> EpochResult:
-    state, named = registry.load_source(checkpoint, kind="resnet")
+def evaluate_checkpoint(state: dict, source: str, data: Path, options: EvaluateOptions) -> EpochResult:
+    """`dlops evaluate` of a classifier: Acc@1/Acc@5 of checkpoint `state` on DATA's split, an MLflow run."""
     ds = load_image_dataset(data)
-    check_same_classes(state["classes"], ds.classes, checkpoint, data)
-    choice = choose_device(device)
+    check_same_classes(state["classes"], ds.classes, source, data)
+    choice = choose_device(options.device)
     print(choice.describe(), flush=True)
-    samples = take_evenly(ds.split(split), limit)
+    split, batch_size, amp = options.split, options.batch_size, options.amp
+    samples = take_evenly(ds.split(split), options.limit)
 
     source_run = state.get("run_id")
-    tags = {"job": "evaluate", "source_run_id": str(source_run), "device_name": choice.name}
+    tags = {JOB_TAG: EVALUATE, SOURCE_RUN_TAG: str(source_run), "device_name": choice.name}
     if source_run:
         tags[MLFLOW_PARENT_RUN_ID] = source_run  # shows the evaluation under its training run
-    experiment = state.get("experiment") or "resnet-tinyimagenet"
+    experiment = state.get("experiment") or ResNetConfig.experiment
     with tracking.start_run(experiment, run_name=f"evaluate-{split}", tags=tags) as run:
         run.log_params(
             {
-                "checkpoint": named,
+                "checkpoint": source,
                 "data": str(Path(data).resolve()),
                 "split": split,
                 "images": len(samples),
@@ -83,9 +75,8 @@ def evaluate_checkpoint(
                 "amp": amp,
             }
         )
-        result = evaluate_samples(
-            state, samples, choice.device, batch_size=batch_size, workers=workers, amp=amp, print_freq=print_freq
-        )
+        result = evaluate_samples(state, samples, choice.device, batch_size=batch_size, workers=options.workers,
+                                  amp=amp, print_freq=options.print_freq)  # fmt: skip
         run.log_metrics(
             {
                 "eval/loss": result.loss,

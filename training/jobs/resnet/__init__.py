@@ -6,10 +6,12 @@ values measured best per device class (training/recipes.py).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import click
@@ -17,13 +19,26 @@ import torch
 from PIL import Image
 from torch import nn
 
+import training.models.classifier
 from training.checkpoint import V1_CONVERSIONS
 from training.data.images import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from training.data.pipeline import ImagePipeline, build_pipeline
 from training.data.synthetic import draw_example
 from training.devices import autocast, choose_device, default_print_freq
 from training.hardware import AMP_CHOICES, device_class
-from training.jobs.base import Criterion, EpochContext, Job, Optimization, RunConfig, ServingSpec
+from training.jobs.base import (
+    HANDLERS,
+    Column,
+    EpochContext,
+    EvaluateOptions,
+    Job,
+    Metric,
+    Optimization,
+    ReportSpec,
+    Request,
+    RunConfig,
+    ServingSpec,
+)
 from training.loops.classify import ClassifierStep, EpochResult, evaluate, train_one_epoch
 from training.models.classifier import ARCHS, STEMS, build_classifier, classifier_from_checkpoint
 from training.models.weights import load_pretrained
@@ -35,7 +50,7 @@ SCHEDULERS = ("step", "cosine", "one-cycle")
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class ResNetConfig(RunConfig):
     arch: str = option(
         "resnet18", "-a", "--arch", type=click.Choice(ARCHS), show_choices=False,
@@ -112,16 +127,30 @@ def _read_v1(state: dict[str, Any]) -> tuple[dict, float, dict, dict]:
 V1_CONVERSIONS["resnet"] = _read_v1
 
 
+ACC1 = Metric(name="val/acc1", label="val Acc@1 (%)", higher_is_better=True)
+ACC5 = Metric(name="val/acc5", label="val Acc@5 (%)", higher_is_better=True)
+
+
 class ResNetJob(Job):
     """Images at DATA (Tiny-ImageNet's original layout, or any ImageFolder) with any torchvision classifier."""
 
     kind, config_class = "resnet", ResNetConfig
     data_hint = "a Tiny-ImageNet folder or an ImageFolder (train/<class>/, val/<class>/), or --dummy"
-    best = Criterion("val/acc1", higher_is_better=True)  # as the ImageNet example; sweeps optimize it too
+    metrics = (ACC1, ACC5)
+    best = ACC1  # as the ImageNet example; sweeps optimize it too
     panels: ClassVar = {"loss": ["train/loss", "val/loss"], "Acc@1 (%)": ["train/acc1", "val/acc1"]}
+    report = ReportSpec(
+        columns=(Column(label="best val Acc@1", metric=ACC1.name, summary="max"),
+                 Column(label="best val Acc@5", metric=ACC5.name, summary="max")),
+        throughput=Column(label="throughput", metric="time/images_per_second", summary="mean", digits=0,
+                          unit="images/s"),
+        train_loss="train/loss",
+        quality=ACC1,
+    )  # fmt: skip
     serving = ServingSpec(
-        "resnet", "image_classifier.py", "classifier.py", handler_class="ImageClassifier",
-        inference_keys=("classes", "labels", "image_size", "resize_size", "normalization"),
+        name="resnet", handler=HANDLERS / "image_classifier.py", handler_class="ImageClassifier",
+        model_file=Path(training.models.classifier.__file__).resolve(),
+        inference_keys=("classes", "labels", "image_size", "resize_size", "normalization"), input="file",
     )  # fmt: skip
     summary_graph = True
     distributed = True
@@ -138,10 +167,16 @@ class ResNetJob(Job):
         klass = device_class(choice.device.type, choice.cpu)
         return apply_recipe(given.get("recipe", defaults["recipe"]), klass, defaults, given)
 
+    @classmethod
+    def commands(cls) -> list[click.Command]:
+        from training.jobs.resnet.commands import COMMANDS
+
+        return COMMANDS
+
     def __init__(self, config: ResNetConfig, runtime: Runtime):
-        super().__init__(config, runtime)
         if config.print_freq is None:  # -p: every 100 batches on a GPU, 10 on a CPU, unless given
-            config.print_freq = default_print_freq(runtime.device)
+            config = dataclasses.replace(config, print_freq=default_print_freq(runtime.device))
+        super().__init__(config, runtime)
 
     def build_data(self) -> dict[str, Any]:
         runtime = self.runtime
@@ -151,6 +186,8 @@ class ResNetJob(Job):
             raise ValueError(f"--batch-size {self.config.batch_size} is smaller than the {runtime.group.world_size} "
                              "processes")  # fmt: skip
         self.data: ImagePipeline = build_pipeline(self.config, self.per_process_batch, self.device, runtime.group)
+        # --augment auto and the evaluation resize, as resolved for this dataset, are the run's options
+        self.config = dataclasses.replace(self.config, augment=self.data.augment, val_resize=self.data.resize_size)
         tags = self.data.tags
         print(f"=> {tags['train_images']} train / {tags['val_images']} val images, {len(self.data.classes)} classes; "
               f"data path: {tags['data_path']}")  # fmt: skip
@@ -164,6 +201,10 @@ class ResNetJob(Job):
     @staticmethod
     def build_model(model_config: dict[str, Any]) -> nn.Module:
         return build_classifier(**model_config)
+
+    @staticmethod
+    def describe_model(params: dict[str, str]) -> str:
+        return f"{params.get('arch')} ({params.get('stem')} stem, {params.get('image_size', '64')}px)"
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model.to(memory_format=torch.channels_last) if self.config.channels_last else model
@@ -208,6 +249,18 @@ class ResNetJob(Job):
                 return f"{got['class']}: served probability {got['probability']}, expected {want['probability']}"
         return None
 
+    @staticmethod
+    def http_request(given: str, fields: dict[str, Any]) -> Request:
+        """The image file's bytes as the body; top-k in the X-TopK header."""
+        headers = {"X-TopK": str(fields["topk"])} if fields.get("topk") else {}
+        return Request(body=Path(given).read_bytes(), content_type="application/octet-stream", headers=headers)
+
+    @classmethod
+    def evaluate_checkpoint(cls, state: dict[str, Any], source: str, data: Path, options: EvaluateOptions) -> None:
+        from training.jobs.resnet.evaluation import evaluate_checkpoint
+
+        evaluate_checkpoint(state, source, data, options)
+
     def pretrain(self, model: nn.Module) -> dict[str, Any]:
         if not self.config.pretrained:
             return {}
@@ -238,21 +291,31 @@ class ResNetJob(Job):
         fused = self.device.type in ("cuda", "cpu")  # one kernel per step instead of one per parameter
         optimizer = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, fused=fused)
         if c.scheduler == "step":
-            return Optimization(optimizer, torch.optim.lr_scheduler.StepLR(optimizer, c.lr_step_size, c.lr_gamma))
+            step = torch.optim.lr_scheduler.StepLR(optimizer, c.lr_step_size, c.lr_gamma)
+            return Optimization(optimizer=optimizer, scheduler=step)
         if c.scheduler == "cosine":
-            return Optimization(optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=c.epochs))
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=c.epochs)
+            return Optimization(optimizer=optimizer, scheduler=cosine)
         one_cycle = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=c.lr, epochs=c.epochs, steps_per_epoch=steps_per_epoch
         )
-        return Optimization(optimizer, one_cycle, scheduler_per_batch=True)
+        return Optimization(optimizer=optimizer, scheduler=one_cycle, scheduler_per_batch=True)
 
     def train_epoch(self, model: nn.Module, context: EpochContext) -> dict[str, float]:
         o, c = context.optimization, self.config
         # the epoch's sample order is a permutation of (seed, epoch): a resumed epoch skips what it trained
         self.data.set_epoch(context.epoch, skip_batches=context.resume["step"] if context.resume else 0)
-        step = ClassifierStep(model, self.train_criterion, o.optimizer, context.scaler, self.device, c.amp,
-                              c.channels_last, o.scheduler if o.scheduler_per_batch else None,
-                              self.data.prepare_train)  # fmt: skip
+        step = ClassifierStep(
+            model=model,
+            criterion=self.train_criterion,
+            optimizer=o.optimizer,
+            scaler=context.scaler,
+            device=self.device,
+            amp=c.amp,
+            channels_last=c.channels_last,
+            batch_scheduler=o.scheduler if o.scheduler_per_batch else None,
+            prepare=self.data.prepare_train,
+        )
         train = train_one_epoch(step, self.data.train, epoch=context.epoch, print_freq=c.print_freq,
                                 reduce=context.reduce, control=context.control, resume=context.resume)  # fmt: skip
         return {

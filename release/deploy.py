@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
+from release.package import ModelSettings, build_mar, read_archive_meta, resolve_source
 from serving import served
 from serving.client import Answer, ServerClient, read_server_file
-from serving.package import ModelSettings, build_mar, read_archive_meta, resolve_source
 from serving.served import Deployment
 from serving.server import ServeError, ServeOptions, mar_identity, start, wait_ready, workers
 from training.checkpoint import load_checkpoint
@@ -50,7 +50,7 @@ class DeployError(RuntimeError):
     """A deploy that did not happen; the old version still serves."""
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Candidate:
     """An archive in the server's model store, ready to register, and what it must answer."""
 
@@ -81,8 +81,15 @@ def candidate_from_archive(mar: Path, store: Path, source: str = "", registered:
         mar = Path(shutil.copy(mar, target))
     state = _archive_state(mar)
     model, version = mar_identity(mar)
-    return Candidate(mar, model, version, state["kind"], state, registered or state.get("registered"),
-                     source or str(mar))  # fmt: skip
+    return Candidate(
+        mar=mar,
+        model=model,
+        version=version,
+        kind=state["kind"],
+        state=state,
+        registered=registered or state.get("registered"),
+        source=source or str(mar),
+    )
 
 
 def prepare(source: str, store: Path, settings: ModelSettings | None = None) -> Candidate:
@@ -203,7 +210,11 @@ def _serving(client: ServerClient, model: str) -> Deployment | None:
     if version is None:
         return None
     known = served.current(client.state_dir, model)
-    return known if known is not None and known.version == version else Deployment(model, version, "", event="")
+    return (
+        known
+        if known is not None and known.version == version
+        else Deployment(model=model, version=version, mar="", event="")
+    )
 
 
 def deploy(client: ServerClient, candidate: Candidate, alias: str = DEFAULT_ALIAS, timeout_s: float = 180.0,
@@ -211,8 +222,14 @@ def deploy(client: ServerClient, candidate: Candidate, alias: str = DEFAULT_ALIA
     """Make `candidate` the version that answers, with no request dropped (steps in the module doc)."""
     start_time = time.perf_counter()
     old = _serving(client, candidate.model)
-    new = Deployment(candidate.model, candidate.version, candidate.mar.name, candidate.source, candidate.registered,
-                     event)  # fmt: skip
+    new = Deployment(
+        model=candidate.model,
+        version=candidate.version,
+        mar=candidate.mar.name,
+        source=candidate.source,
+        registered=candidate.registered,
+        event=event,
+    )
     if old is not None and old.version == candidate.version:
         print(f"=> {old.describe()} is serving already")
         return old
@@ -293,7 +310,13 @@ def serve(options: ServeOptions, sources: list[str], settings: ModelSettings | N
         now = served.current(options.state_dir, model)
         if now is not None and (now.version, now.mar) == (version, mar.name):
             continue  # serving again what it served: the history has it
-        deployment = Deployment(model, version, mar.name, origin.source if origin else meta.get("source") or "",
-                                origin.registered if origin else meta.get("registered"), "serve")  # fmt: skip
+        deployment = Deployment(
+            model=model,
+            version=version,
+            mar=mar.name,
+            source=origin.source if origin else meta.get("source") or "",
+            registered=origin.registered if origin else meta.get("registered"),
+            event="serve",
+        )
         _record(options.state_dir, deployment, alias, now)
     return client

@@ -1,0 +1,87 @@
+"""Click pieces that `dlops`'s own commands and the jobs' commands share: checkpoint sources, option
+groups, the client of a running TorchServe."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from serving.client import Answer, ServerClient
+from serving.server import DEFAULT_STATE_DIR
+from training.tracking.registry import URI_FORMS, is_model_uri, parse_model_uri
+
+
+class CheckpointSource(click.ParamType):
+    """A checkpoint file, or a model URI (resolved, and downloaded, by the command)."""
+
+    name = "CKPT|MODEL_URI"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        if is_model_uri(text):
+            try:
+                parse_model_uri(text)
+            except ValueError as e:
+                self.fail(str(e), param, ctx)
+        elif not Path(text).is_file():
+            self.fail(f"{text!r}: no such checkpoint file (or give {URI_FORMS})", param, ctx)
+        return text
+
+
+CHECKPOINT = CheckpointSource()
+
+
+def options(*decorators: Callable) -> Callable:
+    """One decorator applying several click options: a group of options declared once."""
+
+    def decorate(function: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return decorate
+
+
+state_dir_option = click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_STATE_DIR,
+    show_default=True,
+    help="the server's folder: its config, ports, keys, logs and what it serves",
+)
+
+client_options = options(
+    state_dir_option,
+    click.option(
+        "--inference-port",
+        type=click.IntRange(1, 65535),
+        default=None,
+        help="default: the one the server of --state-dir was started with",
+    ),
+    click.option("--url", envvar="DLOPS_INFERENCE_URL", default=None, metavar="URL",
+                 help="a server on another machine: its inference API, e.g. http://10.1.2.3:8080 (instead of "
+                 "--state-dir) [env DLOPS_INFERENCE_URL]"),
+    click.option("--key", envvar="DLOPS_INFERENCE_KEY", default=None,
+                 help="the inference key handed over with --url (`dlops keys show` on the server's machine) "
+                 "[env DLOPS_INFERENCE_KEY]"),
+)  # fmt: skip
+
+
+def server_client(*, state_dir: Path, inference_port: int | None, url: str | None, key: str | None) -> ServerClient:
+    """The client of --url with --key (another machine), else of the server started from --state-dir."""
+    if url:
+        return ServerClient.remote(url, key)
+    if key:
+        raise click.UsageError("--key goes with --url (a server on this machine is reached through --state-dir)")
+    return ServerClient.of(state_dir, inference=inference_port)
+
+
+def show_answer(answer: Answer) -> None:
+    """Print a server answer as JSON; fail the command unless it is HTTP 200."""
+    click.echo(json.dumps(answer.data, indent=1, ensure_ascii=False))
+    if not answer.ok:
+        raise click.ClickException(f"HTTP {answer.status}")

@@ -1,0 +1,48 @@
+"""The language model's own commands beside `dlops train lm`: text from a checkpoint, and from the
+served model over HTTP (the LM's shorthand for `dlops predict --model lm`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from serving.handlers.request_fields import GENERATION_FIELDS
+from serving.handlers.request_fields import click_options as generation_field_options
+from training.clitools import CHECKPOINT, client_options, server_client, show_answer
+from training.jobs.lm import LMJob
+
+
+@click.command("generate")
+@click.option("--checkpoint", required=True, type=CHECKPOINT, help="a checkpoint file or a model URI")
+@click.option("--prompt", default="", help="text to continue; words outside the vocabulary become <unk>")
+@click.option("--words", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="> 0; higher is more diverse")
+@click.option("--seed", type=int, default=1111, show_default=True)
+@click.option(
+    "--outf", type=click.Path(dir_okay=False, path_type=Path), default=Path("generated.txt"), show_default=True
+)
+@click.option("--log-interval", type=click.IntRange(0), default=100, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def generate_command(checkpoint: str, **options: Any) -> None:
+    """Generate text from a language-model checkpoint (written as UTF-8)."""
+    from training.jobs.lm.generate import generate
+
+    if options["temperature"] <= 0:
+        raise click.BadParameter(f"must be > 0, got {options['temperature']}", param_hint="--temperature")
+    generate(checkpoint, **options)
+
+
+@click.command("generate-http")
+@client_options
+@click.option("--model", default=LMJob.serving.name, show_default=True, help="the served model's name")
+@generation_field_options(GENERATION_FIELDS)  # the server's own request fields, ranges and defaults
+def generate_http_command(*, state_dir: Path, inference_port: int | None, url: str | None, key: str | None,
+                          model: str, **request: Any) -> None:  # fmt: skip
+    """Generate text with the served language model (HTTP client)."""
+    client = server_client(state_dir=state_dir, inference_port=inference_port, url=url, key=key)
+    show_answer(client.predict_fields(model, {k: v for k, v in request.items() if v is not None}))
+
+
+COMMANDS: list[click.Command] = [generate_command, generate_http_command]

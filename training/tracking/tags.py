@@ -1,0 +1,37 @@
+"""Run tags that one part of dlops writes and another reads: declared once, here.
+
+job            what the run is: train-<kind> (a training run of a job), sweep-<kind> (a sweep's
+               parent), evaluate, compare
+sweep_id       the sweep (Optuna study) a trial or parent belongs to
+comparison_id  the device benchmark a run belongs to (bench_config: its configuration)
+source_run_id  the training run an evaluation evaluated (source_run_a/_b: a comparison's two)
+stop_reason    why the run ended, for people
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+JOB_TAG = "job"
+EVALUATE, COMPARE = "evaluate", "compare"
+SWEEP_ID = "sweep_id"
+COMPARISON_ID, BENCH_CONFIG = "comparison_id", "bench_config"
+SOURCE_RUN_TAG = "source_run_id"
+STOP_REASON = "stop_reason"
+TRAIN_PREFIX, SWEEP_PREFIX = "train-", "sweep-"
+
+
+def training_job(kind: str) -> str:
+    """The job tag of a training run of `kind`."""
+    return TRAIN_PREFIX + kind
+
+
+def sweep_job(kind: str) -> str:
+    """The job tag of a sweep's parent run over `kind`."""
+    return SWEEP_PREFIX + kind
+
+
+def trained_kind(tags: Mapping[str, str]) -> str | None:
+    """The kind of job a training run trained, from its tags; None for any other run."""
+    job = tags.get(JOB_TAG, "")
+    return job.removeprefix(TRAIN_PREFIX) if job.startswith(TRAIN_PREFIX) else None
