@@ -202,7 +202,8 @@ format: setup
 	$(BIN)/ruff format training serving tests bench scripts
 	$(BIN)/ruff check --fix training serving tests bench scripts
 
+# Everything the commands generate (the demo's data, decoded caches); downloaded datasets in data/ stay
 clean:
-	rm -rf runs data/synthetic model_store logs reports gpu-check .pytest_cache .ruff_cache
+	rm -rf runs data/synthetic data/corpus data/cache model_store logs reports gpu-check .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
-	@echo "kept mlruns/ (your tracking history) and .venv; remove them by hand if you mean to"
+	@echo "kept mlruns/ (your tracking history), .venv and downloaded datasets; remove them by hand if you mean to"

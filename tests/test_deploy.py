@@ -31,7 +31,7 @@ from training.checkpoint import load_checkpoint
 from training.data.images import ImageFiles, eval_transform
 from training.data.synthetic import write_synthetic_corpus
 from training.data.tinyimagenet import load_tinyimagenet
-from training.jobs import JOBS
+from training.jobs import job_for
 from training.models.classifier import classifier_from_checkpoint
 from training.tracking import registry
 
@@ -84,7 +84,7 @@ def test_every_registered_version_is_an_mlflow_model_linked_to_its_run(registere
             logged = client.get_logged_model(version.source.removeprefix("models:/"))
             assert str(logged.status) == "READY" and logged.source_run_id == version.run_id
             linked = {m.key for m in logged.metrics}
-            assert {"val/loss", f"best/{JOBS[name.split('-')[-1]].best.metric.replace('/', '_')}"} <= linked, linked
+            assert {"val/loss", f"best/{job_for(name.split('-')[-1]).best.name.replace('/', '_')}"} <= linked, linked
             info = mlflow.models.get_model_info(version.source)
             assert info.signature is not None and info.saved_input_example_info is not None
             requirements = Path(mlflow.artifacts.download_artifacts(f"{logged.artifact_location}/requirements.txt"))
@@ -146,7 +146,7 @@ def test_mlflow_models_serve_answers(registered, tmp_path):
         process.terminate()
         process.wait(timeout=30)
     state = checkpoint_of(f"models:/{LM}/1", tmp_path)
-    expected = JOBS["lm"].offline_answer(state, {"prompt": "the old cat", "max_words": 5, "temperature": 1.0,
+    expected = job_for("lm").offline_answer(state, {"prompt": "the old cat", "max_words": 5, "temperature": 1.0,
                                                  "seed": 7})  # fmt: skip
     assert answer["predictions"] == [expected]
 
