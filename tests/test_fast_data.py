@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -11,11 +12,15 @@ import pytest
 import torch
 
 from tests.conftest import latest_run, run_cli
+from training.checkpoint import load_checkpoint
 from training.data.batches import BatchTransform, TensorBatches, random_crop, random_flip
 from training.data.cache import CachedImages, build_cache, collate_batch, find_cache
 from training.data.dataset import open_rgb
 from training.data.images import make_loader
+from training.data.pipeline import JPEG_WORKERS
 from training.data.tinyimagenet import load_tinyimagenet
+from training.models.classifier import classifier_from_checkpoint
+from training.models.tiny_maps import TinyMapConv2d, use_matmul_for_tiny_maps
 from training.recipes import RECIPES
 
 
@@ -128,3 +133,63 @@ def test_fast_recipe_trains_from_the_cache_and_logs_every_resolved_value(dataset
     assert params["cpu_capability"] and "cpu_avx512_bf16" in params
     assert "decoded cache" in run.data.tags["data_path"]
     assert run.data.metrics["time/images_per_second"] > 0
+
+
+# --- the CPU's choices: tiny maps as matrix products, the cache built when missing, loader processes ---
+
+
+TINY = [(8, 2, 3, 1, 1, False), (8, 1, 3, 1, 1, False), (8, 2, 1, 1, 0, True), (8, 2, 3, 2, 1, True)]
+
+
+@pytest.mark.parametrize(("channels", "size", "kernel", "stride", "padding", "bias"), TINY)
+def test_a_tiny_map_convolution_as_a_matrix_product_equals_the_library_convolution(channels, size, kernel, stride,
+                                                                                    padding, bias):  # fmt: skip
+    torch.manual_seed(0)
+    library = torch.nn.Conv2d(channels, 6, kernel, stride, padding, bias=bias)
+    tiny = copy.deepcopy(library)
+    assert use_matmul_for_tiny_maps(tiny) == 1 and isinstance(tiny, TinyMapConv2d)
+    x = torch.randn(5, channels, size, size).contiguous(memory_format=torch.channels_last)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (library(a) ** 2).sum().backward()
+    (tiny(b) ** 2).sum().backward()
+    assert torch.allclose(library(a), tiny(b), atol=1e-5)
+    assert torch.allclose(a.grad, b.grad, atol=1e-5) and torch.allclose(
+        library.weight.grad, tiny.weight.grad, atol=1e-4
+    )
+    assert tiny.state_dict().keys() == library.state_dict().keys(), "checkpoints and serving see an nn.Conv2d"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.allclose(library(x).float(), tiny(x).float(), atol=0.1, rtol=0.05)
+
+
+def test_on_the_cpu_the_last_stage_trains_as_matrix_products_unless_told(dataset, tmp_path, client):
+    for given, used in (([], "matmul"), (["--tiny-maps", "conv"], "conv")):
+        run_cli("train", "resnet", dataset, "--epochs", "1", "-b", "16", "-j", "0", "-p", "0", *given,
+                "--out-dir", tmp_path, "--experiment", f"test-tiny-{used}")  # fmt: skip
+        run = latest_run(client, f"test-tiny-{used}")
+        assert run.data.params["tiny_maps"] == used
+        summary = Path(client.download_artifacts(run.info.run_id, "model_summary.txt", str(tmp_path)))
+        assert ("TinyMapConv2d" in summary.read_text()) == (used == "matmul")
+        state = load_checkpoint(tmp_path / run.info.run_id / "best.pt")
+        classifier_from_checkpoint(state)  # a plain torchvision model loads the weights (serving does)
+
+
+def test_a_missing_cache_is_built_once_then_read_and_the_cpu_reads_it_without_workers(dataset, tmp_path, client,
+                                                                                      monkeypatch):  # fmt: skip
+    monkeypatch.setenv("DLOPS_CACHE_DIR", str(tmp_path / "fresh-cache"))
+    train = ["train", "resnet", dataset, "--epochs", "1", "-b", "16", "-p", "0", "--out-dir", tmp_path]
+    first = run_cli(*train, "--experiment", "test-cache-auto").output
+    assert "once into" in first and list((tmp_path / "fresh-cache").glob("data-train-*/images.npy"))
+    again = run_cli(*train, "--experiment", "test-cache-auto").output
+    assert "once into" not in again
+    for run in latest_runs(client, "test-cache-auto", 2):
+        assert "decoded cache" in run.data.tags["data_path"] and run.data.params["workers"] == "0"
+    run_cli(*train, "--data-cache", "off", "--experiment", "test-cache-off")
+    off = latest_run(client, "test-cache-off")
+    assert "image files" in off.data.tags["data_path"] and off.data.params["workers"] == str(JPEG_WORKERS)
+    run_cli(*train, "-j", "1", "--experiment", "test-cache-workers")
+    assert latest_run(client, "test-cache-workers").data.params["workers"] == "1", "-j given wins"
+
+
+def latest_runs(client, experiment: str, count: int) -> list:
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id], order_by=["start_time DESC"], max_results=count)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from training.checkpoint import CheckpointError
 from training.clitools import CHECKPOINT, client_options, options, server_client, show_answer, state_dir_option
 from training.data.download import DownloadError
 from training.data.errors import DatasetError
+from training.data.pipeline import JPEG_WORKERS
 from training.devices import DeviceError
 from training.distributed import check_process_count, launch, under_torchrun
 from training.jobs import Job, broken_jobs, job_for, job_serving, jobs, make_config
@@ -223,7 +223,7 @@ def users_set_role_command(name: str, role: str) -> None:
 @click.argument("data", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--split", default="val", show_default=True, help="which split of DATA (the job says which it has)")
 @click.option("-b", "--batch-size", type=click.IntRange(1), default=256, show_default=True)
-@click.option("-j", "--workers", type=click.IntRange(0), default=min(4, os.cpu_count() or 1), show_default=True,
+@click.option("-j", "--workers", type=click.IntRange(0), default=JPEG_WORKERS, show_default=True,
               help="data loading processes, where the job loads files")  # fmt: skip
 @click.option("--device", default="auto", show_default=True)
 @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True)

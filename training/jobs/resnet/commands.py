@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from training.clitools import CHECKPOINT
-from training.jobs.resnet import DEFAULT_WORKERS
+from training.data.pipeline import JPEG_WORKERS
 from training.models.classifier import ARCHS, STEMS, input_size_problem, small_stem_applies
 
 
@@ -22,7 +22,7 @@ from training.models.classifier import ARCHS, STEMS, input_size_problem, small_s
 @click.option("--grid", type=click.IntRange(1), default=16, show_default=True, help="images in the PNG grid")
 @click.option("--show", type=click.IntRange(0), default=20, show_default=True, help="table rows printed")
 @click.option("-b", "--batch-size", type=click.IntRange(1), default=256, show_default=True)
-@click.option("-j", "--workers", type=click.IntRange(0), default=DEFAULT_WORKERS, show_default=True)
+@click.option("-j", "--workers", type=click.IntRange(0), default=JPEG_WORKERS, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option(
     "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/compare"), show_default=True
