@@ -1,7 +1,9 @@
 """The image-classification job: Tiny-ImageNet -> any torchvision classifier -> Acc@1 / Acc@5.
 
-Defaults follow PyTorch's ImageNet example (`--recipe reference`); `--recipe fast` swaps in the
-values measured best per device class (training/recipes.py).
+Defaults follow PyTorch's ImageNet example (`--recipe reference`: its optimizer, schedule and
+augmentation); the precision is every job's `--amp auto` (bf16 where the device has it natively, else
+fp32; `--amp off` for the example's fp32 exactly); `--recipe fast` swaps in the values measured best
+per device class (training/recipes.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from training.data.images import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, eva
 from training.data.pipeline import JPEG_WORKERS, ImagePipeline, build_pipeline
 from training.data.synthetic import draw_example
 from training.devices import autocast, choose_device, default_print_freq
-from training.hardware import AMP_CHOICES, device_class
+from training.hardware import device_class
 from training.jobs.base import (
     HANDLERS,
     Column,
@@ -83,10 +85,6 @@ class ResNetConfig(RunConfig):
         None, type=click.IntRange(8),
         help="resize (shorter side) before the evaluation center crop [default: --image-size for Tiny-ImageNet, "
         "--image-size / 0.875 for other folders, as the ImageNet example's 256 for 224]",
-    )  # fmt: skip
-    amp: str = option(
-        "off", type=click.Choice(AMP_CHOICES),
-        help="mixed precision; auto: bf16 where the device has it natively, fp16 on older GPUs, else fp32",
     )  # fmt: skip
     channels_last: bool = option(False)
     tiny_maps: str = option(
