@@ -1,5 +1,8 @@
 """What a deploy costs the users of a server: the same classification load with no deploy, then during
-`dlops deploy`, and the seconds from the deploy's start to the new version answering.
+`dlops deploy` in three ways by turns (WAYS: the old way, a synchronous registration at the serving
+workers' priority; an asynchronous registration; the new way, asynchronous with the new workers at
+the lowest priority until checked, release/priority.py), and the seconds from the deploy's start
+to the new version answering.
 
 Run by hand (not a test), with two classifier versions (model URIs, checkpoints or .mar files):
 
@@ -8,7 +11,8 @@ Run by hand (not a test), with two classifier versions (model URIs, checkpoints 
 Starts a TorchServe on free 127.0.0.1 ports serving SOURCE_A (token auth on, the archive's own
 batching), sends 64x64 JPEG classification requests from --concurrency threads for --seconds
 (the baseline), then keeps the same load while deploying SOURCE_B, then SOURCE_A again, and so on
-(--deploys in all). Reports requests/s, p50/p99 latency and failed requests (non-200 answers and
+(--deploys each way, by turns). Slow requests of each deploy are listed with the deploy step they
+were sent after. Reports requests/s, p50/p99 latency and failed requests (non-200 answers and
 refused or reset connections) for the baseline and for each deploy's window, the seconds from the
 deploy's start to the first answer of the new version (every answer names its version), and the
 deploy's total time (packaging to retiring the old version). Only 127.0.0.1 is contacted.
@@ -17,9 +21,11 @@ deploy's total time (packaging to retiring the old version). Only 127.0.0.1 is c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -63,6 +69,42 @@ class Load:
             thread.join(timeout=150)
 
 
+# The ways a deploy can start the new version, measured by turns in one run
+WAYS = {
+    "old way: synchronous registration, same priority": {"register_synchronously": True, "yield_cpu": False},
+    "asynchronous registration, same priority": {"register_synchronously": False, "yield_cpu": False},
+    "new way: asynchronous, new workers yield the CPU": {"register_synchronously": False, "yield_cpu": True},
+}
+
+
+class PhaseClock(io.TextIOBase):
+    """Stdout that also notes when each of the deploy's progress lines ("=> ...") was printed."""
+
+    def __init__(self, out):
+        self.out, self.lines = out, []
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.startswith("=> "):
+                self.lines.append((time.perf_counter(), line[3:80]))
+        return self.out.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def slow_requests(samples: list, start: float, end: float, limit_ms: float, phases: list) -> list[str]:
+    """The requests of a window slower than `limit_ms`: when they were sent, relative to the deploy's
+    progress lines, to see which step of a deploy the slowest wait behind."""
+    slow = sorted((s for s in samples if start <= s[0] < end and 1000 * s[1] > limit_ms), key=lambda s: -s[1])
+    notes = []
+    for sent, seconds, _, _ in slow[:5]:
+        before = [line for at, line in phases if at <= sent]
+        notes.append(f"{1000 * seconds:.0f} ms, sent {sent - start:.2f} s into the deploy, after: "
+                     f"{before[-1] if before else 'the start'}")  # fmt: skip
+    return notes
+
+
 def window(samples: list, start: float, end: float) -> dict:
     inside = [s for s in samples if start <= s[0] < end]
     ms = sorted(1000 * s[1] for s in inside)
@@ -77,7 +119,12 @@ def main() -> None:
     parser.add_argument("sources", nargs=2, metavar="SOURCE", help="two classifier versions: URI, checkpoint or .mar")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the baseline window")
-    parser.add_argument("--deploys", type=int, default=2, help="deploys in a row, alternating B, A, B...")
+    parser.add_argument(
+        "--deploys",
+        type=int,
+        default=2,
+        help="deploys each way (alternating B, A, B...; the old way and the new way by turns)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,14 +145,19 @@ def main() -> None:
                 begin = time.perf_counter()
                 time.sleep(args.seconds)
                 rows.append({"phase": "no deploy", **window(load.samples, begin, time.perf_counter())})
-                for n in range(args.deploys):
+                clock = PhaseClock(sys.stdout)
+                for n in range(len(WAYS) * args.deploys):
                     candidate = candidates[(n + 1) % 2]
+                    way, settings = list(WAYS.items())[n % len(WAYS)]
                     start = time.perf_counter()
-                    deploy(client, candidate)
+                    with contextlib.redirect_stdout(clock):
+                        deploy(client, candidate, **settings)
                     end = time.perf_counter()
+                    for note in slow_requests(load.samples, start, end, 2 * rows[0]["p99_ms"], clock.lines):
+                        print(f"   slow: {note}", flush=True)
                     first = min((s[0] + s[1] for s in load.samples if s[0] >= start and s[3] == candidate.version),
                                 default=float("nan"))  # fmt: skip
-                    rows.append({"phase": f"deploy {n + 1} (to version {candidate.version})",
+                    rows.append({"phase": f"deploy {n + 1} to version {candidate.version} ({way})",
                                  **window(load.samples, start, end), "deploy_s": round(end - start, 1),
                                  "to_new_version_s": round(first - start, 1)})  # fmt: skip
                     print(rows[-1], flush=True)

@@ -5,9 +5,11 @@
 
 A deploy, against the server of one state dir:
   1. package the source as a versioned .mar in the server's model store (earlier ones stay);
-  2. register it as a new version through the management API and wait until its workers are READY;
+  2. register it as a new version through the management API (asynchronously: a synchronous
+     registration holds the serving version's requests) and wait until its workers are READY (they
+     start at the lowest CPU priority, so the serving version keeps the CPU: release/priority.py);
   3. check it: the job's example request, sent to the new version, answers 200 with what the
-     checkpoint computes here (`Job.offline_answer`);
+     checkpoint computes here (`Job.offline_answer`); its workers go back to their priority;
   4. make it the default version: new requests go to it;
   5. drain the old version: requests queued on it before the switch are answered first (every old
      worker answers a request sent after the switch), then unregister it (its .mar stays);
@@ -18,6 +20,7 @@ A failure before step 4 removes the new version and raises DeployError: the old 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -32,10 +35,11 @@ from typing import Any
 import torch
 
 from release.package import ModelSettings, build_mar, read_archive_meta, resolve_source
+from release.priority import LOWEST, StartingWorkers, local_server, may_raise_priority
 from serving import served
 from serving.client import Answer, ServerClient, read_server_file
 from serving.served import Deployment
-from serving.server import ServeError, ServeOptions, mar_identity, start, wait_ready, workers
+from serving.server import ServeError, ServeOptions, mar_identity, running_pid, start, wait_ready, workers
 from training.checkpoint import load_checkpoint
 from training.hardware import cpu_facts, resolve_amp
 from training.jobs import job_for
@@ -134,12 +138,19 @@ def _management(client: ServerClient, method: str, path: str, timeout_s: float) 
     return answer
 
 
-def _register(client: ServerClient, candidate: Candidate, timeout_s: float) -> None:
-    query = urllib.parse.urlencode({"url": candidate.mar.name, "model_name": candidate.model, "synchronous": "true"})
+def _register(client: ServerClient, candidate: Candidate, timeout_s: float, *, synchronously: bool = False) -> None:
+    """Register the candidate as a new version and wait until its workers are READY. Asynchronously: while a
+    synchronous registration of a new version is under way, TorchServe holds the requests for the model's
+    serving version too (the requests sent at its start waited 2-3 s: docs/benchmarks.md;
+    `synchronously` is kept to measure that, bench/deploy_load.py)."""
+    mode = "true" if synchronously else "false"
+    query = urllib.parse.urlencode({"url": candidate.mar.name, "model_name": candidate.model, "synchronous": mode})
     try:
-        _management(client, "POST", f"/models?{query}", timeout_s)
-    except OSError as e:  # a timeout: the workers did not come up
-        raise DeployError(f"registering {candidate.mar.name} did not finish within {timeout_s:.0f} s ({e})") from e
+        answer = client.management("POST", f"/models?{query}", timeout_s=timeout_s)
+    except OSError as e:
+        raise DeployError(f"registering {candidate.mar.name}: {e}") from e
+    if answer.status not in (200, 202):  # 202: accepted, its workers are starting
+        raise DeployError(f"POST /models?{query}: HTTP {answer.status}: {answer.data}")
     wait_ready(client, candidate.model, candidate.version, timeout_s)
 
 
@@ -217,9 +228,43 @@ def _serving(client: ServerClient, model: str) -> Deployment | None:
     )
 
 
+def _priority_watch(client: ServerClient, *, yield_cpu: bool) -> contextlib.AbstractContextManager:
+    """What lowers the new workers' priority while they start (release/priority.py), or nothing: when not
+    asked, when this process could not give the priority back, or when the server is not this machine's."""
+    if not yield_cpu:
+        return contextlib.nullcontext()
+    server = local_server(running_pid(client.state_dir))
+    if server is None:
+        print("=> the new workers start at the serving workers' priority: the server's processes are not this "
+              "machine's (a container?)")  # fmt: skip
+        return contextlib.nullcontext()
+    if not may_raise_priority():
+        print("=> the new workers start at the serving workers' priority: giving it back after a lower one needs "
+              "root or CAP_SYS_NICE")  # fmt: skip
+        return contextlib.nullcontext()
+    return StartingWorkers(server)
+
+
+def _start(client: ServerClient, candidate: Candidate, timeout_s: float, *, yield_cpu: bool, started: float,
+           synchronously: bool = False) -> None:  # fmt: skip
+    """Register the candidate, wait for its workers, check it; with `yield_cpu` its workers run at the lowest
+    priority until then (the serving version keeps the CPU), at their own from its first real request."""
+    new = f"{candidate.model} version {candidate.version}"
+    with _priority_watch(client, yield_cpu=yield_cpu) as starting:
+        _register(client, candidate, timeout_s, synchronously=synchronously)
+        print(f"=> {new}: workers READY after {time.perf_counter() - started:.1f} s", flush=True)
+        check(client, candidate)
+        print("=> check passed: the example request answers what the checkpoint computes", flush=True)
+    if isinstance(starting, StartingWorkers) and starting.count:
+        print(f"=> its {starting.count} worker(s) started at nice {LOWEST} and run at normal priority now")
+
+
 def deploy(client: ServerClient, candidate: Candidate, alias: str = DEFAULT_ALIAS, timeout_s: float = 180.0,
-           event: str = "deploy") -> Deployment:  # fmt: skip
-    """Make `candidate` the version that answers, with no request dropped (steps in the module doc)."""
+           event: str = "deploy", *, yield_cpu: bool = True,
+           register_synchronously: bool = False) -> Deployment:  # fmt: skip
+    """Make `candidate` the version that answers, with no request dropped (steps in the module doc).
+    `register_synchronously` is the way of releases before 2026-12 (requests held while the new workers
+    start), kept for bench/deploy_load.py to measure against."""
     start_time = time.perf_counter()
     old = _serving(client, candidate.model)
     new = Deployment(
@@ -238,10 +283,9 @@ def deploy(client: ServerClient, candidate: Candidate, alias: str = DEFAULT_ALIA
     if _is_registered(client, candidate.model, candidate.version):  # a leftover, not the default
         _remove(client, candidate.model, candidate.version)
     try:
-        _register(client, candidate, timeout_s)
-        print(f"=> {new.describe()}: workers READY after {time.perf_counter() - start_time:.1f} s", flush=True)
-        check(client, candidate)
-        print("=> check passed: the example request answers what the checkpoint computes", flush=True)
+        _start(
+            client, candidate, timeout_s, yield_cpu=yield_cpu, started=start_time, synchronously=register_synchronously
+        )
         if old is not None:
             _management(client, "PUT", f"/models/{candidate.model}/{candidate.version}/set-default", 60)
     except (DeployError, ServeError, OSError) as e:
@@ -264,7 +308,8 @@ def deploy(client: ServerClient, candidate: Candidate, alias: str = DEFAULT_ALIA
     return new
 
 
-def rollback(client: ServerClient, model: str, alias: str = DEFAULT_ALIAS, timeout_s: float = 180.0) -> Deployment:
+def rollback(client: ServerClient, model: str, alias: str = DEFAULT_ALIAS, timeout_s: float = 180.0, *,
+             yield_cpu: bool = True) -> Deployment:  # fmt: skip
     """Serve again, the same way as a deploy, the version that served `model` before the current one."""
     target = served.previous(client.state_dir, model)
     if target is None:
@@ -276,7 +321,7 @@ def rollback(client: ServerClient, model: str, alias: str = DEFAULT_ALIAS, timeo
     if not mar.is_file():
         raise DeployError(f"{mar} is gone: the version to roll back to cannot be registered again")
     return deploy(client, candidate_from_archive(mar, store, target.source, target.registered), alias, timeout_s,
-                  event="rollback")  # fmt: skip
+                  event="rollback", yield_cpu=yield_cpu)  # fmt: skip
 
 
 def client_store(client: ServerClient) -> str:

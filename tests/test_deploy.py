@@ -18,6 +18,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import psutil
 import pytest
 import torch
 
@@ -255,6 +256,56 @@ def test_three_deploys_under_load_drop_no_request_and_rollback_restores(server, 
     assert server.predict_file("resnet", image).headers["x-dlops-model-version"] == "1"
     versions_now = server.management("GET", "/models/resnet/all").data
     assert [v["modelVersion"] for v in versions_now] == ["1"], "the old version was not retired"
+
+
+def worker_priorities(state_dir: Path) -> dict[int, int]:
+    """The server's worker processes and the highest nice value among each one's threads."""
+    found = {}
+    for child in psutil.Process(running_pid(state_dir)).children(recursive=True):
+        try:
+            if any("model_service_worker" in part for part in child.cmdline()):
+                found[child.pid] = max(os.getpriority(os.PRIO_PROCESS, t.id) for t in child.threads())
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+class PriorityWatch(threading.Thread):
+    """The highest nice value seen on each worker that was not there when the watch began."""
+
+    def __init__(self, state_dir: Path):
+        super().__init__()
+        self.state_dir, self.before = state_dir, set(worker_priorities(state_dir))
+        self.seen: dict[int, int] = {}
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            for pid, nice in worker_priorities(self.state_dir).items():
+                if pid not in self.before:
+                    self.seen[pid] = max(self.seen.get(pid, 0), nice)
+            time.sleep(0.01)
+
+
+def test_new_workers_start_at_the_lowest_priority_and_answer_at_their_own(server):
+    """While a deploy starts the new version, its workers yield the CPU to the serving ones (nice 19,
+    every thread); from its first real request they run at the priority the others have.
+    `--no-yield-cpu` starts them as before."""
+    for version, given, expected_while_starting in (("2", [], 19), ("1", ["--no-yield-cpu"], 0)):
+        watch = PriorityWatch(server.state_dir)
+        watch.start()
+        try:
+            output = run_cli("deploy", f"models:/{RESNET}/{version}", "--state-dir", server.state_dir, *given).output
+        finally:
+            watch.stopping.set()
+            watch.join()
+        assert served_version(server) == version
+        if os.geteuid() != 0:  # without root the priority could not be given back: nothing is lowered, and said
+            assert set(watch.seen.values()) <= {0} and (given or "CAP_SYS_NICE" in output)
+            continue
+        assert watch.seen and max(watch.seen.values()) == expected_while_starting, (watch.seen, output)
+        now = worker_priorities(server.state_dir)
+        assert all(now[pid] == 0 for pid in watch.seen if pid in now), "the new version answers at normal priority"
 
 
 def broken_archive(source: Path, target: Path, version: str, fault: str) -> Path:

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("training.cli", "serving.container"),  # entry points: parse options, call the layers below
     # releasing a model reads checkpoints and job declarations (training) and drives a server (serving)
     ("release.deploy", "training.sweep", "training.report", "training.doctor"),
-    ("release.package", "release", "training.trainer"),
+    ("release.package", "release.priority", "release", "training.trainer"),
     ("training.session",),  # one training run's checkpoints and tracking
     ("training.jobs",),  # the declarations the trainer runs, each job with its own commands (plug-ins)
     ("training.clitools",),  # Click pieces the CLI and the jobs' commands share

@@ -515,6 +515,13 @@ def stop_command(state_dir: Path) -> None:
     click.echo(stop(state_dir))
 
 
+_yield_option = click.option(
+    "--yield-cpu/--no-yield-cpu", default=True, show_default=True,
+    help="start the new version's workers at the lowest CPU priority until they pass the check, so the serving "
+    "version keeps the CPU (needs root or CAP_SYS_NICE to give the priority back; skipped otherwise, and said)",
+)  # fmt: skip
+
+
 @main.command("deploy")
 @click.argument("source", metavar="MODEL_URI|CHECKPOINT|MAR")
 @state_dir_option
@@ -522,9 +529,10 @@ def stop_command(state_dir: Path) -> None:
               help="the server's model store (default: the one it was started with)")  # fmt: skip
 @click.option("--alias", default="serving", show_default=True, help="registry alias moved to the version now serving")
 @click.option("--timeout", type=click.FloatRange(1), default=180.0, show_default=True, help="seconds per step")
+@_yield_option
 @_model_settings
-def deploy_command(source: str, state_dir: Path, model_store: Path | None, alias: str, timeout: float,
-                   **settings: Any) -> None:  # fmt: skip
+def deploy_command(source: str, state_dir: Path, model_store: Path | None, alias: str, timeout: float, *,
+                   yield_cpu: bool, **settings: Any) -> None:  # fmt: skip
     """Make SOURCE the version that answers on a running `dlops serve`, with no request dropped.
 
     Packages SOURCE, registers it beside the serving version, checks it answers the example request
@@ -535,7 +543,7 @@ def deploy_command(source: str, state_dir: Path, model_store: Path | None, alias
 
     client = ServerClient.of(state_dir)
     store = model_store or Path(client_store(client))
-    deployed = deploy(client, prepare(source, store, _settings(settings)), alias, timeout)
+    deployed = deploy(client, prepare(source, store, _settings(settings)), alias, timeout, yield_cpu=yield_cpu)
     click.echo(f"=> serving {deployed.describe()}")
 
 
@@ -544,13 +552,14 @@ def deploy_command(source: str, state_dir: Path, model_store: Path | None, alias
 @state_dir_option
 @click.option("--alias", default="serving", show_default=True)
 @click.option("--timeout", type=click.FloatRange(1), default=180.0, show_default=True, help="seconds per step")
-def rollback_command(model: str, state_dir: Path, alias: str, timeout: float) -> None:
+@_yield_option
+def rollback_command(model: str, state_dir: Path, alias: str, timeout: float, *, yield_cpu: bool) -> None:
     """Serve again the version of model NAME (its name in TorchServe: /predictions/NAME) that served before
     the current one."""
     from release.deploy import rollback
     from serving.client import ServerClient
 
-    deployed = rollback(ServerClient.of(state_dir), model, alias, timeout)
+    deployed = rollback(ServerClient.of(state_dir), model, alias, timeout, yield_cpu=yield_cpu)
     click.echo(f"=> serving {deployed.describe()}")
 
 

@@ -13,7 +13,9 @@ fast: "the best validation accuracy per wall-clock second on this device". Its v
     The CPU values won bench/recipe_budget.py on the real Tiny-ImageNet slice, 150 s of training
     each (README, "Choices per device"): on a CPU the small stem costs 6-15x per image, which its
     per-epoch gain does not repay; bf16 where native, fp32 elsewhere; the batch that won per class.
-    The peak lr follows the batch (0.4 x batch / 256). --epochs sets the schedule's length.
+    The peak lr follows the batch (0.4 x batch / 256). --epochs sets the schedule's length; the CPU
+    defaults (14 with native bf16, 6 without) are an hour on 2 cores on the full Tiny-ImageNet, where
+    14 epochs reached 50.7% val top-1 (bench/time_to_accuracy.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "reference": {klass: {} for klass in DEVICE_CLASSES},
     "fast": {
         "gpu": _fast("small", 256, 40),
-        "cpu-bf16": _fast("imagenet", 128, 16),
-        "cpu": _fast("imagenet", 64, 16),
+        # the CPU lengths: an hour of training on 2 cores of each class (docs/benchmarks.md, full Tiny-ImageNet)
+        "cpu-bf16": _fast("imagenet", 128, 14),
+        "cpu": _fast("imagenet", 64, 6),
     },
 }
 
