@@ -85,9 +85,9 @@ def main() -> int:
     parser.add_argument("--cache-dir", type=Path, default=None, help="the decoded cache [default: a fresh folder]")
     parser.add_argument("--keep-cache", action="store_true", help="use --cache-dir as it is (time no build)")
     parser.add_argument("--name", default=None, help="the training run's name [default: tta-KIND-<time>]")
-    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: options of `dlops train KIND`")
-    args = parser.parse_args()
-    train_args = [a for a in args.train_args if a != "--"]
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, train_args = parser.parse_args(argv[:split]), argv[split + 1 :]  # after --: options of `dlops train KIND`
     name = args.name or f"tta-{args.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     experiment = f"time-to-accuracy-{args.kind}-runs"
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,7 +10,7 @@ import click
 import pytest
 
 from tests.conftest import REPO
-from training.cli import main
+from training.cli import main, train_command
 
 README = REPO / "README.md"
 DOCS = REPO / "docs"
@@ -53,10 +53,7 @@ def with_the_example_plug_in() -> click.Group:
         sys.path.pop(0)
     group = click.Group("dlops", commands=dict(main.commands))
     train = click.Group("train", commands=dict(main.commands["train"].commands))
-    train.add_command(click.Command(TabularJob.kind, params=[click.Argument(["data"])]), TabularJob.kind)
-    from training.options import click_options
-
-    train.commands[TabularJob.kind] = click_options(TabularJob.config_class)(train.commands[TabularJob.kind])
+    train_command(TabularJob, train)
     group.add_command(train)
     for command in TabularJob.commands():
         group.add_command(command)

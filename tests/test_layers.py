@@ -136,3 +136,13 @@ def test_nothing_outside_a_job_names_a_built_in_job():
                      for w in re.split(r"[\s\"',\[\]]+", line)]  # fmt: skip
             named += [f"{relative}: {w!r}" for w in words if BUILT_IN_NAMES.search(w)]
     assert not named, "a job's kind or model name outside its own files:\n" + "\n".join(named)
+
+
+def test_functions_stay_short_enough_to_read():
+    """No function or method over 60 lines (the trainer's steps are methods of one object)."""
+    long = []
+    for path in sorted(path for package in PACKAGES for path in (REPO / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1}")
+    assert not long, "functions over 60 lines:\n" + "\n".join(long)

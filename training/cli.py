@@ -73,10 +73,10 @@ def train() -> None:
     """Train a model; every run is logged to MLflow."""
 
 
-def _train_command(job_class: type[Job]) -> None:
-    """`dlops train KIND DATA [options]`: the options come from the job's config fields."""
+def train_command(job_class: type[Job], group: click.Group) -> None:
+    """`dlops train KIND DATA [options]` in `group`: the options come from the job's config fields."""
 
-    @train.command(job_class.kind, help=job_class.__doc__)
+    @group.command(job_class.kind, help=job_class.__doc__)
     @click.argument("data", required=False, type=click.Path(file_okay=False, path_type=Path))
     @click_options(job_class.config_class)
     @click.option(
@@ -129,7 +129,7 @@ def _broken_train_command(kind: str, reason: str) -> None:
 
 
 for _job in jobs().values():
-    _train_command(_job)
+    train_command(_job, train)
     for _command in _job.commands():
         main.add_command(_command)
 for _broken in broken_jobs():

@@ -154,8 +154,9 @@ def _model_summary(session: TrainingSession, job: Job, model: nn.Module) -> None
         return
     model.eval()
     try:
-        with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns it is deprecated
-            warnings.simplefilter("ignore", FutureWarning)
+        with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns it is deprecated,
+            warnings.simplefilter("ignore", FutureWarning)  # and about shapes read as Python numbers
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             session.run.writer.add_graph(model, example)
     except Exception as e:  # tracing is a nicety; never fail a training run over it
         print(f"warning: TensorBoard graph not written: {e}")

@@ -83,6 +83,26 @@ def _on_device(hidden: Any, device: torch.device) -> Any:
     return tuple(h.to(device) for h in hidden)
 
 
+def windows(data: torch.Tensor, bptt: int, *, drop_last: bool) -> range:
+    """Where each truncated-BPTT window of `data` (T, batch) starts; `drop_last`: full windows only."""
+    end = data.size(0) - 1
+    if drop_last and end >= bptt:
+        end = data.size(0) - bptt
+    return range(0, end, bptt)
+
+
+def interval_line(step: LMStep, *, epoch: int, batch: int, batches: int, mean: float, ms: float) -> str:
+    """The example's progress line."""
+    lr = step.optimizer.param_groups[0]["lr"]
+    return (f"| epoch {epoch:3d} | {batch:5d}/{batches:5d} batches | lr {lr:02.2f} | ms/batch {ms:5.2f} | "
+            f"loss {mean:5.2f} | ppl {perplexity(mean):8.2f}")  # fmt: skip
+
+
+def _resumed(resume: dict[str, Any]) -> tuple[int, float, float, int, float]:
+    """Where a stopped epoch left off: windows done, loss sums, tokens and seconds so far."""
+    return tuple(resume[k] for k in ("step", "total_loss", "interval_loss", "tokens", "seconds"))
+
+
 def train_lm_epoch(
     step: LMStep,
     data: torch.Tensor,
@@ -103,14 +123,10 @@ def train_lm_epoch(
     step.model.train()
     bptt = step.bptt
     hidden = step.model.init_hidden(data.size(1))
-    end = data.size(0) - 1
-    if drop_last and end >= bptt:
-        end = data.size(0) - bptt  # windows of exactly bptt tokens only
-    starts = range(0, end, bptt)
-    done, total_loss, interval, tokens, seconds_before = 0, 0.0, 0.0, 0, 0.0
+    starts = windows(data, bptt, drop_last=drop_last)
+    done, total_loss, interval, tokens, seconds_before = _resumed(resume) if resume else (0, 0.0, 0.0, 0, 0.0)
     if resume:
-        done, total_loss, interval, tokens = (resume[k] for k in ("step", "total_loss", "interval_loss", "tokens"))
-        seconds_before, hidden = resume["seconds"], _on_device(resume["hidden"], step.device)
+        hidden = _on_device(resume["hidden"], step.device)
     interval_loss = torch.tensor(interval, device=step.device)
     progress = Progress(zip(range(done + 1, len(starts) + 1), starts[done:], strict=True), len(starts) - done,
                         f"epoch {epoch}")  # fmt: skip
@@ -122,15 +138,12 @@ def train_lm_epoch(
         interval_loss += loss.detach()
         tokens += targets.numel()
         if batch % log_interval == 0 or dry_run:
-            mean = interval_loss.item() / (log_interval if not dry_run else 1)
+            every = 1 if dry_run else log_interval
+            mean = interval_loss.item() / every
             total_loss += interval_loss.item()
             interval_loss.zero_()
-            ms = (time.perf_counter() - interval_start) * 1000 / (log_interval if not dry_run else 1)
-            lr = step.optimizer.param_groups[0]["lr"]
-            progress.print(
-                f"| epoch {epoch:3d} | {batch:5d}/{len(starts):5d} batches | lr {lr:02.2f} | ms/batch {ms:5.2f} | "
-                f"loss {mean:5.2f} | ppl {perplexity(mean):8.2f}"
-            )
+            ms = (time.perf_counter() - interval_start) * 1000 / every
+            progress.print(interval_line(step, epoch=epoch, batch=batch, batches=len(starts), mean=mean, ms=ms))
             if on_interval:
                 on_interval(first_step + batch, mean)
             interval_start = time.perf_counter()
@@ -148,10 +161,8 @@ def train_lm_epoch(
     progress.close()
     total_loss += interval_loss.item()
     synchronize(step.device)
-    seconds = seconds_before + time.perf_counter() - start
-    return LMEpochResult(
-        loss=total_loss / max(batch, 1), tokens=tokens, seconds=seconds, batches=batch, stopped_at=stopped_at
-    )
+    return LMEpochResult(loss=total_loss / max(batch, 1), tokens=tokens, batches=batch, stopped_at=stopped_at,
+                         seconds=seconds_before + time.perf_counter() - start)  # fmt: skip
 
 
 @torch.no_grad()

@@ -155,21 +155,15 @@ def compare_checkpoints(
     write_csv(rows, ds.classes, labels, csv_path)
     draw_grid(rows[:grid], labels, png_path)
     tags = {JOB_TAG: COMPARE, "source_run_a": str(state_a.get("run_id")), "source_run_b": str(state_b.get("run_id"))}
+    params = {"checkpoint_a": named_a, "checkpoint_b": named_b, "data": str(Path(data).resolve()), "split": split,
+              "limit": limit, "images": len(samples)}  # fmt: skip
+    metrics = {"a/acc1": a.result.acc1, "a/acc5": a.result.acc5, "b/acc1": b.result.acc1, "b/acc5": b.result.acc5,
+               "agreement": agreement, "disagreements": len(rows)}  # fmt: skip
     with tracking.start_run(experiment, run_name=f"compare-{split}", tags=tags) as run:
-        run.log_params(
-            {
-                "checkpoint_a": named_a,
-                "checkpoint_b": named_b,
-                "data": str(Path(data).resolve()),
-                "split": split,
-                "limit": limit,
-                "images": len(samples),
-            }
-        )
-        metrics = {"a/acc1": a.result.acc1, "a/acc5": a.result.acc5, "b/acc1": b.result.acc1, "b/acc5": b.result.acc5}
-        run.log_metrics({**metrics, "agreement": agreement, "disagreements": len(rows)}, step=0)
-        run.log_artifact(csv_path)
-        run.log_artifact(png_path)
+        run.log_params(params)
+        run.log_metrics(metrics, step=0)
+        for path in (csv_path, png_path):
+            run.log_artifact(path)
         print(f"=> wrote {csv_path} and {png_path}; MLflow run {run.run_id}")
     return rows
 
