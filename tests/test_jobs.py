@@ -3,6 +3,7 @@ third job from one declaration, every torchvision classifier, --pretrained and -
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -294,3 +295,13 @@ def test_init_from_a_checkpoint_and_from_the_registry(tiny_dataset, tmp_path, cl
     assert "the checkpoint holds arch 'resnet18', this run trains 'resnet34'" in cli_error(
         "train", "resnet", three, "-a", "resnet34", "--init-from", best, "--epochs", "1", *FAST
     )
+
+
+def test_a_config_is_frozen_once_validated():
+    """Values resolved later (precision, augmentation, loader processes) make a new config, never change it."""
+    config = ResNetConfig(lr="0.5")
+    assert config.lr == 0.5, "converted as it was built"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 1.0
+    with pytest.raises(TypeError, match="positional"):
+        ResNetConfig(None, 3)  # keyword-only: a swapped argument cannot pass
