@@ -39,7 +39,17 @@ from release.priority import LOWEST, StartingWorkers, local_server, may_raise_pr
 from serving import served
 from serving.client import Answer, ServerClient, read_server_file
 from serving.served import Deployment
-from serving.server import ServeError, ServeOptions, mar_identity, running_pid, start, wait_ready, workers
+from serving.server import (
+    ServeError,
+    ServeOptions,
+    log_size,
+    mar_identity,
+    model_log,
+    running_pid,
+    start,
+    wait_ready,
+    workers,
+)
 from training.checkpoint import load_checkpoint
 from training.hardware import cpu_facts, resolve_amp
 from training.jobs import job_for
@@ -145,13 +155,14 @@ def _register(client: ServerClient, candidate: Candidate, timeout_s: float, *, s
     `synchronously` is kept to measure that, bench/deploy_load.py)."""
     mode = "true" if synchronously else "false"
     query = urllib.parse.urlencode({"url": candidate.mar.name, "model_name": candidate.model, "synchronous": mode})
+    log_offset = log_size(model_log(client))
     try:
         answer = client.management("POST", f"/models?{query}", timeout_s=timeout_s)
     except OSError as e:
         raise DeployError(f"registering {candidate.mar.name}: {e}") from e
     if answer.status not in (200, 202):  # 202: accepted, its workers are starting
         raise DeployError(f"POST /models?{query}: HTTP {answer.status}: {answer.data}")
-    wait_ready(client, candidate.model, candidate.version, timeout_s)
+    wait_ready(client, candidate.model, candidate.version, timeout_s, log_offset=log_offset)
 
 
 def _remove(client: ServerClient, model: str, version: str) -> None:

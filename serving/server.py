@@ -221,6 +221,7 @@ def start(options: ServeOptions, mars: list[Path], *, allow_empty: bool = False)
                str(options.model_store.resolve()), "--ncs"]  # fmt: skip
     if not options.auth:
         command.append("--disable-token-auth")
+    log_offset = log_size(state / "logs" / "model_log.log")  # a restart appends to the last server's log
     # The launcher leaves Java running with its output: send it to a file, not a pipe we would wait on.
     launch_log = state / "logs" / "launcher.log"
     with launch_log.open("w") as out:
@@ -239,7 +240,7 @@ def start(options: ServeOptions, mars: list[Path], *, allow_empty: bool = False)
     try:
         wait_listening(client, timeout_s=options.timeout_s)
         for mar in mars:
-            wait_ready(client, *mar_identity(mar), timeout_s=options.timeout_s)
+            wait_ready(client, *mar_identity(mar), timeout_s=options.timeout_s, log_offset=log_offset)
     except ServeError:
         stop(state)
         raise
@@ -298,15 +299,49 @@ def wait_listening(client: ServerClient, timeout_s: float) -> None:
         raise ServeError(f"TorchServe did not answer within {timeout_s:.0f} s; see {client.state_dir / 'logs'}")
 
 
-def wait_ready(client: ServerClient, model: str, version: str, timeout_s: float) -> None:
-    """Poll until every worker of `model` `version` is READY."""
+def model_log(client: ServerClient) -> Path | None:
+    """TorchServe's log of what its Python workers print (None for a server on another machine)."""
+    return client.state_dir / "logs" / "model_log.log" if client.state_dir else None
+
+
+def log_size(log: Path | None) -> int:
+    """Where a log ends now: a failure is looked for only in what is written after it."""
+    return log.stat().st_size if log and log.is_file() else 0
+
+
+def load_failure(log: Path | None, model: str, version: str, since: int = 0) -> str | None:
+    """The exception that stopped a worker of `model` `version` from loading, as the model log has it past
+    byte `since` (None while there is none). An asynchronously registered version whose workers fail is
+    restarted by TorchServe again and again, and its describe answer never says why: the log does."""
+    if log is None or not log.is_file():
+        return None
+    thread = f"-{model}_{version}-stdout MODEL_LOG - "  # TorchServe names worker threads W-<port>-<model>_<version>
+    failed = False
+    with log.open(errors="replace") as lines:
+        lines.seek(since)
+        for line in lines:
+            message = line.split(thread, 1)[1].rstrip() if thread in line else None
+            if message is None:
+                continue
+            if message.startswith(f"Failed to load model {model}"):
+                failed = True
+            elif failed and message and not message.startswith((" ", "Traceback")):
+                return message  # the traceback's last line: the exception and its message
+    return None
+
+
+def wait_ready(client: ServerClient, model: str, version: str, timeout_s: float, *, log_offset: int = 0) -> None:
+    """Poll until every worker of `model` `version` is READY; stop at the first failure to load that the
+    model log shows past `log_offset`."""
+    log = model_log(client)
 
     def all_ready() -> bool:
+        if (failure := load_failure(log, model, version, since=log_offset)) is not None:
+            raise ServeError(f"the worker of model {model} version {version} failed to load: {failure}; see {log}")
         found = workers(client, model, version)
         return bool(found) and all(w["status"] == "READY" for w in found)
 
     if not _poll(all_ready, timeout_s):
-        log = client.state_dir / "logs" / "model_log.log"
         raise ServeError(f"model {model} version {version} not ready after {timeout_s:.0f} s; see {log}")
 
 

@@ -330,7 +330,7 @@ def broken_archive(source: Path, target: Path, version: str, fault: str) -> Path
     return target
 
 
-@pytest.mark.parametrize(("fault", "reason"), [("load", "Failed to start workers"),
+@pytest.mark.parametrize(("fault", "reason"), [("load", "failed to load: RuntimeError: broken"),
                                                ("answer", "answers the check request differently")])  # fmt: skip
 def test_a_broken_version_never_answers_and_the_old_one_keeps_serving(server, tiny_dataset, tmp_path, fault, reason):
     store = Path(json.loads((server.state_dir / "server.json").read_text())["model_store"])
