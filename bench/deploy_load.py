@@ -1,8 +1,9 @@
 """What a deploy costs the users of a server: the same classification load with no deploy, then during
-`dlops deploy` in three ways by turns (WAYS: the old way, a synchronous registration at the serving
-workers' priority; an asynchronous registration; the new way, asynchronous with the new workers at
-the lowest priority until checked, release/priority.py), and the seconds from the deploy's start
-to the new version answering.
+`dlops deploy` in three ways by turns (WAYS: the old way, a synchronous registration; the new way, an
+asynchronous one; and asynchronous with the new workers at the lowest priority until checked,
+`--yield-cpu`, release/priority.py), and the seconds from the deploy's start to the new version
+answering. The deploys run in this process, beside the threads that send the load: the priority
+watch's polling of /proc (every 20 ms) shares their interpreter.
 
 Run by hand (not a test), with two classifier versions (model URIs, checkpoints or .mar files):
 
@@ -72,8 +73,8 @@ class Load:
 # The ways a deploy can start the new version, measured by turns in one run
 WAYS = {
     "old way: synchronous registration, same priority": {"register_synchronously": True, "yield_cpu": False},
-    "asynchronous registration, same priority": {"register_synchronously": False, "yield_cpu": False},
-    "new way: asynchronous, new workers yield the CPU": {"register_synchronously": False, "yield_cpu": True},
+    "new way: asynchronous registration, same priority": {"register_synchronously": False, "yield_cpu": False},
+    "asynchronous, new workers at nice 19 (--yield-cpu)": {"register_synchronously": False, "yield_cpu": True},
 }
 
 

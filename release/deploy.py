@@ -6,8 +6,8 @@
 A deploy, against the server of one state dir:
   1. package the source as a versioned .mar in the server's model store (earlier ones stay);
   2. register it as a new version through the management API (asynchronously: a synchronous
-     registration holds the serving version's requests) and wait until its workers are READY (they
-     start at the lowest CPU priority, so the serving version keeps the CPU: release/priority.py);
+     registration holds the serving version's requests) and wait until its workers are READY (with
+     `yield_cpu`, they start at the lowest CPU priority: release/priority.py);
   3. check it: the job's example request, sent to the new version, answers 200 with what the
      checkpoint computes here (`Job.offline_answer`); its workers go back to their priority;
   4. make it the default version: new requests go to it;
@@ -271,7 +271,7 @@ def _start(client: ServerClient, candidate: Candidate, timeout_s: float, *, yiel
 
 
 def deploy(client: ServerClient, candidate: Candidate, alias: str = DEFAULT_ALIAS, timeout_s: float = 180.0,
-           event: str = "deploy", *, yield_cpu: bool = True,
+           event: str = "deploy", *, yield_cpu: bool = False,
            register_synchronously: bool = False) -> Deployment:  # fmt: skip
     """Make `candidate` the version that answers, with no request dropped (steps in the module doc).
     `register_synchronously` is the way of releases before 2026-12 (requests held while the new workers
@@ -320,7 +320,7 @@ def deploy(client: ServerClient, candidate: Candidate, alias: str = DEFAULT_ALIA
 
 
 def rollback(client: ServerClient, model: str, alias: str = DEFAULT_ALIAS, timeout_s: float = 180.0, *,
-             yield_cpu: bool = True) -> Deployment:  # fmt: skip
+             yield_cpu: bool = False) -> Deployment:  # fmt: skip
     """Serve again, the same way as a deploy, the version that served `model` before the current one."""
     target = served.previous(client.state_dir, model)
     if target is None:

@@ -110,6 +110,20 @@ def archive_version(state: dict[str, Any], source: Source, digest: str, store: P
     return version
 
 
+def write_uncompressed(archive: Path, target: Path) -> None:
+    """Copy a zip archive to `target` with every entry stored, not deflated. TorchServe extracts an archive
+    it registers in the thread that also answers inference requests: a deflated resnet18 .mar held
+    them for 0.39-0.45 s, a stored one (7% larger: float weights hardly compress) for 0.09-0.12 s."""
+    part = target.with_name(target.name + ".part")
+    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(part, "w", zipfile.ZIP_STORED) as stored:
+        for item in source.infolist():
+            info = zipfile.ZipInfo(item.filename, item.date_time)
+            info.external_attr, info.file_size = item.external_attr, item.file_size
+            with source.open(item) as entry, stored.open(info, "w") as copy:
+                shutil.copyfileobj(entry, copy, 1 << 20)
+    part.replace(target)  # whole or not at all: a server may read the store meanwhile
+
+
 def build_mar(kind: str, source: Source, *, store: Path = DEFAULT_STORE, settings: ModelSettings | None = None,
               version: str | None = None, log_to_mlflow: bool = True) -> Path:  # fmt: skip
     """Package `source` as `<store>/<name>-<version>.mar`; log it to the source run and tag the version."""
@@ -155,7 +169,7 @@ def build_mar(kind: str, source: Source, *, store: Path = DEFAULT_STORE, setting
             # machine: two at once (two users, a sweep and a deploy) delete each other's files mid-archive
             env={**os.environ, "TMPDIR": str(workdir)},
         )  # fmt: skip
-        shutil.move(workdir / f"{spec.name}.mar", mar)
+        write_uncompressed(workdir / f"{spec.name}.mar", mar)
     print(f"=> wrote {mar} (model {spec.name}, version {version}; {settings.workers} worker(s), batches of up to "
           f"{settings.batch_size} within {settings.max_batch_delay_ms} ms)")  # fmt: skip
     if log_to_mlflow:

@@ -91,6 +91,9 @@ def test_mar_is_versioned_logged_to_its_run_and_carries_its_serving_settings(mod
         names = set(zf.namelist())
         meta = json.loads(zf.read("meta.json"))
         config = zf.read("model-config.yaml").decode()
+        compression = {item.filename: item.compress_type for item in zf.infolist()}
+    # stored, not deflated: TorchServe extracts an archive in the thread that answers inference requests
+    assert set(compression.values()) == {zipfile.ZIP_STORED}, compression
     assert {"image_classifier.py", "handler_common.py", "dlops_classifier.py", "meta.json", "weights.pt"} <= names
     assert meta["run_id"] == checkpoints["resnet_run"] and len(meta["labels"]) == 4
     assert meta["registered"] == f"test-serve-resnet/{version.version}"

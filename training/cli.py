@@ -516,9 +516,10 @@ def stop_command(state_dir: Path) -> None:
 
 
 _yield_option = click.option(
-    "--yield-cpu/--no-yield-cpu", default=True, show_default=True,
-    help="start the new version's workers at the lowest CPU priority until they pass the check, so the serving "
-    "version keeps the CPU (needs root or CAP_SYS_NICE to give the priority back; skipped otherwise, and said)",
+    "--yield-cpu/--no-yield-cpu", default=False, show_default=True,
+    help="start the new version's workers at the lowest CPU priority until they pass the check (needs root or "
+    "CAP_SYS_NICE to give the priority back; skipped otherwise, and said); no better than the default in "
+    "bench/deploy_load.py on 2 cores (docs/benchmarks.md)",
 )  # fmt: skip
 
 
