@@ -43,6 +43,7 @@ METRICS_CONFIG = Path(__file__).resolve().parent / "metrics.yaml"  # TorchServe'
 JAVA_HINT = "TorchServe needs Java 17: sudo apt-get install -y openjdk-17-jre-headless"
 PID_FILE = ".model_server.pid"  # TorchServe's launcher: tempfile.gettempdir() / this
 DEFAULT_STATE_DIR = Path("logs/torchserve")
+MODEL_LOG = Path("logs") / "model_log.log"  # in a state dir: what TorchServe's Python workers print
 # Keys last a day and the keeper renews them every 12 hours: a leaked key works for a day at most.
 DEFAULT_TOKEN_EXPIRATION_MIN = 1440.0
 
@@ -221,7 +222,7 @@ def start(options: ServeOptions, mars: list[Path], *, allow_empty: bool = False)
                str(options.model_store.resolve()), "--ncs"]  # fmt: skip
     if not options.auth:
         command.append("--disable-token-auth")
-    log_offset = log_size(state / "logs" / "model_log.log")  # a restart appends to the last server's log
+    log_offset = log_size(state / MODEL_LOG)  # a restart appends to the last server's log
     # The launcher leaves Java running with its output: send it to a file, not a pipe we would wait on.
     launch_log = state / "logs" / "launcher.log"
     with launch_log.open("w") as out:
@@ -301,7 +302,7 @@ def wait_listening(client: ServerClient, timeout_s: float) -> None:
 
 def model_log(client: ServerClient) -> Path | None:
     """TorchServe's log of what its Python workers print (None for a server on another machine)."""
-    return client.state_dir / "logs" / "model_log.log" if client.state_dir else None
+    return client.state_dir / MODEL_LOG if client.state_dir else None
 
 
 def log_size(log: Path | None) -> int:
@@ -320,9 +321,9 @@ def load_failure(log: Path | None, model: str, version: str, since: int = 0) -> 
     with log.open(errors="replace") as lines:
         lines.seek(since)
         for line in lines:
-            message = line.split(thread, 1)[1].rstrip() if thread in line else None
-            if message is None:
+            if thread not in line:
                 continue
+            message = line.split(thread, 1)[1].rstrip()
             if message.startswith(f"Failed to load model {model}"):
                 failed = True
             elif failed and message and not message.startswith((" ", "Traceback")):
