@@ -178,9 +178,9 @@ def test_a_missing_cache_is_built_once_then_read_and_the_cpu_reads_it_without_wo
     monkeypatch.setenv("DLOPS_CACHE_DIR", str(tmp_path / "fresh-cache"))
     train = ["train", "resnet", dataset, "--epochs", "1", "-b", "16", "-p", "0", "--out-dir", tmp_path]
     first = run_cli(*train, "--experiment", "test-cache-auto").output
-    assert "once into" in first and list((tmp_path / "fresh-cache").glob("data-train-*/images.npy"))
+    assert "=> train: decoded " in first and list((tmp_path / "fresh-cache").glob("data-train-*/images.npy"))
     again = run_cli(*train, "--experiment", "test-cache-auto").output
-    assert "once into" not in again
+    assert "=> train: decoded " not in again
     for run in latest_runs(client, "test-cache-auto", 2):
         assert "decoded cache" in run.data.tags["data_path"] and run.data.params["workers"] == "0"
     run_cli(*train, "--data-cache", "off", "--experiment", "test-cache-off")

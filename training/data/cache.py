@@ -12,15 +12,30 @@ the full photos. The key hashes every source file's relative path, size and modi
 the class list and both sizes, so a changed dataset is decoded again, never silently reused.
 Reading is `np.load(mmap_mode="r")`: DataLoader workers share the operating system's page cache
 instead of each holding a copy. The cache root is $DLOPS_CACHE_DIR, else data/cache.
+
+Processes that ask for the same missing cache at the same moment (two terminals, an array job, a
+sweep's workers, nodes sharing a folder) build it once: the first takes `<cache>.lock` with
+flock(2) and decodes into a folder of its own (`<cache>.partial-<host>-<pid>`), the others wait on
+the lock, saying who holds it, and then open the finished cache. The kernel (or, over NFS, the lock
+manager once the client's lease ends) releases the lock of a builder that dies, and its half-built
+folder is never taken for a cache: only a complete folder is renamed into place, with meta.json in
+it. On a filesystem without locks (Lustre mounted without `-o flock`, some FUSE mounts) each
+process builds a private copy and the first rename wins; a mount whose locks are local only (NFSv3
+with `nolock`) builds at most once per machine the same way. Neither case can yield a bad cache.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +49,9 @@ from tqdm import tqdm
 from training.data.dataset import ImageDataset, Sample, open_rgb
 
 CHUNK = 512
+META = "meta.json"  # written last, inside the staging folder: a cache folder with it is complete
+# flock(2) errors that mean "this filesystem has no locks", not "someone else holds it"
+NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 def cache_root() -> Path:
@@ -93,16 +111,95 @@ def build_cache(
     workers: int | None = None,
     resize_size: int | None = None,
 ) -> DecodedSplit:
-    """Decode `split` of `dataset` into the cache (in parallel), unless it is there already."""
+    """Decode `split` of `dataset` into the cache (in parallel), unless it is there already or another
+    process is building it (then wait for that one and open its cache)."""
     samples = dataset.split(split)
-    root = root or cache_root()
     key = cache_key(dataset, samples, image_size, resize_size)
-    target = cache_dir(Path(root), dataset, split, key)
-    if (target / "meta.json").is_file():
+    target = cache_dir(Path(root or cache_root()), dataset, split, key)
+    if is_complete(target):
         print(f"=> {split}: cache {target} is up to date")
         return open_cache(target)
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock(target, split=split) as locked:
+        if is_complete(target):
+            print(f"=> {split}: cache {target} was built by another process")
+            return open_cache(target)
+        if locked:  # whatever else is here was left by a builder that died holding this lock
+            remove_leftovers(target)
+        staging = target.with_name(f"{target.name}.partial-{socket.gethostname()}-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        print(f"=> {split}: decoding {len(samples)} images into {target}", flush=True)
+        try:
+            _decode(samples, staging=staging, image_size=image_size, resize_size=resize_size, workers=workers,
+                    split=split)  # fmt: skip
+            _write_meta(staging, dataset=dataset, samples=samples, split=split, key=key, image_size=image_size,
+                        resize_size=resize_size)  # fmt: skip
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # an interrupted build leaves nothing behind
+            raise
+        publish(staging, target)
+    print(f"=> {split}: decoded {len(samples)} images into {target}")
+    return open_cache(target)
+
+
+def is_complete(directory: Path) -> bool:
+    return (directory / META).is_file()
+
+
+@contextmanager
+def build_lock(target: Path, *, split: str) -> Iterator[bool]:
+    """Hold the right to build `target`: yields True once held (waiting, with a line saying for whom,
+    while another process holds it), False where the filesystem offers no locks."""
+    path = target.with_name(target.name + ".lock")
+    with open(path, "a+", encoding="utf-8") as handle:  # closing it releases the lock
+        locked = _lock(handle, path=path, split=split)
+        if locked:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+        yield locked
+
+
+def _lock(handle, *, path: Path, split: str) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        print(f"=> {split}: {holder} is building this cache; waiting for it ({path})", flush=True)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return True
+    except OSError as error:
+        if error.errno not in NO_LOCKS:
+            raise
+        print(f"=> {split}: {path.parent} offers no file locks ({error.strerror}): building a private copy, "
+              "the first one finished is kept", flush=True)  # fmt: skip
+        return False
+
+
+def remove_leftovers(target: Path) -> None:
+    """Half-built folders of `target` (and a folder of that name without meta.json)."""
+    for leftover in target.parent.glob(f"{target.name}.partial*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if target.exists():
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Rename the complete `staging` folder into place; where another builder was first (no locks on
+    this filesystem), keep theirs and drop ours."""
+    try:
+        staging.rename(target)
+    except OSError as error:
+        if error.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not is_complete(target):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _decode(samples: list[Sample], *, staging: Path, image_size: int, resize_size: int | None, workers: int | None,
+            split: str) -> None:  # fmt: skip
     staging.mkdir(parents=True)
     array_path = staging / "images.npy"
     np.lib.format.open_memmap(array_path, mode="w+", dtype=np.uint8, shape=(len(samples), image_size, image_size, 3))
@@ -117,6 +214,10 @@ def build_cache(
         for done in pool.map(_decode_chunk, jobs):
             bar.update(done)
     np.save(staging / "labels.npy", np.array([label for _, label in samples], dtype=np.int64))
+
+
+def _write_meta(staging: Path, *, dataset: ImageDataset, samples: list[Sample], split: str, key: str, image_size: int,
+                resize_size: int | None) -> None:  # fmt: skip
     meta = {
         "key": key,
         "split": split,
@@ -126,15 +227,11 @@ def build_cache(
         "resize_size": resize_size or image_size,
         "files": [str(p.relative_to(dataset.root)) for p, _ in samples],
     }
-    (staging / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)  # complete caches only: a crash leaves a .partial folder, never a bad cache
-    print(f"=> {split}: decoded {len(samples)} images into {target}")
-    return open_cache(target)
+    (staging / META).write_text(json.dumps(meta), encoding="utf-8")
 
 
 def open_cache(directory: Path) -> DecodedSplit:
-    meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+    meta = json.loads((directory / META).read_text(encoding="utf-8"))
     images = np.load(directory / "images.npy", mmap_mode="r")
     labels = np.load(directory / "labels.npy")
     return DecodedSplit(images=images, labels=labels, files=meta["files"], directory=directory)
@@ -147,7 +244,7 @@ def find_cache(
     samples = dataset.split(split)
     target = cache_dir(Path(root or cache_root()), dataset, split, cache_key(dataset, samples, image_size,
                                                                             resize_size))  # fmt: skip
-    return open_cache(target) if (target / "meta.json").is_file() else None
+    return open_cache(target) if is_complete(target) else None
 
 
 class CachedImages(Dataset):

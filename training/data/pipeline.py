@@ -215,8 +215,8 @@ def _find_caches(config, ds: ImageDataset) -> tuple[DecodedSplit, DecodedSplit] 
         print(f"=> no decoded cache of {config.data} in {root}, and no room to build one ({needed / 1e9:.1f} GB "
               f"needed, {free / 1e9:.1f} GB free): decoding images every epoch")  # fmt: skip
         return None
-    print(f"=> decoding {config.data} once into {root} ({needed / 1e9:.2f} GB; later runs read it, "
-          "`dlops data cache` builds it ahead)", flush=True)  # fmt: skip
+    print(f"=> no decoded cache of {config.data} in {root} yet ({needed / 1e9:.2f} GB): it is decoded once and "
+          "later runs read it (`dlops data cache` builds it ahead)", flush=True)  # fmt: skip
     return build_cache(ds, split="train", root=root, **sizes), build_cache(ds, split="val", root=root, **sizes)
 
 
