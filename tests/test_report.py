@@ -102,6 +102,32 @@ def test_device_benchmark_section(tiny_dataset, tmp_path, client):
     assert 'id="bench"' in html and f'<td class="num">{fmt(rate, 1)}</td>' in html
 
 
+def test_names_from_runs_write_nothing_outside_out_and_land_escaped(recorded, tmp_path, client):
+    """A run's name is chosen by whoever logs it: `../../x` must not place a picture outside --out, and
+    HTML or Markdown in it must show as text in report.md."""
+    compare = latest_run(client, "report-resnet", job="compare")
+    assert compare.data.metrics["disagreements"] > 0, "the comparison needs disagreements: their thumbnails"
+    run = recorded["resnet"][0]
+    evil = "<script>alert(1)</script> | [x](http://evil.example)"
+    client.update_run(compare.info.run_id, name="../../x")
+    client.update_run(run.info.run_id, name=evil)
+    try:
+        out = tmp_path / "a" / "b" / "report"
+        run_cli("report", "--experiment", "report-resnet", "--out", out)
+    finally:
+        client.update_run(compare.info.run_id, name=compare.info.run_name)
+        client.update_run(run.info.run_id, name=run.info.run_name)
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and out not in p.parents]
+    assert outside == [], outside
+    pictures = sorted(p.name for p in (out / "report_files").iterdir())
+    assert any(name.startswith("x-0-") for name in pictures), pictures  # the thumbnail, renamed
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "<script>" not in md and "&lt;script&gt;alert(1)&lt;/script&gt; \\| \\[x\\](http://evil.example)" in md
+    assert "](http://evil.example)" not in md.replace("\\](http://evil.example)", "")
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
 def test_overfitting_starts_after_the_validation_minimum_when_training_still_improves():
     train = [(1, 2.0), (2, 1.5), (3, 1.0), (4, 0.6)]
     assert overfitting_epoch(train, [(1, 2.1), (2, 1.7), (3, 1.8), (4, 2.2)]) == 3

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import base64
 import datetime
+import re
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import jinja2
+from markupsafe import Markup, escape
 
 from training import tracking
 from training.report import collect
@@ -26,6 +29,32 @@ def _number(value: Any, digits: int = 2) -> str:
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
     return str(value)
+
+
+# What Markdown would read as structure in a table cell or a heading: a run's name or a class label
+# is text, never a link, emphasis, a cell border or raw HTML.
+MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]|#!])")
+
+
+def markdown_text(value: Any) -> Any:
+    """Every `{{ value }}` of the Markdown report: text escaped (HTML, then Markdown's specials, one
+    line); numbers as they are; Markup (our own link targets and code blocks) untouched."""
+    if value is None or isinstance(value, Markup | int | float):
+        return value
+    text = " ".join(str(escape(value)).split())
+    return Markup(MARKDOWN_SPECIALS.sub(r"\\\1", text))
+
+
+def markdown_link(url: str) -> Markup:
+    """A link target: characters that would end or break `(...)` percent-encoded."""
+    return Markup(urllib.parse.quote(str(url), safe=":/#?&=%.-_~+,;@!$'*"))
+
+
+def code_block(text: str) -> Markup:
+    """`text` fenced so that nothing in it closes the fence (a fence longer than its longest run of backticks)."""
+    longest = max((len(run) for run in re.findall(r"`+", str(text))), default=0)
+    fence = "`" * max(3, longest + 1)
+    return Markup(f"{fence}\n{text}\n{fence}")
 
 
 def gather(client, runs: list[collect.RunFacts], mlflow_url: str | None) -> tuple[dict[str, Any], list[Picture]]:
@@ -64,11 +93,13 @@ def write_report(out: Path, title: str, runs: list[collect.RunFacts], *, section
                "tracking_uri": tracking.tracking_uri()}  # fmt: skip
     loader = jinja2.FileSystemLoader(TEMPLATES)
     html_env = jinja2.Environment(loader=loader, autoescape=True, trim_blocks=True, lstrip_blocks=True)
-    md_env = jinja2.Environment(loader=loader, autoescape=False, trim_blocks=True, lstrip_blocks=True)
+    md_env = jinja2.Environment(loader=loader, autoescape=False, trim_blocks=True, lstrip_blocks=True,
+                                finalize=markdown_text)  # fmt: skip
+    md_env.filters.update(link=markdown_link, code_block=code_block)
     html = html_env.get_template("report.html.j2").render(
         **context, src=lambda p: "data:image/png;base64," + base64.b64encode(p.png).decode("ascii")
     )
-    markdown = md_env.get_template("report.md.j2").render(**context, src=lambda p: f"report_files/{p.name}")
+    markdown = md_env.get_template("report.md.j2").render(**context, src=lambda p: Markup(f"report_files/{p.name}"))
     html_path, md_path = out / "report.html", out / "report.md"
     html_path.write_text(html, encoding="utf-8")
     md_path.write_text(markdown, encoding="utf-8")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,11 +15,25 @@ from PIL import Image
 from training.jobs.base import Metric
 
 
+def safe_file_name(text: str, max_length: int = 80) -> str:
+    """`text` (a run's or comparison's name: anyone who can log a run chooses it) as one plain file name:
+    no folder, no leading dot; a name that had to change gets a digest of the original, so two
+    names never collide."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", text).lstrip(".-_")[:max_length] or "file"
+    if safe == text:
+        return safe
+    stem, dot, suffix = safe.rpartition(".") if "." in safe else (safe, "", "")
+    return f"{stem}-{hashlib.sha256(text.encode()).hexdigest()[:8]}{dot}{suffix}"
+
+
 @dataclass(kw_only=True)
 class Picture:
-    name: str  # file name in the Markdown twin's folder
+    name: str  # file name in the Markdown twin's folder (made safe: it may come from a run's name)
     png: bytes
     alt: str
+
+    def __post_init__(self) -> None:
+        self.name = safe_file_name(self.name)
 
 
 def _png(figure: Figure) -> bytes:
