@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from serving.client import ServerClient
 from serving.server import ServeOptions
 from tests.conftest import REPO
 from training.data.synthetic import write_synthetic_corpus
@@ -146,6 +147,10 @@ def test_a_job_from_another_package_goes_through_every_command(installed, tmp_pa
         )
         refused = dlops(installed, tmp_path, "predict", "--model", "tabular", "35,25", *serving, ok=False)
         assert "'row' needs 4 values" in refused.stdout, "a bad row is a 4xx naming what is wrong"
+        server = ServerClient.of(tmp_path / "ts")
+        for huge in (b"1" + b"0" * 400, b"1e39"):  # past any float; past the model's float32
+            answer = server.predict("tabular", b'{"row": [' + huge + b", 25, 10, 2]}", "application/json")
+            assert answer.status == 400 and "column 'length_cm'" in json.dumps(answer.data), answer
         rolled = dlops(installed, tmp_path, "rollback", "tabular", *serving)
         assert "=> serving tabular version 1" in rolled.stdout
     finally:

@@ -363,6 +363,20 @@ def test_a_request_gets_the_same_text_alone_in_a_batch_and_from_the_cli(server, 
         assert answer.data["text"] == outf.read_text(encoding="utf-8").rstrip("\n")
 
 
+def test_a_bad_request_batched_with_good_ones_fails_alone(server):
+    """temperature 1e-300 passed the checks once and turned sampling into NaN: every request of its batch
+    got 503. Now the range refuses it (400) and the five sent with it are answered."""
+    good = MIXED[:5]
+    bad = {"prompt": "the old cat", "max_words": 5, "temperature": 1e-300, "seed": 1}
+    before = metric_values(server, "DlopsBatches")
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda r: server.predict_fields("lm", r), [*good, bad]))
+    batches = labelled(metric_values(server, "DlopsBatches"), ModelName="lm") - labelled(before, ModelName="lm")
+    assert batches < 6, "the six requests were not batched"
+    assert [a.status for a in answers] == [200] * 5 + [400], answers
+    assert "'temperature' must be >= 0.01" in answers[-1].data["error"]
+
+
 def test_the_metrics_endpoint_counts_requests_latency_and_errors_per_model(server, tiny_dataset):
     before = metric_values(server, "DlopsRequests")
     image = load_tinyimagenet(tiny_dataset).val[0][0]

@@ -161,9 +161,25 @@ class BaseHandler:
                 indices.append(i)
             except Exception as e:  # any bad input answers that request only
                 answers[i] = e
-        if inputs:
-            for i, answer in zip(indices, self.infer(inputs), strict=True):
-                answers[i] = answer
+        for i, answer in zip(indices, self.infer_each(inputs), strict=True):
+            answers[i] = answer
+        return answers
+
+    def infer_each(self, inputs: list[Any]) -> list[Any]:
+        """The batch's answers; if the batch fails, each input alone, so that an input the checks let
+        through and the model cannot answer fails its own request (500), not its neighbours'."""
+        if not inputs:
+            return []
+        try:
+            return self.infer(inputs)
+        except Exception:
+            log.exception("a batch of %d failed; answering its requests one at a time", len(inputs))
+        answers: list = []
+        for single in inputs:
+            try:
+                answers += self.infer([single])
+            except Exception as e:  # this request's own failure
+                answers.append(e)
         return answers
 
     @torch.no_grad()

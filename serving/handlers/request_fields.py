@@ -82,9 +82,8 @@ GENERATION_FIELDS = (
         kind=float,
         default=1.0,
         help="sampling temperature; higher is more diverse",
-        low=0.0,
+        low=0.01,  # below it the logits / temperature overflow to inf and sampling to NaN (1e-300 did)
         high=10.0,
-        low_open=True,
     ),  # fmt: skip
     Field(
         name="seed",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from torch import nn
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest value the model's float32 inputs hold
+
 
 def build_mlp(*, inputs: int, hidden: int, layers: int, classes: int, dropout: float = 0.0) -> nn.Sequential:
     """`layers` hidden layers of `hidden` units (ReLU, dropout), then one logit per class."""
@@ -32,9 +34,10 @@ def row_values(row: object, features: list[str]) -> list[float]:
     for name, value in zip(features, row, strict=True):
         try:
             number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"column {name!r}: {value!r} is not a number") from None
-        if number != number or number in (float("inf"), float("-inf")):
-            raise ValueError(f"column {name!r}: {value!r} is not a finite number")
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer past any float (10**400)
+            raise ValueError(f"column {name!r}: {str(value)[:40]!r} is not a number a float holds") from None
+        if not abs(number) <= FLOAT32_MAX:  # NaN and infinities too: the model reads float32
+            raise ValueError(f"column {name!r}: {str(value)[:40]!r} is not a finite number within "
+                             f"+-{FLOAT32_MAX:.4g}")  # fmt: skip
         values.append(number)
     return values
