@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from serving.secrets import child_environment
 from serving.server import executable
 from training import tracking
 from training.checkpoint import CheckpointError, load_checkpoint
@@ -167,7 +167,7 @@ def build_mar(kind: str, source: Source, *, store: Path = DEFAULT_STORE, setting
             check=True,
             # the archiver stages files in TMPDIR/<model name>, shared by every packaging of that name on the
             # machine: two at once (two users, a sweep and a deploy) delete each other's files mid-archive
-            env={**os.environ, "TMPDIR": str(workdir)},
+            env=child_environment("torchserve", extra={"TMPDIR": str(workdir)}),
         )  # fmt: skip
         write_uncompressed(workdir / f"{spec.name}.mar", mar)
     print(f"=> wrote {mar} (model {spec.name}, version {version}; {settings.workers} worker(s), batches of up to "

@@ -16,13 +16,16 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from serving.keys import REFUSED, KeyFileError, key_file, read_keys, renew
+from serving.tls import client_context
 
 SERVER_FILE = "server.json"  # written by `dlops serve`: the server's URLs, model store and settings
 DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}
@@ -62,13 +65,15 @@ def _refused(answer: Answer) -> bool:
 @dataclass(kw_only=True, frozen=True)
 class ServerClient:
     state_dir: Path | None  # None: a client on another machine, with the URL and key it was handed
-    urls: dict[str, str]  # inference, management, metrics -> http://127.0.0.1:PORT
+    urls: dict[str, str]  # inference, management, metrics -> http://127.0.0.1:PORT (https with TLS)
     inference_key: str | None = None  # a handed-over key (`dlops keys show` on the server's machine)
+    cafile: str | None = None  # the CA an https server is checked against (default: serving/tls.py's choice)
 
     @classmethod
-    def remote(cls, url: str, key: str | None) -> ServerClient:
+    def remote(cls, url: str, key: str | None, cafile: Path | str | None = None) -> ServerClient:
         """The inference API at `url` with `key`: what a teammate has, without the server's state dir."""
-        return cls(state_dir=None, urls={"inference": url.rstrip("/")}, inference_key=key)
+        return cls(state_dir=None, urls={"inference": url.rstrip("/")}, inference_key=key,
+                   cafile=str(cafile) if cafile else None)  # fmt: skip
 
     def _key(self, api: str) -> str | None:
         if self.state_dir is None:
@@ -79,10 +84,22 @@ class ServerClient:
     @classmethod
     def of(cls, state_dir: Path, **ports: int | None) -> ServerClient:
         """The server whose state dir is `state_dir`; `inference=PORT` etc. override what it recorded."""
-        recorded = read_server_file(state_dir).get("urls", {})
+        record = read_server_file(state_dir)
+        recorded = record.get("urls", {})
         urls = {api: recorded.get(api, f"http://127.0.0.1:{port}") for api, port in DEFAULT_PORTS.items()}
-        urls.update({api: f"http://127.0.0.1:{port}" for api, port in ports.items() if port})
-        return cls(state_dir=Path(state_dir), urls=urls)
+        for api, port in ports.items():
+            if port:
+                urls[api] = f"{urllib.parse.urlsplit(urls[api]).scheme}://127.0.0.1:{port}"
+        return cls(state_dir=Path(state_dir), urls=urls, cafile=record.get("ca"))
+
+    def _context(self, url: str) -> ssl.SSLContext | None:
+        """TLS settings for `url`: the server's certificate checked against the CA; the name too, except for
+        this machine's own server over loopback (its certificate need not name 127.0.0.1)."""
+        if not url.startswith("https://"):
+            return None
+        context = client_context(self.cafile)
+        context.check_hostname = self.state_dir is None
+        return context
 
     # --- transport ---------------------------------------------------------------------------------
     def _send(self, api: str, method: str, path: str, *, body: bytes | None, headers: dict[str, str],
@@ -91,9 +108,10 @@ class ServerClient:
         key = self._key(api)
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(f"{self.urls[api]}{path}", data=body, headers=headers, method=method)
+        url = f"{self.urls[api]}{path}"
+        request = urllib.request.Request(url, data=body, headers=headers, method=method)
         try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            with urllib.request.urlopen(request, timeout=timeout_s, context=self._context(url)) as response:  # noqa: S310
                 return Answer(status=response.status, data=_decode(response.read()), headers=_lower(response.headers))
         except urllib.error.HTTPError as e:
             return Answer(status=e.code, data=_decode(e.read()), headers=_lower(e.headers))

@@ -37,6 +37,7 @@ from typing import Any
 
 from serving.client import SERVER_FILE, ServerClient, read_server_file
 from serving.keys import KeyFileError, process_alive, read_keys
+from serving.secrets import child_environment, private_dir
 
 CONFIG_TEMPLATE = Path(__file__).resolve().parent / "config.properties"
 METRICS_CONFIG = Path(__file__).resolve().parent / "metrics.yaml"  # TorchServe's metrics plus our handlers' counters
@@ -72,6 +73,16 @@ class ServeOptions:
     inference_address: str = "127.0.0.1"
     metrics_address: str = "127.0.0.1"
     management_address: str = "127.0.0.1"
+    # TLS for the inference and metrics APIs (TorchServe terminates it): a certificate and key (PEM),
+    # and the CA clients trust it by (the stack's, recorded for this machine's clients)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    insecure_http: bool = False  # publish without TLS: only when asked for in so many words
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @classmethod
     def on_free_ports(cls, **options: Any) -> ServeOptions:
@@ -112,20 +123,32 @@ def _url_host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
-def local_url(address: str, port: int) -> str:
+def local_url(address: str, port: int, scheme: str = "http") -> str:
     """How a client on this machine reaches an API bound to `address` (any-address: over loopback)."""
-    return f"http://{_url_host('127.0.0.1' if address in ('0.0.0.0', '::') else address)}:{port}"  # noqa: S104
+    return f"{scheme}://{_url_host('127.0.0.1' if address in ('0.0.0.0', '::') else address)}:{port}"  # noqa: S104
+
+
+def api_schemes(options: ServeOptions) -> dict[str, str]:
+    """http or https per API: with TLS, the inference and metrics APIs (what may leave the machine); the
+    management API stays plain HTTP on loopback, where `dlops deploy` and the key keeper reach it."""
+    secure = "https" if options.tls else "http"
+    return {"inference": secure, "metrics": secure, "management": "http"}
 
 
 def effective_config(options: ServeOptions, mars: list[Path]) -> dict[str, str]:
-    """The template's settings with this server's ports, paths, auth and key lifetime."""
+    """The template's settings with this server's ports, paths, auth, key lifetime and TLS."""
     props = read_properties(CONFIG_TEMPLATE)
     store = options.model_store.resolve()
+    scheme = api_schemes(options)
+    if options.tls:
+        props.update({"certificate_file": str(Path(options.tls_cert).resolve()),
+                      "private_key_file": str(Path(options.tls_key).resolve())})  # fmt: skip
     props.update(
         {
-            "inference_address": f"http://{_url_host(options.inference_address)}:{options.inference_port}",
+            "inference_address": f"{scheme['inference']}://{_url_host(options.inference_address)}:"
+            f"{options.inference_port}",
             "management_address": f"http://{_url_host(options.management_address)}:{options.management_port}",
-            "metrics_address": f"http://{_url_host(options.metrics_address)}:{options.metrics_port}",
+            "metrics_address": f"{scheme['metrics']}://{_url_host(options.metrics_address)}:{options.metrics_port}",
             # gRPC: nothing of ours speaks it; it stays on loopback whatever is published
             "grpc_inference_address": "127.0.0.1",
             "grpc_management_address": "127.0.0.1",
@@ -143,15 +166,16 @@ def effective_config(options: ServeOptions, mars: list[Path]) -> dict[str, str]:
 
 
 def _environment(state: Path, options: ServeOptions) -> dict[str, str]:
-    return {
-        **os.environ,
+    """TorchServe's environment: the allow-listed one (handlers from archives run in it: no logins,
+    no cloud keys) and its own settings."""
+    return child_environment("torchserve", extra={
         "TMPDIR": str(state / "tmp"),  # the launcher's PID file: one per state dir, not one per machine
         "TEMP": str(state / "tmp"),  # the JVM's temp folder (unpacked archives)
         "LOG_LOCATION": str(state / "logs"),
         "METRICS_LOCATION": str(state / "logs"),
         "DLOPS_TORCH_THREADS": str(options.torch_threads),
         "DLOPS_SERVE_AMP": options.amp,
-    }
+    })  # fmt: skip
 
 
 def running_pid(state_dir: Path) -> int | None:
@@ -184,6 +208,13 @@ def _check_can_start(options: ServeOptions, mars: list[Path], *, allow_empty: bo
     if not options.auth and options.inference_address != "127.0.0.1":
         raise ServeError(f"the inference API would listen on {options.inference_address} without a key: "
                          "publishing it needs token authorization (drop --no-auth)")  # fmt: skip
+    published = [f"--{api}-address {address}" for api, address in
+                 (("inference", options.inference_address), ("metrics", options.metrics_address))
+                 if address not in ("127.0.0.1", "localhost", "::1")]  # fmt: skip
+    if published and not options.tls and not options.insecure_http:
+        raise ServeError(f"{' and '.join(published)} would send keys and requests over the network in clear: give "
+                         "--tls-cert/--tls-key, or --tls auto (a CA and certificate made for this server), or say "
+                         "--insecure-http on purpose")  # fmt: skip
     busy = [f"{name} port {port}" for name, port in options.ports.items() if _port_in_use(port)]
     if busy:
         raise ServeError(f"{', '.join(busy)} already in use on 127.0.0.1 (another server?); choose other ports")
@@ -212,7 +243,7 @@ def start(options: ServeOptions, mars: list[Path], *, allow_empty: bool = False)
     worker is READY; start the key keeper. Return a client of the new server. `allow_empty`: a
     server with no model yet, which `dlops deploy` fills (the container's start)."""
     _check_can_start(options, mars, allow_empty=allow_empty)
-    state = options.state_dir.resolve()
+    state = private_dir(options.state_dir.resolve())  # its keys, config and logs: the owner's only
     for folder in ("logs", "tmp"):
         (state / folder).mkdir(parents=True, exist_ok=True)
     (state / "key_file.json").unlink(missing_ok=True)
@@ -226,20 +257,24 @@ def start(options: ServeOptions, mars: list[Path], *, allow_empty: bool = False)
     # The launcher leaves Java running with its output: send it to a file, not a pipe we would wait on.
     launch_log = state / "logs" / "launcher.log"
     with launch_log.open("w") as out:
+        # umask 077: what TorchServe writes (the key file it rewrites on every renewal, unpacked archives,
+        # logs) is its owner's only
         returncode = subprocess.run(command, cwd=state, env=_environment(state, options), stdout=out,
-                                    stderr=subprocess.STDOUT).returncode  # fmt: skip
+                                    stderr=subprocess.STDOUT, umask=0o077).returncode  # fmt: skip
     said = launch_log.read_text(errors="replace")
     pid = running_pid(state)
     if returncode != 0 or pid is None:
         raise ServeError(f"torchserve did not start: {said.strip()[-2000:]}")
-    urls = {api: local_url(getattr(options, f"{api}_address"), getattr(options, f"{api}_port"))
-            for api in ("inference", "management", "metrics")}  # fmt: skip
+    urls = {api: local_url(getattr(options, f"{api}_address"), getattr(options, f"{api}_port"), scheme)
+            for api, scheme in api_schemes(options).items()}  # fmt: skip
+    trusted = options.tls_ca or options.tls_cert  # what this machine's clients check the certificate against
     record = {"pid": pid, "urls": urls, "model_store": str(options.model_store.resolve()),
+              "ca": str(Path(trusted).resolve()) if trusted else None,
               "options": {k: str(v) for k, v in asdict(options).items()}}  # fmt: skip
     (state / SERVER_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     client = ServerClient.of(state)
     try:
-        wait_listening(client, timeout_s=options.timeout_s)
+        wait_listening(client, timeout_s=options.timeout_s, pid=pid)
         for mar in mars:
             wait_ready(client, *mar_identity(mar), timeout_s=options.timeout_s, log_offset=log_offset)
     except ServeError:
@@ -247,19 +282,27 @@ def start(options: ServeOptions, mars: list[Path], *, allow_empty: bool = False)
         raise
     if options.auth:
         _start_keeper(state, urls["management"], pid)
+    _say_started(options, urls, mars, state)
+    return client
+
+
+def _say_started(options: ServeOptions, urls: dict[str, str], mars: list[Path], state: Path) -> None:
     print(f"=> TorchServe is up: inference {urls['inference']}, management {urls['management']}, "
           f"metrics {urls['metrics']}; state dir {state}")  # fmt: skip
     published = {api: getattr(options, f"{api}_address") for api in ("inference", "metrics")}
     for api, address in published.items():
         if address != "127.0.0.1":
             print(f"=> the {api} API listens on {address}:{getattr(options, f'{api}_port')}"
+                  + (" over TLS" if options.tls else " in clear (--insecure-http)")
                   + (" (with its key: `dlops keys show` prints it for teammates)" if options.auth and
                      api == "inference" else ""))  # fmt: skip
+    if options.tls_ca:
+        print(f"=> TLS with the stack's own CA: clients elsewhere trust {Path(options.tls_ca).resolve()} (`dlops "
+              "predict --ca`, or REQUESTS_CA_BUNDLE)")  # fmt: skip
     print(f"=> models: {', '.join('{} version {}'.format(*mar_identity(m)) for m in mars)}; logs in {state / 'logs'}")
     if read_keys(state):
         print(f"=> token authorization is on; keys in {state / 'key_file.json'} (valid "
               f"{options.token_expiration_min:g} min, renewed at half-life while the server runs)")  # fmt: skip
-    return client
 
 
 def _start_keeper(state: Path, management_url: str, server_pid: int) -> None:
@@ -269,6 +312,7 @@ def _start_keeper(state: Path, management_url: str, server_pid: int) -> None:
             [sys.executable, str(Path(__file__).with_name("keys.py")), "keep", "--state-dir", str(state),
              "--management-url", management_url, "--server-pid", str(server_pid)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env=child_environment("torchserve"),
         )  # fmt: skip
     (state / "keeper.pid").write_text(str(keeper.pid))
 
@@ -293,10 +337,19 @@ def _poll(ready: Callable[[], bool], timeout_s: float) -> bool:
     return False
 
 
-def wait_listening(client: ServerClient, timeout_s: float) -> None:
+def wait_listening(client: ServerClient, timeout_s: float, pid: int | None = None) -> None:
     """Poll until the management API answers with the server's keys (a server with no model yet has no
-    worker to wait for)."""
-    if not _poll(lambda: client.management("GET", "/models", timeout_s=10).ok, timeout_s):
+    worker to wait for); stop at once when the server's process `pid` has ended (it says why in its log)."""
+
+    def listening() -> bool:
+        if pid is not None and not process_alive(pid):
+            said = (client.state_dir / "logs" / "launcher.log").read_text(errors="replace")
+            cause = [line for line in said.splitlines() if "Exception" in line or "Error" in line][-1:]
+            raise ServeError(f"TorchServe exited while starting: {' '.join(cause) or 'see its log'}; see "
+                             f"{client.state_dir / 'logs' / 'launcher.log'}")  # fmt: skip
+        return client.management("GET", "/models", timeout_s=10).ok
+
+    if not _poll(listening, timeout_s):
         raise ServeError(f"TorchServe did not answer within {timeout_s:.0f} s; see {client.state_dir / 'logs'}")
 
 
@@ -357,7 +410,7 @@ def stop(state_dir: Path, timeout_s: float = 60.0) -> str:
     pid = running_pid(state)
     if pid is None:
         return f"no TorchServe is running from {state}"
-    env = {**os.environ, "TMPDIR": str(state / "tmp"), "TEMP": str(state / "tmp")}
+    env = child_environment("torchserve", extra={"TMPDIR": str(state / "tmp"), "TEMP": str(state / "tmp")})
     result = subprocess.run([executable("torchserve"), "--stop"], cwd=state, env=env, capture_output=True,
                             text=True, timeout=timeout_s)  # fmt: skip
     deadline = time.monotonic() + timeout_s

@@ -199,7 +199,7 @@ def worker_pids(server: ServerClient, model: str) -> list[int]:
         ("lm", b'{"prompt": 7}', "application/json", 400, "'prompt' must be a string"),
         ("lm", b'{"max_words": "many"}', "application/json", 400, "'max_words' must be an integer"),
         ("lm", b'{"max_words": 100000}', "application/json", 400, "'max_words' must be between 1 and 500"),
-        ("lm", b'{"temperature": 0}', "application/json", 400, "'temperature' must be > 0"),
+        ("lm", b'{"temperature": 0}', "application/json", 400, "'temperature' must be >= 0.01"),
         ("lm", b'{"temperature": true}', "application/json", 400, "'temperature' must be a number"),
         ("lm", b'{"words": 3}', "application/json", 400, "unknown field"),
         ("lm", b'{"temperature": NaN}', "application/json", 400, "'temperature' is not a finite number"),

@@ -67,7 +67,8 @@ def team_server(module_tmp):
     process = subprocess.Popen(
         [sys.executable, "-m", "training.cli", "tracking-server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1", "--state-dir", str(root / "auth"), "--allowed-hosts", "machine"],
+         "--workers", "1", "--state-dir", str(root / "auth"), "--allowed-hosts", "machine",
+         "--artifact-store", "s3://team-bucket/models"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + 180
@@ -164,7 +165,7 @@ def test_a_refusal_is_reported_once_and_the_records_wait_for_sync(team_server, t
     assert pending > 10
 
     refused = dlops(team_server, teammates["alice"], "sync", run_dir)
-    assert refused.returncode == 1 and "HTTP 403" in refused.stderr and "set-role alice editor" in refused.stderr
+    assert refused.returncode == 1 and "HTTP 403" in refused.stderr and "set-role alice --role editor" in refused.stderr
     assert Journal(run_dir).pending == pending, "nothing delivered, nothing dropped"
 
     client_as(team_server, teammates["alice"])
@@ -212,3 +213,52 @@ def test_off_loopback_the_admin_password_must_be_given(tmp_path, monkeypatch):
     given = TrackingServer(backend_store_uri="sqlite:///x.db", artifacts_destination="a", host="0.0.0.0",
                            state_dir=tmp_path, admin_password_file=secret)  # fmt: skip
     assert admin_password(given) == ("from-a-secret-file", str(secret))
+
+
+def test_moving_an_alias_is_a_privilege_the_server_enforces(team_server, tmp_path):
+    """EDIT registers versions; moving @champion (what serves), renaming the model or rewriting a version's
+    recorded checkpoint digest needs the model's MANAGE right or the promoter role."""
+    admin = client_as(team_server, ADMIN)
+    admin.create_registered_model("team-prod")
+    run = admin.create_run(admin.create_experiment("team-prod-runs"))
+    admin.create_model_version("team-prod", source=f"{run.info.artifact_uri}/best.pt", run_id=run.info.run_id)
+    added = dlops(team_server, ADMIN, "users", "add", "carol", "--role", "editor")
+    assert added.returncode == 0, added.stdout + added.stderr
+    carol = ("carol", added.stdout.split("hand it over privately): ")[1].strip())
+    editor = client_as(team_server, carol)
+    editor.set_model_version_tag("team-prod", "1", "note", "an editor tags versions")
+    for refused in (lambda: editor.set_registered_model_alias("team-prod", "champion", "1"),
+                    lambda: editor.rename_registered_model("team-prod", "team-prod-old"),
+                    lambda: editor.set_model_version_tag("team-prod", "1", "checkpoint_sha256", "0" * 64)):  # fmt: skip
+        with pytest.raises(MlflowException) as error:
+            refused()
+        assert error.value.get_http_status_code() == 403
+    said = dlops(team_server, carol, "promote", "models:/team-prod/1", "--alias", "champion")
+    assert said.returncode == 1 and "HTTP 403" in said.stderr and "--role promoter" in said.stderr, said.stderr
+
+    granted = dlops(team_server, ADMIN, "users", "set-role", "carol", "--role", "promoter")
+    assert granted.returncode == 0, granted.stdout + granted.stderr
+    promoted = dlops(team_server, carol, "promote", "models:/team-prod/1", "--alias", "champion")
+    assert promoted.returncode == 0 and "@champion now points at team-prod/1" in promoted.stdout, promoted.stderr
+    assert admin.get_model_version_by_alias("team-prod", "champion").version == "1"
+
+
+def test_the_server_registers_versions_only_from_its_own_artifacts_or_a_listed_store(team_server):
+    admin = client_as(team_server, ADMIN)
+    admin.create_registered_model("team-sources")
+    foreign_sources = (
+        "http://127.0.0.1:9/planted/best.pt",
+        "s3://someone-elses-bucket/best.pt",
+        "s3://team-bucket/models-elsewhere/best.pt",
+        "mlflow-artifacts://10.9.9.9:5000/1/best.pt",
+    )
+    for foreign in foreign_sources:
+        with pytest.raises(MlflowException) as error:
+            admin.create_model_version("team-sources", source=foreign)
+        assert error.value.get_http_status_code() == 400, foreign
+    run = admin.create_run(admin.create_experiment("team-sources-runs"))
+    own = f"{run.info.artifact_uri}/best.pt"
+    assert own.startswith("mlflow-artifacts:/")
+    assert admin.create_model_version("team-sources", source=own, run_id=run.info.run_id).source == own
+    listed = "s3://team-bucket/models/best.pt"
+    assert admin.create_model_version("team-sources", source=listed).source == listed

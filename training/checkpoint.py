@@ -15,6 +15,7 @@ Version 1 (written until 2026-11) is read and converted; any other version is re
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import tempfile
@@ -45,6 +46,15 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (a checkpoint's identity across upload and download)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_checkpoint(path: Path | str, kind: str | None = None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from click.core import ParameterSource
 
 from release.deploy import DeployError
 from serving.keys import KeyFileError
+from serving.secrets import private_dir
 from serving.server import DEFAULT_TOKEN_EXPIRATION_MIN, ServeError
 from training import tracking, trainer
 from training.checkpoint import CheckpointError
@@ -148,9 +149,13 @@ def sync_command(path: Path) -> None:
 
 @main.command("tracking-server")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="address to bind; anything but loopback needs the admin's password given")  # fmt: skip
+              help="address to bind; anything but loopback needs the admin's password given, and TLS")  # fmt: skip
 @click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
-@click.option("--backend-store-uri", default=None, help="runs and models [default: SQLite in mlruns/]")
+@click.option("--backend-store-uri", envvar="MLFLOW_BACKEND_STORE_URI", default=None,
+              help="runs and models [default: SQLite in mlruns/]; with a password in it, give it in "
+              "$MLFLOW_BACKEND_STORE_URI (a command line is visible to every user of the machine)")  # fmt: skip
+@click.option("--database-password-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=None, help="the database password, for a --backend-store-uri given without one")  # fmt: skip
 @click.option("--artifacts-destination", default=None, help="where uploads go [default: mlruns/artifacts]")
 @click.option("--workers", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--admin-password-file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
@@ -165,16 +170,30 @@ def sync_command(path: Path) -> None:
               "--host is not loopback), or a comma list where `machine` stands for them; "
               "$MLFLOW_ALLOWED_HOSTS adds more")  # fmt: skip
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("mlruns/auth"),
-              show_default=True, help="the auth config, and the logins and generated password on SQLite")  # fmt: skip
-def tracking_server_command(**options: Any) -> None:
+              show_default=True, help="the auth config, the logins and generated password on SQLite, the "
+              "stack's TLS CA")  # fmt: skip
+@click.option("--tls", type=click.Choice(["off", "auto"]), default=None,
+              help="auto: a CA and certificate made for this stack (in --state-dir/tls) [default: off, or files "
+              "with --tls-cert]")  # fmt: skip
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="the server's certificate (PEM, with its chain)")  # fmt: skip
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="its private key (PEM)")  # fmt: skip
+@click.option("--insecure-http", is_flag=True, help="serve plain HTTP off loopback: logins cross the network in clear")
+@click.option("--artifact-store", "artifact_stores", multiple=True, metavar="URL",
+              help="a store model versions may also be registered from (s3://team-bucket/); "
+              "default: $DLOPS_ARTIFACT_STORES")  # fmt: skip
+def tracking_server_command(*, tls: str | None, **options: Any) -> None:
     """Run the team's MLflow tracking server with logins (MLflow's basic-auth app) until stopped."""
     from training.tracking.server import TrackingServer, run_server
+    from training.tracking.sources import artifact_stores
     from training.tracking.store import DEFAULT_STORE_DIR
 
-    store = DEFAULT_STORE_DIR.resolve()
-    store.mkdir(exist_ok=True)
+    store = private_dir(DEFAULT_STORE_DIR.resolve())
     options["backend_store_uri"] = options["backend_store_uri"] or f"sqlite:///{store / 'mlflow.db'}"
     options["artifacts_destination"] = options["artifacts_destination"] or str(store / "artifacts")
+    options["artifact_stores"] = tuple(artifact_stores(options["artifact_stores"]))
+    options["tls"] = tls or "off"
     sys.exit(run_server(TrackingServer(**options)))
 
 
@@ -185,9 +204,10 @@ def users() -> None:
 
 _role_option = click.option(
     "--role",
-    type=click.Choice(["reader", "editor"]),
+    type=click.Choice(["reader", "editor", "promoter"]),
     required=True,
-    help="reader: read everything; editor: also train, register and promote (never delete)",
+    help="reader: read everything; editor: also train and register (never delete, move no alias of another's "
+    "model); promoter: an editor who may also move any model's aliases (what serves)",
 )
 
 
@@ -269,8 +289,10 @@ def evaluate_command(checkpoint: str, data: Path, **settings: Any) -> None:
               help="the old name of --processes")  # fmt: skip
 @click.option(
     "--storage",
+    envvar="DLOPS_SWEEP_STORAGE",
     default=None,
-    help="Optuna storage URL shared by every process and machine [default: sqlite:///mlruns/optuna.db]",
+    help="Optuna storage URL shared by every process and machine [default: sqlite:///mlruns/optuna.db]; one "
+    "with a password goes in $DLOPS_SWEEP_STORAGE (a command line is visible to every user of the machine)",
 )
 @click.option("--study-name", default=None, help="default: derived from the command (the same command continues it)")
 @click.option("--seed", type=int, default=0, show_default=True, help="sampler seed (worker i uses seed + i)")
@@ -495,15 +517,63 @@ def package_command(*, kind: str, checkpoint: str | None, model_uri: str | None,
     help="the classifier's precision; auto: bf16 where the device has it natively (generation stays fp32)",
 )
 @click.option("--alias", default="serving", show_default=True, help="registry alias of the versions this server serves")
+@click.option(
+    "--tls",
+    type=click.Choice(["off", "auto"]),
+    default="off",
+    show_default=True,
+    help="auto: a CA and certificate made for this server (in --state-dir/tls), for the published APIs",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="the certificate the published APIs present (PEM, with its chain): `dlops tls init` makes one",
+)
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="its private key (PEM)")  # fmt: skip
+@click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="the CA clients trust the certificate by (recorded for this machine's clients)")  # fmt: skip
+@click.option("--insecure-http", is_flag=True, help="publish without TLS: keys and requests cross the network in clear")
 @_model_settings
-def serve_command(*, models: tuple[str, ...], no_auth: bool, alias: str, **options: Any) -> None:
-    """Start TorchServe (on 127.0.0.1 unless --inference-address publishes it) and wait until every model is
-    ready; it keeps its keys valid while it runs."""
+def serve_command(*, models: tuple[str, ...], no_auth: bool, alias: str, tls: str, **options: Any) -> None:
+    """Start TorchServe (on 127.0.0.1 unless --inference-address publishes it, over TLS) and wait until every
+    model is ready; it keeps its keys valid while it runs."""
     from release.deploy import serve
     from serving.server import ServeOptions
+    from serving.tls import certificate_names, server_tls
 
     settings = _settings(options)
+    published = {options["inference_address"], options["metrics_address"]} - {"127.0.0.1"}
+    files = server_tls(tls, cert=options["tls_cert"], key=options["tls_key"], ca=options["tls_ca"],
+                       directory=options["state_dir"] / "tls",
+                       names=certificate_names(tuple(a for a in published if a not in ("0.0.0.0", "::"))))  # fmt: skip
+    if files is not None:
+        options.update(tls_cert=files.cert, tls_key=files.key, tls_ca=files.ca)
     serve(ServeOptions(auth=not no_auth, **options), list(models), settings, alias)
+
+
+@main.group(cls=Group)
+def tls() -> None:
+    """Certificates for a stack whose servers leave loopback (MLflow, TorchServe)."""
+
+
+@tls.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", "names", multiple=True, metavar="NAME",
+              help="a name or address clients use besides loopback and this machine's (repeatable): a compose "
+              "service, a DNS alias")  # fmt: skip
+@click.option("--machine/--no-machine", default=True, show_default=True,
+              help="cover this machine's names and addresses too")  # fmt: skip
+def tls_init_command(*, directory: Path, names: tuple[str, ...], machine: bool) -> None:
+    """Make the stack's CA (once; kept in DIRECTORY) and a server certificate for every name clients use."""
+    from serving.tls import certificate_names, stack_certificates
+
+    covered = certificate_names(names, machine=machine)
+    files = stack_certificates(directory, covered)
+    click.echo(f"=> {files.cert} and {files.key} (owner-only) for {', '.join(covered)}")
+    click.echo(f"=> the CA: {files.ca}. Hand it to teammates: MLFLOW_TRACKING_SERVER_CERT_PATH={files.ca} for "
+               f"MLflow, `dlops predict --ca {files.ca}` (or REQUESTS_CA_BUNDLE) for TorchServe")  # fmt: skip
 
 
 @main.command("stop")

@@ -63,18 +63,28 @@ client_options = options(
         help="default: the one the server of --state-dir was started with",
     ),
     click.option("--url", envvar="DLOPS_INFERENCE_URL", default=None, metavar="URL",
-                 help="a server on another machine: its inference API, e.g. http://10.1.2.3:8080 (instead of "
+                 help="a server on another machine: its inference API, e.g. https://10.1.2.3:8080 (instead of "
                  "--state-dir) [env DLOPS_INFERENCE_URL]"),
     click.option("--key", envvar="DLOPS_INFERENCE_KEY", default=None,
-                 help="the inference key handed over with --url (`dlops keys show` on the server's machine) "
-                 "[env DLOPS_INFERENCE_KEY]"),
+                 help="the inference key handed over with --url (`dlops keys show` on the server's machine); "
+                 "better in its variable or --key-file than on a command line [env DLOPS_INFERENCE_KEY]"),
+    click.option("--key-file", envvar="DLOPS_INFERENCE_KEY_FILE", default=None,
+                 type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                 help="a file holding that key [env DLOPS_INFERENCE_KEY_FILE]"),
+    click.option("--ca", envvar="DLOPS_INFERENCE_CA", default=None,
+                 type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                 help="the CA an https --url's certificate is checked against (the stack's ca.pem) [default: "
+                 "$REQUESTS_CA_BUNDLE or $SSL_CERT_FILE, else the system's]"),
 )  # fmt: skip
 
 
-def server_client(*, state_dir: Path, inference_port: int | None, url: str | None, key: str | None) -> ServerClient:
+def server_client(*, state_dir: Path, inference_port: int | None, url: str | None, key: str | None,
+                  key_file: Path | None = None, ca: Path | None = None) -> ServerClient:  # fmt: skip
     """The client of --url with --key (another machine), else of the server started from --state-dir."""
+    if key_file is not None:
+        key = key_file.read_text(encoding="utf-8").strip()
     if url:
-        return ServerClient.remote(url, key)
+        return ServerClient.remote(url, key, cafile=ca)
     if key:
         raise click.UsageError("--key goes with --url (a server on this machine is reached through --state-dir)")
     return ServerClient.of(state_dir, inference=inference_port)

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from serving.secrets import child_environment
+
 
 @dataclass(kw_only=True, frozen=True)
 class ProcessGroup:
@@ -107,7 +109,7 @@ def launch(kind: str, config: Any, nproc_per_node: int, resume: Path | None = No
         if resume:
             command += ["--resume", str(resume)]
         print(f"=> launching {nproc_per_node} processes with torchrun: {' '.join(command[1:])}", flush=True)
-        process = subprocess.Popen(command)
+        process = subprocess.Popen(command, env=child_environment("training"))
         # SIGTERM (docker stop, Kubernetes, SLURM) reaches this launcher only: pass it on, so that torchrun
         # stops every worker the graceful way (training/stopping.py); exit as a stopped run does (143)
         received: list[int] = []

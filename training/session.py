@@ -26,7 +26,7 @@ from training.devices import DeviceChoice
 from training.jobs.base import HANDLERS, Job
 from training.plots import learning_curves
 from training.tracking.journal import write_atomic
-from training.tracking.registry import CHECKPOINT_ARTIFACT, save_mlflow_model
+from training.tracking.registry import CHECKPOINT_ARTIFACT, digest_tag, save_mlflow_model
 from training.tracking.tags import JOB_TAG, training_job
 
 LAST_NOTE = "last.json"
@@ -144,7 +144,7 @@ class TrainingSession:
             model_dir = build_mlflow_model(job, self.best, self.run_dir / "mlflow-model")
             self.run.log_model(model_dir, model_name, tags, step=best_epoch)
         else:
-            self.run.register_model(model_name, "checkpoints/best.pt", tags)
+            self.run.register_model(model_name, "checkpoints/best.pt", {**tags, **digest_tag(self.best)})
         self.registering = f"{model_name} ({', '.join(f'{k} {v}' for k, v in tags.items())})"
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -35,6 +33,7 @@ import optuna
 import yaml
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from serving.secrets import child_environment, redact
 from training import tracking
 from training.jobs import Job, job_for, make_config
 from training.options import cli_fields, display_flag
@@ -311,9 +310,9 @@ def _parent_run(spec: SweepSpec) -> str:
         return found[0].info.run_id
     tags = {SWEEP_ID: spec.study_name, "sweep_role": "parent", JOB_TAG: sweep_job(spec.kind)}
     run = client.create_run(experiment_id, run_name=spec.study_name, tags=tags)
-    storage = re.sub(r"//([^:/@]+):[^@]+@", r"//\1:***@", spec.storage)  # no password in a param
-    params = {"study_name": spec.study_name, "storage": storage, "sampler": spec.sampler, "pruner": spec.pruner,
-              "direction": spec.direction, "metric": spec.metric, "trials": spec.trials, "seed": spec.seed,
+    params = {"study_name": spec.study_name, "storage": redact(spec.storage), "sampler": spec.sampler,
+              "pruner": spec.pruner, "direction": spec.direction, "metric": spec.metric, "trials": spec.trials,
+              "seed": spec.seed,
               "space": json.dumps({d.name: d.describe() for d in spec.space}),
               "fixed": json.dumps({k: v for k, v in spec.fixed.items() if k != "tags"}, default=str)}  # fmt: skip
     tracking.DirectRun(client, run.info.run_id).log_params(params)
@@ -325,7 +324,7 @@ def _launch_workers(spec: SweepSpec, processes: int) -> list[int]:
     with tempfile.TemporaryDirectory() as tmp:
         spec_file = Path(tmp) / "sweep.json"
         spec_file.write_text(spec.to_json(), encoding="utf-8")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = child_environment("training", extra={"PYTHONUNBUFFERED": "1"})
         workers = [
             subprocess.Popen([sys.executable, "-m", "training.sweep", str(spec_file), str(worker)], env=env)
             for worker in range(processes)
@@ -364,11 +363,12 @@ def summarize(spec: SweepSpec) -> dict[str, Any]:
 def register_trial(spec: SweepSpec, run_id: str, tags: dict[str, str], client: Any) -> str:
     """Register a trial's best checkpoint as an MLflow model of its run (as a training run registers
     its own); the checkpoint is read from this machine's run folder, else from MLflow."""
-    if spec.job.serving.handler_class is None:  # a job without inference code: the checkpoint file itself
-        return tracking.register_model(run_id, "checkpoints/best.pt", spec.registered_model, tags, client)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(spec.fixed.get("out_dir", "runs")) / spec.study_name / run_id / "best.pt"
         checkpoint = local if local.is_file() else tracking.download_run_checkpoint(run_id, Path(tmp))
+        if spec.job.serving.handler_class is None:  # a job without inference code: the checkpoint file itself
+            return tracking.register_model(run_id, "checkpoints/best.pt", spec.registered_model,
+                                           {**tags, **registry.digest_tag(checkpoint)}, client)  # fmt: skip
         model_dir = build_mlflow_model(spec.job, checkpoint, Path(tmp) / "mlflow-model")
         step = int(client.get_run(run_id).data.metrics.get("best/epoch", 0))
         return registry.log_mlflow_model(
@@ -409,7 +409,7 @@ def run_sweep(spec: SweepSpec, *, processes: int) -> dict[str, Any]:
     study = open_study(spec)  # created here once, before any worker starts
     spec.parent_run_id = _parent_run(spec)
     study.set_user_attr("parent_run_id", spec.parent_run_id)
-    print(f"=> study {spec.study_name} in {spec.storage}: {_count(study, *FINISHED)} of {spec.trials} trials "
+    print(f"=> study {spec.study_name} in {redact(spec.storage)}: {_count(study, *FINISHED)} of {spec.trials} trials "
           f"done; optimizing {spec.metric} ({spec.direction}); MLflow parent run {spec.parent_run_id}",
           flush=True)  # fmt: skip
     if processes == 1:

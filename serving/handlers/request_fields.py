@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+MIN_TEMPERATURE = 0.01  # below it logits / temperature overflow to inf and sampling to NaN (1e-300 did)
+
 
 class BadRequest(Exception):
     """A request the handler refuses; `status` is the 4xx code answered to that request alone."""
@@ -82,7 +84,7 @@ GENERATION_FIELDS = (
         kind=float,
         default=1.0,
         help="sampling temperature; higher is more diverse",
-        low=0.01,  # below it the logits / temperature overflow to inf and sampling to NaN (1e-300 did)
+        low=MIN_TEMPERATURE,
         high=10.0,
     ),  # fmt: skip
     Field(

@@ -33,10 +33,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
-from training.checkpoint import load_checkpoint
+from serving.secrets import redact
+from training.checkpoint import file_sha256, load_checkpoint
 from training.tracking.journal import server_run_id
-from training.tracking.store import store_client, tracking_uri
-from training.tracking.tags import JOB_TAG, trained_kind
+from training.tracking.sources import check_location
+from training.tracking.store import refusals_explained, store_client, tracking_uri
+from training.tracking.tags import CHECKPOINT_DIGEST, JOB_TAG, trained_kind
 
 URI_PATTERN = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P<alias>[\w-]+))$")
 URI_FORMS = "models:/NAME/VERSION, models:/NAME@ALIAS or models:/NAME/latest"
@@ -87,30 +89,53 @@ def resolve(uri: str, client: MlflowClient | None = None) -> ModelVersion:
         if ref.latest:
             versions = client.search_model_versions(f"name = '{ref.name}'")
             if not versions:
-                raise RegistryError(f"{uri}: model {ref.name!r} has no versions in {tracking_uri()}")
+                raise RegistryError(f"{uri}: model {ref.name!r} has no versions in {redact(tracking_uri())}")
             return max(versions, key=lambda v: int(v.version))
         return client.get_model_version(ref.name, ref.version)
     except MlflowException as e:
-        raise RegistryError(f"{uri}: not in the registry of {tracking_uri()} ({e.message})") from e
+        raise RegistryError(f"{uri}: not in the registry of {redact(tracking_uri())} ({e.message})") from e
 
 
 def _is_mlflow_model(version: ModelVersion) -> bool:
     return bool(version.model_id) or version.source.startswith("models:/")
 
 
-def download_checkpoint(uri: str, workdir: Path) -> tuple[Path, ModelVersion]:
-    """A local checkpoint of the version `uri` names: the MLflow model's inference checkpoint, or
-    (versions of earlier releases) the run's checkpoints/best.pt."""
-    client = store_client()
-    version = resolve(uri, client)
+def checkpoint_location(version: ModelVersion, client: MlflowClient) -> str:
+    """Where the version's checkpoint file lives, resolved to a store URI: the MLflow model's inference
+    checkpoint, or (versions of earlier releases and jobs without serving) the registered file."""
     if _is_mlflow_model(version):
         model_id = version.model_id or version.source.removeprefix("models:/")
         location = client.get_logged_model(model_id).artifact_location
-        artifact = f"{location.rstrip('/')}/artifacts/{CHECKPOINT_ARTIFACT}.pt"
-    else:
-        artifact = version.source
-    path = mlflow.artifacts.download_artifacts(artifact_uri=artifact, dst_path=str(workdir))
-    return Path(path), version
+        return f"{location.rstrip('/')}/artifacts/{CHECKPOINT_ARTIFACT}.pt"
+    if version.source.startswith("runs:/"):
+        run_id, _, path = version.source.removeprefix("runs:/").partition("/")
+        return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
+    return version.source
+
+
+def download_checkpoint(uri: str, workdir: Path) -> tuple[Path, ModelVersion]:
+    """A local checkpoint of the version `uri` names, fetched only from the tracking server or a trusted
+    store (tracking/sources.py) and checked against the SHA-256 recorded when it was registered."""
+    client = store_client()
+    version = resolve(uri, client)
+    label = f"{version.name}/{version.version}"
+    artifact = checkpoint_location(version, client)
+    check_location(artifact, tracking_uri=tracking_uri(), version=label)
+    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact, dst_path=str(workdir)))
+    recorded = version.tags.get(CHECKPOINT_DIGEST)
+    if recorded is None:
+        print(f"=> model version {label} has no recorded {CHECKPOINT_DIGEST} (registered before dlops recorded "
+              "one): its checkpoint cannot be checked", flush=True)  # fmt: skip
+    elif (actual := file_sha256(path)) != recorded:
+        raise RegistryError(f"model version {label}: the checkpoint downloaded from {artifact} has SHA-256 "
+                            f"{actual[:16]}..., not the {recorded[:16]}... recorded when it was registered: its "
+                            "files changed since. Refusing to use it")  # fmt: skip
+    return path, version
+
+
+def digest_tag(checkpoint: Path) -> dict[str, str]:
+    """The version tag that records `checkpoint`'s SHA-256 (checked at every download)."""
+    return {CHECKPOINT_DIGEST: file_sha256(checkpoint)}
 
 
 def local_checkpoint(source: str | Path, workdir: Path) -> tuple[Path, ModelVersion | None]:
@@ -242,7 +267,8 @@ def log_mlflow_model(client: MlflowClient, run_id: str, model_dir: Path, *, regi
     for existing in client.search_model_versions(f"run_id = '{run_id}'"):
         if existing.name == registered_name and existing.source == source:
             return existing.version
-    version = client.create_model_version(registered_name, source=source, run_id=run_id, tags=dict(tags),
+    tags = {**tags, **digest_tag(model_dir / "artifacts" / f"{CHECKPOINT_ARTIFACT}.pt")}
+    version = client.create_model_version(registered_name, source=source, run_id=run_id, tags=tags,
                                           model_id=logged.model_id)  # fmt: skip
     return version.version
 
@@ -281,7 +307,13 @@ class Promotion:
 
 def promote(uri: str, alias: str, *, metric: str | None = None, higher_is_better: bool = True) -> Promotion:
     """Point `alias` at the version `uri` names; with `metric`, only when the version's value beats
-    the current holder's (which way is better: `higher_is_better`)."""
+    the current holder's (which way is better: `higher_is_better`). A server that refuses (moving an
+    alias is a privilege there) is a TrackingRefused saying who may."""
+    with refusals_explained(tracking_uri()):
+        return _promote(uri, alias, metric=metric, higher_is_better=higher_is_better)
+
+
+def _promote(uri: str, alias: str, *, metric: str | None, higher_is_better: bool) -> Promotion:
     client = store_client()
     version = resolve(uri, client)
     name = f"{version.name}/{version.version}"
@@ -308,6 +340,11 @@ def promote(uri: str, alias: str, *, metric: str | None = None, higher_is_better
 def record_event(name: str, version: str, event: str, alias: str | None = None) -> None:
     """Note a deploy event on a version as a tag `deploy.<UTC time>` (the deploy history), and move
     `alias` to it when given (the version now serving)."""
+    with refusals_explained(tracking_uri()):
+        _record_event(name, version, event, alias)
+
+
+def _record_event(name: str, version: str, event: str, alias: str | None) -> None:
     client = store_client()
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     existing = client.get_model_version(name, version).tags

@@ -25,6 +25,7 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.utils.mlflow_tags import MLFLOW_USER
 from torch.utils.tensorboard import SummaryWriter
 
+from serving.secrets import redact
 from training.tracking.journal import Journal
 from training.tracking.sender import Delivery, Sender, http_client_settings
 from training.tracking.store import (
@@ -208,7 +209,8 @@ def _start_journal(
         state = journal.state() or journal.update_state(run_id=saved_run_id, experiment=experiment, tracking_uri=uri)
         run_id = state.get("run_id") or state.get("local_id")
         if not offline and state.get("run_id") and find_run(state["run_id"]) is None:
-            raise RuntimeError(f"run {state['run_id']} named in the checkpoint is not in the tracking store {uri}")
+            raise RuntimeError(f"run {state['run_id']} named in the checkpoint is not in the tracking store "
+                               f"{redact(uri)}")  # fmt: skip
         journal.append("status", status="RUNNING")
         return journal, run_id
     if offline:
@@ -287,7 +289,7 @@ def _finish_delivery(journal: Journal, sender: Sender | None, uri: str, timeout_
             print(f"=> {sender.refused}. {journal.pending} records are kept in {journal.dir}; once that is fixed, "
                   f"deliver them with: dlops sync {run_dir}", flush=True)  # fmt: skip
         elif not delivered:
-            print(f"=> the tracking server at {uri} did not take the run within {timeout_s:g} s "
+            print(f"=> the tracking server at {redact(uri)} did not take the run within {timeout_s:g} s "
                   f"({sender.last_error}); {journal.pending} records are kept in {journal.dir}. Deliver them "
                   f"with: dlops sync {run_dir}", flush=True)  # fmt: skip
     journal.close()

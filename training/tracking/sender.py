@@ -23,6 +23,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from serving.secrets import redact
 from training.tracking.journal import Journal
 from training.tracking.registry import log_mlflow_model
 from training.tracking.store import (
@@ -88,14 +89,17 @@ class Delivery:
         elif op == "metrics":
             self._metrics(run_id, record)
         elif op == "artifact":
-            self._artifact(run_id, Path(record["path"]), record.get("artifact_path"))
+            if path := self._inside_run(record["path"], op):
+                self._artifact(run_id, path, record.get("artifact_path"))
         elif op == "artifact_dir":
-            if Path(record["path"]).is_dir():
-                client.log_artifacts(run_id, record["path"], record.get("artifact_path"))
+            if (path := self._inside_run(record["path"], op)) and path.is_dir():
+                client.log_artifacts(run_id, str(path), record.get("artifact_path"))
         elif op == "text":
-            text = (self.journal.dir / "spool" / record["spool"]).read_text(encoding="utf-8")
-            client.log_text(run_id, text, record["artifact_file"])
+            if spooled := self._inside_run(self.journal.dir / "spool" / record["spool"], op):
+                client.log_text(run_id, spooled.read_text(encoding="utf-8"), record["artifact_file"])
         elif op in ("register", "log_model"):
+            if op == "log_model" and not self._inside_run(record["path"], op):
+                return
             if op == "register":
                 version = register_model(run_id, record["artifact_path"], record["name"], record["tags"], client)
             else:
@@ -130,6 +134,16 @@ class Delivery:
                                          run_name=record.get("run_name"))  # fmt: skip
             run_id = run.info.run_id
         self.journal.update_state(run_id=run_id, tracking_uri=self.uri)
+
+    def _inside_run(self, path: str | Path, op: str) -> Path | None:
+        """`path` when it lies inside the run's folder, else None (said): a journal is data, and one planted
+        in a shared runs/ folder must not upload files from elsewhere (`spool/../../x`, /home/...)."""
+        run_dir = self.journal.dir.parent.resolve()
+        resolved = Path(path).resolve()
+        if resolved == run_dir or run_dir in resolved.parents:
+            return resolved
+        print(f"warning: a {op} record of {run_dir} names {path}, outside the run folder: not uploaded", flush=True)
+        return None
 
     def _metrics(self, run_id: str, record: dict[str, Any]) -> None:
         step, values = record["step"], dict(record["metrics"])
@@ -198,7 +212,7 @@ class Sender(threading.Thread):
         while journal.pending > 0 and time.monotonic() < deadline and self.refused is None:
             if time.monotonic() >= next_report:
                 why = f" (last error: {self.last_error})" if self.last_error else ""
-                say(f"=> delivering tracking records to {self.delivery.uri}: {journal.pending} left{why}")
+                say(f"=> delivering tracking records to {redact(self.delivery.uri)}: {journal.pending} left{why}")
                 next_report += 5.0
             time.sleep(0.1)
         return journal.pending == 0

@@ -13,10 +13,10 @@ import getpass
 import importlib.metadata
 import os
 import platform
+import ssl
 import subprocess
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +29,9 @@ from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_USER
+
+from serving.secrets import private_dir, redact
+from serving.tls import CA_VARIABLES, urlopen
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_STORE_DIR = Path("mlruns")
@@ -70,14 +73,14 @@ def explain_refusal(uri: str, error: MlflowException, status: int) -> str:
         what = (f"refused the login of {who!r} (wrong password?)" if who else
                 "asks for a login and none was given")  # fmt: skip
         return (
-            f"the MLflow tracking server {uri} {what} (HTTP 401: {said}). Set MLFLOW_TRACKING_USERNAME and "
+            f"the MLflow tracking server {redact(uri)} {what} (HTTP 401: {said}). Set MLFLOW_TRACKING_USERNAME and "
             "MLFLOW_TRACKING_PASSWORD to your login; the server's admin creates it with `dlops users add NAME`"
         )
     if status == 403:
-        return (f"the MLflow tracking server {uri} refused user {login_name()!r} (HTTP 403: {said}): no permission "
-                "for this experiment or model. The server's admin grants it: `dlops users set-role "
-                f"{login_name()} editor`")  # fmt: skip
-    return f"the MLflow tracking server {uri} refused the request (HTTP {status}): {said}"
+        return (f"the MLflow tracking server {redact(uri)} refused user {login_name()!r} (HTTP 403: {said}): no "
+                "permission for this experiment or model. The server's admin grants it: `dlops users set-role "
+                f"{login_name()} --role editor` (moving an alias: --role promoter)")  # fmt: skip
+    return f"the MLflow tracking server {redact(uri)} refused the request (HTTP {status}): {said}"
 
 
 @contextmanager
@@ -105,7 +108,7 @@ def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    DEFAULT_STORE_DIR.mkdir(exist_ok=True)
+    private_dir(DEFAULT_STORE_DIR)  # runs, models and artifacts: the owner's only
     return f"sqlite:///{(DEFAULT_STORE_DIR / 'mlflow.db').resolve()}"
 
 
@@ -138,6 +141,10 @@ def initialize_store(uri: str) -> None:
         client = MlflowClient(uri)
         client.search_experiments(max_results=1)  # the tracking tables
         client.search_registered_models(max_results=1)  # the registry tables
+        # owner-only: the database (SQLite gives its journals the same mode) and the artifacts beside it;
+        # the folder around them may be anyone's (/tmp), so it is left as it is
+        database.chmod(0o600)
+        private_dir(Path(uri.removeprefix("sqlite:///")).parent / "artifacts")
     _initialized.add(uri)
 
 
@@ -148,15 +155,21 @@ def check_reachable(uri: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=min(3.0, timeout_s)):
+            with urlopen(f"{uri.rstrip('/')}/health", timeout=min(3.0, timeout_s)):  # verifies TLS (serving/tls.py)
                 return
         except urllib.error.HTTPError:
             return  # it answers; /health may be routed elsewhere behind a proxy
         except OSError as e:
+            if isinstance(getattr(e, "reason", e), ssl.SSLError):  # it answers, with a certificate not trusted here
+                raise TrackingUnavailable(
+                    f"the MLflow tracking server {redact(uri)} presents a certificate this machine does not trust "
+                    f"({getattr(e, 'reason', e)}): set MLFLOW_TRACKING_SERVER_CERT_PATH to the CA the server's "
+                    f"admin hands over (its stack's ca.pem); read in this order: {', '.join(CA_VARIABLES)}"
+                ) from e
             if time.monotonic() + 1 > deadline:
                 raise TrackingUnavailable(
-                    f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: {e}. Start it, point "
-                    "MLFLOW_TRACKING_URI at a running one, or train with --offline (DLOPS_OFFLINE=1) and deliver "
+                    f"the MLflow tracking server {redact(uri)} (MLFLOW_TRACKING_URI) is unreachable: {e}. Start it, "
+                    "point MLFLOW_TRACKING_URI at a running one, or train with --offline (DLOPS_OFFLINE=1) and deliver "
                     "the run later with `dlops sync RUN_DIR`"
                 ) from e
             time.sleep(1.0)

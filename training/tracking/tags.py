@@ -6,6 +6,10 @@ sweep_id       the sweep (Optuna study) a trial or parent belongs to
 comparison_id  the device benchmark a run belongs to (bench_config: its configuration)
 source_run_id  the training run an evaluation evaluated (source_run_a/_b: a comparison's two)
 stop_reason    why the run ended, for people
+
+And one model-version tag:
+checkpoint_sha256  the SHA-256 of the version's checkpoint file, recorded when it is registered;
+                   `dlops package` and `dlops deploy` refuse a download that does not match it
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ COMPARISON_ID, BENCH_CONFIG = "comparison_id", "bench_config"
 SOURCE_RUN_TAG = "source_run_id"
 STOP_REASON = "stop_reason"
 TRAIN_PREFIX, SWEEP_PREFIX = "train-", "sweep-"
+CHECKPOINT_DIGEST = "checkpoint_sha256"
 
 
 def training_job(kind: str) -> str:

@@ -1,12 +1,15 @@
 """Teammates on the tracking server: logins and their rights, through MLflow's own auth API.
 
     dlops users add alice --role editor      # as the admin (MLFLOW_TRACKING_USERNAME=admin ...)
-    dlops users set-role alice reader
+    dlops users set-role alice --role reader
 
-Two roles, each a role of MLflow's auth app in its default workspace that holds one permission on
+Three roles, each a role of MLflow's auth app in its default workspace that holds one permission on
 every experiment and registered model ("*"):
-    reader  READ: search and open runs, models and artifacts; change nothing
-    editor  EDIT: also start runs, log to them, register versions, move aliases; delete nothing
+    reader    READ: search and open runs, models and artifacts; change nothing
+    editor    EDIT: also start runs, log to them, register versions; delete nothing, move no alias
+              of a model it did not create
+    promoter  an editor who may also move any model's aliases (what serves): the server checks the
+              role itself (training/tracking/auth_app.py)
 Deleting (and granting) stays with each resource's creator (MANAGE) and the admin.
 """
 
@@ -18,11 +21,17 @@ from dataclasses import dataclass
 from mlflow.exceptions import MlflowException
 from mlflow.server.auth.client import AuthServiceClient
 
+from serving.secrets import redact
 from training.tracking.store import refusals_explained, tracking_uri
 
 WORKSPACE = "default"
 RESOURCES = ("experiment", "registered_model")
-ROLES = {"reader": "READ", "editor": "EDIT"}
+ROLES = {"reader": "READ", "editor": "EDIT", "promoter": "EDIT"}
+
+
+def role_name(role: str) -> str:
+    """The MLflow role that stands for dlops role `role` (the auth app checks dlops-promoter by name)."""
+    return f"dlops-{role}"
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -35,7 +44,7 @@ class NewUser:
 
 def _role_id(client: AuthServiceClient, role: str) -> int:
     """The id of MLflow role `dlops-<role>`, created with its permissions on first use."""
-    name = f"dlops-{role}"
+    name = role_name(role)
     for existing in client.list_roles(WORKSPACE):
         if existing.name == name:
             return existing.id
@@ -67,7 +76,7 @@ def add_user(name: str, role: str, password: str | None = None, uri: str | None 
     """Create login `name` with `password` (or a random one) and the rights of `role`."""
     uri = uri or tracking_uri()
     if not uri.startswith(("http://", "https://")):
-        raise ValueError(f"users live on a tracking server with logins; MLFLOW_TRACKING_URI is {uri}")
+        raise ValueError(f"users live on a tracking server with logins; MLFLOW_TRACKING_URI is {redact(uri)}")
     generated = password is None
     password = password or secrets.token_urlsafe(12)
     with refusals_explained(uri):
@@ -75,7 +84,7 @@ def add_user(name: str, role: str, password: str | None = None, uri: str | None 
             AuthServiceClient(uri).create_user(name, password)
         except MlflowException as e:
             if e.error_code == "RESOURCE_ALREADY_EXISTS":
-                raise ValueError(f"user {name!r} exists already on {uri}; `dlops users set-role` changes "
+                raise ValueError(f"user {name!r} exists already on {redact(uri)}; `dlops users set-role` changes "
                                  "their rights") from e  # fmt: skip
             raise
     set_role(name, role, uri)

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from serving.handlers.request_fields import GENERATION_FIELDS
+from serving.handlers.request_fields import GENERATION_FIELDS, MIN_TEMPERATURE
 from serving.handlers.request_fields import click_options as generation_field_options
 from training.clitools import CHECKPOINT, client_options, server_client, show_answer
 from training.jobs.lm import LMJob
@@ -18,7 +18,8 @@ from training.jobs.lm import LMJob
 @click.option("--checkpoint", required=True, type=CHECKPOINT, help="a checkpoint file or a model URI")
 @click.option("--prompt", default="", help="text to continue; words outside the vocabulary become <unk>")
 @click.option("--words", type=click.IntRange(1), default=1000, show_default=True)
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="> 0; higher is more diverse")
+@click.option("--temperature", type=click.FloatRange(min=MIN_TEMPERATURE), default=1.0, show_default=True,
+              help="higher is more diverse")  # fmt: skip
 @click.option("--seed", type=int, default=1111, show_default=True)
 @click.option(
     "--outf", type=click.Path(dir_okay=False, path_type=Path), default=Path("generated.txt"), show_default=True
@@ -29,8 +30,6 @@ def generate_command(checkpoint: str, **options: Any) -> None:
     """Generate text from a language-model checkpoint (written as UTF-8)."""
     from training.jobs.lm.generate import generate
 
-    if options["temperature"] <= 0:
-        raise click.BadParameter(f"must be > 0, got {options['temperature']}", param_hint="--temperature")
     generate(checkpoint, **options)
 
 
@@ -39,9 +38,10 @@ def generate_command(checkpoint: str, **options: Any) -> None:
 @click.option("--model", default=LMJob.serving.name, show_default=True, help="the served model's name")
 @generation_field_options(GENERATION_FIELDS)  # the server's own request fields, ranges and defaults
 def generate_http_command(*, state_dir: Path, inference_port: int | None, url: str | None, key: str | None,
-                          model: str, **request: Any) -> None:  # fmt: skip
+                          key_file: Path | None, ca: Path | None, model: str, **request: Any) -> None:  # fmt: skip
     """Generate text with the served language model (HTTP client)."""
-    client = server_client(state_dir=state_dir, inference_port=inference_port, url=url, key=key)
+    client = server_client(state_dir=state_dir, inference_port=inference_port, url=url, key=key, key_file=key_file,
+                           ca=ca)  # fmt: skip
     show_answer(client.predict_fields(model, {k: v for k, v in request.items() if v is not None}))
 
 

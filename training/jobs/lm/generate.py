@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from serving.handlers.request_fields import MIN_TEMPERATURE
 from training import tracking
 from training.data.text import batchify, load_corpus
 from training.devices import choose_device
@@ -30,8 +31,8 @@ def generate(
     device: str = "cpu",
 ) -> dict:
     """Sample `words` words after `prompt`, write them to `outf`, log them to the checkpoint's run."""
-    if temperature <= 0:
-        raise ValueError(f"--temperature must be > 0, got {temperature}")
+    if not temperature >= MIN_TEMPERATURE:  # NaN too
+        raise ValueError(f"--temperature must be >= {MIN_TEMPERATURE}, got {temperature}")
     state, _ = registry.load_source(checkpoint, kind="lm")  # always loads onto the CPU first
     choice = choose_device(device)
     model = lm_from_checkpoint(state).to(choice.device)

@@ -8,7 +8,6 @@ Configurations this machine cannot run are listed as skipped, with the reason.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import uuid
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from serving.secrets import child_environment
 from training import tracking
 
 
@@ -85,7 +85,7 @@ def run_config(
         "--tag", f"comparison_id={comparison}", "--tag", f"bench_config={config.name}", *train_args,
     ]  # fmt: skip
     print(f"=> {config.name} with {workers} loader workers: {' '.join(command[2:])}", flush=True)
-    result = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    result = subprocess.run(command, env=child_environment("training", extra={"PYTHONUNBUFFERED": "1"}))
     if result.returncode != 0:
         row.skipped = f"training failed (exit {result.returncode})"
         return row
