@@ -9,9 +9,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -31,6 +33,47 @@ def free_port() -> int:
 
 
 ADMIN = ("admin", "postgres-admin-passphrase")
+SERVERS: dict[str, dict] = {}  # the fixture's server process and state dir, by URL
+
+
+def without_password(uri: str) -> str:
+    parts = urllib.parse.urlsplit(uri)
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}@{parts.hostname}:{parts.port}"))
+
+
+def database_password() -> list[str]:
+    """The password as the URI writes it and as it is."""
+    encoded = urllib.parse.urlsplit(POSTGRES_URI).password
+    return [encoded, urllib.parse.unquote(encoded)]
+
+
+def test_the_database_password_is_in_no_command_line_and_no_output(mlflow_server, tmp_path):
+    """The server's whole process tree (dlops, mlflow, uvicorn's workers) shows no password in its command
+    line; the auth config that names the logins' database is owner-only; a sweep whose Optuna storage
+    carries the password (given in $DLOPS_SWEEP_STORAGE) prints and logs it redacted."""
+    server = psutil.Process(SERVERS[mlflow_server]["process"].pid)
+    for process in (server, *server.children(recursive=True)):
+        line = " ".join(process.cmdline())
+        assert not [p for p in database_password() if p in line], line
+    config = SERVERS[mlflow_server]["state"] / "basic_auth.ini"
+    assert config.stat().st_mode & 0o777 == 0o600 and SERVERS[mlflow_server]["state"].stat().st_mode & 0o777 == 0o700
+
+    corpus = write_synthetic_corpus(tmp_path / "corpus", 200, 30, 30)
+    study = f"pg-secret-{SESSION}"
+    result = subprocess.run(
+        [sys.executable, "-m", "training.cli", "sweep", "lm", str(corpus), "--trials", "1", "--param",
+         "lr=choice:5", "--study-name", study, "--", "--epochs", "1", "--emsize", "8", "--nhid", "8", "--nlayers", "1",
+         "--bptt", "10", "--out-dir", str(tmp_path / "runs"), "--experiment", study],
+        env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "DLOPS_SWEEP_STORAGE": POSTGRES_URI + "_optuna"},
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    said = result.stdout + result.stderr
+    assert result.returncode == 0, said[-3000:]
+    assert "dlops_ci:***@" in said and not [p for p in database_password() if p in said]
+    parent = MlflowClient(mlflow_server).search_runs(
+        [MlflowClient(mlflow_server).get_experiment_by_name(study).experiment_id], "tags.sweep_role = 'parent'"
+    )[0]
+    assert parent.data.params["storage"].startswith("postgresql://dlops_ci:***@")
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +84,13 @@ def mlflow_server(module_tmp):
         pytest.skip("DLOPS_TEST_POSTGRES_URI is not set (.ci/run starts PostgreSQL and sets it)")
     port = free_port()
     log = module_tmp.mktemp("mlflow-server") / "server.log"
+    # the database's password in a secret file, the URI without it: neither shows in any command line
+    password_file = log.parent / "postgres_password"
+    password_file.write_text(urllib.parse.unquote(urllib.parse.urlsplit(POSTGRES_URI).password) + "\n")
     command = [
-        sys.executable, "-m", "training.cli", "tracking-server", "--backend-store-uri", POSTGRES_URI,
-        "--artifacts-destination", str(log.parent / "artifacts"), "--port", str(port), "--workers", "1",
-        "--state-dir", str(log.parent / "auth"),
+        sys.executable, "-m", "training.cli", "tracking-server", "--backend-store-uri", without_password(POSTGRES_URI),
+        "--database-password-file", str(password_file), "--artifacts-destination", str(log.parent / "artifacts"),
+        "--port", str(port), "--workers", "1", "--state-dir", str(log.parent / "auth"),
     ]  # fmt: skip
     env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1]}
     with log.open("w") as out:
@@ -56,6 +102,7 @@ def mlflow_server(module_tmp):
             pytest.fail(f"tracking-server did not start: {log.read_text()[-3000:]}")
         time.sleep(1)
     os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = ADMIN  # this module's clients
+    SERVERS[f"http://127.0.0.1:{port}"] = {"process": server, "state": log.parent / "auth"}
     yield f"http://127.0.0.1:{port}"
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         os.environ.pop(name, None)

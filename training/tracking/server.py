@@ -194,7 +194,8 @@ def write_auth_config(server: TrackingServer) -> Path:
         "[mlflow]\n"
         "# rights of a logged-in user on what no grant covers: read everything, change nothing\n"
         "default_permission = READ\n"
-        f"database_uri = {auth_database(server)}\n"
+        # configparser reads %(name)s as a reference: a percent-encoded password's % is written %%
+        f"database_uri = {auth_database(server).replace('%', '%%')}\n"
         f"admin_username = {ADMIN}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
     )
