@@ -37,20 +37,28 @@ MLFLOW_BACKEND_URI ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
 MLFLOW_ARTIFACTS   ?= $(CURDIR)/mlruns/artifacts
 TB_PORT     ?= 6006
 
-.PHONY: mlflow-server screenshots gpu-check doctor sync report
+.PHONY: mlflow-server screenshots gpu-check doctor sync report lock
 .PHONY: promote deploy rollback docker-bases docker-check
 .PHONY: setup demo train-resnet evaluate train-lm generate package serve stop predict generate-http mlflow-ui \
 	tensorboard test lint format clean
 
 setup: $(STAMP)
 
+# Every package comes from requirements.lock and must match one of its SHA-256 hashes (pip itself
+# included); the project is installed from this folder with the lock's setuptools, nothing else fetched.
 $(STAMP): requirements.lock pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11 is required (python3.11 not found)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.lock
-	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip install --quiet --require-hashes -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $@
+
+# After changing a pin in requirements.in: the hashed locks, for this project and its serving image
+PIP_COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe \
+	--strip-extras --no-annotate --no-emit-index-url --no-emit-find-links
+lock: setup
+	$(PIP_COMPILE) -o requirements.lock requirements.in
+	$(PIP_COMPILE) -c requirements.in -o docker/serve.lock docker/serve.in
 
 data/synthetic/wnids.txt: | $(STAMP)
 	$(DLOPS) data synth data/synthetic --classes 10 --train-per-class 100 --val-per-class 20

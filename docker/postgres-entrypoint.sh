@@ -1,11 +1,14 @@
 #!/bin/sh
 # Entry point of the stand-in PostgreSQL image (Dockerfile.postgres): on an empty data folder, create
-# the cluster, POSTGRES_USER with POSTGRES_PASSWORD and the database POSTGRES_DB, as the official
-# image does; then run the server in the foreground, accepting password logins from the network.
+# the cluster, POSTGRES_USER with POSTGRES_PASSWORD (or the file POSTGRES_PASSWORD_FILE names) and the
+# database POSTGRES_DB, as the official image does; then run the server in the foreground, accepting
+# password logins from the network.
 set -eu
 BIN=$(ls -d /usr/lib/postgresql/*/bin | tail -n 1)
 SERVER_OPTIONS="-c port=5432 -c unix_socket_directories=/var/run/postgresql"
-: "${POSTGRES_USER:=postgres}" "${POSTGRES_DB:=$POSTGRES_USER}" "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD}"
+if [ -n "${POSTGRES_PASSWORD_FILE:-}" ]; then POSTGRES_PASSWORD=$(cat "$POSTGRES_PASSWORD_FILE"); fi
+: "${POSTGRES_USER:=postgres}" "${POSTGRES_DB:=$POSTGRES_USER}"
+: "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD or POSTGRES_PASSWORD_FILE}"
 
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
     password_file=$(mktemp)

@@ -1,6 +1,8 @@
 """`make docker-check`: build both images, start the compose stack, and run the team's loop across it.
 
-    the MLflow server starts with logins (its admin's password a secret file) -> the admin adds a
+    the stack's secrets are made (the admin's and PostgreSQL's passwords, a CA and a certificate for
+    every name: `dlops tls init`) -> MLflow and TorchServe answer over TLS only, and PostgreSQL is out
+    of TorchServe's reach -> the MLflow server starts with logins -> the admin adds a
     teammate with editor rights -> train as that teammate (in the trainer container, against the
     MLflow server on PostgreSQL; the MLflow container is restarted once mid-training) -> registered
     MLflow model -> `dlops deploy` from the host to the running TorchServe container (no restart) ->
@@ -20,6 +22,7 @@ The stack publishes 127.0.0.1:5000 (MLflow) and 8080-8082 (TorchServe): they mus
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import secrets
@@ -33,13 +36,17 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from training.tracking.server import machine_hosts
+from serving.secrets import private_dir
+from serving.tls import machine_hosts, urlopen
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
 STATE = DOCKER / "state"
 PROJECT = "dlops-check"
-OFFICIAL = {"python": "python:3.11.7-slim-bookworm", "postgres": "postgres:16-bookworm"}
+OFFICIAL = {
+    "python": "python:3.11.7-slim-bookworm@sha256:cfd7ed5c11a88ce533d69a1da2fd932d647f9eb6791c5b4ddce081aedf7f7876",
+    "postgres": "postgres:16-bookworm@sha256:efedf3595f1d6f415c08568ba171029bf54052e754cc9f030e3f2412b21f3d67",
+}
 STAND_INS = {"python": "local/bookworm-python:3.11", "postgres": "local/postgres:15-bookworm"}
 PORTS = (5000, 8080, 8081, 8082)
 times: dict[str, float] = {}
@@ -129,11 +136,11 @@ def build(bases: dict[str, str]) -> dict[str, float]:
     return sizes
 
 
-def wait_http(url: str, timeout_s: float, what: str) -> None:
+def wait_http(url: str, timeout_s: float, what: str, ca: Path | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=5):
+            with urlopen(url, timeout=5, cafile=ca):
                 return
         except urllib.error.HTTPError:
             return  # it answers
@@ -146,14 +153,42 @@ def dlops(*args: str, env: dict | None = None, capture: bool = False) -> subproc
     return sh(sys.executable, "-m", "training.cli", *args, env=env, capture=capture)
 
 
-def admin_secret(folder: Path) -> tuple[str, Path]:
-    """The MLflow admin's password as the stack reads it: a secret file, readable by the container's user."""
-    password = secrets.token_urlsafe(18)
-    path = folder / "mlflow_admin_password"
-    path.write_text(password + "\n")
-    os.chown(path, 1000, 1000)
-    path.chmod(0o600)
-    return password, path
+def stack_secrets(folder: Path) -> tuple[str, dict[str, str]]:
+    """The secrets compose reads (docs/team.md): the MLflow admin's password (read by the tracking server,
+    uid 1000), PostgreSQL's (read by it and by PostgreSQL's own user), and the stack's CA and certificate
+    for every name clients use (the key read by MLflow and TorchServe, both uid 1000), in an owner-only
+    folder. Returns the admin's password and the variables that point compose at them."""
+    folder = private_dir(folder)
+    admin = secrets.token_urlsafe(18)
+    for name, value, owner, mode in (("mlflow_admin_password", admin, 1000, 0o600),
+                                     ("postgres_password", secrets.token_urlsafe(18), 0, 0o644)):  # fmt: skip
+        (folder / name).write_text(value + "\n")
+        os.chown(folder / name, owner, owner)
+        (folder / name).chmod(mode)
+    dlops("tls", "init", str(folder / "tls"), "--name", "mlflow", "--name", "torchserve")
+    os.chown(folder / "tls" / "server.key", 1000, 1000)
+    return admin, {
+        "MLFLOW_ADMIN_PASSWORD_FILE": str(folder / "mlflow_admin_password"),
+        "POSTGRES_PASSWORD_FILE": str(folder / "postgres_password"),
+        "TLS_DIR": str(folder / "tls"),
+    }
+
+
+def tls_and_networks(compose: list[str], env: dict, ca: Path) -> None:
+    """Plain HTTP is not answered where TLS is on; TorchServe cannot even resolve PostgreSQL's name."""
+    for url in ("http://127.0.0.1:5000/health", "http://127.0.0.1:8080/ping"):
+        try:
+            with urllib.request.urlopen(url, timeout=5):  # noqa: S310 - loopback
+                raise CheckFailed(f"{url} answered plain HTTP")
+        except (OSError, http.client.HTTPException) as e:
+            print(f"=> plain HTTP refused at {url}: {type(e).__name__}")
+    with urlopen("https://127.0.0.1:5000/health", timeout=10, cafile=ca):
+        print("=> MLflow answers over TLS to a client that trusts the stack's CA")
+    probe = "import socket; socket.create_connection(('postgres', 5432), timeout=5)"
+    reached = sh(*compose, "exec", "-T", "torchserve", "python3", "-c", probe, env=env, capture=True, check=False)
+    if reached.returncode == 0:
+        raise CheckFailed("the TorchServe container reached PostgreSQL")
+    print(f"=> PostgreSQL is out of TorchServe's reach: {(reached.stderr or '').strip().splitlines()[-1][:120]}")
 
 
 def refused(result: subprocess.CompletedProcess, *needles: str) -> str:
@@ -204,7 +239,6 @@ def main() -> int:
     with step("build images"):
         pip_ca_bundle()
         sizes = build(bases)
-    host = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         dlops("data", "synth", str(data / "images"), "--classes", "8", "--train-per-class", "60", "--val-per-class",
@@ -215,16 +249,25 @@ def main() -> int:
         for folder in ("torchserve", "model-store"):
             (STATE / folder).mkdir(parents=True)
             os.chown(STATE / folder, 1000, 1000)  # the serving container's user writes its keys there
-        admin_password, secret = admin_secret(Path(tmp))
-        env = {"PYTHON_BASE": bases["python"], "POSTGRES_IMAGE": bases["postgres"], "DATA_DIR": str(data),
-               "DLOPS_STATE": str(STATE), "MLFLOW_ADMIN_PASSWORD_FILE": str(secret),
-               "MLFLOW_ALLOWED_HOSTS": ",".join(machine_hosts())}  # fmt: skip
+        with step("the stack's secrets: passwords, a CA and a certificate"):
+            admin_password, secret_files = stack_secrets(Path(tmp) / "secrets")
+        ca = Path(secret_files["TLS_DIR"]) / "ca.pem"
+        env = {
+            "PYTHON_BASE": bases["python"],
+            "POSTGRES_IMAGE": bases["postgres"],
+            "DATA_DIR": str(data),
+            "DLOPS_STATE": str(STATE),
+            **secret_files,
+            "MLFLOW_ALLOWED_HOSTS": ",".join(machine_hosts()),
+        }
+        host = {"MLFLOW_TRACKING_URI": "https://127.0.0.1:5000", "MLFLOW_TRACKING_SERVER_CERT_PATH": str(ca)}
         admin = {**host, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": admin_password}
         try:
-            with step("compose up (postgres, mlflow with logins, torchserve)"):
+            with step("compose up (postgres, mlflow with logins, torchserve), TLS only"):
                 sh(*compose, "up", "-d", "postgres", "mlflow", "torchserve", env=env)
-                wait_http("http://127.0.0.1:5000/health", 300, "the MLflow server")
-                wait_http("http://127.0.0.1:8080/ping", 300, "TorchServe")
+                wait_http("https://127.0.0.1:5000/health", 300, "the MLflow server", ca)
+                wait_http("https://127.0.0.1:8080/ping", 300, "TorchServe", ca)
+                tls_and_networks(compose, env, ca)
             with step("the admin adds a teammate (editor)"):
                 said = dlops("users", "add", "bob", "--role", "editor", env=admin, capture=True).stdout
                 teammate = {"MLFLOW_TRACKING_USERNAME": "bob",

@@ -90,7 +90,8 @@ class ServerClient:
         for api, port in ports.items():
             if port:
                 urls[api] = f"{urllib.parse.urlsplit(urls[api]).scheme}://127.0.0.1:{port}"
-        return cls(state_dir=Path(state_dir), urls=urls, cafile=record.get("ca"))
+        ca = record.get("ca")  # relative: inside the state dir (a container's, seen through its bind mount)
+        return cls(state_dir=Path(state_dir), urls=urls, cafile=str(Path(state_dir) / ca) if ca else None)
 
     def _context(self, url: str) -> ssl.SSLContext | None:
         """TLS settings for `url`: the server's certificate checked against the CA; the name too, except for

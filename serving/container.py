@@ -4,7 +4,8 @@
     python -m serving.container --health (its HEALTHCHECK)
 
 It starts TorchServe exactly as `dlops serve` does (serving/server.py: auth on, keys renewed while
-it runs, the management API limited to the model store, per-model batching from each .mar), with
+it runs, the management API limited to the model store, per-model batching from each .mar; TLS on
+the published APIs with the certificate DLOPS_SERVE_TLS_CERT/_KEY name), with
 two differences a container needs: the APIs listen on the container's interface (compose publishes
 them on the host's 127.0.0.1 only), and it starts with what its state dir served last, or with no
 model at all: `dlops deploy` on the host adds them, no restart. The state dir and the model store
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from serving.keys import process_alive
 from serving.served import last_archives
-from serving.server import ServeOptions, running_pid, start, stop
+from serving.server import TRUSTED_CA, ServeOptions, running_pid, start, stop
 
 STATE_DIR = Path(os.environ.get("DLOPS_SERVE_STATE_DIR", "/home/model-server/state"))
 MODEL_STORE = Path(os.environ.get("DLOPS_SERVE_MODEL_STORE", "/home/model-server/model-store"))
@@ -45,6 +46,22 @@ def healthy() -> int:
         return 1
 
 
+def tls_settings() -> dict[str, Path]:
+    """The certificate and key (compose secrets) the inference and metrics APIs present, from
+    DLOPS_SERVE_TLS_CERT/_KEY; the CA (DLOPS_SERVE_TLS_CA) is copied into the state dir, where the
+    host's clients, reading the same bind mount, find it."""
+    cert, key, ca = (os.environ.get(f"DLOPS_SERVE_TLS_{name}") for name in ("CERT", "KEY", "CA"))
+    if not (cert and key):
+        return {}
+    settings = {"tls_cert": Path(cert), "tls_key": Path(key)}
+    if ca:
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        copied = STATE_DIR / TRUSTED_CA
+        copied.write_bytes(Path(ca).read_bytes())
+        settings["tls_ca"] = copied
+    return settings
+
+
 def main() -> int:
     if sys.argv[1:] == ["--health"]:
         return healthy()
@@ -59,6 +76,7 @@ def main() -> int:
         token_expiration_min=float(os.environ.get("DLOPS_SERVE_TOKEN_EXPIRATION_MIN", "1440")),
         torch_threads=int(os.environ.get("DLOPS_SERVE_TORCH_THREADS", "1")),
         amp=os.environ.get("DLOPS_SERVE_AMP", "auto"),
+        **tls_settings(),
     )
     mars = last_served(STATE_DIR, MODEL_STORE)
     start(options, mars, allow_empty=True)

@@ -45,6 +45,7 @@ JAVA_HINT = "TorchServe needs Java 17: sudo apt-get install -y openjdk-17-jre-he
 PID_FILE = ".model_server.pid"  # TorchServe's launcher: tempfile.gettempdir() / this
 DEFAULT_STATE_DIR = Path("logs/torchserve")
 MODEL_LOG = Path("logs") / "model_log.log"  # in a state dir: what TorchServe's Python workers print
+TRUSTED_CA = "tls-ca.pem"  # in a container's state dir: the CA its certificate is checked against
 # Keys last a day and the keeper renews them every 12 hours: a leaked key works for a day at most.
 DEFAULT_TOKEN_EXPIRATION_MIN = 1440.0
 
@@ -267,9 +268,7 @@ def start(options: ServeOptions, mars: list[Path], *, allow_empty: bool = False)
         raise ServeError(f"torchserve did not start: {said.strip()[-2000:]}")
     urls = {api: local_url(getattr(options, f"{api}_address"), getattr(options, f"{api}_port"), scheme)
             for api, scheme in api_schemes(options).items()}  # fmt: skip
-    trusted = options.tls_ca or options.tls_cert  # what this machine's clients check the certificate against
-    record = {"pid": pid, "urls": urls, "model_store": str(options.model_store.resolve()),
-              "ca": str(Path(trusted).resolve()) if trusted else None,
+    record = {"pid": pid, "urls": urls, "model_store": str(options.model_store.resolve()), "ca": _trusted_ca(options),
               "options": {k: str(v) for k, v in asdict(options).items()}}  # fmt: skip
     (state / SERVER_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     client = ServerClient.of(state)
@@ -284,6 +283,16 @@ def start(options: ServeOptions, mars: list[Path], *, allow_empty: bool = False)
         _start_keeper(state, urls["management"], pid)
     _say_started(options, urls, mars, state)
     return client
+
+
+def _trusted_ca(options: ServeOptions) -> str | None:
+    """What this machine's clients check the certificate against, as server.json records it: a path
+    relative to the state dir when it lies there (a container's state dir is the host's bind mount)."""
+    trusted = options.tls_ca or options.tls_cert
+    if trusted is None:
+        return None
+    path, state = Path(trusted).resolve(), options.state_dir.resolve()
+    return str(path.relative_to(state)) if state in path.parents else str(path)
 
 
 def _say_started(options: ServeOptions, urls: dict[str, str], mars: list[Path], state: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -233,11 +234,20 @@ def test_compose_file_names_the_services_volumes_and_ports():
     assert services["mlflow"]["ports"] == ["${BIND_ADDRESS:-127.0.0.1}:5000:5000"]
     assert services["torchserve"]["ports"] == ["${BIND_ADDRESS:-127.0.0.1}:8080:8080", "127.0.0.1:8081:8081",
                                                "${METRICS_BIND_ADDRESS:-127.0.0.1}:8082:8082"]  # fmt: skip
-    # the tracking server runs with logins, its admin's password a secret file, never a default
+    # the tracking server runs with logins and TLS, its admin's and the database's passwords secret files,
+    # never a default, never in a command line; PostgreSQL on a network only the tracking server joins
     command = services["mlflow"]["command"]
-    assert command[0] == "tracking-server" and "postgresql://" in " ".join(command)
+    assert command[0] == "tracking-server" and "postgresql://mlflow@postgres:5432/mlflow" in command
     assert command[command.index("--admin-password-file") + 1] == "/run/secrets/mlflow_admin_password"
-    assert "mlflow_admin_password" in compose["secrets"] and services["mlflow"]["secrets"] == ["mlflow_admin_password"]
+    assert command[command.index("--database-password-file") + 1] == "/run/secrets/postgres_password"
+    assert command[command.index("--tls-cert") + 1] == "/run/secrets/tls_cert"
+    assert set(services["mlflow"]["secrets"]) == {"mlflow_admin_password", "postgres_password", "tls_cert",
+                                                  "tls_key", "tls_ca"}  # fmt: skip
+    postgres = services["postgres"]
+    assert postgres["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    assert "POSTGRES_PASSWORD" not in postgres["environment"] and ":-" not in compose["secrets"]["postgres_password"]
+    assert compose["networks"]["database"]["internal"] is True and postgres["networks"] == ["database"]
+    assert [n for n, s in services.items() if "database" in s.get("networks", [])] == ["postgres", "mlflow"]
     assert services["mlflow"]["environment"]["MLFLOW_ALLOWED_HOSTS"].startswith("mlflow,")
     assert "deploy" not in services["trainer"], "GPUs are reserved by compose.gpu.yaml only, where there are GPUs"
     gpu = yaml.safe_load((REPO / "docker" / "compose.gpu.yaml").read_text())["services"]["trainer"]
@@ -245,10 +255,51 @@ def test_compose_file_names_the_services_volumes_and_ports():
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     for name in ("trainer", "client"):
         environment = services[name]["environment"]
-        assert environment["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+        assert environment["MLFLOW_TRACKING_URI"] == "https://mlflow:5000"
+        assert environment["MLFLOW_TRACKING_SERVER_CERT_PATH"] == "/run/secrets/tls_ca"
         assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(environment), name
-    assert services["client"]["environment"]["DLOPS_INFERENCE_URL"] == "http://torchserve:8080"
+    assert services["client"]["environment"]["DLOPS_INFERENCE_URL"] == "https://torchserve:8080"
+    assert services["torchserve"]["environment"]["DLOPS_SERVE_TLS_CERT"] == "/run/secrets/tls_cert"
     assert "healthcheck" in services["mlflow"] and "healthcheck" in services["postgres"]
     for name, service in services.items():
         for dependency in service.get("depends_on", {}):
             assert dependency in services, f"{name} depends on unknown {dependency}"
+
+
+def requirements(path: Path) -> dict[str, list[str]]:
+    """{name==version: [hashes]} of a pip-compile lock file."""
+    found: dict[str, list[str]] = {}
+    current = None
+    for line in path.read_text().splitlines():
+        if re.match(r"^[A-Za-z0-9]", line):
+            current = line.split()[0].lower().replace("_", "-")
+            found[current] = []
+        elif "--hash=sha256:" in line and current:
+            found[current].append(line.split("--hash=sha256:")[1].split()[0])
+    return found
+
+
+def test_every_install_checks_hashes_and_every_base_image_is_pinned():
+    """requirements.lock carries a hash for every package it pins (all of requirements.in's pins), the
+    serving image's lock is a subset at the same versions, every pip install of the Makefile and the
+    images requires hashes (or installs this project from its folder), and the base images are pinned
+    by digest, the same in the Dockerfiles, compose and docker_check."""
+    lock = requirements(REPO / "requirements.lock")
+    assert lock and all(len(hashes) >= 1 for hashes in lock.values()), [p for p, h in lock.items() if not h]
+    pins = {line.split()[0].lower().replace("_", "-") for line in (REPO / "requirements.in").read_text().splitlines()
+            if re.match(r"^[A-Za-z0-9]", line)}  # fmt: skip
+    assert pins <= set(lock), sorted(pins - set(lock))
+    serve = requirements(REPO / "docker" / "serve.lock")
+    assert serve and set(serve) <= set(lock) and all(serve.values())
+    joined = [(REPO / p).read_text().replace("\\\n", " ") for p in ("Makefile", "docker/Dockerfile.train",
+                                                                     "docker/Dockerfile.serve")]  # fmt: skip
+    installs = [line for text in joined for line in text.splitlines() if "pip install" in line]
+    assert installs and all("--require-hashes" in line or "--no-deps" in line for line in installs), installs
+    from scripts.docker_check import OFFICIAL
+
+    compose = (REPO / "docker" / "compose.yaml").read_text()
+    for image in OFFICIAL.values():
+        assert re.search(r"@sha256:[0-9a-f]{64}$", image), image
+        assert image in compose
+    for dockerfile in ("Dockerfile.train", "Dockerfile.serve"):
+        assert f"ARG BASE={OFFICIAL['python']}" in (REPO / "docker" / dockerfile).read_text()
