@@ -32,7 +32,7 @@ STATE_DIR   ?= logs/torchserve
 DEMO_STATE  ?= logs/demo-torchserve
 MLFLOW_PORT ?= 5000
 MLFLOW_HOST ?= 127.0.0.1
-# make mlflow-server MLFLOW_BACKEND_URI=postgresql://user:pass@127.0.0.1:5432/mlflow (SQLite in mlruns/ otherwise)
+# make mlflow-server: SQLite in mlruns/ unless $MLFLOW_BACKEND_STORE_URI names another store
 MLFLOW_BACKEND_URI ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
 MLFLOW_ARTIFACTS   ?= $(CURDIR)/mlruns/artifacts
 TB_PORT     ?= 6006
@@ -153,9 +153,13 @@ mlflow-ui: setup
 # MLFLOW_ADMIN_PASSWORD_FILE (on loopback without either, one is made once in mlruns/auth/admin-password).
 # MLFLOW_HOST=0.0.0.0 serves other machines by this machine's names and addresses; MLFLOW_ALLOWED_HOSTS adds names.
 MLFLOW_ADMIN_PASSWORD_FILE ?=
+# A store with a password: export MLFLOW_BACKEND_STORE_URI=postgresql://... (it then wins over MLFLOW_BACKEND_URI,
+# and no command line shows it); off loopback TLS is needed: MLFLOW_TLS=auto, or MLFLOW_TLS_CERT/_KEY files
 mlflow-server: setup
-	$(DLOPS) tracking-server --backend-store-uri $(MLFLOW_BACKEND_URI) --artifacts-destination $(MLFLOW_ARTIFACTS) \
-		--host $(MLFLOW_HOST) --port $(MLFLOW_PORT) $(if $(MLFLOW_ADMIN_PASSWORD_FILE),--admin-password-file $(MLFLOW_ADMIN_PASSWORD_FILE))
+	$(DLOPS) tracking-server $(if $(MLFLOW_BACKEND_STORE_URI),,--backend-store-uri $(MLFLOW_BACKEND_URI)) \
+		--artifacts-destination $(MLFLOW_ARTIFACTS) --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
+		$(if $(MLFLOW_TLS),--tls $(MLFLOW_TLS)) $(if $(MLFLOW_TLS_CERT),--tls-cert $(MLFLOW_TLS_CERT) --tls-key $(MLFLOW_TLS_KEY)) \
+		$(if $(MLFLOW_ADMIN_PASSWORD_FILE),--admin-password-file $(MLFLOW_ADMIN_PASSWORD_FILE))
 
 screenshots: setup data/synthetic/wnids.txt
 	$(BIN)/python scripts/screenshots.py

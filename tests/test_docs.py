@@ -37,6 +37,8 @@ def readme_commands() -> list[list[str]]:
     blocks = re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
     commands = []
     for line in "\n".join(blocks).replace("\\\n", " ").splitlines():
+        if line.lstrip().startswith("#"):  # a comment line
+            continue
         for part in re.split(r"&&", line.split("  #")[0]):
             words = shlex.split(part)
             if words and words[0] == "dlops":
