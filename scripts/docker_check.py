@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -180,6 +181,11 @@ def tls_and_networks(compose: list[str], env: dict, ca: Path) -> None:
         try:
             with urllib.request.urlopen(url, timeout=5):  # noqa: S310 - loopback
                 raise CheckFailed(f"{url} answered plain HTTP")
+        except urllib.error.HTTPError as e:  # TorchServe refuses in HTTP; anything else would be served
+            said = e.read().decode(errors="replace")
+            if e.code != 403 or "only accepts HTTPS" not in said:
+                raise CheckFailed(f"{url} answered plain HTTP with {e.code}: {said[:200]}") from e
+            print(f"=> plain HTTP refused at {url}: {e.code} {' '.join(said.split())[:80]}")
         except (OSError, http.client.HTTPException) as e:
             print(f"=> plain HTTP refused at {url}: {type(e).__name__}")
     with urlopen("https://127.0.0.1:5000/health", timeout=10, cafile=ca):
@@ -220,10 +226,10 @@ def team_check(compose: list[str], env: dict, host_env: dict, image: str) -> Non
     print(f"=> the client container, with the handed-over key: {top['class']} ({top['probability']:.3f})")
     said = refused(sh(*client, "-e", "MLFLOW_TRACKING_USERNAME=", "-e", "MLFLOW_TRACKING_PASSWORD=", "client",
                       *train, "no-login", env=env, capture=True, check=False), "HTTP 401")  # fmt: skip
-    print(f"=> without a login MLflow refused: {said.strip().splitlines()[-1][:160]}")
+    print(f"=> without a login MLflow refused: {next(x for x in said.splitlines() if 'HTTP 401' in x)[:160]}")
     said = refused(sh(*client, "-e", "DLOPS_INFERENCE_KEY=", *predict, env=env, capture=True, check=False),
                    "refused the inference key", "HTTP 4")  # fmt: skip
-    print(f"=> without the key TorchServe refused: {said.strip().splitlines()[-1][:160]}")
+    print(f"=> without the key TorchServe refused: {next(x for x in said.splitlines() if 'refused' in x)[:160]}")
 
 
 def main() -> int:

@@ -68,6 +68,16 @@ def server_tls(mode: str, *, cert: Path | None, key: Path | None, ca: Path | Non
     return None
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name, or an address, IPv6 with or without brackets) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def machine_hosts() -> list[str]:
     """This machine's names and addresses as a client writes them in a URL (IPv6 in brackets)."""
     import psutil

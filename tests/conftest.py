@@ -5,10 +5,12 @@ from __future__ import annotations
 import http.server
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -167,3 +169,24 @@ class Listener:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def start_tracking_server(root: Path, *args: str, env: dict[str, str]) -> subprocess.Popen:
+    """`dlops tracking-server ARGS` writing root/server.log, in a session of its own (stop it with
+    stop_process_group); returns once it has said how teammates reach it."""
+    log = root / "server.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "training.cli", "tracking-server", *map(str, args)],
+                                   stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **env})  # fmt: skip
+    deadline = time.monotonic() + 180
+    while "=> teammates" not in log.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"tracking-server did not start: {log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    return process
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=60)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,19 +18,13 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, latest_run, metric_steps
+from tests.conftest import REPO, free_port, latest_run, metric_steps, start_tracking_server, stop_process_group
 from training.tracking import Journal
 from training.tracking.sender import Delivery, Sender
 from training.tracking.server import ServerSetupError, TrackingServer, admin_password, machine_hosts
 
 ADMIN = ("admin", "team-admin-passphrase-1")
 FAST = ["-b", "8", "-j", "0", "-p", "0", "--lr", "0.02"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dlops(uri: str, login: tuple[str, str] | None, *args, **kwargs) -> subprocess.CompletedProcess:
@@ -62,24 +55,14 @@ def http(url: str, login: tuple[str, str] | None = None, host: str | None = None
 def team_server(module_tmp):
     """`dlops tracking-server` on 127.0.0.1 that also answers to this machine's names (--allowed-hosts machine)."""
     root, port = module_tmp.mktemp("team-server"), free_port()
-    env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1], "PYTHONUNBUFFERED": "1"}
-    log = (root / "server.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "tracking-server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1", "--state-dir", str(root / "auth"), "--allowed-hosts", "machine",
-         "--artifact-store", "s3://team-bucket/models"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
+    process = start_tracking_server(
+        root, "--host", "127.0.0.1", "--port", port, "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", root / "artifacts", "--workers", "1", "--state-dir", root / "auth",
+        "--allowed-hosts", "machine", "--artifact-store", "s3://team-bucket/models",
+        env={"MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1]},
     )  # fmt: skip
-    deadline = time.monotonic() + 180
-    while "=> teammates" not in (root / "server.log").read_text():
-        if process.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"tracking-server did not start: {(root / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    uri = f"http://127.0.0.1:{port}"
-    yield uri
-    os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=60)
+    yield f"http://127.0.0.1:{port}"
+    stop_process_group(process)
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,8 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import uuid
 from pathlib import Path
@@ -19,18 +17,21 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, artifact_paths, latest_run, metric_steps, run_cli
+from tests.conftest import (
+    REPO,
+    artifact_paths,
+    free_port,
+    latest_run,
+    metric_steps,
+    run_cli,
+    start_tracking_server,
+    stop_process_group,
+)
 from training.data.synthetic import write_synthetic_corpus
 
 POSTGRES_URI = os.environ.get("DLOPS_TEST_POSTGRES_URI")
 SESSION = uuid.uuid4().hex[:8]  # experiment names unique per test session: the database may be reused
 FAST = ["-b", "16", "-j", "0", "-p", "0", "--lr", "0.02"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 ADMIN = ("admin", "postgres-admin-passphrase")
@@ -83,32 +84,21 @@ def mlflow_server(module_tmp):
     that database too, artifacts proxied to a local folder."""
     if not POSTGRES_URI:
         pytest.skip("DLOPS_TEST_POSTGRES_URI is not set (.ci/run starts PostgreSQL and sets it)")
-    port = free_port()
-    log = module_tmp.mktemp("mlflow-server") / "server.log"
+    port, root = free_port(), module_tmp.mktemp("mlflow-server")
     # the database's password in a secret file, the URI without it: neither shows in any command line
-    password_file = log.parent / "postgres_password"
+    password_file = root / "postgres_password"
     password_file.write_text(urllib.parse.unquote(urllib.parse.urlsplit(POSTGRES_URI).password) + "\n")
-    command = [
-        sys.executable, "-m", "training.cli", "tracking-server", "--backend-store-uri", without_password(POSTGRES_URI),
-        "--database-password-file", str(password_file), "--artifacts-destination", str(log.parent / "artifacts"),
-        "--port", str(port), "--workers", "1", "--state-dir", str(log.parent / "auth"),
-    ]  # fmt: skip
-    env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1]}
-    with log.open("w") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                  start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 180
-    while "=> admin login" not in log.read_text():
-        if server.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"tracking-server did not start: {log.read_text()[-3000:]}")
-        time.sleep(1)
+    server = start_tracking_server(
+        root, "--backend-store-uri", without_password(POSTGRES_URI), "--database-password-file", password_file,
+        "--artifacts-destination", root / "artifacts", "--port", port, "--workers", "1", "--state-dir", root / "auth",
+        env={"MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1]},
+    )  # fmt: skip
     os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = ADMIN  # this module's clients
-    SERVERS[f"http://127.0.0.1:{port}"] = {"process": server, "state": log.parent / "auth"}
+    SERVERS[f"http://127.0.0.1:{port}"] = {"process": server, "state": root / "auth"}
     yield f"http://127.0.0.1:{port}"
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         os.environ.pop(name, None)
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
+    stop_process_group(server)
 
 
 def dlops(uri: str, *args, **kwargs) -> subprocess.CompletedProcess:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, artifact_paths, latest_run, metric_steps
+from tests.conftest import REPO, artifact_paths, free_port, latest_run, metric_steps
 from training.tracking import Journal
 
 FAST = ["-b", "8", "-j", "0", "-p", "0", "--lr", "0.02"]
@@ -24,12 +23,6 @@ EPOCH_METRICS = ("train/loss", "val/loss", "val/acc1", "lr", "time/epoch_seconds
 CORES = sorted(os.sched_getaffinity(0))
 SERVER_CORE = ["taskset", "-c", str(CORES[-1])] if len(CORES) > 1 and shutil.which("taskset") else []
 TRAINING_CORES = ",".join(map(str, CORES[:-1]))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -8,11 +8,9 @@ from __future__ import annotations
 import http.client
 import os
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,13 +22,22 @@ from mlflow.tracking import MlflowClient
 from serving.client import ServerClient
 from serving.keys import read_keys
 from serving.server import ServeError, ServeOptions, running_pid, start, stop
-from serving.tls import certificate_names, stack_certificates
-from tests.conftest import REPO, Listener, artifact_paths, free_port, latest_run
+from serving.tls import certificate_names, machine_hosts, stack_certificates
+from tests.conftest import (
+    REPO,
+    Listener,
+    artifact_paths,
+    free_port,
+    latest_run,
+    start_tracking_server,
+    stop_process_group,
+)
 from training.checkpoint import file_sha256
 from training.tracking import Journal
 from training.tracking.registry import checkpoint_location
 from training.tracking.server import ServerSetupError, TrackingServer, presented_tls
 from training.tracking.sources import ForeignSource, artifact_stores, check_location
+from training.tracking.store import store_client
 from training.tracking.tags import CHECKPOINT_DIGEST
 
 FAST = ["--epochs", "1", "-b", "8", "-j", "0", "-p", "0", "--lr", "0.02"]
@@ -173,8 +180,8 @@ def test_torchserve_gets_no_secret_and_its_state_is_its_owners(tmp_path, monkeyp
         stop(tmp_path / "ts")
 
 
-def test_a_local_store_is_its_owners(tracking_store, client):
-    client.search_experiments(max_results=1)
+def test_a_local_store_is_its_owners(tracking_store):
+    store_client()  # what every dlops command opens the store with
     database = Path(tracking_store.removeprefix("sqlite:///"))
     assert mode(database) == 0o600 and mode(database.parent / "artifacts") == 0o700
 
@@ -202,8 +209,9 @@ def test_torchserve_over_tls_answers_a_client_that_trusts_the_stack_ca_and_refus
         assert teammate.call("inference", "GET", "/ping").ok
         with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
             ServerClient.remote(f"https://127.0.0.1:{port}", key, cafile=None).call("inference", "GET", "/ping")
-        with pytest.raises((OSError, http.client.HTTPException)):
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=10)  # plain HTTP is not served
+        with pytest.raises(urllib.error.HTTPError) as plain:  # TorchServe answers plain HTTP with a refusal only
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=10)
+        assert plain.value.code == 403 and b"only accepts HTTPS" in plain.value.read()
     finally:
         stop(tmp_path / "ts")
 
@@ -226,23 +234,14 @@ def test_off_loopback_the_tracking_server_wants_tls_unless_told(tmp_path):
 def tls_server(module_tmp):
     """`dlops tracking-server --tls auto` on loopback, the admin's password in its environment."""
     root, port = module_tmp.mktemp("tls-server"), free_port()
-    env = {**os.environ, **SECRETS, "MLFLOW_AUTH_ADMIN_PASSWORD": "tls-admin-passphrase-1", "PYTHONUNBUFFERED": "1"}
-    log = (root / "server.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "tracking-server", "--port", str(port), "--backend-store-uri",
-         f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"), "--workers", "1",
-         "--state-dir", str(root / "auth"), "--tls", "auto"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
+    process = start_tracking_server(
+        root, "--port", port, "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
+        root / "artifacts", "--workers", "1", "--state-dir", root / "auth", "--tls", "auto",
+        env={**SECRETS, "MLFLOW_AUTH_ADMIN_PASSWORD": "tls-admin-passphrase-1"},
     )  # fmt: skip
-    deadline = time.monotonic() + 180
-    while "=> teammates" not in (root / "server.log").read_text():
-        if process.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"tracking-server did not start: {(root / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
     yield {"url": f"https://127.0.0.1:{port}", "ca": root / "auth" / "tls" / "ca.pem", "root": root,
            "process": psutil.Process(process.pid), "log": root / "server.log"}  # fmt: skip
-    os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=60)
+    stop_process_group(process)
 
 
 def test_the_tracking_server_over_tls_serves_a_client_that_trusts_its_ca(tls_server, tiny_dataset, tmp_path):
@@ -282,3 +281,15 @@ def test_the_tracking_servers_secrets_stay_out_of_sight(tls_server):
             assert (
                 SECRETS["MLFLOW_TRACKING_PASSWORD"] not in environ and SECRETS["AWS_SECRET_ACCESS_KEY"] not in environ
             )
+
+
+def test_a_key_is_not_sent_in_clear_to_another_machine(tiny_dataset):
+    """An http:// --url off loopback with a key is refused before any request (this machine's own
+    non-loopback address stands for another machine; nothing listens on the port)."""
+    address = next(h for h in machine_hosts() if h[0].isdigit() and not h.startswith("127."))
+    image = next((tiny_dataset / "val" / "images").iterdir())
+    url = f"http://{address}:{free_port()}"
+    refused = dlops("predict", image, "--url", url, "--key", "k")
+    assert refused.returncode == 2 and "--insecure-http" in refused.stderr, refused.stderr
+    tried = dlops("predict", image, "--url", url, "--key", "k", "--insecure-http")
+    assert tried.returncode == 1 and "--insecure-http" not in tried.stderr, tried.stderr  # it tried: nothing listens

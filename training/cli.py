@@ -15,7 +15,15 @@ from serving.secrets import private_dir
 from serving.server import DEFAULT_TOKEN_EXPIRATION_MIN, ServeError
 from training import tracking, trainer
 from training.checkpoint import CheckpointError
-from training.clitools import CHECKPOINT, client_options, options, server_client, show_answer, state_dir_option
+from training.clitools import (
+    CHECKPOINT,
+    client_options,
+    options,
+    server_client,
+    show_answer,
+    state_dir_option,
+    tls_options,
+)
 from training.data.download import DownloadError
 from training.data.errors import DatasetError
 from training.data.pipeline import JPEG_WORKERS
@@ -172,18 +180,11 @@ def sync_command(path: Path) -> None:
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("mlruns/auth"),
               show_default=True, help="the auth config, the logins and generated password on SQLite, the "
               "stack's TLS CA")  # fmt: skip
-@click.option("--tls", type=click.Choice(["off", "auto"]), default=None,
-              help="auto: a CA and certificate made for this stack (in --state-dir/tls) [default: off, or files "
-              "with --tls-cert]")  # fmt: skip
-@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="the server's certificate (PEM, with its chain)")  # fmt: skip
-@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="its private key (PEM)")  # fmt: skip
-@click.option("--insecure-http", is_flag=True, help="serve plain HTTP off loopback: logins cross the network in clear")
+@tls_options
 @click.option("--artifact-store", "artifact_stores", multiple=True, metavar="URL",
               help="a store model versions may also be registered from (s3://team-bucket/); "
               "default: $DLOPS_ARTIFACT_STORES")  # fmt: skip
-def tracking_server_command(*, tls: str | None, **options: Any) -> None:
+def tracking_server_command(**options: Any) -> None:
     """Run the team's MLflow tracking server with logins (MLflow's basic-auth app) until stopped."""
     from training.tracking.server import TrackingServer, run_server
     from training.tracking.sources import artifact_stores
@@ -193,7 +194,6 @@ def tracking_server_command(*, tls: str | None, **options: Any) -> None:
     options["backend_store_uri"] = options["backend_store_uri"] or f"sqlite:///{store / 'mlflow.db'}"
     options["artifacts_destination"] = options["artifacts_destination"] or str(store / "artifacts")
     options["artifact_stores"] = tuple(artifact_stores(options["artifact_stores"]))
-    options["tls"] = tls or "off"
     sys.exit(run_server(TrackingServer(**options)))
 
 
@@ -517,24 +517,9 @@ def package_command(*, kind: str, checkpoint: str | None, model_uri: str | None,
     help="the classifier's precision; auto: bf16 where the device has it natively (generation stays fp32)",
 )
 @click.option("--alias", default="serving", show_default=True, help="registry alias of the versions this server serves")
-@click.option(
-    "--tls",
-    type=click.Choice(["off", "auto"]),
-    default="off",
-    show_default=True,
-    help="auto: a CA and certificate made for this server (in --state-dir/tls), for the published APIs",
-)
-@click.option(
-    "--tls-cert",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    help="the certificate the published APIs present (PEM, with its chain): `dlops tls init` makes one",
-)
-@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="its private key (PEM)")  # fmt: skip
+@tls_options
 @click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="the CA clients trust the certificate by (recorded for this machine's clients)")  # fmt: skip
-@click.option("--insecure-http", is_flag=True, help="publish without TLS: keys and requests cross the network in clear")
 @_model_settings
 def serve_command(*, models: tuple[str, ...], no_auth: bool, alias: str, tls: str, **options: Any) -> None:
     """Start TorchServe (on 127.0.0.1 unless --inference-address publishes it, over TLS) and wait until every

@@ -4,6 +4,7 @@ groups, the client of a running TorchServe."""
 from __future__ import annotations
 
 import json
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import click
 
 from serving.client import Answer, ServerClient
 from serving.server import DEFAULT_STATE_DIR
+from serving.tls import is_loopback
 from training.tracking.registry import URI_FORMS, is_model_uri, parse_model_uri
 
 
@@ -54,6 +56,19 @@ state_dir_option = click.option(
     help="the server's folder: its config, ports, keys, logs and what it serves",
 )
 
+_pem = click.Path(dir_okay=False, exists=True, path_type=Path)
+# A server that leaves loopback presents a certificate: made for it, or given; plain HTTP only on request
+tls_options = options(
+    click.option("--tls", type=click.Choice(["off", "auto"]), default="off", show_default=True,
+                 help="auto: a CA (made once) and a certificate for every name this server answers to, in its "
+                 "state dir's tls/; or give --tls-cert and --tls-key"),
+    click.option("--tls-cert", type=_pem, default=None,
+                 help="the server's certificate (PEM, with its chain): yours, or `dlops tls init`'s"),
+    click.option("--tls-key", type=_pem, default=None, help="its private key (PEM)"),
+    click.option("--insecure-http", is_flag=True,
+                 help="off loopback without TLS, on purpose: logins, keys and requests cross the network in clear"),
+)  # fmt: skip
+
 client_options = options(
     state_dir_option,
     click.option(
@@ -75,15 +90,23 @@ client_options = options(
                  type=click.Path(dir_okay=False, exists=True, path_type=Path),
                  help="the CA an https --url's certificate is checked against (the stack's ca.pem) [default: "
                  "$REQUESTS_CA_BUNDLE or $SSL_CERT_FILE, else the system's]"),
+    click.option("--insecure-http", is_flag=True,
+                 help="send the key to an http:// --url on another machine anyway (in clear)"),
 )  # fmt: skip
 
 
 def server_client(*, state_dir: Path, inference_port: int | None, url: str | None, key: str | None,
-                  key_file: Path | None = None, ca: Path | None = None) -> ServerClient:  # fmt: skip
-    """The client of --url with --key (another machine), else of the server started from --state-dir."""
+                  key_file: Path | None = None, ca: Path | None = None,
+                  insecure_http: bool = False) -> ServerClient:  # fmt: skip
+    """The client of --url with --key (another machine), else of the server started from --state-dir. A key
+    is not sent in clear to another machine unless --insecure-http says so."""
     if key_file is not None:
         key = key_file.read_text(encoding="utf-8").strip()
     if url:
+        host = urllib.parse.urlsplit(url).hostname or ""
+        if url.startswith("http://") and key and not is_loopback(host) and not insecure_http:
+            raise click.UsageError(f"--url {url} is plain HTTP: the key would cross the network in clear. Use the "
+                                   "server's https:// URL (with --ca), or say --insecure-http on purpose")  # fmt: skip
         return ServerClient.remote(url, key, cafile=ca)
     if key:
         raise click.UsageError("--key goes with --url (a server on this machine is reached through --state-dir)")

@@ -32,7 +32,6 @@ here rather than by hand:
 from __future__ import annotations
 
 import base64
-import ipaddress
 import os
 import secrets
 import signal
@@ -47,7 +46,7 @@ from pathlib import Path
 
 from serving.secrets import child_environment, private_dir, redact, write_private
 from serving.server import executable
-from serving.tls import LOOPBACK_NAMES, TlsFiles, machine_hosts, server_tls
+from serving.tls import LOOPBACK_NAMES, TlsFiles, is_loopback, machine_hosts, server_tls
 from training.tracking.sources import ARTIFACT_STORES_ENV, source_pattern
 
 ADMIN = "admin"
@@ -89,15 +88,6 @@ class TrackingServer:
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host  # noqa: S104 - read, not bound
         return f"{self.scheme}://{host}:{self.port}"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def reachable_names(server: TrackingServer, extra: str | None = None) -> list[str]:

@@ -38,10 +38,11 @@ def generate_command(checkpoint: str, **options: Any) -> None:
 @click.option("--model", default=LMJob.serving.name, show_default=True, help="the served model's name")
 @generation_field_options(GENERATION_FIELDS)  # the server's own request fields, ranges and defaults
 def generate_http_command(*, state_dir: Path, inference_port: int | None, url: str | None, key: str | None,
-                          key_file: Path | None, ca: Path | None, model: str, **request: Any) -> None:  # fmt: skip
+                          key_file: Path | None, ca: Path | None, insecure_http: bool, model: str,
+                          **request: Any) -> None:  # fmt: skip
     """Generate text with the served language model (HTTP client)."""
     client = server_client(state_dir=state_dir, inference_port=inference_port, url=url, key=key, key_file=key_file,
-                           ca=ca)  # fmt: skip
+                           ca=ca, insecure_http=insecure_http)  # fmt: skip
     show_answer(client.predict_fields(model, {k: v for k, v in request.items() if v is not None}))
 
 
