@@ -9,7 +9,7 @@ A deploy, against the server of one state dir:
      registration holds the serving version's requests) and wait until its workers are READY (with
      `yield_cpu`, they start at the lowest CPU priority: release/priority.py);
   3. check it: the job's example request, sent to the new version, answers 200 with what the
-     checkpoint computes here (`Job.offline_answer`); its workers go back to their priority;
+     checkpoint computes here (the job's Serving.answer); its workers go back to their priority;
   4. make it the default version: new requests go to it;
   5. drain the old version: requests queued on it before the switch are answered first (every old
      worker answers a request sent after the switch), then unregister it (its .mar stays);
@@ -128,14 +128,14 @@ def _served_amp(client: ServerClient) -> str:
 def check(client: ServerClient, candidate: Candidate) -> None:
     """The job's example request, sent to the candidate's version, must answer what the checkpoint
     computes here; raise DeployError saying how it differs."""
-    job = job_for(candidate.kind)
-    request = job.example_request(candidate.state)
+    serving = job_for(candidate.kind).serving
+    request = serving.example_request(candidate.state)
     answer = client.predict_fields(candidate.model, request, version=candidate.version)
     if not answer.ok:
         raise DeployError(f"the check request to {candidate.model} version {candidate.version} answered "
                           f"HTTP {answer.status}: {answer.data}")  # fmt: skip
     amp = _served_amp(client)
-    mismatch = job.answer_mismatch(answer.data, job.offline_answer(candidate.state, request, amp), amp)
+    mismatch = serving.mismatch(answer.data, serving.answer(candidate.state, request, amp), amp)
     if mismatch:
         raise DeployError(f"{candidate.model} version {candidate.version} answers the check request differently "
                           f"from its checkpoint: {mismatch}")  # fmt: skip
@@ -308,7 +308,7 @@ def deploy(client: ServerClient, candidate: Candidate, alias: str = DEFAULT_ALIA
     print(f"=> {new.describe()} answers /predictions/{candidate.model} "
           f"({time.perf_counter() - start_time:.1f} s after the start)", flush=True)  # fmt: skip
     if old is not None:
-        request = job_for(candidate.kind).example_request(candidate.state)
+        request = job_for(candidate.kind).serving.example_request(candidate.state)
         if drain(client, candidate.model, old.version, request, timeout_s):
             _remove(client, candidate.model, old.version)
             print(f"=> drained and unregistered {old.describe()} (its .mar stays for a rollback)")

@@ -30,7 +30,7 @@ from serving.secrets import child_environment
 from serving.server import executable
 from training import tracking
 from training.checkpoint import CheckpointError, load_checkpoint
-from training.jobs import Job, job_for
+from training.jobs import JobSpec, job_for
 from training.tracking import registry
 
 DEFAULT_STORE = Path("model_store")
@@ -80,7 +80,7 @@ def weights_hash(weights: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def archive_meta(state: dict[str, Any], job: type[Job], source: Source, digest: str) -> dict[str, Any]:
+def archive_meta(state: dict[str, Any], job: JobSpec, source: Source, digest: str) -> dict[str, Any]:
     """meta.json: the model's config and what inference needs (the job's inference keys), traceable."""
     meta = {"kind": state["kind"], "run_id": state.get("run_id"), "epoch": state.get("epoch"),
             "model_config": state["model_config"], "weights_sha256": digest, "registered": source.registered,
@@ -129,6 +129,9 @@ def build_mar(kind: str, source: Source, *, store: Path = DEFAULT_STORE, setting
     """Package `source` as `<store>/<name>-<version>.mar`; log it to the source run and tag the version."""
     job = job_for(kind)
     spec = job.serving
+    if spec is None:
+        raise ValueError(f"the {kind} job declares no serving (no handler in its JobSpec): there is nothing to "
+                         "package; its checkpoints are registered as files (`dlops evaluate` reads them)")  # fmt: skip
     settings = settings or ModelSettings()
     store.mkdir(parents=True, exist_ok=True)
     state = load_checkpoint(source.path)

@@ -147,7 +147,7 @@ def test_mlflow_models_serve_answers(registered, tmp_path):
         process.terminate()
         process.wait(timeout=30)
     state = checkpoint_of(f"models:/{LM}/1", tmp_path)
-    expected = job_for("lm").offline_answer(state, {"prompt": "the old cat", "max_words": 5, "temperature": 1.0,
+    expected = job_for("lm").serving.answer(state, {"prompt": "the old cat", "max_words": 5, "temperature": 1.0,
                                                  "seed": 7})  # fmt: skip
     assert answer["predictions"] == [expected]
 

@@ -50,14 +50,14 @@ def with_the_example_plug_in() -> click.Group:
     """dlops' commands plus those examples/tabular adds once installed (the README shows both)."""
     sys.path.insert(0, str(REPO / "examples" / "tabular"))
     try:
-        from dlops_tabular.job import TabularJob
+        from dlops_tabular.job import SPEC as TABULAR
     finally:
         sys.path.pop(0)
     group = click.Group("dlops", commands=dict(main.commands))
     train = click.Group("train", commands=dict(main.commands["train"].commands))
-    train_command(TabularJob, train)
+    train_command(TABULAR, train)
     group.add_command(train)
-    for command in TabularJob.commands():
+    for command in TABULAR.commands:
         group.add_command(command)
     return group
 

@@ -10,39 +10,25 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any, ClassVar
 
-import click
 import pytest
 import torch
-from torch import nn
 from torchvision import models
 
 from tests.conftest import REPO, artifact_paths, cli_error, latest_run, metric_steps, run_cli
 from tests.legacy_checkpoints import write_v1_lm, write_v1_resnet
+from tests.toy_job import TOY, ToyConfig
 from training import trainer
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.data.synthetic import write_synthetic_corpus, write_synthetic_tinyimagenet
 from training.data.text import load_corpus
 from training.data.tinyimagenet import load_tinyimagenet
-from training.jobs import jobs
-from training.jobs.base import (
-    HANDLERS,
-    VAL_LOSS,
-    Column,
-    EpochContext,
-    Job,
-    Optimization,
-    ReportSpec,
-    RunConfig,
-    ServingSpec,
-)
+from training.jobs import JobRun, Metric, jobs
 from training.jobs.lm import LMConfig
 from training.jobs.resnet import ResNetConfig
 from training.models.classifier import build_classifier
 from training.models.weights import copy_matching, torchvision_weights
-from training.options import cli_fields, option
+from training.options import cli_fields
 
 FAST = ["-b", "16", "-j", "0", "-p", "0", "--lr", "0.02"]
 
@@ -70,7 +56,7 @@ def test_every_entry_point_validates_options_the_same_way(tmp_path):
 def test_click_options_come_from_the_config_fields():
     for job in jobs().values():
         help_text = run_cli("train", job.kind, "--help").output
-        for field in cli_fields(job.config_class):
+        for field in cli_fields(job.config):
             flag = f"--{field.name.replace('_', '-')}"
             if field.name == "tags":
                 flag = "--tag"
@@ -122,80 +108,31 @@ def test_version_1_checkpoints_evaluate_resume_generate_and_package(tiny_dataset
 # --- a third job from one declaration -----------------------------------------------------------------
 
 
-@dataclass(frozen=True, kw_only=True)
-class ToyConfig(RunConfig):
-    width: int = option(8, type=click.IntRange(1), help="hidden units")
-    lr: float = option(0.1, type=click.FloatRange(0, min_open=True))
-    experiment: str = option("toy")
-    registered_model: str = option("toy-regression")
+def test_a_run_missing_a_method_and_a_spec_naming_an_undeclared_metric_fail_before_training():
+    class Incomplete(JobRun):  # a run without evaluate
+        def build_data(self):
+            return {}
 
+        def model_config(self):
+            return {}
 
-class ToyJob(Job):
-    """Fit y = 3x - 1 with a tiny MLP: the whole job is this declaration."""
+        def example_input(self):
+            return torch.zeros(1)
 
-    kind = "toy"
-    data_hint = "nothing (the data are generated)"
-    config_class = ToyConfig
-    metrics = ()
-    best = VAL_LOSS
-    panels: ClassVar = {"loss": ["train/loss", "val/loss"]}
-    report = ReportSpec(columns=(Column(label="best val loss", metric="val/loss", summary="min"),),
-                        throughput=Column(label="throughput", metric="time/none"), train_loss="train/loss",
-                        quality=VAL_LOSS)  # fmt: skip
+        def build_optimization(self, model, steps_per_epoch):
+            return None
 
-    def build_data(self) -> dict[str, Any]:
-        x = torch.linspace(-1, 1, 64)[:, None]
-        self.x, self.y = x, 3 * x - 1
-        return {"dataset": "y = 3x - 1"}
+        def train_epoch(self, model, context):
+            return {}
 
-    def model_config(self) -> dict[str, Any]:
-        return {"width": self.config.width}
-
-    @staticmethod
-    def build_model(model_config: dict[str, Any]) -> nn.Module:
-        return nn.Sequential(nn.Linear(1, model_config["width"]), nn.Tanh(), nn.Linear(model_config["width"], 1))
-
-    def inference_meta(self) -> dict[str, Any]:
-        return {}
-
-    def example_input(self) -> torch.Tensor:
-        return self.x[:1]
-
-    def build_optimization(self, model: nn.Module, steps_per_epoch: int) -> Optimization:
-        return Optimization(optimizer=torch.optim.SGD(model.parameters(), lr=self.config.lr))
-
-    def train_epoch(self, model: nn.Module, context: EpochContext) -> dict[str, float]:
-        for _ in range(20):
-            loss = nn.functional.mse_loss(model(self.x), self.y)
-            context.optimization.optimizer.zero_grad()
-            loss.backward()
-            context.optimization.optimizer.step()
-        return {"train/loss": loss.item()}
-
-    def evaluate(self, model: nn.Module, reduce) -> dict[str, float]:
-        with torch.no_grad():
-            return {"val/loss": float(nn.functional.mse_loss(model(self.x), self.y))}
-
-    def epoch_line(self, epoch: int, metrics: dict[str, float]) -> str:
-        return f"=> toy epoch {epoch}: val loss {metrics['val/loss']:.4f}"
-
-
-def test_a_job_missing_a_method_fails_before_it_runs():
-    class Incomplete(ToyJob):
-        epoch_line = Job.epoch_line  # as if never written
-
-    with pytest.raises(TypeError, match="epoch_line"):
-        Incomplete(ToyConfig(), None)
-    missing = "serves through ToyHandler but does not define example_request, offline_answer, http_request"
-    with pytest.raises(TypeError, match=missing):
-
-        class Serving(ToyJob):
-            serving = ServingSpec(name="toy", handler=HANDLERS / "toy.py", handler_class="ToyHandler",
-                                  model_file=HANDLERS / "toy_model.py")  # fmt: skip
+    with pytest.raises(TypeError, match="evaluate"):
+        Incomplete(spec=TOY, config=ToyConfig(), runtime=None)
+    with pytest.raises(TypeError, match=r"names metrics it does not declare: \['val/r2'\]"):
+        TOY.with_changes(best=Metric(name="val/r2", label="R2", higher_is_better=True))
 
 
 def test_a_third_job_is_one_declaration(tmp_path, client):
-    run_dir = trainer.train(ToyJob, ToyConfig(epochs=3, out_dir=str(tmp_path), device="cpu")).run_dir
+    run_dir = trainer.train(TOY, ToyConfig(epochs=3, out_dir=str(tmp_path), device="cpu")).run_dir
     run = latest_run(client, "toy")
     assert run.info.status == "FINISHED" and run.data.params["width"] == "8"
     losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val/loss"), key=lambda m: m.step)]
@@ -205,7 +142,42 @@ def test_a_third_job_is_one_declaration(tmp_path, client):
     )
     state = load_checkpoint(run_dir / "last.pt", kind="toy")
     assert state["model_config"] == {"width": 8} and state["train_state"]["epoch"] == 3
-    assert [v.name for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")] == ["toy-regression"]
+    version = client.search_model_versions(f"run_id = '{run.info.run_id}'")[0]
+    assert version.name == "toy-regression" and version.tags["checkpoint_sha256"]
+
+
+@pytest.fixture(scope="module")
+def toy_installed(module_tmp) -> dict[str, str]:
+    """The toy job installed as a plug-in (a dlops.jobs entry point on PYTHONPATH): the environment of a
+    `dlops` process that knows it."""
+    folder = module_tmp.mktemp("toy-plugin")
+    info = folder / "toy_job-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-job\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[dlops.jobs]\ntoy = tests.toy_job:TOY\n")
+    return {**os.environ, "PYTHONPATH": f"{folder}:{REPO}", "PYTHONUNBUFFERED": "1"}
+
+
+def dlops_with_toy(env: dict[str, str], *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training.cli", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_a_job_without_serving_sweeps_and_is_refused_packaging_clearly(toy_installed, tmp_path, client):
+    """A sweep over a job that declares no serving registers its best trial's checkpoint file (it crashed
+    with AttributeError once); `dlops package` says why there is nothing to package."""
+    swept = dlops_with_toy(toy_installed, "sweep", "toy", tmp_path, "--trials", "2", "--param",
+                           "lr=choice:0.05,0.1", "--sampler", "random", "--storage",
+                           f"sqlite:///{tmp_path / 'optuna.db'}", "--", "--epochs", "2", "--out-dir", tmp_path / "runs",
+                           "--registered-model", "toy-swept")  # fmt: skip
+    assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
+    (version,) = client.search_model_versions("name = 'toy-swept'")
+    assert version.source.endswith("/checkpoints/best.pt") and version.tags["checkpoint_sha256"]
+    checkpoint = next((tmp_path / "runs").rglob("best.pt"))
+    refused = dlops_with_toy(toy_installed, "package", "toy", "--checkpoint", checkpoint, "--model-store",
+                             tmp_path / "store")  # fmt: skip
+    assert refused.returncode == 1 and "the toy job declares no serving" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 # --- every torchvision classifier ---------------------------------------------------------------------

@@ -19,7 +19,7 @@ from tests.conftest import REPO
 LAYERS: list[tuple[str, ...]] = [
     ("training.cli", "serving.container"),  # entry points: parse options, call the layers below
     # releasing a model reads checkpoints and job declarations (training) and drives a server (serving)
-    ("release.deploy", "training.sweep", "training.report", "training.doctor"),
+    ("release.deploy", "training.sweep", "training.report", "training.doctor", "training.evaluation"),
     ("release.package", "release.priority", "release", "training.trainer"),
     ("training.session",),  # one training run's checkpoints and tracking
     ("training.jobs",),  # the declarations the trainer runs, each job with its own commands (plug-ins)
@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("training.tracking",),  # journal -> sender -> MLflow; the registry; the tracking server and its users
     ("training.data", "training.models", "training.plots", "training.recipes"),
     ("training.runtime", "training.checkpoint", "training.stopping", "training.devices", "training.distributed"),
-    ("training.hardware", "training.options", "training"),  # capability facts; option declarations
+    ("training.hardware", "training.options", "training.metrics", "training"),  # capability facts; declarations
     # serving's runtime knows nothing of training; handlers import nothing of the project at all
     ("serving.server", "serving.client", "serving.keys", "serving.served", "serving.handlers", "serving"),
 ]

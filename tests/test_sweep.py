@@ -71,6 +71,15 @@ def test_a_study_in_two_processes_prunes_records_and_registers(corpus, tmp_path,
     best = study.best_trial
     assert parent.data.tags["best_trial"] == str(best.number)
     assert parent.data.metrics["best/value"] == pytest.approx(best.value)
+    # the study optimizes what it is labelled as: each complete trial's value is its run's best val/ppl (the
+    # trainer's best value is a val loss, which a sweep logged as the perplexity once)
+    complete = [r for r in trials if r.data.tags["state"] == "complete"]
+    for run in complete:
+        value = study.trials[int(run.data.tags["trial"])].value
+        assert value == pytest.approx(min(m.value for m in client.get_metric_history(run.info.run_id, "val/ppl")))
+    best_run = next(r for r in trials if r.info.run_id == best.user_attrs["run_id"])
+    version = client.search_model_versions("name = 'sweep-two-procs'")[0]
+    assert float(version.tags["val_ppl"]) == pytest.approx(best.value, abs=1e-3) and best_run.data.tags
     assert "optimization_history.png" in artifact_paths(client, parent.info.run_id)
     versions = client.search_model_versions("name = 'sweep-two-procs'")
     assert [v.run_id for v in versions] == [best.user_attrs["run_id"]] == [parent.data.tags["best_run_id"]]

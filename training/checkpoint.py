@@ -94,7 +94,8 @@ def _load_error(error: Exception) -> str:
 
 
 # kind -> that job's reading of its version-1 checkpoints: (model_config, best value, job state,
-# entries to add). Each job module registers its own (training/jobs/), so nothing here knows a job.
+# entries to add), from each JobSpec's upgrade_v1 as the jobs are found (training/jobs/__init__.py),
+# so nothing here knows a job.
 V1_CONVERSIONS: dict[str, Callable[[dict[str, Any]], tuple[dict, float, dict, dict]]] = {}
 
 
@@ -103,7 +104,8 @@ def upgrade_v1(state: dict[str, Any]) -> dict[str, Any]:
     old = state["train_state"]
     convert = V1_CONVERSIONS.get(state["kind"])
     if convert is None:
-        raise CheckpointError(f"a version-1 checkpoint of kind {state['kind']!r}, which no job of training.jobs reads")
+        raise CheckpointError(f"a version-1 checkpoint of kind {state['kind']!r}, which no installed job reads "
+                              "(its JobSpec declares no upgrade_v1)")  # fmt: skip
     model_config, best_value, job_state, extra = convert(state)
     train_state = {
         "epoch": old["epoch"],

@@ -29,8 +29,9 @@ from training.data.errors import DatasetError
 from training.data.pipeline import JPEG_WORKERS
 from training.devices import DeviceError
 from training.distributed import check_process_count, launch, under_torchrun
-from training.jobs import Job, broken_jobs, job_for, job_serving, jobs, make_config
-from training.jobs.base import EvaluateOptions
+from training.evaluation import evaluate_checkpoint
+from training.jobs import JobSpec, broken_jobs, job_for, job_serving, jobs, make_config
+from training.jobs.evaluate import EvaluateOptions
 from training.options import click_options
 from training.stopping import TrainingStopped, exit_now
 from training.tracking import JournalBusy, TrackingRefused, TrackingUnavailable
@@ -82,12 +83,12 @@ def train() -> None:
     """Train a model; every run is logged to MLflow."""
 
 
-def train_command(job_class: type[Job], group: click.Group) -> None:
+def train_command(job: JobSpec, group: click.Group) -> None:
     """`dlops train KIND DATA [options]` in `group`: the options come from the job's config fields."""
 
-    @group.command(job_class.kind, help=job_class.__doc__)
+    @group.command(job.kind, help=job.description)
     @click.argument("data", required=False, type=click.Path(file_okay=False, path_type=Path))
-    @click_options(job_class.config_class)
+    @click_options(job.config)
     @click.option(
         "--resume",
         default=None,
@@ -100,17 +101,17 @@ def train_command(job_class: type[Job], group: click.Group) -> None:
         given = {k: v for k, v in given_options(ctx).items() if k not in ("data", "resume")}
         if data:
             given["data"] = str(data)
-        resume = _resume_path(job_class, resume, given)
-        if not data and not resume and job_class.data_required(given):
-            raise click.UsageError(f"give DATA: {job_class.data_hint}")
-        config = make_config(job_class, given, resume)
-        if job_class.distributed and config.nproc_per_node > 1 and not under_torchrun():
+        resume = _resume_path(job, resume, given)
+        if not data and not resume and job.data_required(given):
+            raise click.UsageError(f"give DATA: {job.data_hint}")
+        config = make_config(job, given, resume)
+        if job.distributed and config.nproc_per_node > 1 and not under_torchrun():
             check_process_count(config.nproc_per_node, config.device, insist=config.allow_oversubscribe)
-            ctx.exit(launch(job_class.kind, config, config.nproc_per_node, resume))
-        trainer.train(job_class, config, resume=resume)
+            ctx.exit(launch(job.kind, config, config.nproc_per_node, resume))
+        trainer.train(job, config, resume=resume)
 
 
-def _resume_path(job_class: type[Job], resume: str | None, given: dict[str, Any]) -> Path | None:
+def _resume_path(job: JobSpec, resume: str | None, given: dict[str, Any]) -> Path | None:
     """--resume CKPT as a path; --resume auto: the newest unfinished run of the same name, or None."""
     from training.session import find_resumable
 
@@ -121,7 +122,7 @@ def _resume_path(job_class: type[Job], resume: str | None, given: dict[str, Any]
             raise click.BadParameter(f"{resume!r}: no such checkpoint file (or give auto)", param_hint="--resume")
         return Path(resume)
     out_dir = Path(given.get("out_dir", "runs"))
-    found = find_resumable(out_dir, job_class.kind, given.get("run_name"))
+    found = find_resumable(out_dir, job.kind, given.get("run_name"))
     name = f"run {given['run_name']!r}" if given.get("run_name") else "unnamed run"
     click.echo(f"=> --resume auto: continuing {found}" if found else f"=> --resume auto: no unfinished {name} "
                f"in {out_dir}; starting a new one")  # fmt: skip
@@ -139,7 +140,7 @@ def _broken_train_command(kind: str, reason: str) -> None:
 
 for _job in jobs().values():
     train_command(_job, train)
-    for _command in _job.commands():
+    for _command in _job.commands:
         main.add_command(_command)
 for _broken in broken_jobs():
     _broken_train_command(_broken.kind, _broken.describe())
@@ -255,7 +256,7 @@ def evaluate_command(checkpoint: str, data: Path, **settings: Any) -> None:
     from training.tracking import registry
 
     state, source = registry.load_source(checkpoint)
-    job_for(state["kind"]).evaluate_checkpoint(state, source, data, EvaluateOptions(**settings))
+    evaluate_checkpoint(job_for(state["kind"]), state, source, data, EvaluateOptions(**settings))
 
 
 @main.command("sweep", context_settings={"ignore_unknown_options": True})
@@ -691,7 +692,7 @@ def predict_command(*, given: str, model: str | None, topk: int | None, field_pa
     if job.serving.input == "file" and not Path(given).is_file():
         raise click.BadParameter(f"{given!r}: no such file", param_hint="INPUT")
     fields = {**_fields(field_pairs), **({"topk": topk} if topk else {})}
-    request = job.http_request(given, fields)
+    request = job.serving.request(given, fields)
     answer = server_client(**server).predict(model or job.serving.name, request.body, request.content_type,
                                              headers=request.headers)  # fmt: skip
     show_answer(answer)

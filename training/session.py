@@ -2,7 +2,7 @@
 
     with training_session(config, kind, saved, resume=..., device=..., tags=..., params=...) as session:
         ...each epoch: session.save_epoch(state, improved); session.run.log_metrics(...)
-        session.publish(model_name, tags, panels)  # learning curves, best/last checkpoints, register best
+        session.publish(model_name, tags, spec, best_epoch)  # learning curves, checkpoints, register best
 
 A new run logs every option as a param and the environment as tags; a resumed run (checkpoint of
 an interrupted one) continues the same MLflow run and the same directory. Everything is logged
@@ -23,8 +23,18 @@ from typing import Any
 from training import tracking
 from training.checkpoint import inference_checkpoint, load_checkpoint, save_checkpoint
 from training.devices import DeviceChoice
-from training.jobs.base import HANDLERS, Job
+from training.jobs.serving import HANDLERS
+from training.jobs.spec import JobSpec
 from training.plots import learning_curves
+from training.tracking.artifacts import (
+    BEST,
+    BEST_ARTIFACT,
+    CHECKPOINTS,
+    LAST,
+    LEARNING_CURVES,
+    MLFLOW_MODEL,
+    TENSORBOARD,
+)
 from training.tracking.journal import write_atomic
 from training.tracking.registry import CHECKPOINT_ARTIFACT, digest_tag, save_mlflow_model
 from training.tracking.tags import JOB_TAG, training_job
@@ -40,7 +50,7 @@ def find_resumable(out_dir: Path, kind: str, run_name: str | None) -> Path | Non
             note = json.loads(note_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue
-        last = note_path.with_name("last.pt")
+        last = note_path.with_name(LAST)
         if (
             note.get("kind") == kind
             and note.get("run_name") == run_name
@@ -51,18 +61,18 @@ def find_resumable(out_dir: Path, kind: str, run_name: str | None) -> Path | Non
     return max(found)[1] if found else None
 
 
-def build_mlflow_model(job: type[Job], checkpoint: Path, directory: Path) -> Path:
+def build_mlflow_model(job: JobSpec, checkpoint: Path, directory: Path) -> Path:
     """The MLflow pyfunc model of a job's checkpoint, saved to `directory`: the inference part of
     the checkpoint, the job's handler and model code, and its example request as input example."""
-    state = inference_checkpoint(load_checkpoint(checkpoint, kind=job.kind), job.serving.inference_keys)
-    example = job.example_request(state)
+    serving = job.serving
+    state = inference_checkpoint(load_checkpoint(checkpoint, kind=job.kind), serving.inference_keys)
+    example = serving.example_request(state)
     with tempfile.TemporaryDirectory() as tmp:  # the model keeps its own copy, artifacts/checkpoint.pt
         weights = Path(tmp) / f"{CHECKPOINT_ARTIFACT}.pt"
         save_checkpoint(state, weights)
         return save_mlflow_model(directory, python_model=HANDLERS / "mlflow_model.py", checkpoint=weights,
-                                 code=job.serving.files(), handler=job.serving.handler,
-                                 handler_class=job.serving.handler_class, example=example,
-                                 answer=job.offline_answer(state, example))  # fmt: skip
+                                 code=serving.files(), handler=serving.handler, handler_class=serving.handler_class,
+                                 example=example, answer=serving.answer(state, example))  # fmt: skip
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -74,11 +84,11 @@ class TrainingSession:
 
     @property
     def last(self) -> Path:
-        return self.run_dir / "last.pt"
+        return self.run_dir / LAST
 
     @property
     def best(self) -> Path:
-        return self.run_dir / "best.pt"
+        return self.run_dir / BEST
 
     def save_epoch(self, state: dict[str, Any], *, improved: bool) -> None:
         """Write last.pt (and best.pt when the epoch improved) before its metrics are logged."""
@@ -125,26 +135,25 @@ class TrainingSession:
         if epoch and saved.get("metrics") and epoch not in self.run.logged_steps(metric):
             self.run.log_metrics(saved["metrics"], step=epoch)
 
-    def publish(self, model_name: str | None, tags: dict[str, str], panels: dict[str, list[str]],
-                job: type[Job], best_epoch: int) -> None:  # fmt: skip
+    def publish(self, model_name: str | None, tags: dict[str, str], job: JobSpec, best_epoch: int) -> None:
         """Log the learning curves and both checkpoints; register best.pt as a version of `model_name`
         (unless None) once it is delivered: as an MLflow model where the job has one (its handler
         class), else the checkpoint file itself."""
         if not self.active:
             return
         title = model_name or self.run.run_id
-        picture = learning_curves(self.run.metric_history, panels, self.run_dir / "learning_curves.png", title)
+        picture = learning_curves(self.run.metric_history, job.panels, self.run_dir / LEARNING_CURVES, title)
         self.run.log_artifact(picture)
         for path in (self.best, self.last):
             if path.exists():
-                self.run.log_artifact(path, "checkpoints")
+                self.run.log_artifact(path, CHECKPOINTS)
         if model_name is None or not self.best.exists():
             return
         if job.serving is not None:
-            model_dir = build_mlflow_model(job, self.best, self.run_dir / "mlflow-model")
+            model_dir = build_mlflow_model(job, self.best, self.run_dir / MLFLOW_MODEL)
             self.run.log_model(model_dir, model_name, tags, step=best_epoch)
         else:
-            self.run.register_model(model_name, "checkpoints/best.pt", {**tags, **digest_tag(self.best)})
+            self.run.register_model(model_name, BEST_ARTIFACT, {**tags, **digest_tag(self.best)})
         self.registering = f"{model_name} ({', '.join(f'{k} {v}' for k, v in tags.items())})"
 
 
@@ -181,7 +190,7 @@ def training_session(
         sync_timeout_s=config.sync_timeout,
     ) as run:
         run_dir = run.journal.dir.parent
-        run.open_tensorboard(run_dir / "tensorboard")
+        run.open_tensorboard(run_dir / TENSORBOARD)
         if saved:
             position = saved.get("position")
             within = f", step {position['step']} of epoch {position['epoch']}" if position else ""

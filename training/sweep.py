@@ -35,10 +35,12 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from serving.secrets import child_environment, redact
 from training import tracking
-from training.jobs import Job, job_for, make_config
+from training.jobs import JobSpec, job_for, make_config
+from training.metrics import BEST_EPOCH, SWEEP_BEST, TRIALS_COMPLETE, TRIALS_PRUNED
 from training.options import cli_fields, display_flag
 from training.session import build_mlflow_model
 from training.tracking import registry
+from training.tracking.artifacts import BEST, BEST_ARTIFACT, MLFLOW_MODEL
 from training.tracking.tags import JOB_TAG, SWEEP_ID, sweep_job
 from training.trainer import StopCause, StopTraining, train
 
@@ -77,15 +79,15 @@ class Dimension:
         return f"{self.kind}:{self.low}:{self.high}"
 
 
-def _field(job: type[Job], name: str) -> dataclasses.Field:
-    fields = {f.name: f for f in cli_fields(job.config_class)}
+def _field(job: JobSpec, name: str) -> dataclasses.Field:
+    fields = {f.name: f for f in cli_fields(job.config)}
     if name not in fields or name in ("tags", "experiment", "run_name", "out_dir", "registered_model"):
         known = ", ".join(sorted(n for n in fields if n not in ("tags", "out_dir")))
         raise SweepError(f"--param {name}: `train {job.kind}` has no option {name!r} to search; options: {known}")
     return fields[name]
 
 
-def _convert(job: type[Job], f: dataclasses.Field, raw: Any, spec: str) -> Any:
+def _convert(job: JobSpec, f: dataclasses.Field, raw: Any, spec: str) -> Any:
     """A value through the option's own Click type: the range and choices `train` would accept."""
     param_type = f.metadata["cli"].kwargs.get("type")
     if param_type is None and f.type in (bool, "bool"):
@@ -98,7 +100,7 @@ def _convert(job: type[Job], f: dataclasses.Field, raw: Any, spec: str) -> Any:
         raise SweepError(f"--param {f.name}={spec}: {raw!r} is not a valid {display_flag(f)}: {e.message}") from e
 
 
-def parse_dimension(job: type[Job], name: str, spec: str) -> Dimension:
+def parse_dimension(job: JobSpec, name: str, spec: str) -> Dimension:
     f = _field(job, name)
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in SPEC_KINDS:
@@ -121,7 +123,7 @@ def parse_dimension(job: type[Job], name: str, spec: str) -> Dimension:
     return Dimension(name=name, kind=kind, low=_convert(job, f, low, spec), high=_convert(job, f, high, spec))
 
 
-def read_space(job: type[Job], params: tuple[str, ...], space_file: Path | None) -> list[Dimension]:
+def read_space(job: JobSpec, params: tuple[str, ...], space_file: Path | None) -> list[Dimension]:
     """The search space from --param NAME=SPEC options and/or a YAML or TOML file of NAME: SPEC."""
     specs: dict[str, str] = {}
     if space_file is not None:
@@ -158,7 +160,7 @@ class SweepSpec:
     pruner: str = "median"
     seed: int = 0
     direction: str = "maximize"
-    metric: str = "val/acc1"
+    metric: str  # the job's sweep metric (resolve_spec fills it)
     heartbeat_s: int = 10
     parent_run_id: str | None = None
     experiment: str = ""
@@ -166,7 +168,7 @@ class SweepSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def job(self) -> type[Job]:
+    def job(self) -> JobSpec:
         return job_for(self.kind)
 
     def to_json(self) -> str:
@@ -179,9 +181,9 @@ class SweepSpec:
         return cls(**data)
 
 
-def metric_direction(job: type[Job]) -> tuple[str, str]:
+def metric_direction(job: JobSpec) -> tuple[str, str]:
     """The per-epoch validation metric a sweep of this job optimizes, and which way is better."""
-    metric = job.sweep_metric()
+    metric = job.sweep_metric
     return metric.name, metric.direction
 
 
@@ -261,9 +263,13 @@ def objective(spec: SweepSpec, trial: optuna.Trial, out_dir: Path) -> float:
     config = make_config(spec.job, given)
     print(f"=> trial {trial.number}: {', '.join(f'{k}={v}' for k, v in values.items())}", flush=True)
 
+    best: list[float] = []  # the trial's best value of the sweep metric: what the study optimizes
+
     def report(epoch: int, metrics: dict[str, float]) -> None:
         value = metrics[spec.metric]
         trial.report(value, epoch)
+        if not best or (value > best[0] if spec.direction == "maximize" else value < best[0]):
+            best[:] = [value]
         if trial.should_prune():
             raise StopTraining(f"pruned by the {spec.pruner} pruner at epoch {epoch} ({spec.metric} {value:.4g})",
                                StopCause.PRUNED)  # fmt: skip
@@ -280,7 +286,7 @@ def objective(spec: SweepSpec, trial: optuna.Trial, out_dir: Path) -> float:
     tracking.store_client().set_tag(result.run_id, "state", "pruned" if pruned else "complete")
     if pruned:
         raise optuna.TrialPruned(result.stop_reason)
-    return result.best_value
+    return best[0]
 
 
 def run_worker(spec: SweepSpec, worker: int = 0) -> None:
@@ -346,8 +352,8 @@ def summarize(spec: SweepSpec) -> dict[str, Any]:
         best = study.best_trial
         best_run = best.user_attrs.get("run_id")
         parent.set_tags({"best_trial": best.number, "best_params": json.dumps(best.params), "best_run_id": best_run})
-        parent.log_metrics({"best/value": best.value, "trials/complete": states["complete"],
-                            "trials/pruned": states["pruned"]}, step=len(study.trials))  # fmt: skip
+        parent.log_metrics({SWEEP_BEST: best.value, TRIALS_COMPLETE: states["complete"],
+                            TRIALS_PRUNED: states["pruned"]}, step=len(study.trials))  # fmt: skip
         summary.update(best_trial=best.number, best_value=best.value, best_params=best.params, best_run_id=best_run)
         if best_run:
             tags = {SWEEP_ID: spec.study_name, "trial": str(best.number),
@@ -364,13 +370,13 @@ def register_trial(spec: SweepSpec, run_id: str, tags: dict[str, str], client: A
     """Register a trial's best checkpoint as an MLflow model of its run (as a training run registers
     its own); the checkpoint is read from this machine's run folder, else from MLflow."""
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(spec.fixed.get("out_dir", "runs")) / spec.study_name / run_id / "best.pt"
+        local = Path(spec.fixed.get("out_dir", "runs")) / spec.study_name / run_id / BEST
         checkpoint = local if local.is_file() else tracking.download_run_checkpoint(run_id, Path(tmp))
-        if spec.job.serving.handler_class is None:  # a job without inference code: the checkpoint file itself
-            return tracking.register_model(run_id, "checkpoints/best.pt", spec.registered_model,
+        if spec.job.serving is None:  # a job without inference code: the checkpoint file itself
+            return tracking.register_model(run_id, BEST_ARTIFACT, spec.registered_model,
                                            {**tags, **registry.digest_tag(checkpoint)}, client)  # fmt: skip
-        model_dir = build_mlflow_model(spec.job, checkpoint, Path(tmp) / "mlflow-model")
-        step = int(client.get_run(run_id).data.metrics.get("best/epoch", 0))
+        model_dir = build_mlflow_model(spec.job, checkpoint, Path(tmp) / MLFLOW_MODEL)
+        step = int(client.get_run(run_id).data.metrics.get(BEST_EPOCH, 0))
         return registry.log_mlflow_model(
             client,
             run_id,

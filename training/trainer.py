@@ -35,14 +35,17 @@ from training.checkpoint import (
 )
 from training.devices import choose_device, configure_backend, grad_scaler
 from training.distributed import close_process_group, init_process_group
-from training.jobs.base import EpochContext, Job, RunConfig
+from training.jobs.config import RunConfig
+from training.jobs.run import EpochContext, JobRun
+from training.jobs.spec import JobSpec
+from training.metrics import BEST_EPOCH, EPOCH_SECONDS, LR, TO_BEST_SECONDS, TOTAL_SECONDS, best_metric_name
 from training.models.summary import layer_table
 from training.models.weights import copy_matching
 from training.runtime import Runtime
 from training.session import TrainingSession, training_session
 from training.stopping import StopRequest, TrainingStopped, exit_now, stop_on_signals
 from training.tracking import registry
-from training.tracking.registry import best_metric_name
+from training.tracking.artifacts import MODEL_SUMMARY
 from training.tracking.tags import STOP_REASON
 
 
@@ -89,16 +92,16 @@ class TrainState:
     train_seconds: float = 0.0
     seconds_to_best: float = 0.0
 
-    def update(self, epoch: int, metrics: dict[str, float], seconds: float, job: Job) -> bool:
+    def update(self, epoch: int, metrics: dict[str, float], seconds: float, spec: JobSpec) -> bool:
         """Record a finished epoch; return whether it is the best so far by the job's metric."""
         self.epoch = epoch
         self.train_seconds += seconds
-        value = metrics[job.best.name]
-        improved = math.isnan(self.best_value) or job.best.better(value, self.best_value)
+        value = metrics[spec.best.name]
+        improved = math.isnan(self.best_value) or spec.best.better(value, self.best_value)
         if improved:
             self.best_value, self.best_epoch, self.seconds_to_best = value, epoch, self.train_seconds
-        watched = metrics[job.early_stop.name]
-        if math.isinf(self.best_val_loss) or job.early_stop.better(watched, self.best_val_loss):
+        watched = metrics[spec.early_stop.name]
+        if math.isinf(self.best_val_loss) or spec.early_stop.better(watched, self.best_val_loss):
             self.best_val_loss, self.epochs_since_improvement = watched, 0
         else:
             self.epochs_since_improvement += 1
@@ -124,7 +127,7 @@ def start_runtime(config: RunConfig) -> tuple[Runtime, RunConfig]:
     return Runtime(choice=choice, device=device, group=group, precision=precision), config
 
 
-def warm_start(job: Job, model: nn.Module) -> dict[str, Any]:
+def warm_start(job: JobRun, model: nn.Module) -> dict[str, Any]:
     """--pretrained (the job's published weights), then --init-from (one of our checkpoints or
     registered models) on a freshly built model; return what was done (run params)."""
     done = job.pretrain(model)
@@ -137,9 +140,9 @@ def warm_start(job: Job, model: nn.Module) -> dict[str, Any]:
         except registry.RegistryError as e:
             raise ValueError(f"--init-from {e}") from e
         source = load_checkpoint(path)
-        if source["kind"] != job.kind:
+        if source["kind"] != job.spec.kind:
             raise CheckpointError(f"--init-from {spec}: a {source['kind']!r} checkpoint cannot start a "
-                                  f"{job.kind!r} model")  # fmt: skip
+                                  f"{job.spec.kind!r} model")  # fmt: skip
         job.check_warm_start(source)
         kept = copy_matching(model, source["model"])
     print(f"=> --init-from {spec}: weights of run {source.get('run_id')} epoch {source.get('epoch')}; "
@@ -147,10 +150,10 @@ def warm_start(job: Job, model: nn.Module) -> dict[str, Any]:
     return {**done, "init_from_run_id": str(source.get("run_id"))}
 
 
-def _model_summary(session: TrainingSession, job: Job, model: nn.Module) -> None:
+def _model_summary(session: TrainingSession, job: JobRun, model: nn.Module) -> None:
     example = job.example_input()
-    session.run.log_text(layer_table(model, example), "model_summary.txt")
-    if not job.summary_graph:
+    session.run.log_text(layer_table(model, example), MODEL_SUMMARY)
+    if not job.spec.summary_graph:
         return
     model.eval()
     try:
@@ -182,24 +185,25 @@ class EpochControl:
 
 
 def train(
-    job_class: type[Job],
+    spec: JobSpec,
     config: RunConfig,
     *,
     resume: Path | None = None,
     on_epoch: EpochHook | None = None,
     register: bool = True,
 ) -> TrainResult:
-    """Train (or resume) `job_class` with `config`; return where the run is and how it ended.
+    """Train (or resume) a run of job `spec` with `config`; return where the run is and how it ended.
 
     `on_epoch(epoch, metrics)` runs after each epoch is checkpointed and logged; raising
     StopTraining there ends the run cleanly. `register=False` publishes without registering.
     SIGTERM or SIGINT ends the run KILLED after a resumable checkpoint (TrainingStopped).
     """
-    saved = load_checkpoint(resume, kind=job_class.kind) if resume else None
+    saved = load_checkpoint(resume, kind=spec.kind) if resume else None
     runtime, config = start_runtime(config)
     try:
         with stop_on_signals() as stop:
-            trainer = Trainer(job_class(config, runtime), saved=saved, resume=resume, stop=stop)
+            trainer = Trainer(spec.run(spec=spec, config=config, runtime=runtime), saved=saved, resume=resume,
+                              stop=stop)  # fmt: skip
             return trainer.run(on_epoch=on_epoch, register=register)
     finally:
         close_process_group(runtime.group)
@@ -215,11 +219,12 @@ class Trainer:
     epoch's metrics (what a mid-epoch checkpoint records).
     """
 
-    def __init__(self, job: Job, *, saved: dict[str, Any] | None, resume: Path | None, stop: StopRequest):
-        self.job, self.runtime, self.saved, self.resume, self.stop = job, job.runtime, saved, resume, stop
+    def __init__(self, job: JobRun, *, saved: dict[str, Any] | None, resume: Path | None, stop: StopRequest):
+        self.job, self.spec, self.runtime = job, job.spec, job.runtime
+        self.saved, self.resume, self.stop = saved, resume, stop
         self.tags = {**job.build_data(), **job.config.tags, "amp_reason": self.runtime.precision.reason}
         self.model_config = job.model_config()
-        self.model = job.build_model(self.model_config)
+        self.model = self.spec.build_model(**self.model_config)
         self.warm = warm_start(job, self.model) if not saved else {}
         self.model = job.prepare_model(self.model.to(self.runtime.device))
         self.optimization = job.build_optimization(self.model, job.steps_per_epoch())
@@ -260,7 +265,7 @@ class Trainer:
     def run(self, *, on_epoch: EpochHook | None, register: bool) -> TrainResult:
         job, runtime = self.job, self.runtime
         params = {**job.run_params(), **self.warm, **runtime.choice.features()}
-        with training_session(self.config, job.kind, self.saved, resume=self.resume, device=runtime.choice,
+        with training_session(self.config, self.spec.kind, self.saved, resume=self.resume, device=runtime.choice,
                               tags=self.tags, params=params, active=runtime.group.is_main) as session:  # fmt: skip
             self.session = session
             self._begin()
@@ -272,13 +277,13 @@ class Trainer:
                            best_epoch=state.best_epoch, stop_reason=stop_reason, stop_cause=stop_cause)  # fmt: skip
 
     def _begin(self) -> None:
-        session, job = self.session, self.job
+        session, spec = self.session, self.spec
         if self.saved:
-            session.catch_up(self.saved, job.early_stop.name)
+            session.catch_up(self.saved, spec.early_stop.name)
         elif session.active:
-            _model_summary(session, job, self.model)
-        if self.saved and job.step_metrics:  # a replayed epoch (after a crash) must not log its steps twice
-            self.logged_steps = session.run.logged_steps(job.step_metrics[0])
+            _model_summary(session, self.job, self.model)
+        if self.saved and spec.step_metrics:  # a replayed epoch (after a crash) must not log its steps twice
+            self.logged_steps = session.run.logged_steps(spec.step_metrics[0])
 
     def _log_step(self, metrics: dict[str, float], step: int) -> None:
         if step not in self.logged_steps:
@@ -300,7 +305,7 @@ class Trainer:
                 return stopping.reason, stopping.cause
             patience, waited = self.config.early_stop_patience, self.state.epochs_since_improvement
             if patience and waited >= patience:
-                reason = (f"early stop: {self.job.early_stop.label} has not improved for {waited} epochs "
+                reason = (f"early stop: {self.spec.early_stop.label} has not improved for {waited} epochs "
                           f"(best {self.state.best_val_loss:.4f})")  # fmt: skip
                 print(f"=> {reason}", flush=True)
                 return reason, StopCause.EARLY_STOP
@@ -324,8 +329,8 @@ class Trainer:
         metrics.update(job.evaluate(self.model, self._reduce))
         if optimization.scheduler is not None and not optimization.scheduler_per_batch:
             optimization.scheduler.step()
-        metrics.update({"lr": lr, "time/epoch_seconds": time.perf_counter() - start})
-        improved = self.state.update(epoch, metrics, metrics["time/epoch_seconds"], job)
+        metrics.update({LR: lr, EPOCH_SECONDS: time.perf_counter() - start})
+        improved = self.state.update(epoch, metrics, metrics[EPOCH_SECONDS], self.spec)
         job.after_epoch(improved=improved)
         print(job.epoch_line(epoch, metrics), flush=True)
         # Checkpoint first, then metrics: a resume logs whatever a crash in between left out.
@@ -343,7 +348,7 @@ class Trainer:
         """A signal asked to stop and every process agreed: end the run KILLED where it stands, resumable
         from `checkpoint` (TrainingStopped)."""
         self.session.run.set_tags({STOP_REASON: f"{self.stop.name} {where}: resumable from {checkpoint}"})
-        print(f"=> {self.stop.name}: stopped {where}; resume with: dlops train {self.job.kind} --resume "
+        print(f"=> {self.stop.name}: stopped {where}; resume with: dlops train {self.spec.kind} --resume "
               f"{checkpoint}", flush=True)  # fmt: skip
         raise TrainingStopped(self.stop.signum, str(checkpoint), where)
 
@@ -352,7 +357,7 @@ class Trainer:
         job, optimization = self.job, self.optimization
         return {
             "format_version": FORMAT_VERSION,
-            "kind": job.kind,
+            "kind": self.spec.kind,
             "epoch": epoch,
             "experiment": self.config.experiment,
             "model": self.model.state_dict(),
@@ -377,12 +382,12 @@ class Trainer:
         """Final metrics, the stop reason, learning curves, checkpoints and the registered version."""
         job, state, run = self.job, self.state, self.session.run
         final = job.finish(self.model, self.session.best)
-        run.log_metrics({**final, "time/total_seconds": state.train_seconds, "time/to_best_seconds":
-                         state.seconds_to_best, best_metric_name(job.best.name): state.best_value,
-                         "best/epoch": state.best_epoch}, step=state.epoch)  # fmt: skip
+        run.log_metrics({**final, TOTAL_SECONDS: state.train_seconds, TO_BEST_SECONDS: state.seconds_to_best,
+                         best_metric_name(self.spec.best.name): state.best_value, BEST_EPOCH: state.best_epoch},
+                        step=state.epoch)  # fmt: skip
         run.set_tags({STOP_REASON: stop_reason})
         registry_tags = job.registry_tags(state.best_value, state.best_epoch, final)
-        self.session.publish(self.config.registered_model if register else None, registry_tags, job.panels, type(job),
+        self.session.publish(self.config.registered_model if register else None, registry_tags, self.spec,
                              state.best_epoch)  # fmt: skip
         self.session.mark_finished()
 
@@ -399,11 +404,11 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--resume", type=Path, default=None)
     args = parser.parse_args()
-    job_class = job_for(args.job)
+    spec = job_for(args.job)
     # the config class checks every value as the CLI does
-    config = job_class.config_class(**json.loads(args.config.read_text(encoding="utf-8")))
+    config = spec.config(**json.loads(args.config.read_text(encoding="utf-8")))
     try:
-        train(job_class, config, resume=args.resume)
+        train(spec, config, resume=args.resume)
     except TrainingStopped as stopped:  # state on disk, grace period running: skip the interpreter's teardown
         exit_now(stopped.exit_code)
 

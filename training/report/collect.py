@@ -17,8 +17,8 @@ from pathlib import Path
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from training.jobs import Job, jobs
-from training.jobs.base import Column
+from training.jobs import JobSpec, jobs
+from training.jobs.spec import Column
 from training.tracking.tags import (
     BENCH_CONFIG,
     COMPARE,
@@ -49,7 +49,7 @@ class RunFacts:
     histories: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     @property
-    def job(self) -> type[Job] | None:
+    def job(self) -> JobSpec | None:
         """The installed job that trained this run; None for other runs (and jobs not installed here)."""
         return jobs().get(trained_kind(self.run.data.tags) or "")
 
@@ -155,7 +155,8 @@ def _overview_row(client: MlflowClient, r: RunFacts, varying: list[str], mlflow_
     return {"run": r, "name": r.name, "kind": r.job.kind, "url": url, "params": [r.params.get(p, "") for p in varying],
             "values": [summarize(client, r, c) for c in report.columns],
             "epochs": len(r.history(client, r.job.early_stop.name)), "seconds": r.metrics.get("time/total_seconds"),
-            "rate": summarize(client, r, report.throughput), "rate_unit": report.throughput.unit,
+            "rate": summarize(client, r, report.throughput) if report.throughput else None,
+            "rate_unit": report.throughput.unit if report.throughput else "",
             "device": r.tags.get("device_name", "")}  # fmt: skip
 
 

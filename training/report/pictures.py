@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from training.jobs.base import Metric
+from training.metrics import Metric
 
 
 def safe_file_name(text: str, max_length: int = 80) -> str:

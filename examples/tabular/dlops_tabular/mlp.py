@@ -3,6 +3,8 @@ MLflow model as `dlops_mlp.py` (the handler imports it by that name): it imports
 
 from __future__ import annotations
 
+import json
+
 from torch import nn
 
 FLOAT32_MAX = 3.4028234663852886e38  # the largest value the model's float32 inputs hold
@@ -20,7 +22,13 @@ def build_mlp(*, inputs: int, hidden: int, layers: int, classes: int, dropout: f
 
 def row_values(row: object, features: list[str]) -> list[float]:
     """One table row as numbers in the columns' order: from an object of column -> value, a list in
-    the columns' order, or that list as comma-separated text. ValueError names what is wrong."""
+    the columns' order, that list as comma-separated text, or either as JSON text. ValueError names
+    what is wrong."""
+    if isinstance(row, str) and row.lstrip().startswith(("{", "[")):  # JSON text: an object or a list
+        try:
+            row = json.loads(row)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"'row' is not valid JSON: {e}") from None
     if isinstance(row, str):
         row = [part.strip() for part in row.split(",")]
     if isinstance(row, dict):

@@ -7,34 +7,26 @@ on the test split, and the example's console lines.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import click
 import torch
 from torch import nn
 
 import training.models.wordlm
-from training.checkpoint import V1_CONVERSIONS, load_checkpoint
+from training.checkpoint import load_checkpoint
 from training.data.text import EOS, UNK, batchify, load_corpus
-from training.jobs.base import (
-    HANDLERS,
-    VAL_LOSS,
-    Column,
-    EpochContext,
-    EpochTable,
-    EvaluateOptions,
-    Job,
-    Metric,
-    Optimization,
-    ReportSpec,
-    Request,
-    RunConfig,
-    ServingSpec,
-)
+from training.jobs.config import RunConfig
+from training.jobs.evaluate import EvaluateOptions
+from training.jobs.lm.commands import COMMANDS, SERVED_AS
+from training.jobs.run import EpochContext, JobRun, Optimization
+from training.jobs.serving import HANDLERS, Serving
+from training.jobs.serving import Request as Request
+from training.jobs.spec import Column, EpochTable, JobSpec, ReportSpec
 from training.loops.language import LMStep, evaluate_lm, perplexity, train_lm_epoch
+from training.metrics import EPOCH_SECONDS, TRAIN_LOSS, VAL_LOSS, Metric
 from training.models.wordlm import MODEL_TYPES, build_language_model, generate_batch, lm_from_checkpoint
 from training.options import option
 
@@ -70,7 +62,7 @@ def ruler(char: str) -> str:
     return char * RULER
 
 
-def _read_v1(state: dict[str, Any]) -> tuple[dict, float, dict, dict]:
+def read_v1(state: dict[str, Any]) -> tuple[dict, float, dict, dict]:
     """A version-1 LM checkpoint: val loss as the best value, the annealed lr and step as job state."""
     old = state["train_state"]
     job_state = {"lr": old["lr"], "global_step": old["global_step"]}
@@ -78,43 +70,21 @@ def _read_v1(state: dict[str, Any]) -> tuple[dict, float, dict, dict]:
                                                                      "scheduler": None, "scaler": {}}  # fmt: skip
 
 
-V1_CONVERSIONS["lm"] = _read_v1
-
-
 PPL = Metric(name="val/ppl", label="val perplexity", higher_is_better=False, log_scale=True)
+TRAIN_PPL, EPOCH_LOSS = "train/ppl", "train/epoch_loss"
+TEST_LOSS, TEST_PPL = "test/loss", "test/ppl"
+TOKENS_PER_SECOND = "time/tokens_per_second"
+SAMPLES = "generated"  # the run's artifact folder of generated texts (`dlops generate`)
 
 
-class LMJob(Job):
-    """A word-level language model on DATA (train.txt/valid.txt/test.txt or wiki.*.tokens)."""
+def describe_model(params: dict[str, str]) -> str:
+    return f"{params.get('model')} {params.get('nlayers')}x{params.get('nhid')} (emsize {params.get('emsize')})"
 
-    kind, config_class = "lm", LMConfig
-    data_hint = "a folder with train.txt, valid.txt and test.txt"
-    metrics = (PPL,)
-    best = VAL_LOSS  # as the example: the model kept for test
-    sweep = PPL  # what people compare LMs by
-    panels: ClassVar = {"loss": ["train/epoch_loss", "val/loss"], "perplexity": ["val/ppl"]}
-    report = ReportSpec(
-        columns=(Column(label="best val ppl", metric=PPL.name, summary="min"),
-                 Column(label="test ppl", metric="test/ppl")),
-        throughput=Column(label="throughput", metric="time/tokens_per_second", summary="mean", digits=0,
-                          unit="tokens/s"),
-        train_loss="train/epoch_loss",
-        quality=PPL,
-        epoch_table=EpochTable(title="Language models", metric=PPL, final=Column(label="test", metric="test/ppl"),
-                               samples="generated"),
-    )  # fmt: skip
-    serving = ServingSpec(
-        name="lm", handler=HANDLERS / "text_generator.py", handler_class="TextGenerator",
-        model_file=Path(training.models.wordlm.__file__).resolve(), inference_keys=("vocab", "window"), input="text",
-    )  # fmt: skip
-    step_metrics = ("train/loss", "train/ppl")
+
+class LMRun(JobRun):
+    """One run of the language model: the corpus batched on the device, truncated BPTT, annealed SGD."""
+
     config: LMConfig
-
-    @classmethod
-    def commands(cls) -> list[click.Command]:
-        from training.jobs.lm.commands import COMMANDS
-
-        return COMMANDS
 
     def build_data(self) -> dict[str, Any]:
         c = self.config
@@ -123,6 +93,7 @@ class LMJob(Job):
         print(f"=> vocabulary {len(self.vocab)} words; {len(corpus.train)} train / {len(corpus.valid)} valid / "
               f"{len(corpus.test)} test tokens")  # fmt: skip
         # The whole corpus moves to the device once (WikiText-2 is ~16 MB as int64): no copy per window.
+        self.window = c.bptt  # what serving needs (the spec's inference keys): the vocabulary and the window
         self.train_data = batchify(corpus.train, c.batch_size).to(self.device)
         self.val_data = batchify(corpus.valid, c.eval_batch_size).to(self.device)
         self.test_data = batchify(corpus.test, c.eval_batch_size).to(self.device)
@@ -140,42 +111,6 @@ class LMJob(Job):
         c = self.config
         return {"model": c.model, "ntokens": len(self.vocab), "emsize": c.emsize, "nhid": c.nhid,
                 "nlayers": c.nlayers, "nhead": c.nhead, "dropout": c.dropout, "tied": c.tied}  # fmt: skip
-
-    @staticmethod
-    def build_model(model_config: dict[str, Any]) -> nn.Module:
-        return build_language_model(**model_config)
-
-    @staticmethod
-    def describe_model(params: dict[str, str]) -> str:
-        return f"{params.get('model')} {params.get('nlayers')}x{params.get('nhid')} (emsize {params.get('emsize')})"
-
-    def inference_meta(self) -> dict[str, Any]:
-        return {"vocab": self.vocab, "window": self.config.bptt}
-
-    @staticmethod
-    def example_request(meta: dict[str, Any]) -> dict[str, Any]:
-        """A prompt of the vocabulary's first three words, eight words sampled with seed 0."""
-        words = [w for w in meta["vocab"] if w not in (EOS, UNK)][:3]
-        return {"prompt": " ".join(words), "max_words": 8, "temperature": 1.0, "seed": 0}
-
-    @staticmethod
-    def offline_answer(state: dict[str, Any], request: dict[str, Any], amp: str = "off") -> dict[str, Any]:
-        """The text `dlops generate` writes for the same prompt and seed (generation runs in fp32)."""
-        settings = {"prompt": request.get("prompt", ""), "n_words": request["max_words"],
-                    "temperature": request.get("temperature", 1.0), "seed": request["seed"]}  # fmt: skip
-        return generate_batch(lm_from_checkpoint(state), state["vocab"], [settings], state["window"])[0]
-
-    @staticmethod
-    def http_request(given: str, fields: dict[str, Any]) -> Request:
-        """A JSON request: the prompt, and any generation field (max_words, temperature, seed)."""
-        body = json.dumps({"prompt": given, **fields}).encode("utf-8")
-        return Request(body=body, content_type="application/json")
-
-    @classmethod
-    def evaluate_checkpoint(cls, state: dict[str, Any], source: str, data: Path, options: EvaluateOptions) -> None:
-        from training.jobs.lm.generate import evaluate_checkpoint
-
-        evaluate_checkpoint(state, source, data, options)
 
     def check_warm_start(self, source: dict[str, Any]) -> None:
         if source["vocab"] != self.vocab:
@@ -201,7 +136,7 @@ class LMJob(Job):
         c = self.config
 
         def log_interval(step: int, loss: float) -> None:
-            context.log_step({"train/loss": loss, "train/ppl": perplexity(loss)}, step)
+            context.log_step({TRAIN_LOSS: loss, TRAIN_PPL: perplexity(loss)}, step)
 
         step = LMStep(
             model=model,
@@ -217,13 +152,13 @@ class LMJob(Job):
                                drop_last=c.compile, control=context.control, resume=context.resume)  # fmt: skip
         if train.stopped_at is None:  # a stopped epoch's steps are counted when it is resumed and finished
             self.global_step += train.batches
-        return {"train/epoch_loss": train.loss, "time/tokens_per_second": train.tokens_per_second}
+        return {EPOCH_LOSS: train.loss, TOKENS_PER_SECOND: train.tokens_per_second}
 
     def evaluate(self, model: nn.Module, reduce) -> dict[str, float]:
         # fp32 whatever the training precision: perplexities compare across devices and precisions,
         # and a reloaded checkpoint reproduces them exactly
         val = evaluate_lm(model, self.val_data, self.device, "off", self.config.bptt)
-        return {"val/loss": val.loss, "val/ppl": val.ppl}
+        return {VAL_LOSS.name: val.loss, PPL.name: val.ppl}
 
     def after_epoch(self, *, improved: bool) -> None:
         if not improved:
@@ -231,18 +166,18 @@ class LMJob(Job):
 
     def epoch_line(self, epoch: int, metrics: dict[str, float]) -> str:
         return (
-            f"{ruler('-')}\n| end of epoch {epoch:3d} | time: {metrics['time/epoch_seconds']:5.2f}s | "
-            f"valid loss {metrics['val/loss']:5.2f} | valid ppl {metrics['val/ppl']:8.2f}\n{ruler('-')}"
+            f"{ruler('-')}\n| end of epoch {epoch:3d} | time: {metrics[EPOCH_SECONDS]:5.2f}s | "
+            f"valid loss {metrics[VAL_LOSS.name]:5.2f} | valid ppl {metrics[PPL.name]:8.2f}\n{ruler('-')}"
         )
 
     def finish(self, model: nn.Module, best: Path) -> dict[str, float]:
         model.load_state_dict(load_checkpoint(best, kind="lm")["model"])
         test = evaluate_lm(model, self.test_data, self.device, "off", self.config.bptt)
         print(f"{ruler('=')}\n| End of training | test loss {test.loss:5.2f} | test ppl {test.ppl:8.2f}\n{ruler('=')}")
-        return {"test/loss": test.loss, "test/ppl": test.ppl}
+        return {TEST_LOSS: test.loss, TEST_PPL: test.ppl}
 
     def registry_tags(self, best_value: float, best_epoch: int, final: dict[str, float]) -> dict[str, str]:
-        return {"val_ppl": f"{perplexity(best_value):.2f}", "test_ppl": f"{final['test/ppl']:.2f}",
+        return {"val_ppl": f"{perplexity(best_value):.2f}", "test_ppl": f"{final[TEST_PPL]:.2f}",
                 "epoch": str(best_epoch)}  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
@@ -250,3 +185,69 @@ class LMJob(Job):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lr, self.global_step = state["lr"], state["global_step"]
+
+
+# --- serving: the adapter between a request and an answer ----------------------------------------------
+
+
+def example_request(meta: dict[str, Any]) -> dict[str, Any]:
+    """A prompt of the vocabulary's first three words, eight words sampled with seed 0."""
+    words = [w for w in meta["vocab"] if w not in (EOS, UNK)][:3]
+    return {"prompt": " ".join(words), "max_words": 8, "temperature": 1.0, "seed": 0}
+
+
+def offline_answer(state: dict[str, Any], request: dict[str, Any], amp: str = "off") -> dict[str, Any]:
+    """The text `dlops generate` writes for the same prompt and seed (generation runs in fp32)."""
+    settings = {"prompt": request.get("prompt", ""), "n_words": request["max_words"],
+                "temperature": request.get("temperature", 1.0), "seed": request["seed"]}  # fmt: skip
+    return generate_batch(lm_from_checkpoint(state), state["vocab"], [settings], state["window"])[0]
+
+
+def evaluate_checkpoint(spec: JobSpec, state: dict[str, Any], source: str, data: Path,
+                        options: EvaluateOptions) -> None:  # fmt: skip
+    from training.jobs.lm.generate import evaluate_checkpoint as evaluate_lm_checkpoint
+
+    evaluate_lm_checkpoint(state, source, data, options)
+
+
+SPEC = JobSpec(
+    kind="lm",
+    description="A word-level language model on DATA (train.txt/valid.txt/test.txt or wiki.*.tokens).",
+    config=LMConfig,
+    run=LMRun,
+    build_model=build_language_model,
+    data_hint="a folder with train.txt, valid.txt and test.txt",
+    metrics=(PPL,),
+    best=VAL_LOSS,  # as the example: the model kept for test
+    sweep=PPL,  # what people compare LMs by
+    panels={"loss": [EPOCH_LOSS, VAL_LOSS.name], "perplexity": [PPL.name]},
+    report=ReportSpec(
+        columns=(
+            Column(label="best val ppl", metric=PPL.name, summary="min"),
+            Column(label="test ppl", metric=TEST_PPL),
+        ),
+        throughput=Column(label="throughput", metric=TOKENS_PER_SECOND, summary="mean", digits=0, unit="tokens/s"),
+        train_loss=EPOCH_LOSS,
+        quality=PPL,
+        epoch_table=EpochTable(
+            title="Language models", metric=PPL, final=Column(label="test", metric=TEST_PPL), samples=SAMPLES
+        ),
+    ),  # fmt: skip
+    serving=Serving(
+        name=SERVED_AS,
+        handler=HANDLERS / "text_generator.py",
+        handler_class="TextGenerator",
+        model_file=Path(training.models.wordlm.__file__).resolve(),
+        inference_keys=("vocab", "window"),
+        input="text",
+        request_field="prompt",
+        example_request=example_request,
+        offline_answer=offline_answer,
+        answer_mismatch=lambda served, offline, amp: None if served == offline else f"served {served!r}",
+    ),  # fmt: skip
+    commands=tuple(COMMANDS),
+    describe_model=describe_model,
+    evaluate=evaluate_checkpoint,
+    upgrade_v1=read_v1,
+    step_metrics=(TRAIN_LOSS, TRAIN_PPL),
+)

@@ -11,7 +11,8 @@ import click
 from serving.handlers.request_fields import GENERATION_FIELDS, MIN_TEMPERATURE
 from serving.handlers.request_fields import click_options as generation_field_options
 from training.clitools import CHECKPOINT, client_options, server_client, show_answer
-from training.jobs.lm import LMJob
+
+SERVED_AS = "lm"  # the served model's name: /predictions/lm
 
 
 @click.command("generate")
@@ -35,7 +36,7 @@ def generate_command(checkpoint: str, **options: Any) -> None:
 
 @click.command("generate-http")
 @client_options
-@click.option("--model", default=LMJob.serving.name, show_default=True, help="the served model's name")
+@click.option("--model", default=SERVED_AS, show_default=True, help="the served model's name")
 @generation_field_options(GENERATION_FIELDS)  # the server's own request fields, ranges and defaults
 def generate_http_command(*, state_dir: Path, inference_port: int | None, url: str | None, key: str | None,
                           key_file: Path | None, ca: Path | None, insecure_http: bool, model: str,

@@ -5,18 +5,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
 from serving.handlers.request_fields import MIN_TEMPERATURE
 from training import tracking
 from training.data.text import batchify, load_corpus
 from training.devices import choose_device
-from training.jobs.base import EvaluateOptions
-from training.jobs.lm import LMConfig
+from training.jobs.evaluate import EvaluateOptions, evaluation_run
+from training.jobs.lm import PPL, LMConfig
 from training.loops.language import evaluate_lm
+from training.metrics import VAL_LOSS, eval_metric_name
 from training.models.wordlm import generate_text, lm_from_checkpoint
 from training.tracking import registry
-from training.tracking.tags import EVALUATE, JOB_TAG, SOURCE_RUN_TAG
 
 
 def generate(
@@ -83,12 +81,9 @@ def evaluate_checkpoint(state: dict, source: str, data: Path, options: EvaluateO
     result = evaluate_lm(model, batchify(tokens, options.batch_size).to(choice.device), choice.device, options.amp,
                          state["window"])  # fmt: skip
     print(f"=> {split}: loss {result.loss:.4f}, perplexity {result.ppl:.2f} over {len(tokens)} tokens")
-    source_run = state.get("run_id")
-    tags = {JOB_TAG: EVALUATE, SOURCE_RUN_TAG: str(source_run), "device_name": choice.name}
-    if source_run:
-        tags[MLFLOW_PARENT_RUN_ID] = source_run
-    with tracking.start_run(state.get("experiment") or LMConfig.experiment, run_name=f"evaluate-{split}",
-                            tags=tags) as run:  # fmt: skip
-        run.log_params({"checkpoint": source, "data": str(Path(data).resolve()), "split": split, "tokens": len(tokens)})
-        run.log_metrics({"eval/loss": result.loss, "eval/ppl": result.ppl}, step=0)
+    with evaluation_run(state, source=source, data=data, split=split, device_name=choice.name,
+                        experiment=LMConfig.experiment) as run:  # fmt: skip
+        run.log_params({"tokens": len(tokens)})
+        run.log_metrics({eval_metric_name(VAL_LOSS.name): result.loss, eval_metric_name(PPL.name): result.ppl},
+                        step=0)  # fmt: skip
     return result.ppl

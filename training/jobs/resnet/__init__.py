@@ -13,7 +13,7 @@ import io
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import click
 import torch
@@ -21,26 +21,19 @@ from PIL import Image
 from torch import nn
 
 import training.models.classifier
-from training.checkpoint import V1_CONVERSIONS
 from training.data.images import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from training.data.pipeline import JPEG_WORKERS, ImagePipeline, build_pipeline
 from training.data.synthetic import draw_example
 from training.devices import autocast, choose_device, default_print_freq
 from training.hardware import device_class
-from training.jobs.base import (
-    HANDLERS,
-    Column,
-    EpochContext,
-    EvaluateOptions,
-    Job,
-    Metric,
-    Optimization,
-    ReportSpec,
-    Request,
-    RunConfig,
-    ServingSpec,
-)
+from training.jobs.config import RunConfig
+from training.jobs.evaluate import EvaluateOptions
+from training.jobs.resnet.commands import COMMANDS
+from training.jobs.run import EpochContext, JobRun, Optimization
+from training.jobs.serving import HANDLERS, Request, Serving
+from training.jobs.spec import Column, JobSpec, ReportSpec
 from training.loops.classify import ClassifierStep, EpochResult, evaluate, train_one_epoch
+from training.metrics import EPOCH_SECONDS, TRAIN_LOSS, VAL_LOSS, Metric
 from training.models.classifier import ARCHS, STEMS, build_classifier, classifier_from_checkpoint
 from training.models.tiny_maps import use_matmul_for_tiny_maps
 from training.models.weights import load_pretrained
@@ -125,7 +118,7 @@ class ResNetConfig(RunConfig):
     recipe_device_class: str | None = internal()  # which column of the recipe table applied
 
 
-def _read_v1(state: dict[str, Any]) -> tuple[dict, float, dict, dict]:
+def read_v1(state: dict[str, Any]) -> tuple[dict, float, dict, dict]:
     """A version-1 ResNet checkpoint: its model config from the options, Acc@1 as the best value."""
     config = state["config"]
     model_config = {"arch": config["arch"], "num_classes": len(state["classes"]), "stem": config["stem"],
@@ -133,61 +126,38 @@ def _read_v1(state: dict[str, Any]) -> tuple[dict, float, dict, dict]:
     return model_config, state["train_state"]["best_acc1"], {}, {}
 
 
-V1_CONVERSIONS["resnet"] = _read_v1
-
-
 ACC1 = Metric(name="val/acc1", label="val Acc@1 (%)", higher_is_better=True)
 ACC5 = Metric(name="val/acc5", label="val Acc@5 (%)", higher_is_better=True)
+TRAIN_ACC1, TRAIN_ACC5 = "train/acc1", "train/acc5"
+IMAGES_PER_SECOND, DATA_WAIT_SHARE = "time/images_per_second", "time/data_wait_share"
 
 
-class ResNetJob(Job):
-    """Images at DATA (Tiny-ImageNet's original layout, or any ImageFolder) with any torchvision classifier."""
+def data_required(given: dict[str, Any]) -> bool:
+    return not given.get("dummy")
 
-    kind, config_class = "resnet", ResNetConfig
-    data_hint = "a Tiny-ImageNet folder or an ImageFolder (train/<class>/, val/<class>/), or --dummy"
-    metrics = (ACC1, ACC5)
-    best = ACC1  # as the ImageNet example; sweeps optimize it too
-    panels: ClassVar = {"loss": ["train/loss", "val/loss"], "Acc@1 (%)": ["train/acc1", "val/acc1"]}
-    report = ReportSpec(
-        columns=(Column(label="best val Acc@1", metric=ACC1.name, summary="max"),
-                 Column(label="best val Acc@5", metric=ACC5.name, summary="max")),
-        throughput=Column(label="throughput", metric="time/images_per_second", summary="mean", digits=0,
-                          unit="images/s"),
-        train_loss="train/loss",
-        quality=ACC1,
-    )  # fmt: skip
-    serving = ServingSpec(
-        name="resnet", handler=HANDLERS / "image_classifier.py", handler_class="ImageClassifier",
-        model_file=Path(training.models.classifier.__file__).resolve(),
-        inference_keys=("classes", "labels", "image_size", "resize_size", "normalization"), input="file",
-    )  # fmt: skip
-    summary_graph = True
-    distributed = True
+
+def resolve_options(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's values for this device's class (gpu, cpu-bf16, cpu) between defaults and `given`."""
+    choice = choose_device(given.get("device", defaults["device"]))
+    klass = device_class(choice.device.type, choice.cpu)
+    return apply_recipe(given.get("recipe", defaults["recipe"]), klass, defaults, given)
+
+
+def describe_model(params: dict[str, str]) -> str:
+    return f"{params.get('arch')} ({params.get('stem')} stem, {params.get('image_size', '64')}px)"
+
+
+class ResNetRun(JobRun):
+    """One run of the classifier: images at DATA through the data pipeline, SGD, Acc@1/Acc@5."""
+
     config: ResNetConfig
 
-    @classmethod
-    def data_required(cls, given: dict[str, Any]) -> bool:
-        return not given.get("dummy")
-
-    @classmethod
-    def resolve_options(cls, defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-        """The recipe's values for this device's class (gpu, cpu-bf16, cpu) between defaults and `given`."""
-        choice = choose_device(given.get("device", defaults["device"]))
-        klass = device_class(choice.device.type, choice.cpu)
-        return apply_recipe(given.get("recipe", defaults["recipe"]), klass, defaults, given)
-
-    @classmethod
-    def commands(cls) -> list[click.Command]:
-        from training.jobs.resnet.commands import COMMANDS
-
-        return COMMANDS
-
-    def __init__(self, config: ResNetConfig, runtime: Runtime):
+    def __init__(self, *, spec: JobSpec, config: ResNetConfig, runtime: Runtime):
         if config.print_freq is None:  # -p: every 100 batches on a GPU, 10 on a CPU, unless given
             config = dataclasses.replace(config, print_freq=default_print_freq(runtime.device))
         if config.tiny_maps == "auto":  # measured on CPUs only (bench/tiny_maps.py); GPUs keep cuDNN's kernels
             config = dataclasses.replace(config, tiny_maps="matmul" if runtime.device.type == "cpu" else "conv")
-        super().__init__(config, runtime)
+        super().__init__(spec=spec, config=config, runtime=runtime)
 
     def build_data(self) -> dict[str, Any]:
         runtime = self.runtime
@@ -204,76 +174,20 @@ class ResNetJob(Job):
         print(f"=> {tags['train_images']} train / {tags['val_images']} val images, {len(self.data.classes)} classes; "
               f"data path: {tags['data_path']}")  # fmt: skip
         self.train_criterion = nn.CrossEntropyLoss(label_smoothing=self.config.label_smoothing)
+        # what serving needs (the spec's inference keys)
+        self.classes, self.labels, self.image_size = self.data.classes, self.data.labels, self.config.image_size
+        self.resize_size = self.data.resize_size or self.config.image_size
+        self.normalization = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
         return {**tags, "per_process_batch_size": self.per_process_batch}
 
     def model_config(self) -> dict[str, Any]:
         c = self.config
         return {"arch": c.arch, "num_classes": len(self.data.classes), "stem": c.stem, "image_size": c.image_size}
 
-    @staticmethod
-    def build_model(model_config: dict[str, Any]) -> nn.Module:
-        return build_classifier(**model_config)
-
-    @staticmethod
-    def describe_model(params: dict[str, str]) -> str:
-        return f"{params.get('arch')} ({params.get('stem')} stem, {params.get('image_size', '64')}px)"
-
     def prepare_model(self, model: nn.Module) -> nn.Module:
         if self.config.tiny_maps == "matmul":
             use_matmul_for_tiny_maps(model)
         return model.to(memory_format=torch.channels_last) if self.config.channels_last else model
-
-    def inference_meta(self) -> dict[str, Any]:
-        return {
-            "classes": self.data.classes,
-            "labels": self.data.labels,
-            "image_size": self.config.image_size,
-            "resize_size": self.data.resize_size or self.config.image_size,
-            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        }
-
-    @staticmethod
-    def example_request(meta: dict[str, Any]) -> dict[str, Any]:
-        """A drawn shape as a PNG at the model's resolution, and its top-k (at most 5)."""
-        image, _ = draw_example(0, random.Random(0), size=meta["image_size"])
-        encoded = io.BytesIO()
-        image.save(encoded, format="PNG")
-        return {"image": encoded.getvalue(), "topk": min(5, len(meta["classes"]))}
-
-    @staticmethod
-    def offline_answer(state: dict[str, Any], request: dict[str, Any], amp: str = "off") -> list[dict[str, Any]]:
-        """The top-k of `request["image"]` through the evaluation transform and the checkpoint's model."""
-        model = classifier_from_checkpoint(state)
-        with Image.open(io.BytesIO(request["image"])) as image:
-            pixels = eval_transform(state["image_size"], state.get("resize_size"))(image.convert("RGB"))
-        with torch.no_grad(), autocast(torch.device("cpu"), amp):
-            logits = model(pixels[None])
-        values, indices = torch.softmax(logits.float(), dim=1)[0].topk(request["topk"])
-        return [{"class": state["classes"][c], "label": state["labels"][c], "probability": round(float(p), 6)}
-                for p, c in zip(values.tolist(), indices.tolist(), strict=True)]  # fmt: skip
-
-    @staticmethod
-    def answer_mismatch(served: Any, offline: Any, amp: str = "off") -> str | None:
-        """Same classes in the same order, probabilities within rounding (bf16 within 0.02)."""
-        if not isinstance(served, list) or [a.get("class") for a in served] != [a["class"] for a in offline]:
-            return f"served classes {served!r}, expected {[a['class'] for a in offline]}"
-        tolerance = 1e-3 if amp == "off" else 2e-2
-        for got, want in zip(served, offline, strict=True):
-            if abs(got["probability"] - want["probability"]) > tolerance:
-                return f"{got['class']}: served probability {got['probability']}, expected {want['probability']}"
-        return None
-
-    @staticmethod
-    def http_request(given: str, fields: dict[str, Any]) -> Request:
-        """The image file's bytes as the body; top-k in the X-TopK header."""
-        headers = {"X-TopK": str(fields["topk"])} if fields.get("topk") else {}
-        return Request(body=Path(given).read_bytes(), content_type="application/octet-stream", headers=headers)
-
-    @classmethod
-    def evaluate_checkpoint(cls, state: dict[str, Any], source: str, data: Path, options: EvaluateOptions) -> None:
-        from training.jobs.resnet.evaluation import evaluate_checkpoint
-
-        evaluate_checkpoint(state, source, data, options)
 
     def pretrain(self, model: nn.Module) -> dict[str, Any]:
         if not self.config.pretrained:
@@ -333,12 +247,12 @@ class ResNetJob(Job):
         train = train_one_epoch(step, self.data.train, epoch=context.epoch, print_freq=c.print_freq,
                                 reduce=context.reduce, control=context.control, resume=context.resume)  # fmt: skip
         return {
-            "train/loss": train.loss,
-            "train/acc1": train.acc1,
-            "train/acc5": train.acc5,
+            TRAIN_LOSS: train.loss,
+            TRAIN_ACC1: train.acc1,
+            TRAIN_ACC5: train.acc5,
             "train/images": train.images,
-            "time/images_per_second": train.images_per_second,
-            "time/data_wait_share": train.data_wait_share,
+            IMAGES_PER_SECOND: train.images_per_second,
+            DATA_WAIT_SHARE: train.data_wait_share,
         }
 
     def evaluate(self, model: nn.Module, reduce) -> dict[str, float]:
@@ -346,15 +260,15 @@ class ResNetJob(Job):
         val: EpochResult = evaluate(model, self.data.val, criterion=nn.CrossEntropyLoss(), device=self.device,
                                     print_freq=self.config.print_freq, channels_last=self.config.channels_last,
                                     reduce=reduce, prepare=self.data.prepare_val)  # fmt: skip
-        return {"val/loss": val.loss, "val/acc1": val.acc1, "val/acc5": val.acc5}
+        return {VAL_LOSS.name: val.loss, ACC1.name: val.acc1, ACC5.name: val.acc5}
 
     def epoch_line(self, epoch: int, metrics: dict[str, float]) -> str:
         m = metrics
         return (
-            f"=> epoch {epoch}/{self.config.epochs}: train loss {m['train/loss']:.4f} Acc@1 {m['train/acc1']:.2f} | "
-            f"val loss {m['val/loss']:.4f} Acc@1 {m['val/acc1']:.2f} Acc@5 {m['val/acc5']:.2f} | "
-            f"{m['time/epoch_seconds']:.1f} s, {m['time/images_per_second']:.0f} img/s, "
-            f"{100 * m['time/data_wait_share']:.0f}% waiting for data"
+            f"=> epoch {epoch}/{self.config.epochs}: train loss {m[TRAIN_LOSS]:.4f} Acc@1 {m[TRAIN_ACC1]:.2f} | "
+            f"val loss {m[VAL_LOSS.name]:.4f} Acc@1 {m[ACC1.name]:.2f} Acc@5 {m[ACC5.name]:.2f} | "
+            f"{m[EPOCH_SECONDS]:.1f} s, {m[IMAGES_PER_SECOND]:.0f} img/s, "
+            f"{100 * m[DATA_WAIT_SHARE]:.0f}% waiting for data"
         )
 
     def run_params(self) -> dict[str, Any]:
@@ -365,3 +279,92 @@ class ResNetJob(Job):
             "per_process_batch_size": self.per_process_batch,
             "lr_scaling": "none (--batch-size is the global batch)",
         }
+
+
+# --- serving: the adapter between a request and an answer ----------------------------------------------
+
+
+def example_request(meta: dict[str, Any]) -> dict[str, Any]:
+    """A drawn shape as a PNG at the model's resolution, and its top-k (at most 5)."""
+    image, _ = draw_example(0, random.Random(0), size=meta["image_size"])
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    return {"image": encoded.getvalue(), "topk": min(5, len(meta["classes"]))}
+
+
+def offline_answer(state: dict[str, Any], request: dict[str, Any], amp: str = "off") -> list[dict[str, Any]]:
+    """The top-k of `request["image"]` through the evaluation transform and the checkpoint's model (not the
+    handler: a deploy's check then proves the handler too)."""
+    model = classifier_from_checkpoint(state)
+    with Image.open(io.BytesIO(request["image"])) as image:
+        pixels = eval_transform(state["image_size"], state.get("resize_size"))(image.convert("RGB"))
+    with torch.no_grad(), autocast(torch.device("cpu"), amp):
+        logits = model(pixels[None])
+    values, indices = torch.softmax(logits.float(), dim=1)[0].topk(request["topk"])
+    return [{"class": state["classes"][c], "label": state["labels"][c], "probability": round(float(p), 6)}
+            for p, c in zip(values.tolist(), indices.tolist(), strict=True)]  # fmt: skip
+
+
+def answer_mismatch(served: Any, offline: Any, amp: str = "off") -> str | None:
+    """Same classes in the same order, probabilities within rounding (bf16 within 0.02)."""
+    if not isinstance(served, list) or [a.get("class") for a in served] != [a["class"] for a in offline]:
+        return f"served classes {served!r}, expected {[a['class'] for a in offline]}"
+    tolerance = 1e-3 if amp == "off" else 2e-2
+    for got, want in zip(served, offline, strict=True):
+        if abs(got["probability"] - want["probability"]) > tolerance:
+            return f"{got['class']}: served probability {got['probability']}, expected {want['probability']}"
+    return None
+
+
+def http_request(given: str, fields: dict[str, Any]) -> Request:
+    """The image file's bytes as the body; top-k in the X-TopK header."""
+    headers = {"X-TopK": str(fields["topk"])} if fields.get("topk") else {}
+    return Request(body=Path(given).read_bytes(), content_type="application/octet-stream", headers=headers)
+
+
+def evaluate_checkpoint(spec: JobSpec, state: dict[str, Any], source: str, data: Path,
+                        options: EvaluateOptions) -> None:  # fmt: skip
+    from training.jobs.resnet.evaluation import evaluate_checkpoint as evaluate_classifier
+
+    evaluate_classifier(state, source, data, options)
+
+
+SPEC = JobSpec(
+    kind="resnet",
+    description="Images at DATA (Tiny-ImageNet's original layout, or any ImageFolder) with any torchvision classifier.",
+    config=ResNetConfig,
+    run=ResNetRun,
+    build_model=build_classifier,
+    data_hint="a Tiny-ImageNet folder or an ImageFolder (train/<class>/, val/<class>/), or --dummy",
+    metrics=(ACC1, ACC5),
+    best=ACC1,  # as the ImageNet example; sweeps optimize it too
+    panels={"loss": [TRAIN_LOSS, VAL_LOSS.name], "Acc@1 (%)": [TRAIN_ACC1, ACC1.name]},
+    report=ReportSpec(
+        columns=(
+            Column(label="best val Acc@1", metric=ACC1.name, summary="max"),
+            Column(label="best val Acc@5", metric=ACC5.name, summary="max"),
+        ),
+        throughput=Column(label="throughput", metric=IMAGES_PER_SECOND, summary="mean", digits=0, unit="images/s"),
+        quality=ACC1,
+    ),  # fmt: skip
+    serving=Serving(
+        name="resnet",
+        handler=HANDLERS / "image_classifier.py",
+        handler_class="ImageClassifier",
+        model_file=Path(training.models.classifier.__file__).resolve(),
+        inference_keys=("classes", "labels", "image_size", "resize_size", "normalization"),
+        input="file",
+        example_request=example_request,
+        offline_answer=offline_answer,
+        answer_mismatch=answer_mismatch,
+        http_request=http_request,
+    ),  # fmt: skip
+    commands=tuple(COMMANDS),
+    describe_model=describe_model,
+    data_required=data_required,
+    resolve_options=resolve_options,
+    evaluate=evaluate_checkpoint,
+    upgrade_v1=read_v1,
+    summary_graph=True,
+    distributed=True,
+)

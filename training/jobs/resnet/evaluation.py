@@ -6,20 +6,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from torch import nn
 
-from training import tracking
 from training.data.dataset import Sample
 from training.data.errors import DatasetError
 from training.data.images import ImageFiles, eval_transform, make_loader, take_evenly
 from training.data.index import load_image_dataset
 from training.devices import choose_device
-from training.jobs.base import EvaluateOptions
-from training.jobs.resnet import ResNetConfig
+from training.jobs.evaluate import EvaluateOptions, evaluation_run
+from training.jobs.resnet import ACC1, ACC5, IMAGES_PER_SECOND, ResNetConfig
 from training.loops.classify import EpochResult, evaluate
+from training.metrics import VAL_LOSS, eval_metric_name
 from training.models.classifier import classifier_from_checkpoint
-from training.tracking.tags import EVALUATE, JOB_TAG, SOURCE_RUN_TAG
 
 
 def check_same_classes(checkpoint_classes: list[str], dataset_classes: list[str], checkpoint: Path, data: Path) -> None:
@@ -59,31 +57,12 @@ def evaluate_checkpoint(state: dict, source: str, data: Path, options: EvaluateO
     split, batch_size, amp = options.split, options.batch_size, options.amp
     samples = take_evenly(ds.split(split), options.limit)
 
-    source_run = state.get("run_id")
-    tags = {JOB_TAG: EVALUATE, SOURCE_RUN_TAG: str(source_run), "device_name": choice.name}
-    if source_run:
-        tags[MLFLOW_PARENT_RUN_ID] = source_run  # shows the evaluation under its training run
-    experiment = state.get("experiment") or ResNetConfig.experiment
-    with tracking.start_run(experiment, run_name=f"evaluate-{split}", tags=tags) as run:
-        run.log_params(
-            {
-                "checkpoint": source,
-                "data": str(Path(data).resolve()),
-                "split": split,
-                "images": len(samples),
-                "batch_size": batch_size,
-                "amp": amp,
-            }
-        )
+    with evaluation_run(state, source=source, data=data, split=split, device_name=choice.name,
+                        experiment=ResNetConfig.experiment) as run:  # fmt: skip
+        run.log_params({"images": len(samples), "batch_size": batch_size, "amp": amp})
         result = evaluate_samples(state, samples, choice.device, batch_size=batch_size, workers=options.workers,
                                   amp=amp, print_freq=options.print_freq)  # fmt: skip
-        run.log_metrics(
-            {
-                "eval/loss": result.loss,
-                "eval/acc1": result.acc1,
-                "eval/acc5": result.acc5,
-                "time/images_per_second": result.images_per_second,
-            },
-            step=0,
-        )
+        run.log_metrics({eval_metric_name(VAL_LOSS.name): result.loss, eval_metric_name(ACC1.name): result.acc1,
+                         eval_metric_name(ACC5.name): result.acc5, IMAGES_PER_SECOND: result.images_per_second},
+                        step=0)  # fmt: skip
     return result

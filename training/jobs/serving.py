@@ -1,0 +1,132 @@
+"""What a job that serves declares: its handler and model code, and the adapter between a request and
+an answer that packaging, deploys, MLflow models and `dlops predict` use.
+
+    Serving(name="tabular", handler=HERE / "tabular_classifier.py", handler_class="TabularClassifier",
+            model_file=HERE / "mlp.py", inference_keys=("features", "classes", "mean", "std"),
+            input="text", request_field="row", example_request=mean_row)
+
+The adapter, each part with a default but the example request:
+    example_request(meta)              one request as named fields, from the checkpoint's inference
+                                       entries: what a deploy checks, an MLflow model's input example
+    offline_answer(state, request, amp)  the answer computed here from the checkpoint; default: the
+                                       job's own handler, loaded in this process (the deploy check then
+                                       proves the packaging; a job with an independent implementation,
+                                       as the built-ins have, proves the handler too)
+    answer_mismatch(served, offline, amp)  why a served answer differs; default: numbers within 1e-4
+    http_request(given, fields)        what `dlops predict INPUT` sends; default: a file's bytes
+                                       (input "file"), or JSON {request_field: INPUT, **fields}
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import json
+import math
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import serving
+import training.hardware
+
+# The code every served model ships beside its handler (serving/handlers/): loading, batching, errors
+COMMON_HANDLER_FILES = ("handler_common.py", "request_fields.py")
+HANDLERS = Path(serving.__file__).resolve().parent / "handlers"
+TOLERANCE = 1e-4  # the default answer_mismatch: rounding between two computations of the same numbers
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    """One HTTP request to a served model."""
+
+    body: bytes
+    content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def numbers_close(served: Any, offline: Any, tolerance: float = TOLERANCE) -> str | None:
+    """Where two JSON-like answers differ (numbers within `tolerance`), or None."""
+    if isinstance(served, int | float) and isinstance(offline, int | float) and not isinstance(served, bool):
+        return None if math.isclose(served, offline, abs_tol=tolerance) else f"{served} != {offline}"
+    if isinstance(served, dict) and isinstance(offline, dict):
+        if served.keys() != offline.keys():
+            return f"fields {sorted(served)} != {sorted(offline)}"
+        return next((f"{k}: {d}" for k in offline if (d := numbers_close(served[k], offline[k], tolerance))), None)
+    if isinstance(served, list) and isinstance(offline, list):
+        if len(served) != len(offline):
+            return f"{len(served)} items != {len(offline)}"
+        return next((f"[{i}] {d}" for i, (a, b) in enumerate(zip(served, offline, strict=True))
+                     if (d := numbers_close(a, b, tolerance))), None)  # fmt: skip
+    return None if served == offline else f"{served!r} != {offline!r}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Serving:
+    name: str  # the TorchServe model name: /predictions/<name>
+    handler: Path  # the handler module (a BaseHandler of serving/handlers/handler_common.py)
+    handler_class: str  # its class: TorchServe's entry point and the MLflow pyfunc model's
+    model_file: Path  # the module that builds the model, shipped as dlops_<its name>
+    example_request: Callable[[dict[str, Any]], dict[str, Any]]
+    inference_keys: tuple[str, ...] = ()  # the run's attributes inference needs beside weights and model_config
+    input: str = "file"  # what `dlops predict INPUT` takes: "file" (a path) or "text" (the input itself)
+    request_field: str = "input"  # input "text": the JSON field INPUT goes in
+    offline_answer: Callable[[dict[str, Any], dict[str, Any], str], Any] | None = None
+    answer_mismatch: Callable[[Any, Any, str], str | None] = lambda served, offline, amp: numbers_close(served, offline)
+    http_request: Callable[[str, dict[str, Any]], Request] | None = None
+    extra_files: tuple[Path, ...] = ()  # more modules the handler imports, shipped under their own names
+
+    def files(self) -> dict[Path, str]:
+        """The code a .mar or an MLflow model of this job ships: source file -> name inside it. None of
+        it imports this project (a served model needs torch, and what the job's own code imports)."""
+        return {
+            self.handler: self.handler.name,
+            **{HANDLERS / name: name for name in COMMON_HANDLER_FILES},
+            Path(training.hardware.__file__).resolve(): "dlops_hardware.py",
+            self.model_file: f"dlops_{self.model_file.name}",
+            **{path: path.name for path in self.extra_files},
+        }
+
+    def request(self, given: str, fields: dict[str, Any]) -> Request:
+        """What `dlops predict` sends for INPUT `given` and the fields the user added."""
+        if self.http_request is not None:
+            return self.http_request(given, fields)
+        if self.input == "file":
+            return Request(body=Path(given).read_bytes(), content_type="application/octet-stream",
+                           headers={f"X-{k.title()}": str(v) for k, v in fields.items()})  # fmt: skip
+        return Request(body=json.dumps({self.request_field: given, **fields}).encode("utf-8"),
+                       content_type="application/json")  # fmt: skip
+
+    def answer(self, state: dict[str, Any], request: dict[str, Any], amp: str = "off") -> Any:
+        """The answer to `request` from checkpoint `state`, computed in this process."""
+        if self.offline_answer is not None:
+            return self.offline_answer(state, request, amp)
+        handler = self.load_handler()
+        meta = {key: state[key] for key in self.inference_keys} | {"model_config": state["model_config"]}
+        import torch
+
+        handler.load(meta, state["model"], torch.device("cpu"), amp)
+        (answer,) = handler.answer([request])
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def mismatch(self, served: Any, offline: Any, amp: str = "off") -> str | None:
+        return self.answer_mismatch(served, offline, amp)
+
+    def load_handler(self) -> Any:
+        """An instance of the job's handler class, imported from the files a .mar ships, under the names they
+        have there (the folder stays importable while this process lives: handlers import lazily)."""
+        folder = Path(tempfile.mkdtemp(prefix="dlops-handler-"))
+        atexit.register(shutil.rmtree, folder, True)
+        for source, name in self.files().items():
+            (folder / name).write_bytes(source.read_bytes())
+        sys.path.append(str(folder))
+        spec = importlib.util.spec_from_file_location(self.handler.stem, folder / self.handler.name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return getattr(module, self.handler_class)()
