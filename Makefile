@@ -8,7 +8,7 @@ DLOPS  := $(BIN)/dlops
 STAMP  := $(VENV)/.installed
 
 # make train-resnet DATA=... EPOCHS=... ARCH=... (any other option: ARGS="--amp bf16 ...")
-# make train-lm DATA=... MODEL=... EPOCHS=... LR=...; make generate CHECKPOINT=... WORDS=... PROMPT=...
+# make train-lm LM_DATA=... MODEL=... LM_EPOCHS=... LM_LR=...; make generate CHECKPOINT=... WORDS=... PROMPT=...
 DATA        ?= data/synthetic
 EPOCHS      ?= 20
 ARCH        ?= resnet18
@@ -79,7 +79,7 @@ demo: setup data/synthetic/wnids.txt data/corpus/train.txt
 	else \
 		$(DLOPS) serve --state-dir $(DEMO_STATE) --model models:/resnet-tinyimagenet/latest \
 			--model models:/wordlm-wikitext2/latest $(SERVE_ARGS) && { \
-			echo "POST $(IMAGE) to /predictions/resnet:"; $(DLOPS) predict $(IMAGE) --topk 3 --state-dir $(DEMO_STATE) && \
+			echo "POST $(IMAGE) to /predictions/resnet:"; $(DLOPS) predict $(IMAGE) --field topk=3 --state-dir $(DEMO_STATE) && \
 			echo "POST a prompt to /predictions/lm:"; $(DLOPS) generate-http --prompt "the old cat" --max-words 20 --seed 1 \
 				--state-dir $(DEMO_STATE); \
 			rc=$$?; $(DLOPS) stop --state-dir $(DEMO_STATE); exit $$rc; }; \

@@ -40,14 +40,14 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runs with a bare python3 too (the GPU machine may lack the venv)
 
-from training.data.batches import BatchTransform, TensorBatches  # noqa: E402
-from training.data.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from training.devices import configure_backend, grad_scaler, synchronize  # noqa: E402
 from training.hardware import cpu_facts, gpu_facts, resolve_amp  # noqa: E402
-from training.loops.classify import ClassifierStep, train_one_epoch  # noqa: E402
-from training.loops.language import LMStep, train_lm_epoch  # noqa: E402
-from training.models.classifier import build_classifier  # noqa: E402
-from training.models.wordlm import build_language_model  # noqa: E402
+from training.jobs.lm.loop import LMStep, train_lm_epoch  # noqa: E402
+from training.jobs.lm.wordlm import build_language_model  # noqa: E402
+from training.jobs.resnet.classifier import build_classifier  # noqa: E402
+from training.jobs.resnet.data.batches import BatchTransform, TensorBatches  # noqa: E402
+from training.jobs.resnet.data.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from training.jobs.resnet.loop import ClassifierStep, train_one_epoch  # noqa: E402
 
 TARGET_ACC1 = 33.0
 
@@ -105,8 +105,8 @@ def resident_images(
     """uint8 (N, 3, 64, 64) channels_last images and labels on the device: the real slice's decoded
     cache (its first `limit` images), or random images of Tiny-ImageNet's full size without data."""
     if data is not None:
-        from training.data.cache import build_cache
-        from training.data.index import load_image_dataset
+        from training.jobs.resnet.data.cache import build_cache
+        from training.jobs.resnet.data.index import load_image_dataset
 
         ds = load_image_dataset(data)
         cache = build_cache(ds, split="train", root=cache_dir)
@@ -287,7 +287,7 @@ def served(args, checkpoint: Path | None, workdir: Path, budget: Budget) -> list
     options = ServeOptions.on_free_ports(model_store=workdir / "store", state_dir=workdir / "ts")
     client = serve(options, [str(checkpoint)])
     try:
-        from training.data.index import load_image_dataset
+        from training.jobs.resnet.data.index import load_image_dataset
 
         image = load_image_dataset(args.data).val[0][0]
         begin = time.perf_counter()

@@ -8,7 +8,7 @@ words. Tokens are random ids (the full train split is not on this machine); spee
 depend on which ids they are. Both loops run the same model classes on the same data, in one process:
 - "example": word_language_model's main.py loop: log_softmax + NLLLoss, a manual SGD update
   (p.data.add_(p.grad, alpha=-lr)), loss.item() every batch.
-- "project": training.loops.language.train_lm_epoch (CrossEntropyLoss, torch.optim.SGD, losses
+- "project": training.jobs.lm.loop.train_lm_epoch (CrossEntropyLoss, torch.optim.SGD, losses
   summed on the device and read back only at log intervals), with --amp as given.
 """
 
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from training.devices import choose_device, synchronize
-from training.loops.language import LMStep, train_lm_epoch
-from training.models.wordlm import build_language_model, detach_hidden
+from training.jobs.lm.loop import LMStep, train_lm_epoch
+from training.jobs.lm.wordlm import build_language_model, detach_hidden
 
 CONFIGS = {
     "Transformer 200/2x200": dict(model="Transformer", emsize=200, nhid=200, nlayers=2, nhead=2),

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from tests.test_tracking_outages import Server, latest_run, metric_steps, train_process, wait_for  # noqa: E402
-from training.data.synthetic import write_synthetic_tinyimagenet  # noqa: E402
+from training.jobs.resnet.data.synthetic import write_synthetic_tinyimagenet  # noqa: E402
 
 
 def main() -> None:

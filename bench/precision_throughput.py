@@ -9,7 +9,7 @@ Kinds: `native` is this CPU as it is; `avx2` restricts torch and oneDNN to AVX2 
 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2), close to an AVX2-only laptop or cloud VM.
 Each kind runs in its own process (the variables are read when torch loads). A figure is one SGD
 step (forward, backward, update) on random tensors, repeated for --seconds after one warm-up step
-(training.doctor.training_step_rate, the same timing `dlops doctor` probes with).
+(training.jobs.resnet.doctor.training_step_rate, the same timing `dlops doctor` probes with).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def measure(batch: int, seconds: float, threads: int | None) -> dict:
     """Run in the child process: every (stem, precision, channels_last) figure for this CPU kind."""
     import torch
 
-    from training.doctor import training_step_rate
     from training.hardware import cpu_facts, resolve_amp
+    from training.jobs.resnet.doctor import training_step_rate
 
     if threads:
         torch.set_num_threads(threads)

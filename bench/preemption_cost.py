@@ -46,7 +46,7 @@ def main() -> None:
         root = Path(tmp)
         data = args.data or (MINI if MINI.is_dir() else None)
         if data is None:
-            from training.data.synthetic import write_synthetic_tinyimagenet
+            from training.jobs.resnet.data.synthetic import write_synthetic_tinyimagenet
 
             data = write_synthetic_tinyimagenet(
                 root / "data", num_classes=20, train_per_class=200, val_per_class=20, progress=False

@@ -1,6 +1,6 @@
 """Which stem, precision and batch size reach the best val Acc@1 in a fixed wall-clock budget?
 
-The measurement behind `--recipe fast`'s per-device values (training/recipes.py). Run by hand:
+The measurement behind `--recipe fast`'s per-device values (training/jobs/resnet/recipes.py). Run by hand:
 
     .venv/bin/python bench/recipe_budget.py --data ../shared/data/tiny-imagenet-200-mini \
         [--budget 150] [--kind native|avx2] [--configs reference,imagenet-fp32-b128,...]
@@ -61,12 +61,12 @@ def run_config(name: str, data: Path, budget: float, cache_dir: Path) -> Result:
     import torch
     from torch import nn
 
-    from training.data.batches import BatchTransform, TensorBatches
-    from training.data.cache import build_cache
-    from training.data.images import IMAGENET_MEAN, IMAGENET_STD
-    from training.data.index import load_image_dataset
     from training.devices import autocast
-    from training.models.classifier import build_classifier
+    from training.jobs.resnet.classifier import build_classifier
+    from training.jobs.resnet.data.batches import BatchTransform, TensorBatches
+    from training.jobs.resnet.data.cache import build_cache
+    from training.jobs.resnet.data.images import IMAGENET_MEAN, IMAGENET_STD
+    from training.jobs.resnet.data.index import load_image_dataset
 
     stem, amp, batch, channels_last, fast = CONFIGS[name]
     ds = load_image_dataset(data)

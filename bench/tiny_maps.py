@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.models.classifier import build_classifier  # noqa: E402
-from training.models.tiny_maps import use_matmul_for_tiny_maps  # noqa: E402
+from training.jobs.resnet.classifier import build_classifier  # noqa: E402
+from training.jobs.resnet.tiny_maps import use_matmul_for_tiny_maps  # noqa: E402
 
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 

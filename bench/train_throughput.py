@@ -32,13 +32,13 @@ import torch
 from torch import nn
 from torchvision import datasets, transforms
 
-from training.data.batches import BatchTransform, TensorBatches
-from training.data.cache import CachedImages, build_cache, collate_batch
-from training.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, make_loader, train_transform
-from training.data.index import load_image_dataset
 from training.devices import autocast, choose_device, synchronize
-from training.loops.classify import to_device
-from training.models.classifier import build_classifier
+from training.jobs.resnet.classifier import build_classifier
+from training.jobs.resnet.data.batches import BatchTransform, TensorBatches
+from training.jobs.resnet.data.cache import CachedImages, build_cache, collate_batch
+from training.jobs.resnet.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, make_loader, train_transform
+from training.jobs.resnet.data.index import load_image_dataset
+from training.jobs.resnet.loop import to_device
 
 
 def endless(batches):

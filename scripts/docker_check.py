@@ -220,7 +220,7 @@ def team_check(compose: list[str], env: dict, host_env: dict, image: str) -> Non
     status_user = sh(sys.executable, "-c", script, env=host_env, capture=True).stdout.split()
     if status_user != ["FINISHED", "bob"]:
         raise CheckFailed(f"the teammate's run is {status_user}, expected FINISHED by bob")
-    predict = ["client", "predict", f"/data/images/val/images/{image}", "--topk", "1"]
+    predict = ["client", "predict", f"/data/images/val/images/{image}", "--field", "topk=1"]
     answer = sh(*client, "-e", f"DLOPS_INFERENCE_KEY={key}", *predict, env=env, capture=True).stdout
     top = json.loads(answer[answer.index("[") :])[0]
     print(f"=> the client container, with the handed-over key: {top['class']} ({top['probability']:.3f})")
@@ -311,7 +311,7 @@ def main() -> int:
                           str(STATE / "model-store"), env=dlops_env)  # fmt: skip
             with step("requests from the host with the server's key"):
                 image = next((data / "images" / "val" / "images").iterdir())
-                answer = dlops("predict", str(image), "--state-dir", str(STATE / "torchserve"), "--topk", "3",
+                answer = dlops("predict", str(image), "--state-dir", str(STATE / "torchserve"), "--field", "topk=3",
                                capture=True).stdout  # fmt: skip
                 text = dlops("generate-http", "--state-dir", str(STATE / "torchserve"), "--prompt", "the old cat",
                              "--max-words", "12", "--seed", "1", capture=True).stdout  # fmt: skip

@@ -20,7 +20,7 @@ from click.testing import CliRunner, Result
 from mlflow.tracking import MlflowClient
 
 from training.cli import main
-from training.data.synthetic import write_synthetic_tinyimagenet
+from training.jobs.resnet.data.synthetic import write_synthetic_tinyimagenet
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -74,8 +74,9 @@ def write_v1_resnet(path, classes: list[str], labels: list[str], run_id: str, da
 
 def write_v1_lm(path, vocab: list[str], run_id: str, data: str, epoch: int = 1, **config):
     """A version-1 LSTM language-model checkpoint (the old LMConfig fields, no scaler entry)."""
-    from training.models.wordlm import build_language_model
+    from training.jobs.lm.wordlm import build_language_model
 
+    torch.manual_seed(0)  # the same weights whatever ran before in this process
     cfg = {**V1_LM_CONFIG, "data": data, **config}
     model_config = {"model": cfg["model"], "ntokens": len(vocab), "emsize": cfg["emsize"], "nhid": cfg["nhid"],
                     "nlayers": cfg["nlayers"], "nhead": cfg["nhead"], "dropout": cfg["dropout"],

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from training.data import cache
-from training.data.index import load_image_dataset
-from training.data.synthetic import write_synthetic_tinyimagenet
+from training.jobs.resnet.data import cache
+from training.jobs.resnet.data.index import load_image_dataset
+from training.jobs.resnet.data.synthetic import write_synthetic_tinyimagenet
 
 TRAIN = ["--epochs", "1", "-b", "32", "-j", "0", "-p", "0", "--device", "cpu", "--limit-train", "64",
          "--limit-val", "32"]  # fmt: skip
@@ -123,8 +123,8 @@ def test_a_waiting_process_says_who_builds_and_reads_the_finished_cache(tmp_path
 HOLDER = """
 import sys, time
 from pathlib import Path
-from training.data import cache
-from training.data.index import load_image_dataset
+from training.jobs.resnet.data import cache
+from training.jobs.resnet.data.index import load_image_dataset
 dataset = load_image_dataset(Path(sys.argv[1]))
 root = Path(sys.argv[2])
 target = cache.cache_dir(root, dataset, "train", cache.cache_key(dataset, dataset.split("train"), 64))

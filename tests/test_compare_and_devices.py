@@ -12,11 +12,11 @@ import torch
 
 from tests.conftest import REPO, artifact_paths, cli_error, latest_run, metric_steps, run_cli
 from training.checkpoint import load_checkpoint
-from training.data.dataset import open_rgb
-from training.data.images import eval_transform
-from training.data.synthetic import write_synthetic_tinyimagenet
-from training.data.tinyimagenet import load_tinyimagenet
-from training.models.classifier import classifier_from_checkpoint
+from training.jobs.resnet.classifier import classifier_from_checkpoint
+from training.jobs.resnet.data.dataset import open_rgb
+from training.jobs.resnet.data.images import eval_transform
+from training.jobs.resnet.data.synthetic import write_synthetic_tinyimagenet
+from training.jobs.resnet.data.tinyimagenet import load_tinyimagenet
 
 FAST = ["-b", "16", "-j", "0", "--print-freq", "0"]
 

@@ -29,11 +29,11 @@ from serving.keys import read_keys
 from serving.server import ServeOptions, running_pid, stop
 from tests.conftest import cli_error, latest_run, run_cli
 from training.checkpoint import load_checkpoint
-from training.data.images import ImageFiles, eval_transform
-from training.data.synthetic import write_synthetic_corpus
-from training.data.tinyimagenet import load_tinyimagenet
 from training.jobs import job_for
-from training.models.classifier import classifier_from_checkpoint
+from training.jobs.lm.synthetic import write_synthetic_corpus
+from training.jobs.resnet.classifier import classifier_from_checkpoint
+from training.jobs.resnet.data.images import ImageFiles, eval_transform
+from training.jobs.resnet.data.tinyimagenet import load_tinyimagenet
 from training.tracking import registry
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java (.ci/run installs it)")

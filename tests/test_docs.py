@@ -1,4 +1,4 @@
-"""The README stays a short guide whose commands exist as written, and every docs/ page is reachable."""
+"""Every page reads whole, links where it says, and shows only commands the CLI takes as written."""
 
 from __future__ import annotations
 
@@ -32,22 +32,42 @@ def test_the_readme_is_a_short_guide_linking_every_docs_page():
             assert link.startswith("http") or (DOCS / link).exists(), f"{page.name}: {link}"
 
 
-def readme_commands() -> list[list[str]]:
-    """Each `dlops ...` command in the README's shell blocks, split as a shell would."""
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
-    commands = []
-    for line in "\n".join(blocks).replace("\\\n", " ").splitlines():
-        if line.lstrip().startswith("#"):  # a comment line
-            continue
-        for part in re.split(r"&&", line.split("  #")[0]):
-            words = shlex.split(part)
-            if words and words[0] == "dlops":
-                commands.append(words[1:])
-    return commands
+def shell_commands(text: str) -> list[tuple[int, list[str]]]:
+    """(line, words) of each command in a page's shell blocks: continuations joined, comments dropped,
+    `&&`/`||`/`;` split, `<placeholders>` kept as one word, leading VAR=value assignments and `export`
+    lines skipped."""
+    found = []
+    for match in re.finditer(r"```bash\n(.*?)```", text, flags=re.S):
+        first = text[: match.start()].count("\n") + 2
+        joined = match.group(1).replace("\\\n", " ")
+        for offset, line in enumerate(joined.splitlines()):
+            if line.lstrip().startswith("#"):
+                continue
+            line = re.sub(r"<[^>]+>", "PLACEHOLDER", line.split("  #")[0])
+            for part in re.split(r"&&|\|\||;", line):
+                try:
+                    words = shlex.split(part)
+                except ValueError:  # a shell construct of another command ($(...) with quotes): not ours
+                    continue
+                while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):  # VAR=value before the command
+                    words = words[1:]
+                if words and words[0] != "export":
+                    found.append((first + offset, words))
+    return found
+
+
+def inline_commands(text: str) -> list[tuple[int, list[str]]]:
+    """(line, words) of each `dlops ...` in inline code outside shell blocks: synopses (KIND, CKPT\\|URI)."""
+    outside = re.sub(r"```.*?```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S)
+    found = []
+    for number, line in enumerate(outside.splitlines(), start=1):
+        for span in re.findall(r"`(dlops [^`]+)`", line):
+            found.append((number, span.replace("\\|", "|").split()))
+    return found
 
 
 def with_the_example_plug_in() -> click.Group:
-    """dlops' commands plus those examples/tabular adds once installed (the README shows both)."""
+    """dlops' commands plus those examples/tabular adds once installed (the pages show both)."""
     sys.path.insert(0, str(REPO / "examples" / "tabular"))
     try:
         from dlops_tabular.job import SPEC as TABULAR
@@ -55,28 +75,132 @@ def with_the_example_plug_in() -> click.Group:
         sys.path.pop(0)
     group = click.Group("dlops", commands=dict(main.commands))
     train = click.Group("train", commands=dict(main.commands["train"].commands))
-    train_command(TABULAR, train)
     group.add_command(train)
+    train_command(TABULAR, train)
     for command in TABULAR.commands:
         group.add_command(command)
     return group
 
 
-def test_every_readme_command_names_a_real_command_and_real_options():
-    commands = readme_commands()
-    assert len(commands) >= 12
-    cli = with_the_example_plug_in()
-    for words in commands:
-        command: click.Command = cli
-        ctx = click.Context(cli)
-        while isinstance(command, click.Group):
-            name, words = words[0], words[1:]
-            command = command.get_command(ctx, name)
-            assert command is not None, f"dlops {name}: no such command"
-        declared = {opt for param in command.params for opt in getattr(param, "opts", [])}
-        given = {word.split("=")[0] for word in words[: words.index("--") if "--" in words else None]}
-        unknown = {word for word in given if word.startswith("-") and word not in declared}
-        assert not unknown, f"dlops {command.name}: {unknown} are not its options"
+CLI = with_the_example_plug_in()
+DLOPS = ("dlops", "../.venv/bin/dlops", ".venv/bin/dlops", "$(DLOPS)")
+PLACEHOLDER_VALUE = re.compile(r"does not exist|PLACEHOLDER")  # a file the page names for the reader's own
+
+
+def option_names(command: click.Command) -> set[str]:
+    return {name for p in command.params for name in (*getattr(p, "opts", []), *getattr(p, "secondary_opts", []))}
+
+
+def dlops_problem(words: list[str], *, synopsis: bool) -> str | None:
+    """Why the real CLI refuses `dlops WORDS`, or None. A synopsis (KIND, CKPT|URI placeholders) is
+    checked for its command and option names; a shell command is parsed whole, values and all."""
+    command: click.Command = CLI
+    path = ["dlops"]
+    while isinstance(command, click.Group):
+        if not words or words[0].startswith("-"):
+            return None  # `dlops --help`, `dlops data`: a group
+        name, words = words[0], words[1:]
+        if synopsis and (name.isupper() or "..." in name):  # `dlops train KIND`: any of them
+            return None
+        group, alternatives = command, name.split("|") if synopsis else [name]  # `dlops keys show|rotate`
+        missing = [a for a in alternatives if group.get_command(click.Context(CLI), a) is None]
+        if missing:
+            return f"{' '.join(path)} {missing[0]}: no such command"
+        command = group.get_command(click.Context(CLI), alternatives[0])
+        path.append(name)
+    given = [w.split("=")[0] for w in words[: words.index("--") if "--" in words else None] if w.startswith("-")]
+    unknown = sorted(set(given) - option_names(command) - {"--help", "-h"})
+    if unknown:
+        return f"{' '.join(path)}: {unknown} are not its options"
+    if synopsis:
+        return None
+    try:
+        command.make_context(" ".join(path), list(words), resilient_parsing=False)
+    except click.exceptions.Exit:
+        return None
+    except click.BadParameter as e:
+        return None if PLACEHOLDER_VALUE.search(e.format_message()) else f"{' '.join(path)}: {e.format_message()}"
+    except click.UsageError as e:
+        return f"{' '.join(path)} {' '.join(words)}: {e.format_message()}"
+    return None
+
+
+MAKEFILE = (REPO / "Makefile").read_text(encoding="utf-8")
+
+
+def recipe(target: str) -> str | None:
+    """The recipe lines of a Makefile target (None when there is no such target)."""
+    match = re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n|\s*\n)*)", MAKEFILE, flags=re.M)
+    return match.group(1) if match else None
+
+
+def make_problem(words: list[str]) -> str | None:
+    """Why `make TARGET VAR=...` would not do what a page says: an unknown target, or a variable its
+    recipe never reads (`make train-lm DATA=...` where the recipe reads LM_DATA)."""
+    targets = [w for w in words[1:] if "=" not in w and not w.startswith("-")]
+    for target in targets:
+        if recipe(target) is None:
+            return f"make {target}: no such target"
+    for variable in (w.split("=")[0] for w in words[1:] if "=" in w):
+        if not any(f"$({variable})" in recipe(t) for t in targets):
+            return f"make {' '.join(targets)} {variable}=...: its recipe never reads {variable}"
+    return None
+
+
+def page_command_problems(name: str, text: str) -> list[str]:
+    problems = []
+    for line, words in shell_commands(text):
+        if words[0] in DLOPS:
+            problem = dlops_problem(words[1:], synopsis=False)
+        elif words[0] == "make":
+            problem = make_problem(words)
+        else:
+            continue
+        if problem:
+            problems.append(f"{name}:{line}: {problem}")
+    for line, words in inline_commands(text):
+        if problem := dlops_problem(words[1:], synopsis=True):
+            problems.append(f"{name}:{line}: {problem}")
+    return problems
+
+
+def test_every_command_of_every_page_is_one_the_cli_takes():
+    """Every `dlops ...` and `make ...` in README.md and docs/*.md: shell blocks parsed whole by the real
+    CLI (with the example plug-in's commands), inline synopses checked for commands and options."""
+    pages = {p.name: p.read_text(encoding="utf-8") for p in [README, *sorted(DOCS.glob("*.md"))]}
+    counted = sum(len(shell_commands(text)) + len(inline_commands(text)) for text in pages.values())
+    assert counted >= 60, counted
+    problems = [problem for name, text in pages.items() for problem in page_command_problems(name, text)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_makefiles_own_examples_are_commands_it_takes():
+    """`# make TARGET VAR=...` comments in the Makefile name targets and variables its recipes read."""
+    examples = [part.strip().split() for line in MAKEFILE.splitlines() if line.startswith("# make ")
+                for part in line[2:].split(";") if part.strip().startswith("make ")]  # fmt: skip
+    cleaned = []
+    for words in examples:  # make TARGET[:] VAR=... [VAR=...] (anything after that is prose)
+        assignments = [w.strip("[]") for w in words[2:]]
+        ends = next((i for i, w in enumerate(assignments) if not re.match(r"^[A-Z_]+=", w)), len(assignments))
+        cleaned.append(["make", words[1].rstrip(":"), *assignments[:ends]])
+    assert len(cleaned) >= 5
+    problems = [problem for words in cleaned if (problem := make_problem(words))]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    ("page", "expected"),
+    [
+        ("```bash\ndlops users set-role alice editor\n```\n", "Missing option '--role'"),
+        ("```bash\ndlops train resnet data --no-such-option 1\n```\n", "['--no-such-option'] are not its options"),
+        ("```bash\ndlops serve --amp fp64\n```\n", "'fp64' is not one of"),
+        ("```bash\ndlops nonsense\n```\n", "dlops nonsense: no such command"),
+        ("```bash\nmake train-lm DATA=corpus\n```\n", "its recipe never reads DATA"),
+        ("Run `dlops predict IMAGE --topk 3` to ask.\n", "['--topk'] are not its options"),
+    ],
+)
+def test_a_broken_command_in_a_page_fails_the_check(page, expected):
+    assert any(expected in problem for problem in page_command_problems("page.md", page)), expected
 
 
 # --- every page reads whole -----------------------------------------------------------------------

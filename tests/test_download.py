@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import cli_error, run_cli
-from training.data.download import DownloadError, download_tinyimagenet, extract_verified
-from training.data.tinyimagenet import load_tinyimagenet
+from training.jobs.resnet.data.download import DownloadError, download_tinyimagenet, extract_verified
+from training.jobs.resnet.data.tinyimagenet import load_tinyimagenet
 
 
 def _zip_dataset(dataset: Path, archive: Path) -> str:

@@ -13,15 +13,15 @@ import torch
 
 from tests.conftest import latest_run, run_cli
 from training.checkpoint import load_checkpoint
-from training.data.batches import BatchTransform, TensorBatches, random_crop, random_flip
-from training.data.cache import CachedImages, build_cache, collate_batch, find_cache
-from training.data.dataset import open_rgb
-from training.data.images import make_loader
-from training.data.pipeline import JPEG_WORKERS
-from training.data.tinyimagenet import load_tinyimagenet
-from training.models.classifier import classifier_from_checkpoint
-from training.models.tiny_maps import TinyMapConv2d, use_matmul_for_tiny_maps
-from training.recipes import RECIPES
+from training.jobs.resnet.classifier import classifier_from_checkpoint
+from training.jobs.resnet.data.batches import BatchTransform, TensorBatches, random_crop, random_flip
+from training.jobs.resnet.data.cache import CachedImages, build_cache, collate_batch, find_cache
+from training.jobs.resnet.data.dataset import open_rgb
+from training.jobs.resnet.data.images import make_loader
+from training.jobs.resnet.data.pipeline import JPEG_WORKERS
+from training.jobs.resnet.data.tinyimagenet import load_tinyimagenet
+from training.jobs.resnet.recipes import RECIPES
+from training.jobs.resnet.tiny_maps import TinyMapConv2d, use_matmul_for_tiny_maps
 
 
 @pytest.fixture()

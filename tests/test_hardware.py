@@ -13,10 +13,10 @@ import torch
 
 from tests.conftest import REPO, latest_run, run_cli
 from training.checkpoint import process_seed, restorable_cuda_states
-from training.data.batches import BatchTransform, TensorBatches
 from training.hardware import CpuFacts, GpuFacts, decide_native_bf16, device_class, resolve_amp
-from training.loops.classify import Totals, to_device
-from training.recipes import RECIPES, apply_recipe
+from training.jobs.resnet.data.batches import BatchTransform, TensorBatches
+from training.jobs.resnet.loop import Totals, to_device
+from training.jobs.resnet.recipes import RECIPES, apply_recipe
 
 NATIVE = CpuFacts(
     model="test CPU",
@@ -127,7 +127,9 @@ def test_explicit_bf16_without_native_support_warns_and_runs(tiny_dataset, tmp_p
 def test_doctor_json_names_every_part():
     output = run_cli("doctor", "--json", "--probe-seconds", "3").output
     report = json.loads(output)
-    assert set(report) >= {"software", "cpu", "gpu", "mps", "probe", "java", "tracking", "cache", "recommendation"}
+    assert set(report) >= {"software", "cpu", "gpu", "mps", "java", "tracking", "jobs"}
+    assert set(report["jobs"]["resnet"]) >= {"probe", "cache", "recommendation", "lines"}
+    report = {**report, **report["jobs"]["resnet"]}  # the classifier's own checks
     assert report["software"]["torch"] == torch.__version__
     assert {"model", "cores", "capability", "avx512_bf16", "amx", "native_bf16"} <= set(report["cpu"])
     assert report["gpu"]["cuda"] == torch.cuda.is_available()
@@ -136,7 +138,7 @@ def test_doctor_json_names_every_part():
     assert {"ok", "uri"} <= set(report["tracking"]) and "free_gib" in report["cache"]
     assert report["recommendation"]["line"].startswith("dlops train resnet DATA --recipe fast")
     text = run_cli("doctor", "--probe-seconds", "0").output
-    assert "native bf16" in text and "recommendation: dlops train resnet" in text
+    assert "native bf16" in text and "resnet: recommendation: dlops train resnet" in text
 
 
 def test_gpu_check_refuses_cleanly_without_cuda(tmp_path):

@@ -14,9 +14,9 @@ import pytest
 from release.deploy import serve
 from serving.server import ServeOptions, stop
 from tests.conftest import cli_error, latest_run, run_cli
-from training.data.cache import build_cache
-from training.data.index import load_image_dataset
-from training.data.synthetic import draw_example
+from training.jobs.resnet.data.cache import build_cache
+from training.jobs.resnet.data.index import load_image_dataset
+from training.jobs.resnet.data.synthetic import draw_example
 
 CLASSES = ["ants", "bees", "tête de mort", "Ölkäfer"]  # sorted as ImageFolder sorts them: by code point
 FORMATS = [("PNG", ".png"), ("WEBP", ".webp"), ("JPEG", ".jpg"), ("BMP", ".bmp")]

@@ -18,7 +18,7 @@ import pytest
 from serving.client import ServerClient
 from serving.server import ServeOptions
 from tests.conftest import REPO
-from training.data.synthetic import write_synthetic_corpus
+from training.jobs.lm.synthetic import write_synthetic_corpus
 
 JAVA = shutil.which("java") is not None
 
@@ -138,8 +138,8 @@ def test_a_job_from_another_package_goes_through_every_command(installed, tmp_pa
     try:
         deployed = dlops(installed, tmp_path, "deploy", "models:/tabular-mlp/2", *serving)
         assert "=> serving tabular version 2" in deployed.stdout and "check passed" in deployed.stdout
-        answer = json.loads(dlops(installed, tmp_path, "predict", "--model", "tabular", "35,25,10,2", "--topk", "2",
-                                  *serving).stdout)  # fmt: skip
+        answer = json.loads(dlops(installed, tmp_path, "predict", "--model", "tabular", "35,25,10,2", "--field",
+                                  "topk=2", *serving).stdout)  # fmt: skip
         assert len(answer) == 2 and {a["class"] for a in answer} <= {"letter", "parcel", "crate"}
         assert (
             abs(sum(a["probability"] for a in answer) - 1) < 0.5

@@ -15,10 +15,10 @@ import torch
 from tests.conftest import REPO, WIKITEXT_VALID, artifact_paths, cli_error, latest_run, metric_steps, run_cli
 from training.checkpoint import load_checkpoint
 from training.data.errors import DatasetError
-from training.data.synthetic import write_synthetic_corpus
-from training.data.text import EOS, UNK, batchify, load_corpus
-from training.loops.language import evaluate_lm
-from training.models.wordlm import lm_from_checkpoint
+from training.jobs.lm.corpus import EOS, UNK, batchify, load_corpus
+from training.jobs.lm.loop import evaluate_lm
+from training.jobs.lm.synthetic import write_synthetic_corpus
+from training.jobs.lm.wordlm import lm_from_checkpoint
 
 TINY = ["--emsize", "16", "--nhid", "16", "--nlayers", "1", "--nhead", "2", "--batch-size", "10",
         "--bptt", "20", "--log-interval", "10", "--lr", "5"]  # fmt: skip
@@ -179,7 +179,7 @@ def test_vocabulary_unk_and_eos_on_real_wikitext(tmp_path):
 
 @pytest.mark.parametrize("model", ["LSTM", "GRU", "Transformer"])
 def test_a_batch_of_requests_samples_each_as_if_alone(model):
-    from training.models.wordlm import build_language_model, generate_batch
+    from training.jobs.lm.wordlm import build_language_model, generate_batch
 
     torch.manual_seed(0)
     vocab = [f"w{i}" for i in range(40)] + ["<unk>", "<eos>"]

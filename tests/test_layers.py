@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("training.clitools",),  # Click pieces the CLI and the jobs' commands share
     ("training.loops",),  # epoch functions: no MLflow, no files
     ("training.tracking",),  # journal -> sender -> MLflow; the registry; the tracking server and its users
-    ("training.data", "training.models", "training.plots", "training.recipes"),
+    ("training.data", "training.models", "training.plots", "training.jobs.resnet.recipes"),
     ("training.runtime", "training.checkpoint", "training.stopping", "training.devices", "training.distributed"),
     ("training.hardware", "training.options", "training.metrics", "training"),  # capability facts; declarations
     # serving's runtime knows nothing of training; handlers import nothing of the project at all
@@ -70,8 +70,14 @@ def test_every_import_points_down_the_layers():
 
 
 def test_handlers_import_nothing_of_the_project():
-    """A .mar (and an MLflow model) loads where this project is not installed."""
-    for path in (REPO / "serving" / "handlers").glob("*.py"):
+    """A .mar (and an MLflow model) loads where this project is not installed: the shared handler code and
+    every file a job's served model ships (its handler and model file) import nothing of it."""
+    from training.jobs import jobs
+
+    shipped = {*(REPO / "serving" / "handlers").glob("*.py")}
+    shipped |= {path for job in jobs().values() if job.serving for path in job.serving.files()}
+    assert len(shipped) > len(COMMON := list((REPO / "serving" / "handlers").glob("*.py"))), COMMON
+    for path in sorted(shipped):
         assert not project_imports(path), f"{path.name} imports {project_imports(path)}"
 
 
@@ -94,11 +100,11 @@ def test_dataclasses_are_built_by_keyword():
 
 # The built-in jobs' kinds and model names, which only their own files (and handlers, docs, tests) may name
 BUILT_IN_NAMES = re.compile(r"^(resnet|lm)$|train-(resnet|lm)|resnet-tinyimagenet|wordlm-wikitext2")
-JOBS_OWN = ("training/jobs/resnet/", "training/jobs/lm/", "serving/handlers/")
+JOBS_OWN = ("training/jobs/resnet/", "training/jobs/lm/")
 # Where code outside a job names one on purpose, and why (a new one fails the test below): a module's
 # literal as "path:literal", or a whole file or folder as its path
 NAMING_EXCEPTIONS: dict[str, str] = {
-    "training/models/classifier.py:resnet": "torchvision's ResNet family of architectures, not the job",
+    "training/jobs/resnet/classifier.py:resnet": "torchvision's ResNet family of architectures, not the job",
     "bench/": "benchmarks of the two built-in models, run by hand",
     "scripts/": "the container check and the screenshots train and serve the two built-in models",
     "Makefile": "the documented targets train-resnet, train-lm, generate and their defaults",
@@ -146,3 +152,14 @@ def test_functions_stay_short_enough_to_read():
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 60:
                 long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1}")
     assert not long, "functions over 60 lines:\n" + "\n".join(long)
+
+
+def test_the_development_page_lists_the_layers_in_this_order():
+    """docs/development.md's layer table, row by row, names modules of LAYERS' layers in the same order."""
+    page = (REPO / "docs" / "development.md").read_text(encoding="utf-8")
+    table = page[page.index("| layer | modules |") :].split("\n\n")[0].splitlines()[2:]
+    assert len(table) == len(LAYERS), f"{len(table)} rows for {len(LAYERS)} layers"
+    for index, row in enumerate(table):
+        for path in re.findall(r"`(\w+/[\w/]*(?:\.py)?)`", row.split("|")[2]):
+            module = path.removesuffix(".py").rstrip("/").replace("/", ".")
+            assert layer_of(module) == index, f"{path} is in layer {layer_of(module)}, its row is {index}"

@@ -14,7 +14,7 @@ import torch
 
 from tests.conftest import cli_error, dlops_process, latest_run, metric_steps, run_cli
 from training.checkpoint import load_checkpoint
-from training.data.synthetic import write_synthetic_corpus
+from training.jobs.lm.synthetic import write_synthetic_corpus
 
 RESNET = ["-b", "8", "-j", "0", "-p", "1", "--lr", "0.02", "--epochs", "3", "--run-name", "preempted"]
 LM = ["--epochs", "2", "--emsize", "16", "--nhid", "16", "--nlayers", "1", "--bptt", "10", "--lr", "5",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import artifact_paths, latest_run, run_cli
-from training.data.synthetic import write_synthetic_corpus
+from training.jobs.lm.synthetic import write_synthetic_corpus
 from training.report.collect import overfitting_epoch
 
 FAST = ["-b", "8", "-j", "0", "-p", "0"]

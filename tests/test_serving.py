@@ -25,10 +25,10 @@ from serving.server import ServeOptions, effective_config, stop
 from tests.conftest import REPO, artifact_paths, cli_error, latest_run, run_cli
 from training.checkpoint import load_checkpoint
 from training.cli import main
-from training.data.images import ImageFiles, eval_transform
-from training.data.synthetic import write_synthetic_corpus
-from training.data.tinyimagenet import load_tinyimagenet
-from training.models.classifier import classifier_from_checkpoint
+from training.jobs.lm.synthetic import write_synthetic_corpus
+from training.jobs.resnet.classifier import classifier_from_checkpoint
+from training.jobs.resnet.data.images import ImageFiles, eval_transform
+from training.jobs.resnet.data.tinyimagenet import load_tinyimagenet
 
 pytestmark = pytest.mark.skipif(
     subprocess.run(["which", "java"], capture_output=True).returncode != 0,
@@ -247,7 +247,7 @@ def test_a_teammate_with_the_url_and_a_handed_over_key_is_answered(server, tiny_
     image = load_tinyimagenet(tiny_dataset).val[0][0]
     key = CliRunner().invoke(main, ["keys", "show", "--state-dir", str(server.state_dir)]).stdout.strip()
     url = server.urls["inference"]
-    answer = json.loads(run_cli("predict", image, "--url", url, "--key", key, "--topk", "2").stdout)
+    answer = json.loads(run_cli("predict", image, "--url", url, "--key", key, "--field", "topk=2").stdout)
     assert len(answer) == 2 and {"class", "label", "probability"} <= set(answer[0])
     refused = cli_error("predict", image, "--url", url)
     assert "refused the inference key" in refused and "dlops keys show" in refused

@@ -15,7 +15,7 @@ import optuna
 import pytest
 
 from tests.conftest import REPO, artifact_paths, cli_error
-from training.data.synthetic import write_synthetic_corpus
+from training.jobs.lm.synthetic import write_synthetic_corpus
 
 TINY = ["--epochs", "3", "--emsize", "16", "--nhid", "16", "--nlayers", "1", "--batch-size", "10", "--bptt", "20",
         "--log-interval", "1000"]  # fmt: skip

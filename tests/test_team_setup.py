@@ -27,7 +27,7 @@ from tests.conftest import (
     start_tracking_server,
     stop_process_group,
 )
-from training.data.synthetic import write_synthetic_corpus
+from training.jobs.lm.synthetic import write_synthetic_corpus
 
 POSTGRES_URI = os.environ.get("DLOPS_TEST_POSTGRES_URI")
 SESSION = uuid.uuid4().hex[:8]  # experiment names unique per test session: the database may be reused

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from tests.conftest import MINI_TINYIMAGENET
-from training.data.dataset import open_rgb
-from training.data.images import ImageFiles, eval_transform
-from training.data.tinyimagenet import DatasetError, load_tinyimagenet
+from training.jobs.resnet.data.dataset import open_rgb
+from training.jobs.resnet.data.images import ImageFiles, eval_transform
+from training.jobs.resnet.data.tinyimagenet import DatasetError, load_tinyimagenet
 
 
 @pytest.fixture()

@@ -146,7 +146,7 @@ def test_evaluate_matches_the_training_runs_val_accuracy(trained, tiny_dataset, 
 
 
 def test_evaluate_refuses_a_dataset_with_other_classes(trained, tmp_path):
-    from training.data.synthetic import write_synthetic_tinyimagenet
+    from training.jobs.resnet.data.synthetic import write_synthetic_tinyimagenet
 
     _, run_dir, _ = trained
     other = write_synthetic_tinyimagenet(

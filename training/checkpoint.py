@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 FORMAT_VERSION = 2
 
@@ -185,3 +186,11 @@ def config_for_resume(saved: dict[str, Any], given: dict[str, Any], changeable: 
         allowed = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(changeable))
         raise CheckpointError(f"cannot change {listed} when resuming; only {allowed} may change")
     return {**saved, **given}
+
+
+def copy_matching(model: nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
+    """Copy every tensor whose name and shape match; return the names of the model's tensors left as they were."""
+    own = model.state_dict()
+    matching = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(matching, strict=False)
+    return sorted(k for k in own if k not in matching)

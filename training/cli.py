@@ -24,9 +24,8 @@ from training.clitools import (
     state_dir_option,
     tls_options,
 )
-from training.data.download import DownloadError
+from training.data import LOADER_WORKERS
 from training.data.errors import DatasetError
-from training.data.pipeline import JPEG_WORKERS
 from training.devices import DeviceError
 from training.distributed import check_process_count, launch, under_torchrun
 from training.evaluation import evaluate_checkpoint
@@ -39,7 +38,7 @@ from training.tracking.registry import URI_FORMS
 from training.tracking.server import ServerSetupError
 
 USER_ERRORS = (
-    DatasetError, DeviceError, CheckpointError, DownloadError, ServeError, DeployError, KeyFileError, ValueError,
+    DatasetError, DeviceError, CheckpointError, ServeError, DeployError, KeyFileError, ValueError,
     TrackingUnavailable, TrackingRefused, JournalBusy, ServerSetupError,
 )  # fmt: skip
 
@@ -138,10 +137,17 @@ def _broken_train_command(kind: str, reason: str) -> None:
         raise click.ClickException(reason)
 
 
+@main.group(cls=Group)
+def data() -> None:
+    """Create, download and prepare datasets (each job adds its own: `dlops data --help`)."""
+
+
 for _job in jobs().values():
     train_command(_job, train)
     for _command in _job.commands:
         main.add_command(_command)
+    for _command in _job.data_commands:
+        data.add_command(_command)
 for _broken in broken_jobs():
     _broken_train_command(_broken.kind, _broken.describe())
 
@@ -244,7 +250,7 @@ def users_set_role_command(name: str, role: str) -> None:
 @click.argument("data", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--split", default="val", show_default=True, help="which split of DATA (the job says which it has)")
 @click.option("-b", "--batch-size", type=click.IntRange(1), default=256, show_default=True)
-@click.option("-j", "--workers", type=click.IntRange(0), default=JPEG_WORKERS, show_default=True,
+@click.option("-j", "--workers", type=click.IntRange(0), default=LOADER_WORKERS, show_default=True,
               help="data loading processes, where the job loads files")  # fmt: skip
 @click.option("--device", default="auto", show_default=True)
 @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True)
@@ -363,92 +369,6 @@ def doctor_command(*, as_json: bool, probe_seconds: float) -> None:
     run_doctor(as_json=as_json, probe_budget_s=probe_seconds)
 
 
-@main.group(cls=Group)
-def data() -> None:
-    """Create, download and prepare datasets."""
-
-
-@data.command("synth")
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--classes", type=click.IntRange(1, 1000), default=10, show_default=True)
-@click.option("--train-per-class", type=click.IntRange(1), default=100, show_default=True)
-@click.option("--val-per-class", type=click.IntRange(1), default=20, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-def synth_command(out: Path, classes: int, train_per_class: int, val_per_class: int, seed: int) -> None:
-    """Write a learnable synthetic dataset in Tiny-ImageNet's exact layout to OUT."""
-    from training.data.synthetic import write_synthetic_tinyimagenet
-
-    write_synthetic_tinyimagenet(
-        out,
-        num_classes=classes,
-        train_per_class=train_per_class,
-        val_per_class=val_per_class,
-        seed=seed,
-        progress=sys.stderr.isatty(),
-    )
-    click.echo(f"wrote {classes} classes x ({train_per_class} train + {val_per_class} val) images to {out}")
-
-
-@data.command("cache")
-@click.argument("data_dir", metavar="DATA", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--splits", default="train,val", show_default=True)
-@click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="default: $DLOPS_CACHE_DIR or data/cache",
-)
-@click.option("--image-size", type=click.IntRange(8), default=64, show_default=True)
-@click.option("--val-resize", type=click.IntRange(8), default=None,
-              help="resize before the center crop [default: as `train resnet --val-resize`]")  # fmt: skip
-@click.option("-j", "--workers", type=click.IntRange(1), default=None, help="decoding processes (default: all cores)")
-def cache_command(*, data_dir: Path, splits: str, cache_dir: Path | None, image_size: int, val_resize: int | None,
-                  workers: int | None) -> None:  # fmt: skip
-    """Decode DATA's images once into memory-mapped uint8 arrays that training reads instead of image files."""
-    from training.data.cache import build_cache
-    from training.data.images import resolve_resize
-    from training.data.index import load_image_dataset
-
-    dataset = load_image_dataset(data_dir)
-    resize = resolve_resize(val_resize, image_size, dataset.layout)
-    for split in splits.split(","):
-        build_cache(
-            dataset, split=split.strip(), root=cache_dir, image_size=image_size, workers=workers, resize_size=resize
-        )
-
-
-@data.command("synth-corpus")
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--train-lines", type=click.IntRange(1), default=2000, show_default=True)
-@click.option("--valid-lines", type=click.IntRange(1), default=200, show_default=True)
-@click.option("--test-lines", type=click.IntRange(1), default=200, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-def synth_corpus_command(out: Path, train_lines: int, valid_lines: int, test_lines: int, seed: int) -> None:
-    """Write a learnable WikiText-like corpus (train.txt, valid.txt, test.txt) to OUT."""
-    from training.data.synthetic import write_synthetic_corpus
-
-    write_synthetic_corpus(out, train_lines, valid_lines, test_lines, seed)
-    click.echo(f"wrote a corpus of {train_lines}/{valid_lines}/{test_lines} train/valid/test lines to {out}")
-
-
-@data.command("download")
-@click.argument("dataset", type=click.Choice(["tiny-imagenet"]))
-@click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=Path("data"), show_default=True)
-@click.option("--url", default=None, help="mirror of the official archive")
-@click.option(
-    "--archive",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    help="an already downloaded tiny-imagenet-200.zip: verify and extract it",
-)
-def download_command(dataset: str, dest: Path, url: str | None, archive: Path | None) -> None:
-    """Download, verify (MD5) and extract DATASET into --dest."""
-    from training.data.download import TINY_IMAGENET_URL, download_tinyimagenet, extract_verified
-
-    root = extract_verified(archive, dest) if archive else download_tinyimagenet(dest, url or TINY_IMAGENET_URL)
-    click.echo(f"{dataset} is ready at {root}")
-
-
 _model_settings = options(
     click.option("--workers", type=click.IntRange(1), default=1, show_default=True, help="TorchServe workers"),
     click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="server-side batching"),
@@ -515,7 +435,7 @@ def package_command(*, kind: str, checkpoint: str | None, model_uri: str | None,
     type=click.Choice(["auto", "off", "bf16"]),
     default="auto",
     show_default=True,
-    help="the classifier's precision; auto: bf16 where the device has it natively (generation stays fp32)",
+    help="the served models' precision where their handler allows it; auto: bf16 where the device has it natively",
 )
 @click.option("--alias", default="serving", show_default=True, help="registry alias of the versions this server serves")
 @tls_options
@@ -680,18 +600,17 @@ def _fields(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--model", default=None,
               help="the served model's name (/predictions/NAME); default: the one model that takes INPUT's kind "
               "(a file or text)")  # fmt: skip
-@click.option("--topk", type=click.IntRange(1), default=None, help="classes to return, for a classifier")
 @click.option("--field", "field_pairs", multiple=True, metavar="KEY=VALUE",
               help="another request field, as the model's job defines them (repeatable)")  # fmt: skip
 @client_options
-def predict_command(*, given: str, model: str | None, topk: int | None, field_pairs: tuple[str, ...],
+def predict_command(*, given: str, model: str | None, field_pairs: tuple[str, ...],
                     **server: Any) -> None:  # fmt: skip
     """Ask a served model about INPUT (an image file, a prompt, a table row: what the model's job says a
     request is) and print its answer (HTTP client)."""
     job = _predicting_job(model, given)
     if job.serving.input == "file" and not Path(given).is_file():
         raise click.BadParameter(f"{given!r}: no such file", param_hint="INPUT")
-    fields = {**_fields(field_pairs), **({"topk": topk} if topk else {})}
+    fields = _fields(field_pairs)
     request = job.serving.request(given, fields)
     answer = server_client(**server).predict(model or job.serving.name, request.body, request.content_type,
                                              headers=request.headers)  # fmt: skip

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from training.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
+    copy_matching,
     load_checkpoint,
     process_seed,
     restore_rng_state,
@@ -40,7 +41,6 @@ from training.jobs.run import EpochContext, JobRun
 from training.jobs.spec import JobSpec
 from training.metrics import BEST_EPOCH, EPOCH_SECONDS, LR, TO_BEST_SECONDS, TOTAL_SECONDS, best_metric_name
 from training.models.summary import layer_table
-from training.models.weights import copy_matching
 from training.runtime import Runtime
 from training.session import TrainingSession, training_session
 from training.stopping import StopRequest, TrainingStopped, exit_now, stop_on_signals

@@ -34,6 +34,15 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Machine:
+    """What `dlops doctor` hands a job's own checks: the machine's facts and the probe's time budget."""
+
+    cpu: Any  # training.hardware.CpuFacts
+    gpu: dict[str, Any]  # the doctor's GPU section ({"cuda": bool, "devices": [...]})
+    probe_budget_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class Column:
     """A column of a report's run table: one number per run, from a metric's history."""
 
@@ -86,11 +95,13 @@ class JobSpec:
     panels: dict[str, list[str]] | None = None  # the run's learning curves, title -> metrics (default: losses, best)
     serving: Serving | None = None  # None: nothing to package or serve (training, reports and sweeps work)
     commands: tuple[click.Command, ...] = ()  # the job's own commands beside `dlops train KIND`
+    data_commands: tuple[click.Command, ...] = ()  # its data commands, under `dlops data`
     describe_model: Callable[[dict[str, str]], str] = lambda params: ""  # a run's model in a few words
     data_required: Callable[[dict[str, Any]], bool] = lambda given: True  # DATA must be given (unless --dummy...)
     resolve_options: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] = _merge  # presets between
     evaluate: Callable[[JobSpec, dict[str, Any], str, Path, EvaluateOptions], None] | None = None  # default: generic
     upgrade_v1: Callable[[dict[str, Any]], tuple[dict, float, dict, dict]] | None = None  # format-1 checkpoints
+    doctor: Callable[[Machine], dict[str, Any]] | None = None  # its part of `dlops doctor` (with "lines")
     summary_graph: bool = False  # also trace the model into TensorBoard
     step_metrics: tuple[str, ...] = ()  # metrics logged per global step inside an epoch
     distributed: bool = False  # its config has nproc_per_node and allow_oversubscribe (DDP via torchrun)

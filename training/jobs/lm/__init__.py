@@ -15,21 +15,22 @@ import click
 import torch
 from torch import nn
 
-import training.models.wordlm
 from training.checkpoint import load_checkpoint
-from training.data.text import EOS, UNK, batchify, load_corpus
 from training.jobs.config import RunConfig
 from training.jobs.evaluate import EvaluateOptions
-from training.jobs.lm.commands import COMMANDS, SERVED_AS
+from training.jobs.lm.commands import COMMANDS, DATA_COMMANDS, SERVED_AS
+from training.jobs.lm.corpus import EOS, UNK, batchify, load_corpus
+from training.jobs.lm.loop import LMStep, evaluate_lm, perplexity, train_lm_epoch
+from training.jobs.lm.wordlm import MODEL_TYPES, build_language_model, generate_batch, lm_from_checkpoint
 from training.jobs.run import EpochContext, JobRun, Optimization
-from training.jobs.serving import HANDLERS, Serving
+from training.jobs.serving import HANDLERS as HANDLERS
 from training.jobs.serving import Request as Request
+from training.jobs.serving import Serving
 from training.jobs.spec import Column, EpochTable, JobSpec, ReportSpec
-from training.loops.language import LMStep, evaluate_lm, perplexity, train_lm_epoch
 from training.metrics import EPOCH_SECONDS, TRAIN_LOSS, VAL_LOSS, Metric
-from training.models.wordlm import MODEL_TYPES, build_language_model, generate_batch, lm_from_checkpoint
 from training.options import option
 
+HERE = Path(__file__).resolve().parent  # the handler and the model file a served model ships
 LR_ANNEAL = 4.0  # the example divides lr by 4 when validation loss does not improve
 RULER = 89
 
@@ -235,9 +236,9 @@ SPEC = JobSpec(
     ),  # fmt: skip
     serving=Serving(
         name=SERVED_AS,
-        handler=HANDLERS / "text_generator.py",
+        handler=HERE / "text_generator.py",
         handler_class="TextGenerator",
-        model_file=Path(training.models.wordlm.__file__).resolve(),
+        model_file=HERE / "wordlm.py",
         inference_keys=("vocab", "window"),
         input="text",
         request_field="prompt",
@@ -246,6 +247,7 @@ SPEC = JobSpec(
         answer_mismatch=lambda served, offline, amp: None if served == offline else f"served {served!r}",
     ),  # fmt: skip
     commands=tuple(COMMANDS),
+    data_commands=tuple(DATA_COMMANDS),
     describe_model=describe_model,
     evaluate=evaluate_checkpoint,
     upgrade_v1=read_v1,

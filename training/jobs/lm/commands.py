@@ -1,5 +1,6 @@
 """The language model's own commands beside `dlops train lm`: text from a checkpoint, and from the
-served model over HTTP (the LM's shorthand for `dlops predict --model lm`)."""
+served model over HTTP (the LM's shorthand for `dlops predict --model lm`); and `dlops data
+synth-corpus`, a learnable corpus."""
 
 from __future__ import annotations
 
@@ -47,4 +48,19 @@ def generate_http_command(*, state_dir: Path, inference_port: int | None, url: s
     show_answer(client.predict_fields(model, {k: v for k, v in request.items() if v is not None}))
 
 
+@click.command("synth-corpus")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--train-lines", type=click.IntRange(1), default=2000, show_default=True)
+@click.option("--valid-lines", type=click.IntRange(1), default=200, show_default=True)
+@click.option("--test-lines", type=click.IntRange(1), default=200, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def synth_corpus_command(out: Path, train_lines: int, valid_lines: int, test_lines: int, seed: int) -> None:
+    """Write a learnable WikiText-like corpus (train.txt, valid.txt, test.txt) to OUT."""
+    from training.jobs.lm.synthetic import write_synthetic_corpus
+
+    write_synthetic_corpus(out, train_lines, valid_lines, test_lines, seed)
+    click.echo(f"wrote a corpus of {train_lines}/{valid_lines}/{test_lines} train/valid/test lines to {out}")
+
+
+DATA_COMMANDS: list[click.Command] = [synth_corpus_command]
 COMMANDS: list[click.Command] = [generate_command, generate_http_command]

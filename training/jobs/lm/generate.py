@@ -7,13 +7,13 @@ from pathlib import Path
 
 from serving.handlers.request_fields import MIN_TEMPERATURE
 from training import tracking
-from training.data.text import batchify, load_corpus
 from training.devices import choose_device
 from training.jobs.evaluate import EvaluateOptions, evaluation_run
 from training.jobs.lm import PPL, LMConfig
-from training.loops.language import evaluate_lm
+from training.jobs.lm.corpus import batchify, load_corpus
+from training.jobs.lm.loop import evaluate_lm
+from training.jobs.lm.wordlm import generate_text, lm_from_checkpoint
 from training.metrics import VAL_LOSS, eval_metric_name
-from training.models.wordlm import generate_text, lm_from_checkpoint
 from training.tracking import registry
 
 

@@ -3,7 +3,7 @@
 Defaults follow PyTorch's ImageNet example (`--recipe reference`: its optimizer, schedule and
 augmentation); the precision is every job's `--amp auto` (bf16 where the device has it natively, else
 fp32; `--amp off` for the example's fp32 exactly); `--recipe fast` swaps in the values measured best
-per device class (training/recipes.py).
+per device class (training/jobs/resnet/recipes.py).
 """
 
 from __future__ import annotations
@@ -20,27 +20,29 @@ import torch
 from PIL import Image
 from torch import nn
 
-import training.models.classifier
-from training.data.images import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from training.data.pipeline import JPEG_WORKERS, ImagePipeline, build_pipeline
-from training.data.synthetic import draw_example
 from training.devices import autocast, choose_device, default_print_freq
 from training.hardware import device_class
 from training.jobs.config import RunConfig
 from training.jobs.evaluate import EvaluateOptions
-from training.jobs.resnet.commands import COMMANDS
+from training.jobs.resnet.classifier import ARCHS, STEMS, build_classifier, classifier_from_checkpoint
+from training.jobs.resnet.commands import COMMANDS, DATA_COMMANDS
+from training.jobs.resnet.data.images import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from training.jobs.resnet.data.pipeline import JPEG_WORKERS, ImagePipeline, build_pipeline
+from training.jobs.resnet.data.synthetic import draw_example
+from training.jobs.resnet.doctor import check
+from training.jobs.resnet.loop import ClassifierStep, EpochResult, evaluate, train_one_epoch
+from training.jobs.resnet.recipes import RECIPES, apply_recipe
+from training.jobs.resnet.tiny_maps import use_matmul_for_tiny_maps
+from training.jobs.resnet.weights import load_pretrained
 from training.jobs.run import EpochContext, JobRun, Optimization
-from training.jobs.serving import HANDLERS, Request, Serving
+from training.jobs.serving import HANDLERS as HANDLERS
+from training.jobs.serving import Request, Serving
 from training.jobs.spec import Column, JobSpec, ReportSpec
-from training.loops.classify import ClassifierStep, EpochResult, evaluate, train_one_epoch
 from training.metrics import EPOCH_SECONDS, TRAIN_LOSS, VAL_LOSS, Metric
-from training.models.classifier import ARCHS, STEMS, build_classifier, classifier_from_checkpoint
-from training.models.tiny_maps import use_matmul_for_tiny_maps
-from training.models.weights import load_pretrained
 from training.options import internal, option
-from training.recipes import RECIPES, apply_recipe
 from training.runtime import Runtime
 
+HERE = Path(__file__).resolve().parent  # the handler and the model file a served model ships
 SCHEDULERS = ("step", "cosine", "one-cycle")
 TINY_MAPS = ("auto", "matmul", "conv")
 
@@ -349,9 +351,9 @@ SPEC = JobSpec(
     ),  # fmt: skip
     serving=Serving(
         name="resnet",
-        handler=HANDLERS / "image_classifier.py",
+        handler=HERE / "image_classifier.py",
         handler_class="ImageClassifier",
-        model_file=Path(training.models.classifier.__file__).resolve(),
+        model_file=HERE / "classifier.py",
         inference_keys=("classes", "labels", "image_size", "resize_size", "normalization"),
         input="file",
         example_request=example_request,
@@ -360,11 +362,13 @@ SPEC = JobSpec(
         http_request=http_request,
     ),  # fmt: skip
     commands=tuple(COMMANDS),
+    data_commands=tuple(DATA_COMMANDS),
     describe_model=describe_model,
     data_required=data_required,
     resolve_options=resolve_options,
     evaluate=evaluate_checkpoint,
     upgrade_v1=read_v1,
+    doctor=check,
     summary_graph=True,
     distributed=True,
 )

@@ -1,16 +1,18 @@
 """The image classifier's own commands beside `dlops train resnet`: compare two checkpoints, a
-model's layer table, the device benchmark."""
+model's layer table, the device benchmark; and its data commands under `dlops data`: a synthetic
+dataset, the decoded cache, the Tiny-ImageNet download."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from training.clitools import CHECKPOINT
-from training.data.pipeline import JPEG_WORKERS
-from training.models.classifier import ARCHS, STEMS, input_size_problem, small_stem_applies
+from training.jobs.resnet.classifier import ARCHS, STEMS, input_size_problem, small_stem_applies
+from training.jobs.resnet.data.pipeline import JPEG_WORKERS
 
 
 @click.command("compare")
@@ -52,7 +54,7 @@ def summary_command(*, arch: str, stem: str, image_size: int, num_classes: int, 
         return
     import torch
 
-    from training.models.classifier import build_classifier
+    from training.jobs.resnet.classifier import build_classifier
     from training.models.summary import layer_table
 
     model = build_classifier(arch, num_classes, stem, image_size)
@@ -83,4 +85,72 @@ def bench_devices_command(data: Path, train_args: tuple[str, ...], **options: An
     bench_devices(data, train_args=list(train_args), **options)
 
 
+@click.command("synth")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--classes", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--train-per-class", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--val-per-class", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def synth_command(out: Path, classes: int, train_per_class: int, val_per_class: int, seed: int) -> None:
+    """Write a learnable synthetic dataset in Tiny-ImageNet's exact layout to OUT."""
+    from training.jobs.resnet.data.synthetic import write_synthetic_tinyimagenet
+
+    write_synthetic_tinyimagenet(
+        out,
+        num_classes=classes,
+        train_per_class=train_per_class,
+        val_per_class=val_per_class,
+        seed=seed,
+        progress=sys.stderr.isatty(),
+    )
+    click.echo(f"wrote {classes} classes x ({train_per_class} train + {val_per_class} val) images to {out}")
+
+
+@click.command("cache")
+@click.argument("data_dir", metavar="DATA", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--splits", default="train,val", show_default=True)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="default: $DLOPS_CACHE_DIR or data/cache",
+)
+@click.option("--image-size", type=click.IntRange(8), default=64, show_default=True)
+@click.option("--val-resize", type=click.IntRange(8), default=None,
+              help="resize before the center crop [default: as `train resnet --val-resize`]")  # fmt: skip
+@click.option("-j", "--workers", type=click.IntRange(1), default=None, help="decoding processes (default: all cores)")
+def cache_command(*, data_dir: Path, splits: str, cache_dir: Path | None, image_size: int, val_resize: int | None,
+                  workers: int | None) -> None:  # fmt: skip
+    """Decode DATA's images once into memory-mapped uint8 arrays that training reads instead of image files."""
+    from training.jobs.resnet.data.cache import build_cache
+    from training.jobs.resnet.data.images import resolve_resize
+    from training.jobs.resnet.data.index import load_image_dataset
+
+    dataset = load_image_dataset(data_dir)
+    resize = resolve_resize(val_resize, image_size, dataset.layout)
+    for split in splits.split(","):
+        build_cache(
+            dataset, split=split.strip(), root=cache_dir, image_size=image_size, workers=workers, resize_size=resize
+        )
+
+
+@click.command("download")
+@click.argument("dataset", type=click.Choice(["tiny-imagenet"]))
+@click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=Path("data"), show_default=True)
+@click.option("--url", default=None, help="mirror of the official archive")
+@click.option(
+    "--archive",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="an already downloaded tiny-imagenet-200.zip: verify and extract it",
+)
+def download_command(dataset: str, dest: Path, url: str | None, archive: Path | None) -> None:
+    """Download, verify (MD5) and extract DATASET into --dest."""
+    from training.jobs.resnet.data.download import TINY_IMAGENET_URL, download_tinyimagenet, extract_verified
+
+    root = extract_verified(archive, dest) if archive else download_tinyimagenet(dest, url or TINY_IMAGENET_URL)
+    click.echo(f"{dataset} is ready at {root}")
+
+
+DATA_COMMANDS: list[click.Command] = [synth_command, cache_command, download_command]
 COMMANDS: list[click.Command] = [compare_command, summary_command, bench]

@@ -16,12 +16,12 @@ from matplotlib.figure import Figure  # the object API draws to files with no di
 
 from training import tracking
 from training.checkpoint import CheckpointError
-from training.data.dataset import Sample, open_rgb
-from training.data.images import take_evenly
-from training.data.index import load_image_dataset
 from training.devices import choose_device
+from training.jobs.resnet.data.dataset import Sample, open_rgb
+from training.jobs.resnet.data.images import take_evenly
+from training.jobs.resnet.data.index import load_image_dataset
 from training.jobs.resnet.evaluation import check_same_classes, evaluate_samples
-from training.loops.classify import EpochResult
+from training.jobs.resnet.loop import EpochResult
 from training.tracking import registry
 from training.tracking.tags import COMPARE, JOB_TAG
 

@@ -8,16 +8,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from training.data.dataset import Sample
 from training.data.errors import DatasetError
-from training.data.images import ImageFiles, eval_transform, make_loader, take_evenly
-from training.data.index import load_image_dataset
 from training.devices import choose_device
 from training.jobs.evaluate import EvaluateOptions, evaluation_run
 from training.jobs.resnet import ACC1, ACC5, IMAGES_PER_SECOND, ResNetConfig
-from training.loops.classify import EpochResult, evaluate
+from training.jobs.resnet.classifier import classifier_from_checkpoint
+from training.jobs.resnet.data.dataset import Sample
+from training.jobs.resnet.data.images import ImageFiles, eval_transform, make_loader, take_evenly
+from training.jobs.resnet.data.index import load_image_dataset
+from training.jobs.resnet.loop import EpochResult, evaluate
 from training.metrics import VAL_LOSS, eval_metric_name
-from training.models.classifier import classifier_from_checkpoint
 
 
 def check_same_classes(checkpoint_classes: list[str], dataset_classes: list[str], checkpoint: Path, data: Path) -> None:

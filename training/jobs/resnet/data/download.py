@@ -9,12 +9,14 @@ from urllib.parse import urlparse
 
 from torchvision.datasets.utils import check_integrity, download_url
 
+from training.data.errors import DatasetError
+
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 
 
-class DownloadError(RuntimeError):
-    pass
+class DownloadError(DatasetError):
+    """The archive cannot be fetched or does not verify: the message says where to get it."""
 
 
 def _manual_steps(dest: Path, url: str) -> str:

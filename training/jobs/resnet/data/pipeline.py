@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,10 +27,19 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler, Subset
 
-from training.data.batches import TENSOR_AUGMENTATIONS, BatchTransform, TensorBatches
-from training.data.cache import CachedImages, DecodedSplit, build_cache, cache_root, collate_batch, find_cache
-from training.data.dataset import ImageDataset
-from training.data.images import (
+from training.data import LOADER_WORKERS
+from training.distributed import ProcessGroup
+from training.jobs.resnet.data.batches import TENSOR_AUGMENTATIONS, BatchTransform, TensorBatches
+from training.jobs.resnet.data.cache import (
+    CachedImages,
+    DecodedSplit,
+    build_cache,
+    cache_root,
+    collate_batch,
+    find_cache,
+)
+from training.jobs.resnet.data.dataset import ImageDataset
+from training.jobs.resnet.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageFiles,
@@ -43,14 +51,13 @@ from training.data.images import (
     take_evenly,
     train_transform,
 )
-from training.data.index import load_image_dataset
-from training.data.synthetic import RandomImages, synthetic_wnid
-from training.distributed import ProcessGroup
+from training.jobs.resnet.data.index import load_image_dataset
+from training.jobs.resnet.data.synthetic import RandomImages, synthetic_wnid
 
 DUMMY_SIZES = (100_000, 10_000)  # Tiny-ImageNet's train and val sizes
 GPU_MEMORY_SHARE = 0.5  # put the cache on the GPU when it takes at most this share of free memory
 DISK_MARGIN = 1.2  # build a cache only where the disk has room for it and a fifth more
-JPEG_WORKERS = min(4, os.cpu_count() or 1)  # DataLoader workers decoding image files (-j's default there)
+JPEG_WORKERS = LOADER_WORKERS  # DataLoader workers decoding image files (-j's default there)
 
 
 @dataclass(kw_only=True)

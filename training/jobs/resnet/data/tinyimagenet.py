@@ -7,7 +7,7 @@
     or root/val/<wnid>/[images/]*.JPEG  (a val/ already reorganized into class folders)
 
 Every problem is a DatasetError that names the file (and line) at fault. The layout is detected
-by its wnids.txt (training/data/index.py); a plain folder of class folders is imagefolder.py's.
+by its wnids.txt (training/jobs/resnet/data/index.py); a plain folder of class folders is imagefolder.py's.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from training.data.dataset import ImageDataset, Sample, is_image_file, read_words
 from training.data.errors import DatasetError
+from training.jobs.resnet.data.dataset import ImageDataset, Sample, is_image_file, read_words
 
 WNID_PATTERN = re.compile(r"^n\d{8}$")
 

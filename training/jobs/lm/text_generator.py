@@ -1,7 +1,7 @@
 """TorchServe handler: text generation with a word-level language model, a batch at a time.
 
 Runs from inside a .mar, next to `handler_common.py`, `request_fields.py`, `dlops_wordlm.py` (a
-copy of training/models/wordlm.py) and `meta.json` (model config, vocabulary, window); it needs
+copy of training/jobs/lm/wordlm.py) and `meta.json` (model config, vocabulary, window); it needs
 torch, not this project.
 
 Request: a JSON object with the fields of request_fields.GENERATION_FIELDS (prompt, max_words,

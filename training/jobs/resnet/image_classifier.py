@@ -1,7 +1,7 @@
 """TorchServe handler: Tiny-ImageNet ResNet classification with class names.
 
 Runs from inside a .mar, next to `handler_common.py`, `dlops_classifier.py` (a copy of
-training/models/classifier.py) and `meta.json`; it needs torch, torchvision and Pillow, not this project.
+training/jobs/resnet/classifier.py) and `meta.json`; it needs torch, torchvision and Pillow, not this project.
 
 Request: image bytes (JPEG, PNG, anything Pillow reads) as the raw body or a multipart field
 `data`, or JSON {"image": "<base64>", "topk": N}. top-k (default 5) comes from the JSON field, a
@@ -41,7 +41,7 @@ class ImageClassifier(BaseHandler):
 
     def setup(self) -> None:
         size, normalization = self.meta["image_size"], self.meta["normalization"]
-        # training/data/images.py:eval_transform, restated: the .mar cannot import the project
+        # training/jobs/resnet/data/images.py:eval_transform, restated: the .mar cannot import the project
         self.transform = transforms.Compose(
             [
                 transforms.Resize(self.meta.get("resize_size", size)),  # archives of earlier releases: size

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.data.text import get_batch
 from training.devices import autocast, synchronize
+from training.jobs.lm.corpus import get_batch
+from training.jobs.lm.wordlm import detach_hidden
 from training.loops.control import StepControl
 from training.loops.progress import Progress
-from training.models.wordlm import detach_hidden
 
 
 def perplexity(loss: float) -> float:

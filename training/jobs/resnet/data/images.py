@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
-from training.data.dataset import Sample, open_rgb
+from training.jobs.resnet.data.dataset import Sample, open_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -18,11 +18,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from training.data.cache import cache_root
-from training.data.dataset import ImageDataset
 from training.data.errors import DatasetError
-from training.data.imagefolder import load_imagefolder
-from training.data.tinyimagenet import load_tinyimagenet
+from training.jobs.resnet.data.cache import cache_root
+from training.jobs.resnet.data.dataset import ImageDataset
+from training.jobs.resnet.data.imagefolder import load_imagefolder
+from training.jobs.resnet.data.tinyimagenet import load_tinyimagenet
 
 CHUNK = 1000
 

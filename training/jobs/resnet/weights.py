@@ -19,17 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from training.checkpoint import copy_matching
+
 REACH_TIMEOUT_S = 5.0
 # A mirror of download.pytorch.org/models (same file names), e.g. inside a company network.
 MIRROR_ENV = "DLOPS_TORCHVISION_WEIGHTS_URL"
-
-
-def copy_matching(model: nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
-    """Copy every tensor whose name and shape match; return the names of the model's tensors left as they were."""
-    own = model.state_dict()
-    matching = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(matching, strict=False)
-    return sorted(k for k in own if k not in matching)
 
 
 def torchvision_weights(arch: str) -> tuple[str, Path]:

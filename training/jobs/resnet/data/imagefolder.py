@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from training.data.dataset import ImageDataset, Sample, is_image_file, read_words
 from training.data.errors import DatasetError
+from training.jobs.resnet.data.dataset import ImageDataset, Sample, is_image_file, read_words
 
 
 def class_folders(split_dir: Path) -> list[str]:

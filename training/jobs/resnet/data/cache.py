@@ -46,7 +46,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from training.data.dataset import ImageDataset, Sample, open_rgb
+from training.jobs.resnet.data.dataset import ImageDataset, Sample, open_rgb
 
 CHUNK = 512
 META = "meta.json"  # written last, inside the staging folder: a cache folder with it is complete
@@ -61,7 +61,7 @@ def cache_root() -> Path:
 
 def fit_image(image: Image.Image, image_size: int, resize_size: int | None = None) -> Image.Image:
     """Resize the shorter side to `resize_size` (default `image_size`), then center-crop to
-    image_size x image_size: the evaluation transform's geometry (training/data/images.py)."""
+    image_size x image_size: the evaluation transform's geometry (training/jobs/resnet/data/images.py)."""
     image = TF.resize(image, resize_size or image_size)
     return TF.center_crop(image, image_size)
 
