@@ -40,6 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runs with a bare python3 too (the GPU machine may lack the venv)
 
+from serving import environment  # noqa: E402
 from training.devices import configure_backend, grad_scaler, synchronize  # noqa: E402
 from training.hardware import cpu_facts, gpu_facts, resolve_amp  # noqa: E402
 from training.jobs.lm.loop import LMStep, train_lm_epoch  # noqa: E402
@@ -190,7 +191,7 @@ def fast_recipe(args, workdir: Path, budget: Budget) -> tuple[list[Row], Path | 
     why = missing_for_training() or (None if args.data else "no --data (the real slice) given")
     if why or budget.left() < 90:
         return [Row("--recipe fast on the real slice", "", note=f"skipped: {why or 'time budget spent'}")], None
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}", "TORCH_LOGS": "recompiles"}
+    env = {environment.TRACKING_URI: f"sqlite:///{workdir / 'mlflow.db'}", "TORCH_LOGS": "recompiles"}
     epochs = "1" if args.smoke_on_cpu else "40"
     device = "cpu" if args.smoke_on_cpu else "cuda"
     extra = ["--limit-train", "32", "--limit-val", "16", "-b", "16"] if args.smoke_on_cpu else ["--compile"]
@@ -258,7 +259,7 @@ def ddp(args, workdir: Path, budget: Budget) -> list[Row]:
     n, epochs = "2", "1" if args.smoke_on_cpu else "2"
     device = "cpu" if args.smoke_on_cpu else "cuda"
     extra = ["--limit-train", "32", "--limit-val", "16", "-b", "16"] if args.smoke_on_cpu else ["-b", "512"]
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
+    env = {environment.TRACKING_URI: f"sqlite:///{workdir / 'mlflow.db'}"}
     out = dlops("train", "resnet", str(args.data), "--recipe", "fast", "--epochs", epochs, "--device", device,
                 "--nproc-per-node", n, "--data-cache", str(args.cache_dir), "-p", "0",
                 "--out-dir", str(workdir / "ddp"), "--experiment", "gpu-check-ddp", "--offline", *extra, env=env,

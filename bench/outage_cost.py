@@ -27,8 +27,11 @@ sys.path.insert(0, str(REPO))
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from serving import environment  # noqa: E402
 from tests.test_tracking_outages import Server, latest_run, metric_steps, train_process, wait_for  # noqa: E402
 from training.jobs.resnet.data.synthetic import write_synthetic_tinyimagenet  # noqa: E402
+from training.jobs.resnet.metrics import ACC1  # noqa: E402
+from training.metrics import TOTAL_SECONDS  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +39,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--data", type=Path, default=None)
     args = parser.parse_args()
-    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # no GenAI job runners beside the server
+    os.environ.setdefault(environment.JOB_EXECUTION, "false")  # no GenAI job runners beside the server
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = args.data or write_synthetic_tinyimagenet(
@@ -62,8 +65,8 @@ def main() -> None:
         rows = {}
         for name in ("steady", "disturbed"):
             run = latest_run(client, "outage-cost", **{"mlflow.runName": name})
-            steps = metric_steps(client, run.info.run_id, "val/acc1")
-            rows[name] = {"training_s": round(run.data.metrics["time/total_seconds"], 1), "status": run.info.status,
+            steps = metric_steps(client, run.info.run_id, ACC1.name)
+            rows[name] = {"training_s": round(run.data.metrics[TOTAL_SECONDS], 1), "status": run.info.status,
                           "every_epoch_once": steps == list(range(1, args.epochs + 1))}  # fmt: skip
         server.kill()
     print(f"outage {outage:.1f} s; {args.epochs} epochs")

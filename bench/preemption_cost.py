@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from serving import environment
+
 REPO = Path(__file__).resolve().parent.parent
 MINI = REPO.parent / "shared" / "data" / "tiny-imagenet-200-mini"
 
@@ -51,7 +53,7 @@ def main() -> None:
             data = write_synthetic_tinyimagenet(
                 root / "data", num_classes=20, train_per_class=200, val_per_class=20, progress=False
             )
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, environment.TRACKING_URI: f"sqlite:///{root / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
         rows = {}
         for name, extra in (("no mid-epoch checkpoints", []), (f"--checkpoint-every {args.every:g}",
                                                                ["--checkpoint-every", str(args.every)])):  # fmt: skip

@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from release.deploy import mars_to_serve
+from serving import environment
 from serving.server import ServeOptions, mar_identity, start, stop
 
 
@@ -104,7 +105,7 @@ class Context:
 
 def in_process_handler(model_dir: Path, module: str, cls: str, threads: int):
     """The .mar's own handler, initialized in this process (the served code path minus TorchServe)."""
-    os.environ["DLOPS_TORCH_THREADS"] = str(threads)
+    os.environ[environment.TORCH_THREADS] = str(threads)
     sys.path.insert(0, str(model_dir))
     try:
         handler = getattr(importlib.import_module(module), cls)()

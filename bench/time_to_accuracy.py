@@ -32,11 +32,14 @@ from mlflow.tracking import MlflowClient
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from serving import environment  # noqa: E402
 from training import tracking  # noqa: E402
-from training.tracking.tags import JOB_TAG, training_job  # noqa: E402
+from training.jobs.lm import PPL, TEST_PPL  # noqa: E402
+from training.jobs.resnet.metrics import ACC1, ACC5  # noqa: E402
+from training.tracking.tags import JOB_TAG, SOURCE_RUN_TAG, training_job  # noqa: E402
 
 THRESHOLDS = (20.0, 28.0, 35.0, 40.0, 50.0)  # val top-1 (%), the ResNet table's columns
-QUALITY = {"resnet": ("val/acc1", "val top-1 (%)"), "lm": ("val/ppl", "val perplexity")}
+QUALITY = {"resnet": (ACC1.name, "val top-1 (%)"), "lm": (PPL.name, "val perplexity")}
 
 
 def machine() -> dict[str, str]:
@@ -92,7 +95,7 @@ def main() -> int:
     experiment = f"time-to-accuracy-{args.kind}-runs"
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or Path(tmp) / "cache"
-        env = {**os.environ, "DLOPS_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, environment.CACHE_DIR: str(cache), "PYTHONUNBUFFERED": "1"}
         started = time.time()
         cache_seconds, cache_bytes = 0.0, 0
         if args.kind == "resnet":
@@ -116,13 +119,13 @@ def main() -> int:
             if reached is not None:
                 results[f"minutes_to_{threshold:g}"] = reached
         results["final_val_acc1"] = points[-1][1]
-        results["final_val_acc5"] = run.data.metrics.get("val/acc5", float("nan"))
+        results["final_val_acc5"] = run.data.metrics.get(ACC5.name, float("nan"))
     else:
-        results["test_ppl"] = run.data.metrics["test/ppl"]
+        results["test_ppl"] = run.data.metrics[TEST_PPL]
         results["best_val_ppl"] = min(v for _, v in points)
     facts = machine()
     with tracking.start_run("time-to-accuracy", run_name=f"{name} ({facts['cpu_kind']})",
-                            tags={"source_run_id": run.info.run_id}) as summary:  # fmt: skip
+                            tags={SOURCE_RUN_TAG: run.info.run_id}) as summary:  # fmt: skip
         summary.log_params({"kind": args.kind, "data": str(args.data.resolve()), "train_args": " ".join(train_args),
                             **facts})  # fmt: skip
         summary.log_metrics(results, step=0)

@@ -54,10 +54,10 @@ from training.checkpoint import load_checkpoint
 from training.hardware import cpu_facts, resolve_amp
 from training.jobs import job_for
 from training.tracking import registry
+from training.tracking.tags import SERVING_ALIAS
 
 WORKER_HEADER = "x-dlops-worker"  # set by every answer of our handlers (handler_common.py)
 DRAIN_GRACE_S = 0.5  # a request that read the old default just before the switch is queued by then
-DEFAULT_ALIAS = "serving"
 
 
 class DeployError(RuntimeError):
@@ -270,7 +270,7 @@ def _start(client: ServerClient, candidate: Candidate, timeout_s: float, *, yiel
         print(f"=> its {starting.count} worker(s) started at nice {LOWEST} and run at normal priority now")
 
 
-def deploy(client: ServerClient, candidate: Candidate, alias: str = DEFAULT_ALIAS, timeout_s: float = 180.0,
+def deploy(client: ServerClient, candidate: Candidate, alias: str = SERVING_ALIAS, timeout_s: float = 180.0,
            event: str = "deploy", *, yield_cpu: bool = False,
            register_synchronously: bool = False) -> Deployment:  # fmt: skip
     """Make `candidate` the version that answers, with no request dropped (steps in the module doc).
@@ -319,7 +319,7 @@ def deploy(client: ServerClient, candidate: Candidate, alias: str = DEFAULT_ALIA
     return new
 
 
-def rollback(client: ServerClient, model: str, alias: str = DEFAULT_ALIAS, timeout_s: float = 180.0, *,
+def rollback(client: ServerClient, model: str, alias: str = SERVING_ALIAS, timeout_s: float = 180.0, *,
              yield_cpu: bool = False) -> Deployment:  # fmt: skip
     """Serve again, the same way as a deploy, the version that served `model` before the current one."""
     target = served.previous(client.state_dir, model)
@@ -353,7 +353,7 @@ def mars_to_serve(store: Path, state_dir: Path) -> list[Path]:
 
 
 def serve(options: ServeOptions, sources: list[str], settings: ModelSettings | None = None,
-          alias: str = DEFAULT_ALIAS) -> ServerClient:  # fmt: skip
+          alias: str = SERVING_ALIAS) -> ServerClient:  # fmt: skip
     """`dlops serve`: package what `sources` name (model URIs, checkpoints, archives) into the model
     store, or take what the state dir served last, and start the server with it."""
     store = options.model_store

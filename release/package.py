@@ -32,6 +32,7 @@ from training import tracking
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.jobs import JobSpec, job_for
 from training.tracking import registry
+from training.tracking.artifacts import ARCHIVES
 
 DEFAULT_STORE = Path("model_store")
 
@@ -188,7 +189,7 @@ def _record_in_mlflow(mar: Path, run_id: str | None, registered: str | None) -> 
         print(f"warning: run {run_id} is not in {tracking.tracking_uri()}; the .mar is not logged to MLflow")
         return
     client = tracking.store_client()
-    client.log_artifact(run_id, str(mar), "serving")
+    client.log_artifact(run_id, str(mar), ARCHIVES)
     versions = client.search_model_versions(f"run_id = '{run_id}'")
     for v in versions:
         if registered is None or f"{v.name}/{v.version}" == registered:

@@ -37,6 +37,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from serving import environment
 from serving.secrets import private_dir
 from serving.tls import machine_hosts, urlopen
 
@@ -50,6 +51,10 @@ OFFICIAL = {
 }
 STAND_INS = {"python": "local/bookworm-python:3.11", "postgres": "local/postgres:15-bookworm"}
 PORTS = (5000, 8080, 8081, 8082)
+# the variables docker/compose.yaml substitutes (its ${...}), set by this check
+PYTHON_BASE, POSTGRES_IMAGE, DATA_DIR, STATE_DIR = "PYTHON_BASE", "POSTGRES_IMAGE", "DATA_DIR", "DLOPS_STATE"
+ADMIN_PASSWORD_FILE, POSTGRES_PASSWORD_FILE = "MLFLOW_ADMIN_PASSWORD_FILE", "POSTGRES_PASSWORD_FILE"
+TLS_DIR = "TLS_DIR"
 times: dict[str, float] = {}
 
 
@@ -104,7 +109,12 @@ def compose_command() -> list[str]:
 
 
 def base_images() -> dict[str, str]:
-    """The official base images when they can be pulled, else the stand-ins built from Debian packages."""
+    """PYTHON_BASE and POSTGRES_IMAGE when given; else the official base images (pinned by digest) when
+    they can be pulled, else the stand-ins built from Debian packages."""
+    given = {"python": os.environ.get(PYTHON_BASE), "postgres": os.environ.get(POSTGRES_IMAGE)}
+    if given["python"] and given["postgres"]:
+        print(f"=> base images as given: {given['python']}, {given['postgres']}", flush=True)
+        return given
     pulled = all(sh("docker", "pull", "-q", image, check=False, capture=True, timeout=120).returncode == 0
                  for image in OFFICIAL.values())  # fmt: skip
     if pulled:
@@ -169,9 +179,9 @@ def stack_secrets(folder: Path) -> tuple[str, dict[str, str]]:
     dlops("tls", "init", str(folder / "tls"), "--name", "mlflow", "--name", "torchserve")
     os.chown(folder / "tls" / "server.key", 1000, 1000)
     return admin, {
-        "MLFLOW_ADMIN_PASSWORD_FILE": str(folder / "mlflow_admin_password"),
-        "POSTGRES_PASSWORD_FILE": str(folder / "postgres_password"),
-        "TLS_DIR": str(folder / "tls"),
+        ADMIN_PASSWORD_FILE: str(folder / "mlflow_admin_password"),
+        POSTGRES_PASSWORD_FILE: str(folder / "postgres_password"),
+        TLS_DIR: str(folder / "tls"),
     }
 
 
@@ -221,13 +231,14 @@ def team_check(compose: list[str], env: dict, host_env: dict, image: str) -> Non
     if status_user != ["FINISHED", "bob"]:
         raise CheckFailed(f"the teammate's run is {status_user}, expected FINISHED by bob")
     predict = ["client", "predict", f"/data/images/val/images/{image}", "--field", "topk=1"]
-    answer = sh(*client, "-e", f"DLOPS_INFERENCE_KEY={key}", *predict, env=env, capture=True).stdout
+    answer = sh(*client, "-e", f"{environment.INFERENCE_KEY}={key}", *predict, env=env, capture=True).stdout
     top = json.loads(answer[answer.index("[") :])[0]
     print(f"=> the client container, with the handed-over key: {top['class']} ({top['probability']:.3f})")
-    said = refused(sh(*client, "-e", "MLFLOW_TRACKING_USERNAME=", "-e", "MLFLOW_TRACKING_PASSWORD=", "client",
-                      *train, "no-login", env=env, capture=True, check=False), "HTTP 401")  # fmt: skip
+    no_login = ["-e", f"{environment.TRACKING_USERNAME}=", "-e", f"{environment.TRACKING_PASSWORD}="]
+    said = refused(sh(*client, *no_login, "client", *train, "no-login", env=env, capture=True, check=False),
+                   "HTTP 401")  # fmt: skip
     print(f"=> without a login MLflow refused: {next(x for x in said.splitlines() if 'HTTP 401' in x)[:160]}")
-    said = refused(sh(*client, "-e", "DLOPS_INFERENCE_KEY=", *predict, env=env, capture=True, check=False),
+    said = refused(sh(*client, "-e", f"{environment.INFERENCE_KEY}=", *predict, env=env, capture=True, check=False),
                    "refused the inference key", "HTTP 4")  # fmt: skip
     print(f"=> without the key TorchServe refused: {next(x for x in said.splitlines() if 'refused' in x)[:160]}")
 
@@ -257,17 +268,17 @@ def main() -> int:
             os.chown(STATE / folder, 1000, 1000)  # the serving container's user writes its keys there
         with step("the stack's secrets: passwords, a CA and a certificate"):
             admin_password, secret_files = stack_secrets(Path(tmp) / "secrets")
-        ca = Path(secret_files["TLS_DIR"]) / "ca.pem"
+        ca = Path(secret_files[TLS_DIR]) / "ca.pem"
         env = {
-            "PYTHON_BASE": bases["python"],
-            "POSTGRES_IMAGE": bases["postgres"],
-            "DATA_DIR": str(data),
-            "DLOPS_STATE": str(STATE),
+            PYTHON_BASE: bases["python"],
+            POSTGRES_IMAGE: bases["postgres"],
+            DATA_DIR: str(data),
+            STATE_DIR: str(STATE),
             **secret_files,
-            "MLFLOW_ALLOWED_HOSTS": ",".join(machine_hosts()),
+            environment.ALLOWED_HOSTS: ",".join(machine_hosts()),
         }
-        host = {"MLFLOW_TRACKING_URI": "https://127.0.0.1:5000", "MLFLOW_TRACKING_SERVER_CERT_PATH": str(ca)}
-        admin = {**host, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": admin_password}
+        host = {environment.TRACKING_URI: "https://127.0.0.1:5000", environment.TRACKING_CA: str(ca)}
+        admin = {**host, environment.TRACKING_USERNAME: "admin", environment.TRACKING_PASSWORD: admin_password}
         try:
             with step("compose up (postgres, mlflow with logins, torchserve), TLS only"):
                 sh(*compose, "up", "-d", "postgres", "mlflow", "torchserve", env=env)
@@ -276,8 +287,8 @@ def main() -> int:
                 tls_and_networks(compose, env, ca)
             with step("the admin adds a teammate (editor)"):
                 said = dlops("users", "add", "bob", "--role", "editor", env=admin, capture=True).stdout
-                teammate = {"MLFLOW_TRACKING_USERNAME": "bob",
-                            "MLFLOW_TRACKING_PASSWORD": said.split("privately): ")[1].strip()}  # fmt: skip
+                teammate = {environment.TRACKING_USERNAME: "bob",
+                            environment.TRACKING_PASSWORD: said.split("privately): ")[1].strip()}  # fmt: skip
                 env.update(teammate)  # what compose hands the trainer and the client containers
             with step("train in the trainer container, MLflow restarted mid-run"):
                 epochs = 6

@@ -28,6 +28,11 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from serving import environment
+from training.jobs.resnet.metrics import ACC1
+from training.metrics import VAL_LOSS, best_metric_name
+from training.tracking.artifacts import LEARNING_CURVES
+
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data" / "synthetic"
 DOCS = REPO / "docs"
@@ -49,7 +54,7 @@ def mlflow_ui(store_uri: str):
     ui = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "ui", "--host", "127.0.0.1", "--port",
                            str(port), "--backend-store-uri", store_uri],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # fmt: skip
+                          env={**os.environ, environment.JOB_EXECUTION: "false"})  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -113,7 +118,7 @@ def pick_columns(page, metrics: list[str], params: list[str], hide: list[str]) -
 def experiment_view(page, base: str, experiment_id: str, out: Path) -> None:
     page.goto(f"{base}/#/experiments/{experiment_id}/runs")
     page.wait_for_timeout(4000)
-    pick_columns(page, ["val/acc1", "best/val_acc1"], ["lr"], hide=["Dataset", "Source", "Models"])
+    pick_columns(page, [ACC1.name, best_metric_name(ACC1.name)], ["lr"], hide=["Dataset", "Source", "Models"])
     page.screenshot(path=str(out), clip={"x": 0, "y": 0, "width": 1500, "height": 480})
     print(f"=> {out}")
 
@@ -170,7 +175,7 @@ def readme_pictures() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+        env = {**os.environ, environment.TRACKING_URI: store}
         for lr in ("0.005", "0.01", "0.02"):
             dlops("train", "resnet", str(DATA), "--epochs", "5", "-b", "32", "--lr", lr, "-p", "0", "--scheduler",
                   "cosine", "--run-name", f"lr-{lr}", "--out-dir", str(tmp_path / "runs"), env=env)  # fmt: skip
@@ -190,11 +195,11 @@ def readme_pictures() -> None:
                 base,
                 runs,
                 experiment_id=experiment,
-                keys=["val/acc1", "val/loss"],
+                keys=[ACC1.name, VAL_LOSS.name],
                 out=DOCS / "mlflow-compare.png",
             )
         report_picture(tmp_path / "report" / "report.html", DOCS / "report.png")
-        shutil.copy(next((tmp_path / "runs").glob("*/learning_curves.png")), DOCS / "learning-curves.png")
+        shutil.copy(next((tmp_path / "runs").glob(f"*/{LEARNING_CURVES}")), DOCS / "learning-curves.png")
         print(f"=> {DOCS / 'learning-curves.png'}")
 
 

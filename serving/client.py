@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from serving import environment
 from serving.keys import REFUSED, KeyFileError, key_file, read_keys, renew
 from serving.tls import client_context
 
@@ -126,7 +127,7 @@ class ServerClient:
         if self.state_dir is None:  # a handed-over key: only the server's machine can give the current one
             error = (f"TorchServe at {self.urls[api]} refused the {api} key (wrong, renewed or expired): ask the "
                      "server's owner for the current one (`dlops keys show` there) and pass it as --key or "
-                     "DLOPS_INFERENCE_KEY")  # fmt: skip
+                     f"{environment.INFERENCE_KEY}")  # fmt: skip
             return Answer(
                 status=answer.status,
                 data={"error": error, "status": answer.status, "server_said": answer.data},

@@ -23,12 +23,13 @@ import sys
 import time
 from pathlib import Path
 
+from serving import environment
 from serving.keys import process_alive
 from serving.served import last_archives
 from serving.server import TRUSTED_CA, ServeOptions, running_pid, start, stop
 
-STATE_DIR = Path(os.environ.get("DLOPS_SERVE_STATE_DIR", "/home/model-server/state"))
-MODEL_STORE = Path(os.environ.get("DLOPS_SERVE_MODEL_STORE", "/home/model-server/model-store"))
+STATE_DIR = Path(os.environ.get(environment.SERVE_STATE_DIR, "/home/model-server/state"))
+MODEL_STORE = Path(os.environ.get(environment.SERVE_MODEL_STORE, "/home/model-server/model-store"))
 
 
 def last_served(state_dir: Path, store: Path) -> list[Path]:
@@ -50,7 +51,7 @@ def tls_settings() -> dict[str, Path]:
     """The certificate and key (compose secrets) the inference and metrics APIs present, from
     DLOPS_SERVE_TLS_CERT/_KEY; the CA (DLOPS_SERVE_TLS_CA) is copied into the state dir, where the
     host's clients, reading the same bind mount, find it."""
-    cert, key, ca = (os.environ.get(f"DLOPS_SERVE_TLS_{name}") for name in ("CERT", "KEY", "CA"))
+    cert, key, ca = (os.environ.get(f"{environment.SERVE_TLS_PREFIX}{name}") for name in ("CERT", "KEY", "CA"))
     if not (cert and key):
         return {}
     settings = {"tls_cert": Path(cert), "tls_key": Path(key)}
@@ -73,9 +74,9 @@ def main() -> int:
         inference_address="0.0.0.0",  # noqa: S104
         management_address="0.0.0.0",  # noqa: S104
         metrics_address="0.0.0.0",  # noqa: S104
-        token_expiration_min=float(os.environ.get("DLOPS_SERVE_TOKEN_EXPIRATION_MIN", "1440")),
-        torch_threads=int(os.environ.get("DLOPS_SERVE_TORCH_THREADS", "1")),
-        amp=os.environ.get("DLOPS_SERVE_AMP", "auto"),
+        token_expiration_min=float(os.environ.get(environment.SERVE_TOKEN_MINUTES, "1440")),
+        torch_threads=int(os.environ.get(environment.SERVE_TORCH_THREADS, "1")),
+        amp=os.environ.get(environment.SERVE_AMP, "auto"),
         **tls_settings(),
     )
     mars = last_served(STATE_DIR, MODEL_STORE)

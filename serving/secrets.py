@@ -29,6 +29,8 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from serving import environment
+
 BASE = (
     "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "TEMP", "TMP",
     "VIRTUAL_ENV", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "JAVA_HOME",
@@ -48,7 +50,7 @@ CLOUD_CREDENTIALS = {
 }
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|KEY|CREDENTIAL|PASSWD", re.IGNORECASE)
 # MLflow's client-side logins: the tracking server never needs a client's
-MLFLOW_CLIENT_LOGIN = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+MLFLOW_CLIENT_LOGIN = (environment.TRACKING_USERNAME, environment.TRACKING_PASSWORD, environment.TRACKING_TOKEN)
 
 
 def private_dir(path: Path) -> Path:

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from serving import environment
 from serving.client import SERVER_FILE, ServerClient, read_server_file
 from serving.keys import KeyFileError, process_alive, read_keys
 from serving.secrets import child_environment, private_dir
@@ -174,8 +175,8 @@ def _environment(state: Path, options: ServeOptions) -> dict[str, str]:
         "TEMP": str(state / "tmp"),  # the JVM's temp folder (unpacked archives)
         "LOG_LOCATION": str(state / "logs"),
         "METRICS_LOCATION": str(state / "logs"),
-        "DLOPS_TORCH_THREADS": str(options.torch_threads),
-        "DLOPS_SERVE_AMP": options.amp,
+        environment.TORCH_THREADS: str(options.torch_threads),
+        environment.SERVE_AMP: options.amp,
     })  # fmt: skip
 
 

@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from serving import environment
 from serving.secrets import private_dir, write_private
 
 CA_FILE, CA_KEY, CERT_FILE, KEY_FILE = "ca.pem", "ca.key", "server.pem", "server.key"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 # where a client finds the CA to trust, in this order: MLflow's own variable, then the ones requests
 # and OpenSSL read
-CA_VARIABLES = ("MLFLOW_TRACKING_SERVER_CERT_PATH", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
+CA_VARIABLES = (environment.TRACKING_CA, "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
 VALID_DAYS = 825  # the longest a server certificate may live for browsers and macOS
 
 

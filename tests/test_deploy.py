@@ -22,7 +22,7 @@ import psutil
 import pytest
 import torch
 
-from release.deploy import DEFAULT_ALIAS, default_version, serve
+from release.deploy import default_version, serve
 from serving import served
 from serving.client import ServerClient
 from serving.keys import read_keys
@@ -35,6 +35,7 @@ from training.jobs.resnet.classifier import classifier_from_checkpoint
 from training.jobs.resnet.data.images import ImageFiles, eval_transform
 from training.jobs.resnet.data.tinyimagenet import load_tinyimagenet
 from training.tracking import registry
+from training.tracking.tags import SERVING_ALIAS
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java (.ci/run installs it)")
 
@@ -245,14 +246,14 @@ def test_three_deploys_under_load_drop_no_request_and_rollback_restores(server, 
     assert set(versions) == {"1", "2"} and len(load.answers) > 50, versions
     history = [(d.version, d.event) for d in served.history(server.state_dir)["resnet"]]
     assert history == [("1", "serve"), ("2", "deploy"), ("1", "deploy"), ("2", "deploy")]
-    assert str(client.get_model_version_by_alias(RESNET, DEFAULT_ALIAS).version) == "2"
+    assert str(client.get_model_version_by_alias(RESNET, SERVING_ALIAS).version) == "2"
     events = [event for _, event in registry.deploy_history(RESNET, "1")]
     assert any(e.startswith("deploy: serving as resnet version 1") for e in events)
     assert any(e.startswith("retired:") for e in events)
 
     output = run_cli("rollback", "resnet", "--state-dir", server.state_dir).output
     assert "serving resnet version 1" in output and served_version(server) == "1"
-    assert str(client.get_model_version_by_alias(RESNET, DEFAULT_ALIAS).version) == "1"
+    assert str(client.get_model_version_by_alias(RESNET, SERVING_ALIAS).version) == "1"
     assert server.predict_file("resnet", image).headers["x-dlops-model-version"] == "1"
     versions_now = server.management("GET", "/models/resnet/all").data
     assert [v["modelVersion"] for v in versions_now] == ["1"], "the old version was not retired"

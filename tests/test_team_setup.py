@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
@@ -195,19 +196,31 @@ def test_dockerfiles_pass_hadolint(dockerfile):
 def test_the_serving_image_copies_every_module_its_entry_point_imports():
     """Dockerfile.serve copies serving/ file by file (no training code in the image): a module the
     container's entry point comes to import, and the COPY line lacks, breaks the container only."""
-    from tests.test_layers import project_imports
+    from tests.test_layers import PACKAGES
+
+    def imported_files(path: Path) -> set[str]:
+        """The project's files a module imports: `from serving import environment` is serving/environment.py."""
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            for module in modules:
+                file, package = REPO / (module.replace(".", "/") + ".py"), REPO / module.replace(".", "/")
+                if module.split(".")[0] in PACKAGES:
+                    found |= {str(f.relative_to(REPO)) for f in (file, package / "__init__.py") if f.is_file()}
+        return found
 
     copied = {word for line in (REPO / "docker" / "Dockerfile.serve").read_text().splitlines()
               for word in line.replace("\\", " ").split() if word.startswith("serving/")}  # fmt: skip
-    needed, todo = set(), ["serving.container"]
+    needed, todo = set(), ["serving/container.py"]
     while todo:
-        module = todo.pop()
-        if module not in needed:
-            needed.add(module)
-            todo += project_imports(REPO / (module.replace(".", "/") + ".py"))
-    assert all(m.startswith("serving.") for m in needed), f"the serving image has no training code: {needed}"
-    files = {f"{m.replace('.', '/')}.py" for m in needed}
-    assert files <= copied, f"not copied into the image: {sorted(files - copied)}"
+        file = todo.pop()
+        if file not in needed:
+            needed.add(file)
+            todo += imported_files(REPO / file)
+    assert all(f.startswith("serving/") for f in needed), f"the serving image has no training code: {needed}"
+    assert needed <= copied, f"not copied into the image: {sorted(needed - copied)}"
 
 
 def test_compose_file_names_the_services_volumes_and_ports():

@@ -33,7 +33,7 @@ from tests.conftest import (
     stop_process_group,
 )
 from training.checkpoint import file_sha256
-from training.tracking import Journal
+from training.tracking import Journal, records
 from training.tracking.registry import checkpoint_location
 from training.tracking.server import ServerSetupError, TrackingServer, presented_tls
 from training.tracking.sources import ForeignSource, artifact_stores, check_location
@@ -130,7 +130,7 @@ def test_a_planted_run_folder_is_not_sent_to_the_server_it_names(tmp_path):
     with Listener() as listener:
         planted = Journal(tmp_path / "runs" / "planted")
         planted.update_state(run_id="0123456789abcdef", experiment="x", tracking_uri=listener.url)
-        planted.append("metrics", metrics={"loss": 1.0}, step=1)
+        planted.append(records.Metrics(metrics={"loss": 1.0}, step=1))
         planted.close()
         result = dlops("sync", tmp_path / "runs")
         assert result.returncode == 1 and "not sent" in result.stdout and listener.url in result.stdout, result
@@ -145,12 +145,12 @@ def test_sync_uploads_only_files_inside_the_run_folder(tmp_path, client):
     run_dir = tmp_path / "runs" / "offline-run"
     journal = Journal(run_dir)
     journal.update_state(run_id=None, local_id="trust-local-1", experiment="trust-sync")
-    journal.append("create_run", experiment="trust-sync", run_name="planted", tags={}, local_id="trust-local-1")
+    journal.append(records.CreateRun(experiment="trust-sync", run_name="planted", local_id="trust-local-1"))
     (run_dir / "notes.txt").write_text("the run's own file")
-    journal.append("artifact", path=str(run_dir / "notes.txt"), artifact_path=None)
-    journal.append("artifact", path=str(secret), artifact_path=None)
-    journal.append("text", spool="../../../outside/id_rsa", artifact_file="stolen.txt")
-    journal.append("end", status="FINISHED")
+    journal.append(records.Artifact(path=str(run_dir / "notes.txt")))
+    journal.append(records.Artifact(path=str(secret)))
+    journal.append(records.Text(spool="../../../outside/id_rsa", artifact_file="stolen.txt"))
+    journal.append(records.End(status="FINISHED"))
     journal.close()
     result = dlops("sync", run_dir)
     assert result.returncode == 0, result.stdout + result.stderr

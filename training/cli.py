@@ -10,6 +10,7 @@ import click
 from click.core import ParameterSource
 
 from release.deploy import DeployError
+from serving import environment
 from serving.keys import KeyFileError
 from serving.secrets import private_dir
 from serving.server import DEFAULT_TOKEN_EXPIRATION_MIN, ServeError
@@ -36,6 +37,7 @@ from training.stopping import TrainingStopped, exit_now
 from training.tracking import JournalBusy, TrackingRefused, TrackingUnavailable
 from training.tracking.registry import URI_FORMS
 from training.tracking.server import ServerSetupError
+from training.tracking.tags import SERVING_ALIAS
 
 USER_ERRORS = (
     DatasetError, DeviceError, CheckpointError, ServeError, DeployError, KeyFileError, ValueError,
@@ -166,7 +168,7 @@ def sync_command(path: Path) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="address to bind; anything but loopback needs the admin's password given, and TLS")  # fmt: skip
 @click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
-@click.option("--backend-store-uri", envvar="MLFLOW_BACKEND_STORE_URI", default=None,
+@click.option("--backend-store-uri", envvar=environment.BACKEND_STORE_URI, default=None,
               help="runs and models [default: SQLite in mlruns/]; with a password in it, give it in "
               "$MLFLOW_BACKEND_STORE_URI (a command line is visible to every user of the machine)")  # fmt: skip
 @click.option("--database-password-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -288,7 +290,7 @@ def evaluate_command(checkpoint: str, data: Path, **settings: Any) -> None:
     "--direction",
     type=click.Choice(["maximize", "minimize"]),
     default=None,
-    help="must agree with the job's sweep metric (an accuracy: maximize; a perplexity: minimize)",
+    help="must agree with the job's sweep metric (an accuracy: maximize; a loss: minimize)",
 )
 @click.option("--processes", type=click.IntRange(1), default=1, show_default=True,
               help="trial processes on this machine")  # fmt: skip
@@ -296,7 +298,7 @@ def evaluate_command(checkpoint: str, data: Path, **settings: Any) -> None:
               help="the old name of --processes")  # fmt: skip
 @click.option(
     "--storage",
-    envvar="DLOPS_SWEEP_STORAGE",
+    envvar=environment.SWEEP_STORAGE,
     default=None,
     help="Optuna storage URL shared by every process and machine [default: sqlite:///mlruns/optuna.db]; one "
     "with a password goes in $DLOPS_SWEEP_STORAGE (a command line is visible to every user of the machine)",
@@ -437,7 +439,9 @@ def package_command(*, kind: str, checkpoint: str | None, model_uri: str | None,
     show_default=True,
     help="the served models' precision where their handler allows it; auto: bf16 where the device has it natively",
 )
-@click.option("--alias", default="serving", show_default=True, help="registry alias of the versions this server serves")
+@click.option(
+    "--alias", default=SERVING_ALIAS, show_default=True, help="registry alias of the versions this server serves"
+)
 @tls_options
 @click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="the CA clients trust the certificate by (recorded for this machine's clients)")  # fmt: skip
@@ -504,7 +508,9 @@ _yield_option = click.option(
 @state_dir_option
 @click.option("--model-store", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="the server's model store (default: the one it was started with)")  # fmt: skip
-@click.option("--alias", default="serving", show_default=True, help="registry alias moved to the version now serving")
+@click.option(
+    "--alias", default=SERVING_ALIAS, show_default=True, help="registry alias moved to the version now serving"
+)
 @click.option("--timeout", type=click.FloatRange(1), default=180.0, show_default=True, help="seconds per step")
 @_yield_option
 @_model_settings
@@ -527,7 +533,7 @@ def deploy_command(source: str, state_dir: Path, model_store: Path | None, alias
 @main.command("rollback")
 @click.argument("model", metavar="NAME")
 @state_dir_option
-@click.option("--alias", default="serving", show_default=True)
+@click.option("--alias", default=SERVING_ALIAS, show_default=True)
 @click.option("--timeout", type=click.FloatRange(1), default=180.0, show_default=True, help="seconds per step")
 @_yield_option
 def rollback_command(model: str, state_dir: Path, alias: str, timeout: float, *, yield_cpu: bool) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from serving import environment
 from serving.client import Answer, ServerClient
 from serving.server import DEFAULT_STATE_DIR
 from serving.tls import is_loopback
@@ -77,16 +78,16 @@ client_options = options(
         default=None,
         help="default: the one the server of --state-dir was started with",
     ),
-    click.option("--url", envvar="DLOPS_INFERENCE_URL", default=None, metavar="URL",
+    click.option("--url", envvar=environment.INFERENCE_URL, default=None, metavar="URL",
                  help="a server on another machine: its inference API, e.g. https://10.1.2.3:8080 (instead of "
                  "--state-dir) [env DLOPS_INFERENCE_URL]"),
-    click.option("--key", envvar="DLOPS_INFERENCE_KEY", default=None,
+    click.option("--key", envvar=environment.INFERENCE_KEY, default=None,
                  help="the inference key handed over with --url (`dlops keys show` on the server's machine); "
                  "better in its variable or --key-file than on a command line [env DLOPS_INFERENCE_KEY]"),
-    click.option("--key-file", envvar="DLOPS_INFERENCE_KEY_FILE", default=None,
+    click.option("--key-file", envvar=environment.INFERENCE_KEY_FILE, default=None,
                  type=click.Path(dir_okay=False, exists=True, path_type=Path),
                  help="a file holding that key [env DLOPS_INFERENCE_KEY_FILE]"),
-    click.option("--ca", envvar="DLOPS_INFERENCE_CA", default=None,
+    click.option("--ca", envvar=environment.INFERENCE_CA, default=None,
                  type=click.Path(dir_okay=False, exists=True, path_type=Path),
                  help="the CA an https --url's certificate is checked against (the stack's ca.pem) [default: "
                  "$REQUESTS_CA_BUNDLE or $SSL_CERT_FILE, else the system's]"),

@@ -41,7 +41,7 @@ from training.options import cli_fields, display_flag
 from training.session import build_mlflow_model
 from training.tracking import registry
 from training.tracking.artifacts import BEST, BEST_ARTIFACT, MLFLOW_MODEL
-from training.tracking.tags import JOB_TAG, SWEEP_ID, sweep_job
+from training.tracking.tags import JOB_TAG, REGISTERED_MODEL, SWEEP_ID, SWEEP_PREFIX, sweep_job
 from training.trainer import StopCause, StopTraining, train
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
@@ -359,7 +359,7 @@ def summarize(spec: SweepSpec) -> dict[str, Any]:
             tags = {SWEEP_ID: spec.study_name, "trial": str(best.number),
                     spec.metric.replace("/", "_"): f"{best.value:.4f}"}  # fmt: skip
             version = register_trial(spec, best_run, tags, client)
-            parent.set_tags({"registered_model": f"{spec.registered_model}/{version}"})
+            parent.set_tags({REGISTERED_MODEL: f"{spec.registered_model}/{version}"})
             summary["registered"] = f"{spec.registered_model}/{version}"
     _log_plots(study, parent)
     client.set_terminated(spec.parent_run_id, "FINISHED")
@@ -384,7 +384,7 @@ def register_trial(spec: SweepSpec, run_id: str, tags: dict[str, str], client: A
             registered_name=spec.registered_model,
             tags=tags,
             step=step,
-            source_key=f"sweep-{spec.study_name}-{run_id}",
+            source_key=f"{SWEEP_PREFIX}{spec.study_name}-{run_id}",
         )
 
 

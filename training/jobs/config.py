@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from serving import environment
 from training.hardware import AMP_CHOICES
 from training.options import check_fields, internal, option
 
@@ -57,11 +58,11 @@ class RunConfig:
         help="also write a resumable last.pt every SECONDS within an epoch (0: at the end of each epoch only)",
     )  # fmt: skip
     offline: bool = option(
-        False, is_flag=True, envvar="DLOPS_OFFLINE", resumable=True,
+        False, is_flag=True, envvar=environment.OFFLINE, resumable=True,
         help="track into the run's journal only; `dlops sync RUN_DIR` delivers it to MLflow later",
     )  # fmt: skip
     sync_timeout: float = option(
-        60.0, type=click.FloatRange(0), envvar="DLOPS_SYNC_TIMEOUT", resumable=True,
+        60.0, type=click.FloatRange(0), envvar=environment.SYNC_TIMEOUT, resumable=True,
         help="seconds to wait at the end for the tracking server to take the run's records",
     )  # fmt: skip
     tags: dict[str, str] = option(

@@ -65,6 +65,21 @@ class EpochTable:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ReportSection:
+    """A section a job adds to `dlops report` about runs only it makes (a device benchmark, comparisons).
+
+    `collect(client, runs)` gets an MlflowClient and the report's runs (each with .id, .name, .kind,
+    .tags, .params, .metrics and .history(client, metric)) and returns the data its templates show,
+    or None when no run is of its kind; Picture objects under "pictures" are embedded. `templates`
+    is the folder of `<name>.html.j2` and `<name>.md.j2`, which see that data as `data`.
+    """
+
+    name: str
+    collect: Callable[[Any, list[Any]], dict[str, Any] | None]
+    templates: Path
+
+
+@dataclass(frozen=True, kw_only=True)
 class ReportSpec:
     """How `dlops report` shows the job's runs."""
 
@@ -73,6 +88,7 @@ class ReportSpec:
     train_loss: str = TRAIN_LOSS  # the training loss curve (dashed) beside val loss
     throughput: Column | None = None
     epoch_table: EpochTable | None = None
+    sections: tuple[ReportSection, ...] = ()  # sections of the job's own, after the shared ones
 
 
 def _merge(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -134,4 +150,4 @@ class JobSpec:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["TRAIN_LOSS", "VAL_LOSS", "Column", "EpochTable", "JobSpec", "Metric", "ReportSpec"]
+__all__ = ["TRAIN_LOSS", "VAL_LOSS", "Column", "EpochTable", "JobSpec", "Metric", "ReportSection", "ReportSpec"]

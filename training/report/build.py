@@ -17,8 +17,10 @@ import jinja2
 from markupsafe import Markup, escape
 
 from training import tracking
+from training.jobs import jobs
+from training.plots import Picture
 from training.report import collect
-from training.report.pictures import Picture, learning_curves, thumbnail
+from training.report.pictures import learning_curves
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -58,10 +60,9 @@ def code_block(text: str) -> Markup:
 
 
 def gather(client, runs: list[collect.RunFacts], mlflow_url: str | None) -> tuple[dict[str, Any], list[Picture]]:
-    sections = {
+    sections: dict[str, Any] = {
         "overview": collect.overview_section(client, runs, mlflow_url),
         "curves": collect.curves_section(client, runs),
-        "bench": collect.bench_section(client, runs),
         "layers": collect.layers_section(client, runs),
         "evaluation": collect.evaluation_section(client, runs),
         "epochs": collect.epoch_tables_section(client, runs),
@@ -72,12 +73,15 @@ def gather(client, runs: list[collect.RunFacts], mlflow_url: str | None) -> tupl
         curves = sections["curves"]
         curves["pictures"] = [learning_curves(curves["series"], job.kind, job.report.quality) for job in curves["jobs"]]
         pictures += curves["pictures"]
-    for comparison in (sections["evaluation"] or {}).get("comparisons", []):
-        for index, row in enumerate(comparison["first"]):
-            picture = thumbnail(Path(row["path"]), f"{comparison['name']}-{index}.png")
-            row["thumbnail"] = picture
-            if picture:
-                pictures.append(picture)
+    # the jobs' own sections (the classifier's device benchmark and comparisons), where their runs are here
+    job_sections = []
+    for job in jobs().values():
+        for section in job.report.sections:
+            data = section.collect(client, runs)
+            if data:
+                job_sections.append((section, data))
+                pictures += data.get("pictures", [])
+    sections["jobs"] = job_sections
     return sections, pictures
 
 
@@ -88,10 +92,12 @@ def write_report(out: Path, title: str, runs: list[collect.RunFacts], *, section
     files.mkdir(exist_ok=True)
     for picture in pictures:
         (files / picture.name).write_bytes(picture.png)
-    context = {"title": title, "runs": runs, "sections": sections, "selection": selection, "number": _number,
-               "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+    context = {"title": title, "runs": runs, "sections": sections, "job_sections": sections["jobs"],
+               "selection": selection, "number": _number,
+               "generated_at": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
                "tracking_uri": tracking.tracking_uri()}  # fmt: skip
-    loader = jinja2.FileSystemLoader(TEMPLATES)
+    folders = {str(section.templates) for section, _ in sections["jobs"]}
+    loader = jinja2.FileSystemLoader([str(TEMPLATES), *sorted(folders)])
     html_env = jinja2.Environment(loader=loader, autoescape=True, trim_blocks=True, lstrip_blocks=True)
     md_env = jinja2.Environment(loader=loader, autoescape=False, trim_blocks=True, lstrip_blocks=True,
                                 finalize=markdown_text)  # fmt: skip

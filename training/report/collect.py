@@ -7,21 +7,18 @@ what MLflow recorded, nothing recomputed from checkpoints.
 
 from __future__ import annotations
 
-import csv
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from training.jobs import JobSpec, jobs
 from training.jobs.spec import Column
+from training.metrics import BEST_EPOCH, EVAL_PREFIX, TOTAL_SECONDS, VAL_LOSS, eval_metric_name
+from training.tracking.artifacts import MODEL_SUMMARY
+from training.tracking.store import download_text
 from training.tracking.tags import (
-    BENCH_CONFIG,
-    COMPARE,
     COMPARISON_ID,
     EVALUATE,
     JOB_TAG,
@@ -154,7 +151,7 @@ def _overview_row(client: MlflowClient, r: RunFacts, varying: list[str], mlflow_
     report = r.job.report
     return {"run": r, "name": r.name, "kind": r.job.kind, "url": url, "params": [r.params.get(p, "") for p in varying],
             "values": [summarize(client, r, c) for c in report.columns],
-            "epochs": len(r.history(client, r.job.early_stop.name)), "seconds": r.metrics.get("time/total_seconds"),
+            "epochs": len(r.history(client, r.job.early_stop.name)), "seconds": r.metrics.get(TOTAL_SECONDS),
             "rate": summarize(client, r, report.throughput) if report.throughput else None,
             "rate_unit": report.throughput.unit if report.throughput else "",
             "device": r.tags.get("device_name", "")}  # fmt: skip
@@ -183,40 +180,12 @@ def curves_section(client: MlflowClient, runs: list[RunFacts]) -> dict | None:
     for r in trained:
         report = r.job.report
         train, val = r.history(client, report.train_loss), r.history(client, r.job.early_stop.name)
-        best = r.metrics.get("best/epoch")
+        best = r.metrics.get(BEST_EPOCH)
         series.append({"name": r.name, "kind": r.job.kind, "train_loss": train, "val_loss": val,
                        "quality_key": report.quality.name, "quality": r.history(client, report.quality.name),
                        "best_epoch": int(best) if best is not None else None,
                        "overfit_epoch": overfitting_epoch(train, val)})  # fmt: skip
     return {"series": series, "jobs": list(dict.fromkeys(r.job for r in trained))}
-
-
-def bench_section(client: MlflowClient, runs: list[RunFacts]) -> dict | None:
-    benched = [r for r in runs if COMPARISON_ID in r.tags and BENCH_CONFIG in r.tags]
-    if not benched:
-        return None
-    rows = []
-    for r in benched:
-        rate = r.history(client, "time/images_per_second")
-        wait = r.history(client, "time/data_wait_share")
-        acc = r.history(client, "val/acc1")
-        rows.append({"configuration": r.tags[BENCH_CONFIG], "processes": r.params.get("world_size", "1"),
-                     "workers": r.params.get("workers", ""), "epochs": len(acc),
-                     "seconds": r.metrics.get("time/total_seconds"),
-                     "images_per_s": sum(v for _, v in rate) / len(rate) if rate else None,
-                     "data_wait": sum(v for _, v in wait) / len(wait) if wait else None,
-                     "val_acc1": acc[-1][1] if acc else None})  # fmt: skip
-    return {"comparisons": sorted({r.tags[COMPARISON_ID] for r in benched}), "rows": rows}
-
-
-def _download_text(client: MlflowClient, run_id: str, path: str) -> str | None:
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no bar
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = client.download_artifacts(run_id, path, tmp)
-        except Exception:  # the artifact is not there
-            return None
-        return Path(local).read_text(encoding="utf-8", errors="replace")
 
 
 def layers_section(client: MlflowClient, runs: list[RunFacts]) -> dict | None:
@@ -225,36 +194,23 @@ def layers_section(client: MlflowClient, runs: list[RunFacts]) -> dict | None:
     for r in training_runs(runs):
         key = r.job.describe_model(r.params) or r.job.kind
         if key not in tables:
-            text = _download_text(client, r.id, "model_summary.txt")
+            text = download_text(client, r.id, MODEL_SUMMARY)
             if text:
                 tables[key] = text
     return {"tables": tables} if tables else None
 
 
-def evaluation_section(client: MlflowClient, runs: list[RunFacts], thumbnails: int = 8) -> dict | None:
+def evaluation_section(client: MlflowClient, runs: list[RunFacts]) -> dict | None:
+    """Every `dlops evaluate` run: its split, size and eval/ metrics."""
     evaluated = [r for r in runs if r.kind == EVALUATE]
-    metrics = sorted({m for r in evaluated for m in r.metrics if m.startswith("eval/") and m != "eval/loss"})
+    if not evaluated:
+        return None
+    loss = eval_metric_name(VAL_LOSS.name)
+    metrics = sorted({m for r in evaluated for m in r.metrics if m.startswith(EVAL_PREFIX) and m != loss})
     evaluations = [{"name": r.name, "source": r.tags.get(SOURCE_RUN_TAG), "split": r.params.get("split"),
                     "size": r.params.get("images") or r.params.get("tokens") or r.params.get("rows"),
                     "values": [r.metrics.get(m) for m in metrics]} for r in evaluated]  # fmt: skip
-    comparisons = []
-    for r in (r for r in runs if r.kind == COMPARE):
-        rows = []
-        text = _download_text(client, r.id, "disagreements.csv")
-        if text:
-            rows = list(csv.DictReader(text.splitlines()))[:thumbnails]
-        comparisons.append({"name": r.name, "run_a": r.tags.get("source_run_a"), "run_b": r.tags.get("source_run_b"),
-                            "a_acc1": r.metrics.get("a/acc1"), "b_acc1": r.metrics.get("b/acc1"),
-                            "a_acc5": r.metrics.get("a/acc5"), "b_acc5": r.metrics.get("b/acc5"),
-                            "agreement": r.metrics.get("agreement"), "disagreements": r.metrics.get("disagreements"),
-                            "images": r.params.get("images"), "first": rows})  # fmt: skip
-    if not evaluations and not comparisons:
-        return None
-    return {
-        "evaluations": evaluations,
-        "metrics": [m.removeprefix("eval/") for m in metrics],
-        "comparisons": comparisons,
-    }
+    return {"evaluations": evaluations, "metrics": [m.removeprefix(EVAL_PREFIX) for m in metrics]}
 
 
 def epoch_tables_section(client: MlflowClient, runs: list[RunFacts]) -> dict | None:
@@ -274,7 +230,7 @@ def epoch_tables_section(client: MlflowClient, runs: list[RunFacts]) -> dict | N
         for r in of_kind if spec.samples else ():
             files = sorted(a.path for a in client.list_artifacts(r.id, spec.samples) if not a.is_dir)
             if files:
-                samples[r.name] = {"file": files[-1], "text": _download_text(client, r.id, files[-1])}
+                samples[r.name] = {"file": files[-1], "text": download_text(client, r.id, files[-1])}
         tables.append({"kind": job.kind, "title": spec.title, "header": spec.metric.name.replace("/", " "),
                        "final_label": spec.final.label if spec.final else "",
                        "runs": [r.name for r in of_kind], "epochs": epochs, "values": values, "final": final,

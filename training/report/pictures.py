@@ -2,38 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
-import re
-from dataclasses import dataclass
-from pathlib import Path
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from PIL import Image
 
 from training.metrics import Metric
-
-
-def safe_file_name(text: str, max_length: int = 80) -> str:
-    """`text` (a run's or comparison's name: anyone who can log a run chooses it) as one plain file name:
-    no folder, no leading dot; a name that had to change gets a digest of the original, so two
-    names never collide."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", text).lstrip(".-_")[:max_length] or "file"
-    if safe == text:
-        return safe
-    stem, dot, suffix = safe.rpartition(".") if "." in safe else (safe, "", "")
-    return f"{stem}-{hashlib.sha256(text.encode()).hexdigest()[:8]}{dot}{suffix}"
-
-
-@dataclass(kw_only=True)
-class Picture:
-    name: str  # file name in the Markdown twin's folder (made safe: it may come from a run's name)
-    png: bytes
-    alt: str
-
-    def __post_init__(self) -> None:
-        self.name = safe_file_name(self.name)
+from training.plots import Picture
 
 
 def _png(figure: Figure) -> bytes:
@@ -77,15 +52,3 @@ def learning_curves(series: list[dict], kind: str, quality: Metric) -> Picture:
     if quality.log_scale and values and min(values) > 0 and max(values) > 10 * min(values):  # falls by orders
         quality_ax.set_yscale("log")
     return Picture(name=f"curves-{kind}.png", png=_png(figure), alt=f"learning curves of {len(runs)} runs ({kind})")
-
-
-def thumbnail(path: Path, name: str, size: int = 96) -> Picture | None:
-    """An image from disk, scaled for a table cell; None when the file is not on this machine."""
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB").resize((size, size), Image.Resampling.NEAREST)
-    except OSError:
-        return None
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return Picture(name=name, png=buffer.getvalue(), alt=path.name)

@@ -6,6 +6,10 @@ sweeps, packaging and `--resume auto` read them.
     learning_curves.png, model_summary.txt     the run's pictures and layer table
     tensorboard/                          the TensorBoard event files
     serving/<name>-<version>.mar          archives packaged from the run
+
+and, in the run folder only, the tracking journal (training/tracking/journal.py):
+
+    journal/records.jsonl, journal/spool/, journal/delivered, journal/run.json, journal/lock
 """
 
 from __future__ import annotations
@@ -18,3 +22,5 @@ MODEL_SUMMARY = "model_summary.txt"
 TENSORBOARD = "tensorboard"
 ARCHIVES = "serving"
 MLFLOW_MODEL = "mlflow-model"  # in the run folder: the MLflow model built from best.pt
+JOURNAL, JOURNAL_RECORDS, JOURNAL_SPOOL = "journal", "records.jsonl", "spool"
+JOURNAL_DELIVERED, JOURNAL_STATE, JOURNAL_LOCK = "delivered", "run.json", "lock"

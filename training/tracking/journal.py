@@ -6,15 +6,15 @@
     RUN_DIR/journal/spool/          text artifacts written at call time (their content is fixed then)
     RUN_DIR/journal/lock            held by the one process delivering (flock: freed when it dies)
 
-Records (field "op"): create_run, status, params, tags, metrics (with step and timestamp),
-artifact, artifact_dir, text, register (a file as a model version), log_model (an MLflow model
-as a LoggedModel and a version), end. The journal is also the run's own memory: which
-metric steps were logged, and their values for the learning-curve picture, come from here, not
-from the server.
+Records are the typed kinds of training/tracking/records.py (create_run, status, params, tags,
+metrics, artifact, artifact_dir, text, register, log_model, end), one JSON line each. The journal
+is also the run's own memory: which metric steps were logged, and their values for the
+learning-curve picture, come from here, not from the server.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -23,6 +23,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from training.tracking.artifacts import (
+    JOURNAL,
+    JOURNAL_DELIVERED,
+    JOURNAL_LOCK,
+    JOURNAL_RECORDS,
+    JOURNAL_SPOOL,
+    JOURNAL_STATE,
+)
+from training.tracking.records import Metrics, Record, from_line, to_line
 
 
 class JournalBusy(RuntimeError):
@@ -38,10 +48,10 @@ def write_atomic(path: Path, text: str) -> None:
 
 class Journal:
     def __init__(self, run_dir: Path):
-        self.dir = Path(run_dir) / "journal"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "spool").mkdir(exist_ok=True)
-        self.records_path = self.dir / "records.jsonl"
+        self.dir = Path(run_dir) / JOURNAL
+        self.spool_dir = self.dir / JOURNAL_SPOOL
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.records_path = self.dir / JOURNAL_RECORDS
         self._drop_torn_tail()
         self._records = self._read_all()
         self._file = self.records_path.open("a", encoding="utf-8")
@@ -60,12 +70,12 @@ class Journal:
         if not self.records_path.exists():
             return []
         with self.records_path.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.endswith("\n")]
+            return [from_line(json.loads(line)) for line in f if line.endswith("\n")]
 
-    def append(self, op: str, **fields: Any) -> dict[str, Any]:
-        """Add a record; it is on disk (fsynced) when this returns."""
-        record = {"op": op, "time": int(time.time() * 1000), **fields}
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+    def append(self, record: Record) -> Record:
+        """Add a record, stamped with the time; it is on disk (fsynced) when this returns."""
+        record = dataclasses.replace(record, time=int(time.time() * 1000))
+        self._file.write(json.dumps(to_line(record), ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
         self._records.append(record)
@@ -73,7 +83,7 @@ class Journal:
 
     def spool_text(self, text: str, name: str) -> Path:
         """Keep a text artifact's content as it is now (delivery may come much later)."""
-        path = self.dir / "spool" / f"{len(self._records):06d}-{Path(name).name}"
+        path = self.spool_dir / f"{len(self._records):06d}-{Path(name).name}"
         path.write_text(text, encoding="utf-8")
         return path
 
@@ -82,43 +92,43 @@ class Journal:
 
     # --- reading ---------------------------------------------------------------------------------
     @property
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> list[Record]:
         return self._records
 
     def metric_steps(self, key: str) -> set[int]:
-        return {r["step"] for r in self._records if r["op"] == "metrics" and key in r["metrics"]}
+        return {r.step for r in self._records if isinstance(r, Metrics) and key in r.metrics}
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of every logged point of `key`, the last value per step, by step."""
-        points = {r["step"]: r["metrics"][key] for r in self._records if r["op"] == "metrics" and key in r["metrics"]}
+        points = {r.step: r.metrics[key] for r in self._records if isinstance(r, Metrics) and key in r.metrics}
         return sorted(points.items())
 
     # --- delivery state --------------------------------------------------------------------------
     @property
     def delivered(self) -> int:
-        path = self.dir / "delivered"
+        path = self.dir / JOURNAL_DELIVERED
         return int(path.read_text()) if path.exists() else 0
 
     def mark_delivered(self, count: int) -> None:
-        write_atomic(self.dir / "delivered", str(count))
+        write_atomic(self.dir / JOURNAL_DELIVERED, str(count))
 
     @property
     def pending(self) -> int:
         return len(self._records) - self.delivered
 
     def state(self) -> dict[str, Any]:
-        path = self.dir / "run.json"
+        path = self.dir / JOURNAL_STATE
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
     def update_state(self, **fields: Any) -> dict[str, Any]:
         state = {**self.state(), **fields}
-        write_atomic(self.dir / "run.json", json.dumps(state, indent=1))
+        write_atomic(self.dir / JOURNAL_STATE, json.dumps(state, indent=1))
         return state
 
     @contextmanager
     def delivery_lock(self) -> Iterator[None]:
         """Exclusive right to deliver this journal; a second process gets JournalBusy at once."""
-        with (self.dir / "lock").open("a+") as lock:
+        with (self.dir / JOURNAL_LOCK).open("a+") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as e:
@@ -138,15 +148,15 @@ class Journal:
 def find_journals(path: Path) -> list[Path]:
     """Run folders under `path` (or `path` itself) that hold a journal."""
     path = Path(path)
-    if (path / "journal" / "records.jsonl").exists():
+    if (path / JOURNAL / JOURNAL_RECORDS).exists():
         return [path]
-    return sorted(p.parent.parent for p in path.glob("**/journal/records.jsonl"))
+    return sorted(p.parent.parent for p in path.glob(f"**/{JOURNAL}/{JOURNAL_RECORDS}"))
 
 
 def server_run_id(run_dir: Path, recorded: str | None) -> str | None:
     """The tracking server's id of the run whose folder is `run_dir`: an offline run's checkpoints
     carry a local id until `dlops sync` creates the run; its journal then knows the server's."""
-    path = Path(run_dir) / "journal" / "run.json"
+    path = Path(run_dir) / JOURNAL / JOURNAL_STATE
     if path.is_file():
         state = json.loads(path.read_text(encoding="utf-8"))
         if state.get("local_id") == recorded or state.get("run_id"):

@@ -14,7 +14,6 @@ alias and as version tags (`record_event`).
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import tempfile
@@ -35,10 +34,11 @@ from mlflow.tracking import MlflowClient
 
 from serving.secrets import redact
 from training.checkpoint import file_sha256, load_checkpoint
+from training.metrics import SYSTEM_PREFIX
 from training.tracking.journal import server_run_id
 from training.tracking.sources import check_location
-from training.tracking.store import refusals_explained, store_client, tracking_uri
-from training.tracking.tags import CHECKPOINT_DIGEST, JOB_TAG, trained_kind
+from training.tracking.store import quiet_downloads, refusals_explained, store_client, tracking_uri
+from training.tracking.tags import CHECKPOINT_DIGEST, JOB_TAG, REGISTERED_MODEL, trained_kind
 
 URI_PATTERN = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P<alias>[\w-]+))$")
 URI_FORMS = "models:/NAME/VERSION, models:/NAME@ALIAS or models:/NAME/latest"
@@ -195,7 +195,7 @@ def save_mlflow_model(directory: Path, *, python_model: Path, checkpoint: Path, 
         raise ValueError(f"{checkpoint}: the MLflow model's checkpoint must be named {CHECKPOINT_ARTIFACT}.pt")
     example_frame = pd.DataFrame([dict(example)])
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar per copied artifact
+    quiet_downloads()
     shutil.rmtree(directory, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
         staged = []
@@ -221,7 +221,7 @@ def _link_metrics(client: MlflowClient, run_id: str, model_id: str, step: int) -
     run = client.get_run(run_id)
     linked = []
     for key in run.data.metrics:
-        if key.startswith("system/"):  # sampled on their own clock: their steps are not epochs
+        if key.startswith(SYSTEM_PREFIX):  # sampled on their own clock: their steps are not epochs
             continue
         for m in client.get_metric_history(run_id, key):
             if m.step == step and m.model_id is None:
@@ -245,7 +245,7 @@ def log_mlflow_model(client: MlflowClient, run_id: str, model_dir: Path, *, regi
     else:
         params = {k: v[:6000] for k, v in run.data.params.items()}
         logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id, params=params,
-                                            tags={SOURCE_TAG: source_key, "registered_model": registered_name},
+                                            tags={SOURCE_TAG: source_key, REGISTERED_MODEL: registered_name},
                                             model_type=run.data.tags.get(JOB_TAG))  # fmt: skip
     if str(logged.status) != "READY":
         with tempfile.TemporaryDirectory() as tmp:

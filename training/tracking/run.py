@@ -26,6 +26,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_USER
 from torch.utils.tensorboard import SummaryWriter
 
 from serving.secrets import redact
+from training.metrics import SYSTEM_PREFIX
+from training.tracking import records
+from training.tracking.artifacts import TENSORBOARD
 from training.tracking.journal import Journal
 from training.tracking.sender import Delivery, Sender, http_client_settings
 from training.tracking.store import (
@@ -62,8 +65,8 @@ class RunTracker:
         self.tensorboard_dir: Path | None = None
         self.writer: SummaryWriter | None = None
 
-    def _record(self, op: str, **fields: Any) -> None:
-        self.journal.append(op, **fields)
+    def _record(self, record: records.Record) -> None:
+        self.journal.append(record)
         if self.sender is not None:
             self.sender.notify()
 
@@ -74,13 +77,13 @@ class RunTracker:
         return self.writer
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        self._record("params", params={k: "None" if v is None else str(v) for k, v in params.items()})
+        self._record(records.Params(params={k: "None" if v is None else str(v) for k, v in params.items()}))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._record("tags", tags={k: str(v) for k, v in tags.items()})
+        self._record(records.Tags(tags={k: str(v) for k, v in tags.items()}))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        self._record("metrics", metrics={k: float(v) for k, v in metrics.items()}, step=step)
+        self._record(records.Metrics(metrics={k: float(v) for k, v in metrics.items()}, step=step))
         if self.writer:
             for name, value in metrics.items():
                 self.writer.add_scalar(name, value, step)
@@ -92,26 +95,26 @@ class RunTracker:
         return self.journal.metric_history(metric)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self._record("artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
+        self._record(records.Artifact(path=str(Path(path).resolve()), artifact_path=artifact_path))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         spooled = self.journal.spool_text(text, artifact_file)
-        self._record("text", spool=spooled.name, artifact_file=artifact_file)
+        self._record(records.Text(spool=spooled.name, artifact_file=artifact_file))
 
     def sync_tensorboard(self) -> None:
         """Flush the event files and send them with the run, so a crash loses at most one epoch."""
         if self.writer and self.tensorboard_dir:
             self.writer.flush()
-            self._record("artifact_dir", path=str(self.tensorboard_dir.resolve()), artifact_path="tensorboard")
+            self._record(records.ArtifactDir(path=str(self.tensorboard_dir.resolve()), artifact_path=TENSORBOARD))
 
     def register_model(self, name: str, artifact_path: str, tags: Mapping[str, str]) -> None:
         """Register a logged artifact as a version of `name` once it is delivered."""
-        self._record("register", name=name, artifact_path=artifact_path, tags=dict(tags))
+        self._record(records.Register(name=name, artifact_path=artifact_path, tags=dict(tags)))
 
     def log_model(self, model_dir: Path, name: str, tags: Mapping[str, str], step: int) -> None:
         """Log a saved MLflow model as a LoggedModel of this run (with its metrics at `step`) and
         register it as a version of `name`, once delivered."""
-        self._record("log_model", path=str(Path(model_dir).resolve()), name=name, tags=dict(tags), step=step)
+        self._record(records.LogModel(path=str(Path(model_dir).resolve()), name=name, tags=dict(tags), step=step))
 
     def registered_version(self) -> str | None:
         registered = self.journal.state().get("registered")
@@ -122,7 +125,7 @@ class RunTracker:
             self.sync_tensorboard()
             self.writer.close()
             self.writer = None
-        self._record("end", status=status)
+        self._record(records.End(status=status))
 
 
 class NullTracker(RunTracker):
@@ -131,7 +134,7 @@ class NullTracker(RunTracker):
     def __init__(self) -> None:
         self.run_id, self.sender, self.writer, self.tensorboard_dir = "", None, None, None
 
-    def _record(self, op: str, **fields: Any) -> None:
+    def _record(self, record: records.Record) -> None:
         pass
 
     def open_tensorboard(self, directory: Path) -> None:
@@ -159,12 +162,10 @@ class JournalSystemMetrics:
     aggregate_metrics, monitors, clear_metrics); the thread and the step count are ours, so an MLflow
     release that reworks its own logging loop cannot break this one silently."""
 
-    PREFIX = "system/"  # MLflow's own name for them, which its UI charts as system metrics
-
     def __init__(self, run: RunTracker):
         self.run = run
         self.sampler = SystemMetricsMonitor(run.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S)
-        steps = [r["step"] for r in run.journal.records if r["op"] == "metrics" and r.get("system")]
+        steps = [r.step for r in run.journal.records if isinstance(r, records.Metrics) and r.system]
         self.step = max(steps) + 1 if steps else 0  # a resumed run goes on where it stopped
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
@@ -185,9 +186,10 @@ class JournalSystemMetrics:
 
     def _publish(self, metrics: dict[str, float]) -> None:
         node = self.sampler.node_id
-        prefix = self.PREFIX + (f"{node}/" if node else "")
-        self.run._record("metrics", metrics={prefix + k: float(v) for k, v in metrics.items()}, step=self.step,
-                         system=True)  # fmt: skip
+        prefix = SYSTEM_PREFIX + (f"{node}/" if node else "")
+        system = records.Metrics(metrics={prefix + k: float(v) for k, v in metrics.items()}, step=self.step,
+                                 system=True)  # fmt: skip
+        self.run._record(system)
         self.step += 1
         for monitor in self.sampler.monitors:
             monitor.clear_metrics()
@@ -211,13 +213,13 @@ def _start_journal(
         if not offline and state.get("run_id") and find_run(state["run_id"]) is None:
             raise RuntimeError(f"run {state['run_id']} named in the checkpoint is not in the tracking store "
                                f"{redact(uri)}")  # fmt: skip
-        journal.append("status", status="RUNNING")
+        journal.append(records.Status(status="RUNNING"))
         return journal, run_id
     if offline:
         local_id = uuid.uuid4().hex
         journal = Journal(out_dir / local_id)
         journal.update_state(run_id=None, local_id=local_id, experiment=experiment)
-        journal.append("create_run", experiment=experiment, run_name=run_name, tags=dict(tags), local_id=local_id)
+        journal.append(records.CreateRun(experiment=experiment, run_name=run_name, tags=dict(tags), local_id=local_id))
         return journal, local_id
     client = store_client()
     with refusals_explained(uri):  # a login without the right to create runs here stops the run now

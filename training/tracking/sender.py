@@ -18,13 +18,27 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from serving import environment
 from serving.secrets import redact
 from training.tracking.journal import Journal
+from training.tracking.records import (
+    Artifact,
+    ArtifactDir,
+    CreateRun,
+    End,
+    LogModel,
+    Metrics,
+    Params,
+    Record,
+    Register,
+    Status,
+    Tags,
+    Text,
+)
 from training.tracking.registry import log_mlflow_model
 from training.tracking.store import (
     TrackingRefused,
@@ -34,9 +48,9 @@ from training.tracking.store import (
     refusal_status,
     register_model,
 )
+from training.tracking.tags import LOCAL_RUN_ID, REGISTERED_MODEL
 
 BACKOFF_MAX_S = 30.0
-COALESCED = ("artifact", "artifact_dir")  # a later record of the same files makes an earlier one moot
 
 
 class Delivery:
@@ -64,74 +78,71 @@ class Delivery:
         return last - first
 
     @staticmethod
-    def _superseded(records: list[dict[str, Any]], index: int, last: int) -> bool:
+    def _superseded(records: list[Record], index: int, last: int) -> bool:
+        """A file upload that a later record of the same files makes moot."""
         record = records[index]
-        if record["op"] not in COALESCED:
+        if not isinstance(record, Artifact | ArtifactDir):
             return False
-        key = (record["op"], record["path"], record.get("artifact_path"))
-        return any((r["op"], r.get("path"), r.get("artifact_path")) == key for r in records[index + 1 : last])
+        return any(type(r) is type(record) and (r.path, r.artifact_path) == (record.path, record.artifact_path)
+                   for r in records[index + 1 : last])  # fmt: skip
 
-    def _deliver(self, record: dict[str, Any]) -> None:
-        op = record["op"]
-        if op == "create_run":
+    def _deliver(self, record: Record) -> None:
+        if isinstance(record, CreateRun):
             self._create_run(record)
             return
         run_id = self.run_id
         if run_id is None:
             raise RuntimeError("the journal has records for a run that was never created")
         client = self.client
-        if op == "status":
-            client.update_run(run_id, status=record["status"])
-        elif op == "params":
-            client.log_batch(run_id, params=[Param(k, v) for k, v in record["params"].items()])
-        elif op == "tags":
-            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
-        elif op == "metrics":
-            self._metrics(run_id, record)
-        elif op == "artifact":
-            if path := self._inside_run(record["path"], op):
-                self._artifact(run_id, path, record.get("artifact_path"))
-        elif op == "artifact_dir":
-            if (path := self._inside_run(record["path"], op)) and path.is_dir():
-                client.log_artifacts(run_id, str(path), record.get("artifact_path"))
-        elif op == "text":
-            if spooled := self._inside_run(self.journal.dir / "spool" / record["spool"], op):
-                client.log_text(run_id, spooled.read_text(encoding="utf-8"), record["artifact_file"])
-        elif op in ("register", "log_model"):
-            if op == "log_model" and not self._inside_run(record["path"], op):
-                return
-            if op == "register":
-                version = register_model(run_id, record["artifact_path"], record["name"], record["tags"], client)
-            else:
-                version = log_mlflow_model(
-                    client,
-                    run_id,
-                    Path(record["path"]),
-                    registered_name=record["name"],
-                    tags=record["tags"],
-                    step=record["step"],
-                    source_key=f"{run_id}-{record['time']}",
-                )
-            client.set_tag(run_id, "registered_model", f"{record['name']}/{version}")
-            self.journal.update_state(registered={"name": record["name"], "version": version})
-        elif op == "end":
-            client.set_terminated(run_id, record["status"], end_time=record["time"])
-        else:
-            raise ValueError(f"unknown journal record {op!r}")
+        match record:
+            case Status(status=status):
+                client.update_run(run_id, status=status)
+            case Params(params=params):
+                client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+            case Tags(tags=tags):
+                client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            case Metrics():
+                self._metrics(run_id, record)
+            case Artifact():
+                if path := self._inside_run(record.path, record.op):
+                    self._artifact(run_id, path, record.artifact_path)
+            case ArtifactDir():
+                if (path := self._inside_run(record.path, record.op)) and path.is_dir():
+                    client.log_artifacts(run_id, str(path), record.artifact_path)
+            case Text():
+                if spooled := self._inside_run(self.journal.spool_dir / record.spool, record.op):
+                    client.log_text(run_id, spooled.read_text(encoding="utf-8"), record.artifact_file)
+            case Register() | LogModel():
+                self._register(run_id, record)
+            case End(status=status):
+                client.set_terminated(run_id, status, end_time=record.time)
 
-    def _create_run(self, record: dict[str, Any]) -> None:
+    def _register(self, run_id: str, record: Register | LogModel) -> None:
+        """A registered version of the run: its checkpoint file, or its MLflow model."""
+        client = self.client
+        if isinstance(record, Register):
+            version = register_model(run_id, record.artifact_path, record.name, record.tags, client)
+        else:
+            if not self._inside_run(record.path, record.op):
+                return
+            version = log_mlflow_model(client, run_id, Path(record.path), registered_name=record.name,
+                                       tags=record.tags, step=record.step,
+                                       source_key=f"{run_id}-{record.time}")  # fmt: skip
+        client.set_tag(run_id, REGISTERED_MODEL, f"{record.name}/{version}")
+        self.journal.update_state(registered={"name": record.name, "version": version})
+
+    def _create_run(self, record: CreateRun) -> None:
         """The server-side run of an offline run (found again by its local id if created before)."""
         if self.run_id is not None:
             return
-        experiment_id = ensure_experiment(record["experiment"], self.client)
-        local = record["local_id"]
-        existing = self.client.search_runs([experiment_id], f"tags.dlops_local_run_id = '{local}'")
+        experiment_id = ensure_experiment(record.experiment, self.client)
+        local = record.local_id
+        existing = self.client.search_runs([experiment_id], f"tags.{LOCAL_RUN_ID} = '{local}'")
         if existing:
             run_id = existing[0].info.run_id
         else:
-            tags = {**record["tags"], "dlops_local_run_id": local}
-            run = self.client.create_run(experiment_id, start_time=record["time"], tags=tags,
-                                         run_name=record.get("run_name"))  # fmt: skip
+            tags = {**record.tags, LOCAL_RUN_ID: local}
+            run = self.client.create_run(experiment_id, start_time=record.time, tags=tags, run_name=record.run_name)
             run_id = run.info.run_id
         self.journal.update_state(run_id=run_id, tracking_uri=self.uri)
 
@@ -145,14 +156,14 @@ class Delivery:
         print(f"warning: a {op} record of {run_dir} names {path}, outside the run folder: not uploaded", flush=True)
         return None
 
-    def _metrics(self, run_id: str, record: dict[str, Any]) -> None:
-        step, values = record["step"], dict(record["metrics"])
+    def _metrics(self, run_id: str, record: Metrics) -> None:
+        step, values = record.step, dict(record.metrics)
         if self.uncertain:  # the run's history is the truth: never log a step twice
             for key in list(values):
                 if any(m.step == step for m in self.client.get_metric_history(run_id, key)):
                     del values[key]
         if values:
-            metrics = [Metric(k, float(v), record["time"], step) for k, v in values.items()]
+            metrics = [Metric(k, float(v), record.time, step) for k, v in values.items()]
             self.client.log_batch(run_id, metrics=metrics)
 
     def _artifact(self, run_id: str, path: Path, artifact_path: str | None) -> None:
@@ -227,5 +238,5 @@ def http_client_settings(uri: str) -> None:
     """Let each MLflow HTTP call fail fast: the sender retries an outage with its own backoff, without limit.
     (MLflow's defaults retry about 4 minutes inside one call.) Variables already set are kept."""
     if uri.startswith(("http://", "https://")):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        os.environ.setdefault(environment.HTTP_MAX_RETRIES, "0")
+        os.environ.setdefault(environment.HTTP_TIMEOUT, "30")

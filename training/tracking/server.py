@@ -44,17 +44,14 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving import environment
 from serving.secrets import child_environment, private_dir, redact, write_private
 from serving.server import executable
 from serving.tls import LOOPBACK_NAMES, TlsFiles, is_loopback, machine_hosts, server_tls
-from training.tracking.sources import ARTIFACT_STORES_ENV, source_pattern
+from training.tracking.sources import source_pattern
 
 ADMIN = "admin"
 APP_NAME = "dlops-auth"  # the mlflow.app entry point of training/tracking/auth_app.py (pyproject.toml)
-PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"  # MLflow's own variable for the first admin's password
-STORE_ENV = "MLFLOW_BACKEND_STORE_URI"  # `mlflow server` reads --backend-store-uri from it
-SOURCE_REGEX_ENV = "MLFLOW_CREATE_MODEL_VERSION_SOURCE_VALIDATION_REGEX"
-ALLOWED_HOSTS_ENV = "MLFLOW_ALLOWED_HOSTS"
 DEFAULT_STATE_DIR = Path("mlruns/auth")
 
 
@@ -134,12 +131,12 @@ def admin_password(server: TrackingServer) -> tuple[str, str]:
         if not password:
             raise ServerSetupError(f"--admin-password-file {server.admin_password_file} is empty")
         return password, str(server.admin_password_file)
-    if os.environ.get(PASSWORD_ENV):
-        return os.environ[PASSWORD_ENV], PASSWORD_ENV
+    if os.environ.get(environment.ADMIN_PASSWORD):
+        return os.environ[environment.ADMIN_PASSWORD], environment.ADMIN_PASSWORD
     if not is_loopback(server.host):
         raise ServerSetupError(f"--host {server.host} reaches other machines: give the admin's password in "
-                               f"{PASSWORD_ENV} or --admin-password-file (a generated or default one is for "
-                               "loopback only)")  # fmt: skip
+                               f"{environment.ADMIN_PASSWORD} or --admin-password-file (a generated or default one "
+                               "is for loopback only)")  # fmt: skip
     kept = server.state_dir / "admin-password"
     if not kept.is_file():
         private_dir(server.state_dir)
@@ -196,14 +193,14 @@ def server_environment(server: TrackingServer, password: str) -> dict[str, str]:
     """MLflow's environment: the allow-listed one (serving/secrets.py) and what the server needs,
     secrets included, which a command line would show to every user of the machine."""
     return child_environment("mlflow", store_uri=server.artifacts_destination, extra={
-        STORE_ENV: store_uri(server),
-        "MLFLOW_AUTH_CONFIG_PATH": str(write_auth_config(server).resolve()),
-        PASSWORD_ENV: password,
-        SOURCE_REGEX_ENV: source_pattern(server.artifact_stores),
+        environment.BACKEND_STORE_URI: store_uri(server),
+        environment.AUTH_CONFIG_PATH: str(write_auth_config(server).resolve()),
+        environment.ADMIN_PASSWORD: password,
+        environment.SOURCE_REGEX: source_pattern(server.artifact_stores),
         # signs the login form's CSRF tokens; one per start, shared by the workers through the environment
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY") or secrets.token_hex(32),
+        environment.FLASK_SECRET_KEY: os.environ.get(environment.FLASK_SECRET_KEY) or secrets.token_hex(32),
         # MLflow's background job runners serve its GenAI features, which dlops does not use
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
+        environment.JOB_EXECUTION: os.environ.get(environment.JOB_EXECUTION, "false"),
     })  # fmt: skip
 
 
@@ -261,7 +258,7 @@ def admin_login_works(url: str, password: str) -> bool:
 def run_server(server: TrackingServer, timeout_s: float = 180.0) -> int:
     """Start the server, say how to reach it, and wait until it ends (SIGTERM/SIGINT stop it)."""
     password, source = admin_password(server)
-    names = reachable_names(server, os.environ.get(ALLOWED_HOSTS_ENV))
+    names = reachable_names(server, os.environ.get(environment.ALLOWED_HOSTS))
     tls = presented_tls(server, names)
     process = subprocess.Popen(server_command(server, names, tls), env=server_environment(server, password))
     stop = lambda signum, frame: process.send_signal(signal.SIGTERM)  # noqa: E731 - a one-line handler
@@ -285,8 +282,11 @@ def _say_how_to_reach(server: TrackingServer, names: list[str], tls: TlsFiles | 
         print(f"warning: --insecure-http: logins cross the network in clear to {server.host}:{server.port}", flush=True)
     elif tls is not None and tls.ca is not None:
         print(f"=> TLS with the stack's own CA: teammates trust {tls.ca.resolve()} (copy it to them; set "
-              "MLFLOW_TRACKING_SERVER_CERT_PATH to it)", flush=True)  # fmt: skip
-    stores = ", ".join(server.artifact_stores) or f"none besides its own (--artifact-store or ${ARTIFACT_STORES_ENV})"
+              f"{environment.TRACKING_CA} to it)", flush=True)  # fmt: skip
+    stores = (
+        ", ".join(server.artifact_stores)
+        or f"none besides its own (--artifact-store or ${environment.ARTIFACT_STORES})"
+    )
     print(f"=> model versions are registered from this server's artifacts only; other stores: {stores}", flush=True)
     if admin_login_works(server.url, password):
         print(f"=> admin login: user {ADMIN!r}, password from {source}", flush=True)

@@ -18,9 +18,9 @@ import os
 import re
 import urllib.parse
 
+from serving import environment
 from serving.secrets import redact
 
-ARTIFACT_STORES_ENV = "DLOPS_ARTIFACT_STORES"
 # This server's own artifacts: a URI without a host part (a `//host` would name another server)
 OWN_SOURCES = (r"mlflow-artifacts:/(?!/)", r"mlflow-artifacts:///", r"runs:/(?!/)", r"models:/(?!/)")
 
@@ -32,7 +32,7 @@ class ForeignSource(ValueError):
 def artifact_stores(given: tuple[str, ...] | list[str] = ()) -> list[str]:
     """The trusted stores: `given` and $DLOPS_ARTIFACT_STORES, each a prefix ending in "/" (so that
     s3://team-bucket/ does not admit s3://team-bucket-of-someone-else/)."""
-    listed = [*given, *os.environ.get(ARTIFACT_STORES_ENV, "").split(",")]
+    listed = [*given, *os.environ.get(environment.ARTIFACT_STORES, "").split(",")]
     stores = []
     for store in (s.strip() for s in listed):
         if not store:
@@ -78,7 +78,7 @@ def check_location(location: str, *, tracking_uri: str, version: str, stores: li
     trusted = ", ".join(stores) or "none"
     raise ForeignSource(
         f"model version {version}: its files are at {location}, on {where}, which is neither the tracking server "
-        f"{redact(tracking_uri)} nor a trusted store (${ARTIFACT_STORES_ENV}: {trusted}). Nothing was downloaded: "
-        "a version's source is written by whoever registered it, and fetching it would send your credentials "
-        f"there. If that store is your team's, list it in ${ARTIFACT_STORES_ENV}"
+        f"{redact(tracking_uri)} nor a trusted store (${environment.ARTIFACT_STORES}: {trusted}). Nothing was "
+        "downloaded: a version's source is written by whoever registered it, and fetching it would send your "
+        f"credentials there. If that store is your team's, list it in ${environment.ARTIFACT_STORES}"
     )

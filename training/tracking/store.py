@@ -15,6 +15,7 @@ import os
 import platform
 import ssl
 import subprocess
+import tempfile
 import time
 import urllib.error
 from collections.abc import Callable, Iterator, Mapping
@@ -30,8 +31,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_USER
 
+from serving import environment
 from serving.secrets import private_dir, redact
 from serving.tls import CA_VARIABLES, urlopen
+from training.tracking.artifacts import BEST_ARTIFACT
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_STORE_DIR = Path("mlruns")
@@ -63,13 +66,13 @@ def refusal_status(error: BaseException) -> int | None:
 
 def login_name() -> str:
     """Who starts runs: the tracking server's login (MLFLOW_TRACKING_USERNAME), else the OS user."""
-    return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+    return os.environ.get(environment.TRACKING_USERNAME) or getpass.getuser()
 
 
 def explain_refusal(uri: str, error: MlflowException, status: int) -> str:
     said = error.message.partition("Response body: ")[2].strip(" '") or error.message
     if status == 401:
-        who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        who = os.environ.get(environment.TRACKING_USERNAME)
         what = (f"refused the login of {who!r} (wrong password?)" if who else
                 "asks for a login and none was given")  # fmt: skip
         return (
@@ -105,7 +108,7 @@ def check_access(uri: str) -> None:
 
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI when set, else the SQLite store in ./mlruns/."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = os.environ.get(environment.TRACKING_URI)
     if uri:
         return uri
     private_dir(DEFAULT_STORE_DIR)  # runs, models and artifacts: the owner's only
@@ -333,7 +336,7 @@ def register_model(
     return version.version
 
 
-def download_run_checkpoint(run_id: str, workdir: Path, artifact: str = "checkpoints/best.pt") -> Path:
+def download_run_checkpoint(run_id: str, workdir: Path, artifact: str = BEST_ARTIFACT) -> Path:
     """Download a run's logged checkpoint."""
     store_client()
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/{artifact}", dst_path=str(workdir)))
@@ -345,3 +348,19 @@ def log_text_to_run(run_id: str, text: str, artifact_file: str) -> bool:
         return False
     store_client().log_text(run_id, text, artifact_file)
     return True
+
+
+def quiet_downloads() -> None:
+    """No MLflow progress bar per artifact copied (small files, and many of them); a user's setting wins."""
+    os.environ.setdefault(environment.ARTIFACTS_PROGRESS_BAR, "false")
+
+
+def download_text(client: MlflowClient, run_id: str, path: str) -> str | None:
+    """A run's text artifact, or None when it is not there."""
+    quiet_downloads()  # one small file: no bar
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, path, tmp)
+        except Exception:  # the artifact is not there
+            return None
+        return Path(local).read_text(encoding="utf-8", errors="replace")

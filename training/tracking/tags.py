@@ -6,10 +6,15 @@ sweep_id       the sweep (Optuna study) a trial or parent belongs to
 comparison_id  the device benchmark a run belongs to (bench_config: its configuration)
 source_run_id  the training run an evaluation evaluated (source_run_a/_b: a comparison's two)
 stop_reason    why the run ended, for people
+dlops_local_run_id   an offline run's local id (its server-side run is found again by it)
+registered_model     NAME/VERSION of the version the run's best checkpoint became
 
 And one model-version tag:
 checkpoint_sha256  the SHA-256 of the version's checkpoint file, recorded when it is registered;
                    `dlops package` and `dlops deploy` refuse a download that does not match it
+
+And one registry alias:
+serving            the version of a model that `dlops serve` starts and `dlops deploy` moves
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ SOURCE_RUN_TAG = "source_run_id"
 STOP_REASON = "stop_reason"
 TRAIN_PREFIX, SWEEP_PREFIX = "train-", "sweep-"
 CHECKPOINT_DIGEST = "checkpoint_sha256"
+LOCAL_RUN_ID = "dlops_local_run_id"  # an offline run's own id, on the server-side run made at delivery
+REGISTERED_MODEL = "registered_model"  # the version a run's best checkpoint became: NAME/VERSION
+SERVING_ALIAS = "serving"
 
 
 def training_job(kind: str) -> str:

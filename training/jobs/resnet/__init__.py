@@ -31,14 +31,18 @@ from training.jobs.resnet.data.pipeline import JPEG_WORKERS, ImagePipeline, buil
 from training.jobs.resnet.data.synthetic import draw_example
 from training.jobs.resnet.doctor import check
 from training.jobs.resnet.loop import ClassifierStep, EpochResult, evaluate, train_one_epoch
+from training.jobs.resnet.metrics import ACC1, ACC5, DATA_WAIT_SHARE, IMAGES_PER_SECOND, TRAIN_ACC1, TRAIN_ACC5
 from training.jobs.resnet.recipes import RECIPES, apply_recipe
+from training.jobs.resnet.report import TEMPLATES as REPORT_TEMPLATES
+from training.jobs.resnet.report import bench_section, comparisons_section
 from training.jobs.resnet.tiny_maps import use_matmul_for_tiny_maps
 from training.jobs.resnet.weights import load_pretrained
 from training.jobs.run import EpochContext, JobRun, Optimization
 from training.jobs.serving import HANDLERS as HANDLERS
 from training.jobs.serving import Request, Serving
-from training.jobs.spec import Column, JobSpec, ReportSpec
-from training.metrics import EPOCH_SECONDS, TRAIN_LOSS, VAL_LOSS, Metric
+from training.jobs.spec import Column, JobSpec, ReportSection, ReportSpec
+from training.metrics import EPOCH_SECONDS, TRAIN_LOSS, VAL_LOSS
+from training.metrics import Metric as Metric
 from training.options import internal, option
 from training.runtime import Runtime
 
@@ -126,12 +130,6 @@ def read_v1(state: dict[str, Any]) -> tuple[dict, float, dict, dict]:
     model_config = {"arch": config["arch"], "num_classes": len(state["classes"]), "stem": config["stem"],
                     "image_size": state["image_size"]}  # fmt: skip
     return model_config, state["train_state"]["best_acc1"], {}, {}
-
-
-ACC1 = Metric(name="val/acc1", label="val Acc@1 (%)", higher_is_better=True)
-ACC5 = Metric(name="val/acc5", label="val Acc@5 (%)", higher_is_better=True)
-TRAIN_ACC1, TRAIN_ACC5 = "train/acc1", "train/acc5"
-IMAGES_PER_SECOND, DATA_WAIT_SHARE = "time/images_per_second", "time/data_wait_share"
 
 
 def data_required(given: dict[str, Any]) -> bool:
@@ -348,6 +346,10 @@ SPEC = JobSpec(
         ),
         throughput=Column(label="throughput", metric=IMAGES_PER_SECOND, summary="mean", digits=0, unit="images/s"),
         quality=ACC1,
+        sections=(
+            ReportSection(name="bench", collect=bench_section, templates=REPORT_TEMPLATES),
+            ReportSection(name="comparisons", collect=comparisons_section, templates=REPORT_TEMPLATES),
+        ),
     ),  # fmt: skip
     serving=Serving(
         name="resnet",

@@ -18,6 +18,9 @@ import torch
 
 from serving.secrets import child_environment
 from training import tracking
+from training.jobs.resnet.metrics import ACC1, DATA_WAIT_SHARE, IMAGES_PER_SECOND
+from training.metrics import TOTAL_SECONDS
+from training.tracking.tags import BENCH_CONFIG, COMPARISON_ID
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -82,7 +85,7 @@ def run_config(
         sys.executable, "-m", "training.cli", "train", "resnet", str(data), "--epochs", str(epochs),
         "--device", config.device, "--nproc-per-node", str(config.processes), "-j", str(workers),
         "--experiment", experiment, "--run-name", f"{config.name}-j{workers}", "--registered-model", "device-bench",
-        "--tag", f"comparison_id={comparison}", "--tag", f"bench_config={config.name}", *train_args,
+        "--tag", f"{COMPARISON_ID}={comparison}", "--tag", f"{BENCH_CONFIG}={config.name}", *train_args,
     ]  # fmt: skip
     print(f"=> {config.name} with {workers} loader workers: {' '.join(command[2:])}", flush=True)
     result = subprocess.run(command, env=child_environment("training", extra={"PYTHONUNBUFFERED": "1"}))
@@ -91,17 +94,17 @@ def run_config(
         return row
     client = tracking.store_client()
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    query = f"tags.comparison_id = '{comparison}' and tags.bench_config = '{config.name}'"
+    query = f"tags.{COMPARISON_ID} = '{comparison}' and tags.{BENCH_CONFIG} = '{config.name}'"
     runs = [r for r in client.search_runs([experiment_id], query) if r.data.params.get("workers") == str(workers)]
     run = runs[0]
-    metrics = ("time/images_per_second", "time/data_wait_share", "val/acc1")
+    metrics = (IMAGES_PER_SECOND, DATA_WAIT_SHARE, ACC1.name)
     history = {m: client.get_metric_history(run.info.run_id, m) for m in metrics}
     row.run_id = run.info.run_id
-    row.epochs = len(history["val/acc1"])
-    row.seconds = run.data.metrics["time/total_seconds"]
-    row.images_per_second = sum(m.value for m in history["time/images_per_second"]) / row.epochs
-    row.data_wait_share = sum(m.value for m in history["time/data_wait_share"]) / row.epochs
-    row.val_acc1 = max(history["val/acc1"], key=lambda m: m.step).value
+    row.epochs = len(history[ACC1.name])
+    row.seconds = run.data.metrics[TOTAL_SECONDS]
+    row.images_per_second = sum(m.value for m in history[IMAGES_PER_SECOND]) / row.epochs
+    row.data_wait_share = sum(m.value for m in history[DATA_WAIT_SHARE]) / row.epochs
+    row.val_acc1 = max(history[ACC1.name], key=lambda m: m.step).value
     return row
 
 

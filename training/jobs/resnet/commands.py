@@ -13,6 +13,7 @@ import click
 from training.clitools import CHECKPOINT
 from training.jobs.resnet.classifier import ARCHS, STEMS, input_size_problem, small_stem_applies
 from training.jobs.resnet.data.pipeline import JPEG_WORKERS
+from training.tracking.tags import COMPARE
 
 
 @click.command("compare")
@@ -29,7 +30,7 @@ from training.jobs.resnet.data.pipeline import JPEG_WORKERS
 @click.option(
     "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/compare"), show_default=True
 )
-@click.option("--experiment", default="compare", show_default=True)
+@click.option("--experiment", default=COMPARE, show_default=True)
 def compare_command(checkpoint_a: str, checkpoint_b: str, data: Path, **options: Any) -> None:
     """List the DATA images two ResNet checkpoints classify differently (CSV, PNG grid, MLflow run)."""
     from training.jobs.resnet.compare import compare_checkpoints

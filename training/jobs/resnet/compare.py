@@ -29,6 +29,13 @@ CSV_COLUMNS = ["file", "path", "true_class", "true_label", "a_class", "a_label",
                "b_label", "b_confidence"]  # fmt: skip
 
 
+# What a comparison run holds, named once (the report's comparisons section reads them)
+DISAGREEMENTS_CSV = "disagreements.csv"  # one row per image the two models disagree on
+SOURCE_A, SOURCE_B = "source_run_a", "source_run_b"  # tags: the two training runs
+A_ACC1, A_ACC5, B_ACC1, B_ACC5 = "a/acc1", "a/acc5", "b/acc1", "b/acc5"
+AGREEMENT, DISAGREEMENTS = "agreement", "disagreements"
+
+
 @dataclass(kw_only=True)
 class Predictions:
     result: EpochResult
@@ -123,7 +130,7 @@ def compare_checkpoints(
     workers: int = 0,
     device: str = "auto",
     out_dir: Path = Path("runs/compare"),
-    experiment: str = "compare",
+    experiment: str = COMPARE,  # the experiment is named after the job
 ) -> list[Disagreement]:
     state_a, named_a = registry.load_source(checkpoint_a, kind="resnet")
     state_b, named_b = registry.load_source(checkpoint_b, kind="resnet")
@@ -151,14 +158,14 @@ def compare_checkpoints(
         print(f"... {len(rows) - show} more in the CSV")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = out_dir / "disagreements.csv", out_dir / "disagreements.png"
+    csv_path, png_path = out_dir / DISAGREEMENTS_CSV, out_dir / "disagreements.png"
     write_csv(rows, ds.classes, labels, csv_path)
     draw_grid(rows[:grid], labels, png_path)
-    tags = {JOB_TAG: COMPARE, "source_run_a": str(state_a.get("run_id")), "source_run_b": str(state_b.get("run_id"))}
+    tags = {JOB_TAG: COMPARE, SOURCE_A: str(state_a.get("run_id")), SOURCE_B: str(state_b.get("run_id"))}
     params = {"checkpoint_a": named_a, "checkpoint_b": named_b, "data": str(Path(data).resolve()), "split": split,
               "limit": limit, "images": len(samples)}  # fmt: skip
-    metrics = {"a/acc1": a.result.acc1, "a/acc5": a.result.acc5, "b/acc1": b.result.acc1, "b/acc5": b.result.acc5,
-               "agreement": agreement, "disagreements": len(rows)}  # fmt: skip
+    metrics = {A_ACC1: a.result.acc1, A_ACC5: a.result.acc5, B_ACC1: b.result.acc1, B_ACC5: b.result.acc5,
+               AGREEMENT: agreement, DISAGREEMENTS: len(rows)}  # fmt: skip
     with tracking.start_run(experiment, run_name=f"compare-{split}", tags=tags) as run:
         run.log_params(params)
         run.log_metrics(metrics, step=0)

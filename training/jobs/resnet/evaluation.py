@@ -11,12 +11,13 @@ from torch import nn
 from training.data.errors import DatasetError
 from training.devices import choose_device
 from training.jobs.evaluate import EvaluateOptions, evaluation_run
-from training.jobs.resnet import ACC1, ACC5, IMAGES_PER_SECOND, ResNetConfig
+from training.jobs.resnet import ResNetConfig
 from training.jobs.resnet.classifier import classifier_from_checkpoint
 from training.jobs.resnet.data.dataset import Sample
 from training.jobs.resnet.data.images import ImageFiles, eval_transform, make_loader, take_evenly
 from training.jobs.resnet.data.index import load_image_dataset
 from training.jobs.resnet.loop import EpochResult, evaluate
+from training.jobs.resnet.metrics import ACC1, ACC5, IMAGES_PER_SECOND
 from training.metrics import VAL_LOSS, eval_metric_name
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from serving import environment
 from training.checkpoint import copy_matching
 
 REACH_TIMEOUT_S = 5.0
 # A mirror of download.pytorch.org/models (same file names), e.g. inside a company network.
-MIRROR_ENV = "DLOPS_TORCHVISION_WEIGHTS_URL"
 
 
 def torchvision_weights(arch: str) -> tuple[str, Path]:
@@ -35,7 +35,7 @@ def torchvision_weights(arch: str) -> tuple[str, Path]:
     except (ValueError, KeyError) as e:
         raise ValueError(f"--pretrained: torchvision has no ImageNet weights for {arch!r}") from e
     url = weights.url
-    mirror = os.environ.get(MIRROR_ENV)
+    mirror = os.environ.get(environment.WEIGHTS_MIRROR)
     if mirror:
         url = f"{mirror.rstrip('/')}/{url.rsplit('/', 1)[1]}"
     return url, Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]

@@ -46,6 +46,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from serving import environment
 from training.jobs.resnet.data.dataset import ImageDataset, Sample, open_rgb
 
 CHUNK = 512
@@ -56,7 +57,7 @@ NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 def cache_root() -> Path:
     """Where decoded caches (and the record of checked datasets) live: $DLOPS_CACHE_DIR, else data/cache."""
-    return Path(os.environ.get("DLOPS_CACHE_DIR", "data/cache"))
+    return Path(os.environ.get(environment.CACHE_DIR, "data/cache"))
 
 
 def fit_image(image: Image.Image, image_size: int, resize_size: int | None = None) -> Image.Image:
