@@ -38,6 +38,7 @@ from release.package import ModelSettings, build_mar, read_archive_meta, resolve
 from release.priority import LOWEST, StartingWorkers, local_server, may_raise_priority
 from serving import served
 from serving.client import Answer, ServerClient, read_server_file
+from serving.fleet import start_fleet
 from serving.served import Deployment
 from serving.server import (
     ServeError,
@@ -165,7 +166,7 @@ def _register(client: ServerClient, candidate: Candidate, timeout_s: float, *, s
     wait_ready(client, candidate.model, candidate.version, timeout_s, log_offset=log_offset)
 
 
-def _remove(client: ServerClient, model: str, version: str) -> None:
+def remove_version(client: ServerClient, model: str, version: str) -> None:
     """Unregister a version (its archive stays in the store); quietly when it is not registered."""
     client.management("DELETE", f"/models/{model}/{version}", timeout_s=120)
 
@@ -200,7 +201,7 @@ def drain(client: ServerClient, model: str, version: str, request: dict[str, Any
     return not pending
 
 
-def _record(state_dir: Path, deployment: Deployment, alias: str, retired: Deployment | None) -> None:
+def record_deploy(state_dir: Path, deployment: Deployment, alias: str, retired: Deployment | None) -> None:
     """serving.json, then the registry (an outage of the tracking server is a warning, not a failure)."""
     served.record(state_dir, deployment)
     where = f"{Path(state_dir).resolve()}"
@@ -216,7 +217,7 @@ def _record(state_dir: Path, deployment: Deployment, alias: str, retired: Deploy
         print(f"warning: the MLflow registry was not updated ({e}); serving.json in {where} records the deploy")
 
 
-def _record_failure(candidate: Candidate, state_dir: Path, reason: str) -> None:
+def record_failure(candidate: Candidate, state_dir: Path, reason: str) -> None:
     if not candidate.registered:
         return
     try:
@@ -256,7 +257,7 @@ def _priority_watch(client: ServerClient, *, yield_cpu: bool) -> contextlib.Abst
     return StartingWorkers(server)
 
 
-def _start(client: ServerClient, candidate: Candidate, timeout_s: float, *, yield_cpu: bool, started: float,
+def start_candidate(client: ServerClient, candidate: Candidate, timeout_s: float, *, yield_cpu: bool, started: float,
            synchronously: bool = False) -> None:  # fmt: skip
     """Register the candidate, wait for its workers, check it; with `yield_cpu` its workers run at the lowest
     priority until then (the serving version keeps the CPU), at their own from its first real request."""
@@ -292,17 +293,17 @@ def deploy(client: ServerClient, candidate: Candidate, alias: str = SERVING_ALIA
     print(f"=> {event} {new.describe()} to {client.urls['management']}"
           + (f"; {old.describe()} answers until it is ready" if old else ""), flush=True)  # fmt: skip
     if _is_registered(client, candidate.model, candidate.version):  # a leftover, not the default
-        _remove(client, candidate.model, candidate.version)
+        remove_version(client, candidate.model, candidate.version)
     try:
-        _start(
+        start_candidate(
             client, candidate, timeout_s, yield_cpu=yield_cpu, started=start_time, synchronously=register_synchronously
         )
         if old is not None:
             _management(client, "PUT", f"/models/{candidate.model}/{candidate.version}/set-default", 60)
     except (DeployError, ServeError, OSError) as e:
         if old is not None or _is_registered(client, candidate.model, candidate.version):
-            _remove(client, candidate.model, candidate.version)
-        _record_failure(candidate, client.state_dir, str(e))
+            remove_version(client, candidate.model, candidate.version)
+        record_failure(candidate, client.state_dir, str(e))
         still = f"{old.describe()} still serves" if old else "nothing served it before"
         raise DeployError(f"deploy of {new.describe()} failed: {e}. {still}; the new version was removed") from e
     print(f"=> {new.describe()} answers /predictions/{candidate.model} "
@@ -310,18 +311,17 @@ def deploy(client: ServerClient, candidate: Candidate, alias: str = SERVING_ALIA
     if old is not None:
         request = job_for(candidate.kind).serving.example_request(candidate.state)
         if drain(client, candidate.model, old.version, request, timeout_s):
-            _remove(client, candidate.model, old.version)
+            remove_version(client, candidate.model, old.version)
             print(f"=> drained and unregistered {old.describe()} (its .mar stays for a rollback)")
         else:
             print(f"warning: {old.describe()} still had requests after {timeout_s:.0f} s; it stays registered "
                   "(no longer the default). `dlops deploy` again later retires it")  # fmt: skip
-    _record(client.state_dir, new, alias, old)
+    record_deploy(client.state_dir, new, alias, old)
     return new
 
 
-def rollback(client: ServerClient, model: str, alias: str = SERVING_ALIAS, timeout_s: float = 180.0, *,
-             yield_cpu: bool = False) -> Deployment:  # fmt: skip
-    """Serve again, the same way as a deploy, the version that served `model` before the current one."""
+def rollback_candidate(client: ServerClient, model: str) -> Candidate:
+    """The version that served `model` before the current one, as a deploy candidate (its archive is kept)."""
     target = served.previous(client.state_dir, model)
     if target is None:
         known = ", ".join(served.history(client.state_dir)) or "none"
@@ -331,8 +331,13 @@ def rollback(client: ServerClient, model: str, alias: str = SERVING_ALIAS, timeo
     mar = store / target.mar
     if not mar.is_file():
         raise DeployError(f"{mar} is gone: the version to roll back to cannot be registered again")
-    return deploy(client, candidate_from_archive(mar, store, target.source, target.registered), alias, timeout_s,
-                  event="rollback", yield_cpu=yield_cpu)  # fmt: skip
+    return candidate_from_archive(mar, store, target.source, target.registered)
+
+
+def rollback(client: ServerClient, model: str, alias: str = SERVING_ALIAS, timeout_s: float = 180.0, *,
+             yield_cpu: bool = False) -> Deployment:  # fmt: skip
+    """Serve again, the same way as a deploy, the version that served `model` before the current one."""
+    return deploy(client, rollback_candidate(client, model), alias, timeout_s, event="rollback", yield_cpu=yield_cpu)
 
 
 def client_store(client: ServerClient) -> str:
@@ -353,13 +358,14 @@ def mars_to_serve(store: Path, state_dir: Path) -> list[Path]:
 
 
 def serve(options: ServeOptions, sources: list[str], settings: ModelSettings | None = None,
-          alias: str = SERVING_ALIAS) -> ServerClient:  # fmt: skip
+          alias: str = SERVING_ALIAS, *, servers: int | None = None) -> ServerClient:  # fmt: skip
     """`dlops serve`: package what `sources` name (model URIs, checkpoints, archives) into the model
-    store, or take what the state dir served last, and start the server with it."""
+    store, or take what the state dir served last, and start the server with it (`servers`: a fleet of
+    that many behind the gateway, serving/fleet.py)."""
     store = options.model_store
     candidates = {c.mar.name: c for c in (prepare(source, store, settings) for source in sources)}
     mars = [c.mar for c in candidates.values()] if candidates else mars_to_serve(store, options.state_dir)
-    client = start(options, mars)
+    client = start_fleet(options, mars, servers).client if servers else start(options, mars)
     for mar in mars:
         model, version = mar_identity(mar)
         origin, meta = candidates.get(mar.name), read_archive_meta(mar)
@@ -374,5 +380,5 @@ def serve(options: ServeOptions, sources: list[str], settings: ModelSettings | N
             registered=origin.registered if origin else meta.get("registered"),
             event="serve",
         )
-        _record(options.state_dir, deployment, alias, now)
+        record_deploy(options.state_dir, deployment, alias, now)
     return client

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
 import json
+import socket
 import ssl
 import urllib.error
 import urllib.parse
@@ -30,6 +32,7 @@ from serving.tls import client_context
 
 SERVER_FILE = "server.json"  # written by `dlops serve`: the server's URLs, model store and settings
 DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}
+UNIX_PREFIX = "unix:"  # an API on a Unix socket: unix:/absolute/path.sock (TorchServe's own notation)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -57,6 +60,30 @@ def _decode(raw: bytes) -> Any:
 
 def _lower(headers: Any) -> dict[str, str]:
     return {k.lower(): v for k, v in headers.items()}
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket: a fleet's servers listen on sockets in their owner-only state dirs."""
+
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def _send_unix(socket_path: str, method: str, path: str, *, body: bytes | None, headers: dict[str, str],
+               timeout_s: float) -> Answer:  # fmt: skip
+    connection = _UnixConnection(socket_path, timeout_s)
+    try:
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        return Answer(status=response.status, data=_decode(response.read()), headers=_lower(response.headers))
+    finally:
+        connection.close()
 
 
 def _refused(answer: Answer) -> bool:
@@ -110,6 +137,9 @@ class ServerClient:
         key = self._key(api)
         if key:
             headers["Authorization"] = f"Bearer {key}"
+        if self.urls[api].startswith(UNIX_PREFIX):
+            return _send_unix(self.urls[api].removeprefix(UNIX_PREFIX), method, path, body=body, headers=headers,
+                              timeout_s=timeout_s)  # fmt: skip
         url = f"{self.urls[api]}{path}"
         request = urllib.request.Request(url, data=body, headers=headers, method=method)
         try:

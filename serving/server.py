@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from serving import environment
-from serving.client import SERVER_FILE, ServerClient, read_server_file
+from serving.client import SERVER_FILE, UNIX_PREFIX, ServerClient, read_server_file
 from serving.keys import KeyFileError, process_alive, read_keys
 from serving.secrets import child_environment, private_dir
 
@@ -81,6 +81,10 @@ class ServeOptions:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     insecure_http: bool = False  # publish without TLS: only when asked for in so many words
+    # A fleet's member (serving/fleet.py): the inference and management APIs on Unix sockets in this
+    # owner-only folder instead of ports; the folder's permissions are the gate (no keys: the gateway
+    # in front of the fleet checks the fleet's key)
+    sockets: Path | None = None
 
     @property
     def tls(self) -> bool:
@@ -100,8 +104,17 @@ class ServeOptions:
 
     @property
     def ports(self) -> dict[str, int]:
-        return {"inference": self.inference_port, "management": self.management_port, "metrics": self.metrics_port,
-                "gRPC inference": self.grpc_inference_port, "gRPC management": self.grpc_management_port}  # fmt: skip
+        """The TCP ports the server listens on (a fleet member's inference and management APIs are sockets)."""
+        on_sockets = {"inference", "management"} if self.sockets else set()
+        return {name: port for name, port in {
+            "inference": self.inference_port, "management": self.management_port, "metrics": self.metrics_port,
+            "gRPC inference": self.grpc_inference_port, "gRPC management": self.grpc_management_port,
+        }.items() if name not in on_sockets}  # fmt: skip
+
+    def socket(self, api: str) -> Path:
+        """The Unix socket of a fleet member's `api` (inference or management)."""
+        assert self.sockets is not None
+        return Path(self.sockets).resolve() / f"{api}.sock"
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -145,11 +158,9 @@ def effective_config(options: ServeOptions, mars: list[Path]) -> dict[str, str]:
     if options.tls:
         props.update({"certificate_file": str(Path(options.tls_cert).resolve()),
                       "private_key_file": str(Path(options.tls_key).resolve())})  # fmt: skip
+    props.update(_api_addresses(options, scheme))
     props.update(
         {
-            "inference_address": f"{scheme['inference']}://{_url_host(options.inference_address)}:"
-            f"{options.inference_port}",
-            "management_address": f"http://{_url_host(options.management_address)}:{options.management_port}",
             "metrics_address": f"{scheme['metrics']}://{_url_host(options.metrics_address)}:{options.metrics_port}",
             # gRPC: nothing of ours speaks it; it stays on loopback whatever is published
             "grpc_inference_address": "127.0.0.1",
@@ -165,6 +176,27 @@ def effective_config(options: ServeOptions, mars: list[Path]) -> dict[str, str]:
         }
     )
     return props
+
+
+def _api_addresses(options: ServeOptions, scheme: dict[str, str]) -> dict[str, str]:
+    """Where the inference and management APIs listen: ports, or a fleet member's Unix sockets (which
+    TorchServe serves through its native transport)."""
+    if options.sockets:
+        return {"inference_address": f"{UNIX_PREFIX}{options.socket('inference')}",
+                "management_address": f"{UNIX_PREFIX}{options.socket('management')}",
+                "use_native_io": "true"}  # fmt: skip
+    inference = f"{scheme['inference']}://{_url_host(options.inference_address)}:{options.inference_port}"
+    management = f"http://{_url_host(options.management_address)}:{options.management_port}"
+    return {"inference_address": inference, "management_address": management}
+
+
+def api_urls(options: ServeOptions) -> dict[str, str]:
+    """How this machine's clients reach each API of the server `options` start."""
+    urls = {api: local_url(getattr(options, f"{api}_address"), getattr(options, f"{api}_port"), scheme)
+            for api, scheme in api_schemes(options).items()}  # fmt: skip
+    if options.sockets:
+        urls.update({api: f"{UNIX_PREFIX}{options.socket(api)}" for api in ("inference", "management")})
+    return urls
 
 
 def _environment(state: Path, options: ServeOptions) -> dict[str, str]:
@@ -249,6 +281,10 @@ def start(options: ServeOptions, mars: list[Path], *, allow_empty: bool = False)
     for folder in ("logs", "tmp"):
         (state / folder).mkdir(parents=True, exist_ok=True)
     (state / "key_file.json").unlink(missing_ok=True)
+    if options.sockets:  # owner-only: whoever can open the folder may call the APIs; a dead server's sockets go
+        private_dir(Path(options.sockets).resolve())
+        for api in ("inference", "management"):
+            options.socket(api).unlink(missing_ok=True)
     config = state / "config.properties"
     config.write_text("".join(f"{k}={v}\n" for k, v in effective_config(options, mars).items()), encoding="utf-8")
     command = [executable("torchserve"), "--start", "--ts-config", str(config), "--model-store",
@@ -267,8 +303,7 @@ def start(options: ServeOptions, mars: list[Path], *, allow_empty: bool = False)
     pid = running_pid(state)
     if returncode != 0 or pid is None:
         raise ServeError(f"torchserve did not start: {said.strip()[-2000:]}")
-    urls = {api: local_url(getattr(options, f"{api}_address"), getattr(options, f"{api}_port"), scheme)
-            for api, scheme in api_schemes(options).items()}  # fmt: skip
+    urls = api_urls(options)
     record = {"pid": pid, "urls": urls, "model_store": str(options.model_store.resolve()), "ca": _trusted_ca(options),
               "options": {k: str(v) for k, v in asdict(options).items()}}  # fmt: skip
     (state / SERVER_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")

@@ -19,8 +19,8 @@ from tests.conftest import REPO
 LAYERS: list[tuple[str, ...]] = [
     ("training.cli", "serving.container"),  # entry points: parse options, call the layers below
     # releasing a model reads checkpoints and job declarations (training) and drives a server (serving)
-    ("release.deploy", "training.sweep", "training.report", "training.doctor", "training.evaluation"),
-    ("release.package", "release.priority", "release", "training.trainer"),
+    ("release", "training.sweep", "training.report", "training.doctor", "training.evaluation"),
+    ("release.package", "release.priority", "training.trainer"),
     ("training.session",),  # one training run's checkpoints and tracking
     ("training.jobs",),  # the declarations the trainer runs, each job with its own commands (plug-ins)
     ("training.clitools",),  # Click pieces the CLI and the jobs' commands share

@@ -11,6 +11,7 @@ from click.core import ParameterSource
 
 from release.deploy import DeployError
 from serving import environment
+from serving.gateway import GatewayError
 from serving.keys import KeyFileError
 from serving.secrets import private_dir
 from serving.server import DEFAULT_TOKEN_EXPIRATION_MIN, ServeError
@@ -41,7 +42,7 @@ from training.tracking.tags import SERVING_ALIAS
 
 USER_ERRORS = (
     DatasetError, DeviceError, CheckpointError, ServeError, DeployError, KeyFileError, ValueError,
-    TrackingUnavailable, TrackingRefused, JournalBusy, ServerSetupError,
+    TrackingUnavailable, TrackingRefused, JournalBusy, ServerSetupError, GatewayError,
 )  # fmt: skip
 
 
@@ -410,6 +411,22 @@ def package_command(*, kind: str, checkpoint: str | None, model_uri: str | None,
         build_mar(kind, source, store=model_store, settings=_settings(settings), version=version)
 
 
+_canary_policy_option = click.option(
+    "--policy", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+    help="a canary policy (YAML: steps, interval_s, min_requests, max_wait_s, max_error_rate, max_p99_ratio); "
+    "default: steps 5, 10, 25, 50 %, 30 s each, 50 requests, 1% errors, p99 at most 2x",
+)  # fmt: skip
+
+
+def _canary_policy(path: Path | None) -> Any:
+    from release.canary import CanaryPolicy
+
+    try:
+        return CanaryPolicy.from_file(path) if path else CanaryPolicy()
+    except (ValueError, TypeError) as e:
+        raise click.BadParameter(str(e), param_hint="--policy") from e
+
+
 @main.command("serve")
 @click.option("--model", "models", multiple=True, metavar="SOURCE",
               help="what to serve (repeatable): a model URI, a checkpoint or a .mar; packaged into --model-store. "
@@ -446,7 +463,15 @@ def package_command(*, kind: str, checkpoint: str | None, model_uri: str | None,
 @click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="the CA clients trust the certificate by (recorded for this machine's clients)")  # fmt: skip
 @_model_settings
-def serve_command(*, models: tuple[str, ...], no_auth: bool, alias: str, tls: str, **options: Any) -> None:
+@click.option("--servers", type=click.IntRange(1), default=None,
+              help="a fleet: this many TorchServe servers behind the gateway (HAProxy), which answers on "
+              "--inference-port and splits canaries (docs/serving.md)")  # fmt: skip
+@click.option("--follow", "follow_alias", default=None, metavar="ALIAS",
+              help="(a fleet) stay in the foreground and roll out, through a canary, each version the registry "
+              "alias moves to")  # fmt: skip
+@_canary_policy_option
+def serve_command(*, models: tuple[str, ...], no_auth: bool, alias: str, tls: str, servers: int | None,
+                  follow_alias: str | None, policy: Path | None, **options: Any) -> None:  # fmt: skip
     """Start TorchServe (on 127.0.0.1 unless --inference-address publishes it, over TLS) and wait until every
     model is ready; it keeps its keys valid while it runs."""
     from release.deploy import serve
@@ -460,7 +485,15 @@ def serve_command(*, models: tuple[str, ...], no_auth: bool, alias: str, tls: st
                        names=certificate_names(tuple(a for a in published if a not in ("0.0.0.0", "::"))))  # fmt: skip
     if files is not None:
         options.update(tls_cert=files.cert, tls_key=files.key, tls_ca=files.ca)
-    serve(ServeOptions(auth=not no_auth, **options), list(models), settings, alias)
+    if follow_alias and not servers:
+        raise click.UsageError("--follow rolls versions out through canaries: it needs a fleet (--servers N)")
+    serve(ServeOptions(auth=not no_auth, **options), list(models), settings, alias, servers=servers)
+    if follow_alias:
+        from release.controller import follow
+        from serving.fleet import Fleet
+
+        follow(Fleet.of(options["state_dir"]), follow_alias, _canary_policy(policy), settings=settings,
+               serving_alias=alias)  # fmt: skip
 
 
 @main.group(cls=Group)
@@ -489,10 +522,12 @@ def tls_init_command(*, directory: Path, names: tuple[str, ...], machine: bool) 
 @main.command("stop")
 @state_dir_option
 def stop_command(state_dir: Path) -> None:
-    """Stop the TorchServe started from --state-dir (no other)."""
+    """Stop the TorchServe (or the fleet and its gateway) started from --state-dir (no other)."""
+    from serving.fleet import Fleet, stop_fleet
     from serving.server import stop
 
-    click.echo(stop(state_dir))
+    fleet = Fleet.of(state_dir)
+    click.echo(stop_fleet(fleet) if fleet else stop(state_dir))
 
 
 _yield_option = click.option(
@@ -513,20 +548,34 @@ _yield_option = click.option(
 )
 @click.option("--timeout", type=click.FloatRange(1), default=180.0, show_default=True, help="seconds per step")
 @_yield_option
+@click.option("--canary", is_flag=True, help="(a fleet) shift traffic to SOURCE step by step, judged on its own "
+              "requests against the stable version's; abort on errors or latency (docs/serving.md)")  # fmt: skip
+@_canary_policy_option
 @_model_settings
 def deploy_command(source: str, state_dir: Path, model_store: Path | None, alias: str, timeout: float, *,
-                   yield_cpu: bool, **settings: Any) -> None:  # fmt: skip
+                   yield_cpu: bool, canary: bool, policy: Path | None, **settings: Any) -> None:  # fmt: skip
     """Make SOURCE the version that answers on a running `dlops serve`, with no request dropped.
 
     Packages SOURCE, registers it beside the serving version, checks it answers the example request
-    as its checkpoint does, switches to it, drains and retires the old version. Any failure leaves
-    the old version serving and exits 1."""
+    as its checkpoint does, switches to it, drains and retires the old version. On a fleet, every server
+    does so, and --canary first sends it a growing share of the requests, judged at each step. Any
+    failure leaves the old version serving and exits 1."""
+    from release.canary import rollout
     from release.deploy import client_store, deploy, prepare
     from serving.client import ServerClient
+    from serving.fleet import Fleet
 
     client = ServerClient.of(state_dir)
     store = model_store or Path(client_store(client))
-    deployed = deploy(client, prepare(source, store, _settings(settings)), alias, timeout, yield_cpu=yield_cpu)
+    fleet = Fleet.of(state_dir)
+    if (canary or policy) and fleet is None:
+        raise click.UsageError(f"--canary needs a fleet: {state_dir} holds one server (`dlops serve --servers N`)")
+    candidate = prepare(source, store, _settings(settings))
+    if fleet is not None:
+        chosen = _canary_policy(policy) if canary or policy else None
+        deployed = rollout(fleet, candidate, policy=chosen, alias=alias, timeout_s=timeout)
+    else:
+        deployed = deploy(client, candidate, alias, timeout, yield_cpu=yield_cpu)
     click.echo(f"=> serving {deployed.describe()}")
 
 
@@ -539,10 +588,16 @@ def deploy_command(source: str, state_dir: Path, model_store: Path | None, alias
 def rollback_command(model: str, state_dir: Path, alias: str, timeout: float, *, yield_cpu: bool) -> None:
     """Serve again the version of model NAME (its name in TorchServe: /predictions/NAME) that served before
     the current one."""
-    from release.deploy import rollback
+    from release.canary import rollout
+    from release.deploy import rollback, rollback_candidate
     from serving.client import ServerClient
+    from serving.fleet import Fleet
 
-    deployed = rollback(ServerClient.of(state_dir), model, alias, timeout, yield_cpu=yield_cpu)
+    client, fleet = ServerClient.of(state_dir), Fleet.of(state_dir)
+    if fleet is not None:
+        deployed = rollout(fleet, rollback_candidate(client, model), alias=alias, timeout_s=timeout, event="rollback")
+    else:
+        deployed = rollback(client, model, alias, timeout, yield_cpu=yield_cpu)
     click.echo(f"=> serving {deployed.describe()}")
 
 
@@ -624,6 +679,51 @@ def predict_command(*, given: str, model: str | None, field_pairs: tuple[str, ..
 
 
 @main.group(cls=Group)
+def fleet() -> None:
+    """A running fleet (`dlops serve --servers N`): servers behind the gateway."""
+
+
+@fleet.command("add")
+@state_dir_option
+def fleet_add_command(state_dir: Path) -> None:
+    """Start one more server with the versions the fleet serves; the gateway sends it requests once they are
+    READY on it."""
+    from serving.fleet import Fleet, add_member
+
+    found = Fleet.of(state_dir)
+    if found is None:
+        raise click.BadParameter(f"{state_dir} holds no fleet (`dlops serve --servers N`)", param_hint="--state-dir")
+    add_member(found)
+
+
+@fleet.command("status")
+@state_dir_option
+@click.option("--window", type=click.FloatRange(1), default=60.0, show_default=True,
+              help="seconds of requests to count, up to now")  # fmt: skip
+def fleet_status_command(state_dir: Path, window: float) -> None:
+    """The fleet's servers as the gateway sees them, each model's routes, and the requests of the last --window
+    seconds per version (count, errors, p99) from the gateway's log."""
+    import time
+
+    from serving import gateway
+    from serving.fleet import Fleet
+
+    found = Fleet.of(state_dir)
+    if found is None:
+        raise click.BadParameter(f"{state_dir} holds no fleet (`dlops serve --servers N`)", param_hint="--state-dir")
+    click.echo(gateway.runtime(found.gateway_dir, f"show servers state {gateway.STABLE}").strip())
+    stable, canary = (gateway.read_map(found.gateway_dir, name) for name in ("stable", "canary"))
+    weights = gateway.read_map(found.gateway_dir, "weights")
+    for model, version in sorted(stable.items()):
+        routes = {gateway.STABLE: version, gateway.CANARY: canary.get(model)}
+        click.echo(f"{model}: stable {version}" + (f", canary {canary[model]} at {weights.get(model, '0')}%"
+                                                   if model in canary else ""))  # fmt: skip
+        for route, seen in gateway.traffic(found.gateway_dir, model, since=time.time() - window).items():
+            click.echo(f"  {route} (version {routes.get(route)}): {seen.requests} requests, {seen.errors} errors, "
+                       f"p99 {seen.p99_ms:.0f} ms in the last {window:g} s")  # fmt: skip
+
+
+@main.group(cls=Group)
 def keys() -> None:
     """The keys of a running `dlops serve` (its state dir): hand the inference key to teammates, rotate it."""
 
@@ -659,10 +759,17 @@ def keys_show_command(state_dir: Path, api: str) -> None:
 def keys_rotate_command(state_dir: Path, api: str) -> None:
     """Replace the key of --api now: the old one stops working at once (a leaked or departed teammate's key)."""
     from serving.client import ServerClient
+    from serving.fleet import Fleet, new_key
     from serving.keys import renew
 
-    fresh = renew(state_dir, ServerClient.of(state_dir).urls["management"], api)
-    click.echo(fresh.value)
+    fleet = Fleet.of(state_dir)
+    if fleet is not None:
+        if api != "inference":
+            raise click.BadParameter("a fleet's servers have no keys of their own: only the gateway's inference "
+                                     "key", param_hint="--api")  # fmt: skip
+        click.echo(new_key(fleet))
+    else:
+        click.echo(renew(state_dir, ServerClient.of(state_dir).urls["management"], api).value)
     click.echo(f"(the new {api} key; the old one is refused from now on)", err=True)
 
 

@@ -1,7 +1,9 @@
 """Run tags that one part of dlops writes and another reads: declared once, here.
 
 job            what the run is: train-<kind> (a training run of a job), sweep-<kind> (a sweep's
-               parent), evaluate, compare
+               parent), evaluate, compare, deployment (a deploy's run: release/history.py)
+deploy_outcome, deploy_reason   how a deploy ended (deployed, promoted, aborted, inconclusive,
+                     interrupted, failed) and why, for people
 sweep_id       the sweep (Optuna study) a trial or parent belongs to
 comparison_id  the device benchmark a run belongs to (bench_config: its configuration)
 source_run_id  the training run an evaluation evaluated (source_run_a/_b: a comparison's two)
@@ -9,9 +11,11 @@ stop_reason    why the run ended, for people
 dlops_local_run_id   an offline run's local id (its server-side run is found again by it)
 registered_model     NAME/VERSION of the version the run's best checkpoint became
 
-And one model-version tag:
+Model-version tags:
 checkpoint_sha256  the SHA-256 of the version's checkpoint file, recorded when it is registered;
                    `dlops package` and `dlops deploy` refuse a download that does not match it
+deployment_run     the MLflow run (experiment `deployments`) of the version's last deploy
+canary_aborted     why a canary of the version was aborted: the controller does not try it again
 
 And one registry alias:
 serving            the version of a model that `dlops serve` starts and `dlops deploy` moves
@@ -22,7 +26,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 JOB_TAG = "job"
-EVALUATE, COMPARE = "evaluate", "compare"
+EVALUATE, COMPARE, DEPLOYMENT = "evaluate", "compare", "deployment"
+OUTCOME, REASON = "deploy_outcome", "deploy_reason"
 SWEEP_ID = "sweep_id"
 COMPARISON_ID, BENCH_CONFIG = "comparison_id", "bench_config"
 SOURCE_RUN_TAG = "source_run_id"
@@ -32,6 +37,8 @@ CHECKPOINT_DIGEST = "checkpoint_sha256"
 LOCAL_RUN_ID = "dlops_local_run_id"  # an offline run's own id, on the server-side run made at delivery
 REGISTERED_MODEL = "registered_model"  # the version a run's best checkpoint became: NAME/VERSION
 SERVING_ALIAS = "serving"
+DEPLOYMENT_RUN = "deployment_run"
+CANARY_ABORTED = "canary_aborted"
 
 
 def training_job(kind: str) -> str:

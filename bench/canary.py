@@ -1,0 +1,130 @@
+"""What a canary costs and catches, on a fleet of 2 TorchServe servers behind the gateway (HAProxy).
+
+Run by hand (not a test), with a registered classifier that has at least two versions:
+
+    .venv/bin/python bench/canary.py NAME [--concurrency 8] [--seconds 20] [--interval 5]
+
+1. Serves models:/NAME/1 on a fleet of 2 servers (free 127.0.0.1 ports, token auth on), and sends
+   64x64 JPEG classification requests through the gateway from --concurrency threads: --seconds of
+   steady load give the baseline p99.
+2. Moves the alias `bench-champion` to version 2 and lets the controller (release/controller.py)
+   roll it out through the default steps (5, 10, 25, 50 %; --interval s each, 30 requests
+   minimum): the p99 of the requests the stable version answered during the canary, against the
+   baseline, and the seconds from the alias move to full promotion.
+3. Rolls out a copy of version 2 whose handler fails every 20th request (5%): how many requests the
+   bad version answered (and failed) before the abort, as a share of all requests in its window.
+Only 127.0.0.1 is contacted; everything runs in a temporary folder, stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from release.canary import CanaryPolicy, RolloutEnded, rollout
+from release.controller import follow_once
+from release.deploy import candidate_from_archive, serve
+from serving.fleet import Fleet, stop_fleet
+from serving.server import ServeOptions
+from tests.test_fleet import faulty_archive  # the same fault the tests inject
+from training.tracking import store_client
+
+
+class Load:
+    """Requests from `concurrency` threads; every answer kept with when it was sent, its time, status, version."""
+
+    def __init__(self, client, body: bytes, concurrency: int):
+        self.client, self.body = client, body
+        self.samples: list[tuple[float, float, int, str | None]] = []
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self.send, daemon=True) for _ in range(concurrency)]
+
+    def send(self) -> None:
+        while not self.stopping.is_set():
+            sent = time.time()
+            try:
+                answer = self.client.predict("resnet", self.body, "application/octet-stream")
+                status, version = answer.status, answer.headers.get("x-dlops-model-version")
+            except OSError:
+                status, version = -1, None
+            self.samples.append((sent, time.time() - sent, status, version))
+
+    def window(self, start: float, end: float) -> list[tuple[float, float, int, str | None]]:
+        return [s for s in self.samples if start <= s[0] < end]
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=150)
+
+
+def p99_ms(samples: list) -> float:
+    ordered = sorted(s[1] for s in samples)
+    return 1000 * ordered[max(0, int(0.99 * len(ordered) + 0.5) - 1)] if ordered else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", help="a registered classifier with versions 1 and 2")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--interval", type=float, default=5.0, help="seconds per canary step")
+    args = parser.parse_args()
+    policy = CanaryPolicy(interval_s=args.interval, min_requests=30, max_wait_s=max(60.0, 4 * args.interval))
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (120, 30, 200)).save(buffer, "JPEG")
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ServeOptions.on_free_ports(model_store=Path(tmp) / "store", state_dir=Path(tmp) / "fleet")
+        serve(options, [f"models:/{args.name}/1"], servers=2)
+        fleet = Fleet.of(options.state_dir)
+        try:
+            with Load(fleet.client, buffer.getvalue(), args.concurrency) as load:
+                began = time.time()
+                time.sleep(args.seconds)
+                steady = load.window(began, time.time())
+
+                moved = time.time()
+                store_client().set_registered_model_alias(args.name, "bench-champion", "2")
+                said = follow_once(fleet, "bench-champion", policy)
+                promoted = time.time()
+                during = [s for s in load.window(moved, promoted) if s[3] == "1"]
+
+                bad = faulty_archive(fleet, Path(tmp) / "resnet-bad.mar", "bad", "errors")
+                bad_start = time.time()
+                try:
+                    rollout(fleet, candidate_from_archive(bad, options.model_store), policy=policy)
+                    outcome = "promoted (not caught!)"
+                except RolloutEnded as e:
+                    outcome = f"{e.outcome}: {e}"
+                window = load.window(bad_start, time.time())
+        finally:
+            stop_fleet(fleet)
+    by_bad = [s for s in window if s[3] == "bad"]
+    failed = [s for s in window if s[2] != 200]
+    print(f"\n## Canary on a fleet of 2 servers, {args.concurrency} clients, steps {list(policy.steps)} % of "
+          f"{args.interval:g} s (min {policy.min_requests} requests)\n")  # fmt: skip
+    print("| measure | value |\n|---|---|")
+    print(f"| steady: requests/s, p99 | {len(steady) / args.seconds:.1f}, {p99_ms(steady):.1f} ms |")
+    print(f"| stable version's p99 during the promoted canary | {p99_ms(during):.1f} ms "
+          f"({p99_ms(during) / p99_ms(steady):.2f}x steady, {len(during)} requests) |")  # fmt: skip
+    print(f"| alias move to full promotion | {promoted - moved:.1f} s ({'; '.join(said)}) |")
+    print(f"| bad version (5% errors): outcome | {outcome.splitlines()[0][:160]} |")
+    print(f"| its requests before the abort | {len(by_bad)} of {len(window)} ({len(by_bad) / len(window):.1%}); "
+          f"failed: {len(failed)} ({len(failed) / len(window):.2%} of all) |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

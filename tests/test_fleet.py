@@ -1,0 +1,304 @@
+"""A fleet behind the gateway: the real HAProxy in front of two real TorchServe servers on loopback,
+traffic from bounded loopback clients. Canaries promoted, aborted on errors and on latency, ended
+inconclusive without traffic and by SIGTERM; a server killed under load; the registry alias followed;
+every deploy an MLflow run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+import urllib.request
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from release.canary import CanaryPolicy
+from release.controller import follow_once
+from release.history import DEPLOYMENTS
+from serving import gateway
+from serving.client import ServerClient
+from serving.fleet import Fleet, stop_fleet
+from serving.keys import REFUSED
+from serving.server import ServeOptions, running_pid
+from tests.conftest import cli_error, dlops_process, run_cli
+from training.jobs.resnet.data.tinyimagenet import load_tinyimagenet
+from training.tracking.tags import CANARY_ABORTED, DEPLOYMENT_RUN, OUTCOME, SERVING_ALIAS
+
+
+def _haproxy_found() -> bool:
+    try:
+        return bool(gateway.haproxy())
+    except gateway.GatewayError:
+        return False
+
+
+NEEDS = "a fleet needs Java and HAProxy (.ci/run installs them)"
+pytestmark = pytest.mark.skipif(shutil.which("java") is None or not _haproxy_found(), reason=NEEDS)
+
+MODEL = "test-fleet-resnet"
+FAST = ["-b", "16", "-j", "0", "-p", "0", "--epochs", "1", "--experiment", "test-fleet", "--lr", "0.02"]
+# Short steps for tests: two shares, judged after 2 s on at least 40 canary requests
+QUICK = {"steps": [20, 50], "interval_s": 2, "min_requests": 40, "max_wait_s": 30, "max_error_rate": 0.01,
+         "max_p99_ratio": 2.0}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def versions(tiny_dataset, module_tmp):
+    """Three versions of one registered ResNet (seeds 1-3)."""
+    out = module_tmp.mktemp("fleet-runs")
+    for seed in ("1", "2", "3"):
+        run_cli("train", "resnet", tiny_dataset, *FAST, "--seed", seed, "--out-dir", out, "--registered-model", MODEL)
+    return MODEL
+
+
+@pytest.fixture(scope="module")
+def fleet(versions, module_tmp):
+    options = ServeOptions.on_free_ports(model_store=module_tmp.mktemp("fleet-store"),
+                                         state_dir=module_tmp.mktemp("fleet"))  # fmt: skip
+    run_cli("serve", "--model", f"models:/{MODEL}/1", "--servers", "2", "--state-dir", options.state_dir,
+            "--model-store", options.model_store, "--inference-port", options.inference_port,
+            "--metrics-port", options.metrics_port)  # fmt: skip
+    found = Fleet.of(options.state_dir)
+    yield found
+    stop_fleet(Fleet.of(options.state_dir))
+
+
+@pytest.fixture(scope="module")
+def image(tiny_dataset) -> Path:
+    return load_tinyimagenet(tiny_dataset).val[0][0]
+
+
+def policy_file(tmp_path: Path, **changes) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(json.dumps({**QUICK, **changes}))
+    return path
+
+
+class Load:
+    """Classification requests through the gateway from `concurrency` threads until stopped (bounded)."""
+
+    def __init__(self, client: ServerClient, image: Path, concurrency: int = 8, max_requests: int = 20_000):
+        self.client, self.body, self.max_requests = client, image.read_bytes(), max_requests
+        self.answers: list[tuple[int, str | None, str | None]] = []  # status, version, worker
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self.send, daemon=True) for _ in range(concurrency)]
+
+    def send(self) -> None:
+        while not self.stopping.is_set() and len(self.answers) < self.max_requests:
+            try:
+                answer = self.client.predict("resnet", self.body, "application/octet-stream")
+                self.answers.append((answer.status, answer.headers.get("x-dlops-model-version"),
+                                     answer.headers.get("x-dlops-worker")))  # fmt: skip
+            except OSError as e:
+                self.answers.append((-1, None, str(e)))
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=130)
+
+
+def stable_version(fleet: Fleet) -> str:
+    return gateway.read_map(fleet.gateway_dir, "stable")["resnet"]
+
+
+def registered_versions(fleet: Fleet) -> list[set[str]]:
+    """Per server: the versions of `resnet` registered there."""
+    return [{v["modelVersion"] for v in server.management("GET", "/models/resnet/all").data}
+            for server in fleet.servers()]  # fmt: skip
+
+
+def faulty_archive(fleet: Fleet, target: Path, version: str, fault: str) -> Path:
+    """A copy of the serving archive under another version whose handler answers every 20th request with
+    a 500 (5% errors), or sleeps 0.4 s before each answer (slow)."""
+    store = Path(json.loads((fleet.state_dir / "server.json").read_text())["model_store"])
+    source = next(store.glob(f"resnet-{stable_version(fleet)}.mar"))
+    inject = {
+        "errors": "        self.served = getattr(self, 'served', 0) + len(answers)\n"
+        "        if self.served % 20 < len(answers):\n"
+        "            answers[-1] = error_answer(context, len(answers) - 1, RuntimeError('injected fault'))\n",
+        "slow": "        __import__('time').sleep(0.4)\n",
+    }[fault]
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename == "MAR-INF/MANIFEST.json":
+                manifest = json.loads(data)
+                manifest["model"]["modelVersion"] = version
+                data = json.dumps(manifest).encode()
+            elif item.filename == "handler_common.py":
+                anchor = "        count_requests(context, answers)\n"
+                assert anchor in data.decode()
+                data = data.decode().replace(anchor, inject + anchor).encode()
+            zout.writestr(item, data)
+    return target
+
+
+def deployment_runs(client, outcome: str):
+    experiment = client.get_experiment_by_name(DEPLOYMENTS)
+    query = f"tags.{OUTCOME} = '{outcome}'"
+    return client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time DESC"])
+
+
+# --- the gateway ------------------------------------------------------------------------------------------------
+
+
+def test_the_gateway_balances_over_both_servers_checks_the_key_and_exports_metrics(fleet, image):
+    client = fleet.client
+    answers = [client.predict_file("resnet", image) for _ in range(8)]
+    assert {a.status for a in answers} == {200}
+    assert {a.headers["x-dlops-model-version"] for a in answers} == {"1"}
+    assert len({a.headers["x-dlops-worker"] for a in answers}) == 2, "one server answered everything"
+
+    stranger = ServerClient.remote(client.urls["inference"], "not-the-key")
+    refused = stranger.predict_file("resnet", image)
+    assert refused.status == 401 and REFUSED in json.dumps(refused.data)
+    direct = urllib.request.urlopen(f"{client.urls['metrics']}/metrics", timeout=10).read().decode()  # noqa: S310
+    assert 'haproxy_backend_http_responses_total{proxy="stable",code="2xx"}' in direct
+
+    # the servers themselves are reachable only through their owner-only sockets
+    for server in fleet.servers():
+        sockets = Path(server.urls["inference"].removeprefix("unix:")).parent
+        assert sockets.stat().st_mode & 0o077 == 0
+
+
+# --- canaries ---------------------------------------------------------------------------------------------------
+
+
+def test_a_good_canary_is_promoted_through_every_step_and_recorded(fleet, image, tmp_path, client):
+    with Load(fleet.client, image) as load:
+        time.sleep(1)
+        output = run_cli("deploy", f"models:/{MODEL}/2", "--state-dir", fleet.state_dir, "--canary",
+                         "--policy", policy_file(tmp_path)).output  # fmt: skip
+        time.sleep(1)
+    assert "step 1/2: 20%" in output and "step 2/2: 50%" in output and "step 2 passed" in output, output
+    statuses = Counter(status for status, _, _ in load.answers)
+    assert statuses == {200: len(load.answers)}, statuses
+    assert {v for _, v, _ in load.answers} == {"1", "2"}
+    assert stable_version(fleet) == "2" and registered_versions(fleet) == [{"2"}, {"2"}]
+    assert not gateway.read_map(fleet.gateway_dir, "canary")
+    assert str(client.get_model_version_by_alias(MODEL, SERVING_ALIAS).version) == "2"
+
+    run = deployment_runs(client, outcome="promoted")[0]
+    assert run.info.status == "FINISHED" and run.data.params["to_version"] == "2"
+    assert run.data.params["from_version"] == "1" and json.loads(run.data.params["policy"])["steps"] == [20, 50]
+    weights = client.get_metric_history(run.info.run_id, "weight_percent")
+    assert [(m.step, m.value) for m in sorted(weights, key=lambda m: m.step)] == [(1, 20.0), (2, 50.0)]
+    assert all(m.value >= QUICK["min_requests"] for m in client.get_metric_history(run.info.run_id, "canary_requests"))
+    assert client.get_model_version(MODEL, "2").tags[DEPLOYMENT_RUN] == run.info.run_id
+
+
+def test_a_canary_failing_5_percent_is_aborted_at_its_first_step(fleet, image, tmp_path, client):
+    before = stable_version(fleet)
+    mar = faulty_archive(fleet, tmp_path / "resnet-errors.mar", "errors", "errors")
+    with Load(fleet.client, image) as load:
+        time.sleep(1)
+        output = cli_error("deploy", mar, "--state-dir", fleet.state_dir, "--canary", "--policy",
+                           policy_file(tmp_path, min_requests=100))  # fmt: skip
+        time.sleep(1)
+    assert "aborted: step 1 (20%): error rate" in output and "step 2/2" not in output, output
+    assert f"resnet version {before}" in output and "still answers every request" in output
+    assert stable_version(fleet) == before and registered_versions(fleet) == [{before}, {before}]
+    by_version = Counter(v for _, v, _ in load.answers)
+    failed = [a for a in load.answers if a[0] != 200]
+    assert failed and all(version == "errors" for _, version, _ in failed), Counter(a[:2] for a in failed)
+    share = by_version["errors"] / len(load.answers)
+    assert share <= 0.3, f"the bad version answered {share:.0%} of requests (its step's share is 20%)"
+    assert deployment_runs(client, outcome="aborted")[0].info.status == "FAILED"
+
+
+def test_a_canary_three_times_slower_is_aborted_on_p99(fleet, image, tmp_path):
+    before = stable_version(fleet)
+    mar = faulty_archive(fleet, tmp_path / "resnet-slow.mar", "slow", "slow")
+    with Load(fleet.client, image, concurrency=4):
+        time.sleep(1)
+        output = cli_error("deploy", mar, "--state-dir", fleet.state_dir, "--canary", "--policy",
+                           policy_file(tmp_path, min_requests=20))  # fmt: skip
+    assert "aborted: step 1 (20%): p99" in output and "the stable version's" in output, output
+    assert stable_version(fleet) == before and registered_versions(fleet) == [{before}, {before}]
+
+
+def test_a_canary_without_traffic_ends_inconclusive_with_the_stable_version_serving(fleet, tmp_path, client):
+    before = stable_version(fleet)
+    output = cli_error("deploy", f"models:/{MODEL}/3", "--state-dir", fleet.state_dir, "--canary", "--policy",
+                       policy_file(tmp_path, interval_s=1, max_wait_s=3))  # fmt: skip
+    assert "inconclusive" in output and "not enough traffic to judge" in output, output
+    assert stable_version(fleet) == before and registered_versions(fleet) == [{before}, {before}]
+    assert str(client.get_model_version_by_alias(MODEL, SERVING_ALIAS).version) == before
+    assert deployment_runs(client, outcome="inconclusive")
+
+
+def test_sigterm_mid_canary_leaves_the_stable_version_serving(fleet, image, tmp_path, client):
+    before = stable_version(fleet)
+    process = dlops_process("deploy", f"models:/{MODEL}/3", "--state-dir", fleet.state_dir, "--canary",
+                            "--policy", policy_file(tmp_path, interval_s=300, max_wait_s=300))  # fmt: skip
+    said = []
+    with Load(fleet.client, image, concurrency=2) as load:
+        deadline = time.monotonic() + 240
+        for line in process.stdout:
+            said.append(line)
+            if "step 1/2" in line or time.monotonic() > deadline:
+                break
+        time.sleep(1)
+        assert gateway.read_map(fleet.gateway_dir, "canary") == {"resnet": "3"}, "".join(said)
+        process.send_signal(signal.SIGTERM)
+        rest, _ = process.communicate(timeout=120)
+        time.sleep(0.5)
+    output = "".join(said) + rest
+    assert process.returncode != 0 and "interrupted: stopped by SIGTERM" in output, output
+    assert stable_version(fleet) == before and registered_versions(fleet) == [{before}, {before}]
+    assert {status for status, _, _ in load.answers} == {200}
+    assert Counter(v for _, v, _ in load.answers)[before] > 0
+    assert deployment_runs(client, outcome="interrupted")[0].info.status == "KILLED"
+
+
+def test_the_controller_rolls_out_where_champion_moves_and_does_not_retry_an_aborted_version(
+    fleet, image, tmp_path, client
+):
+    policy = CanaryPolicy.from_file(policy_file(tmp_path))
+    client.set_registered_model_alias(MODEL, "champion", "3")
+    with Load(fleet.client, image):
+        said = follow_once(fleet, "champion", policy)
+    assert said == ["resnet: resnet version 3 (test-fleet-resnet/3) promoted"], said
+    assert stable_version(fleet) == "3"
+    assert follow_once(fleet, "champion", policy) == [], "a version already serving was rolled out again"
+
+    client.set_model_version_tag(MODEL, "1", CANARY_ABORTED, "error rate 9%")
+    client.set_registered_model_alias(MODEL, "champion", "1")
+    assert follow_once(fleet, "champion", policy) == [] and stable_version(fleet) == "3"
+
+
+# --- servers that die and join ---------------------------------------------------------------------------------
+
+
+def test_a_server_killed_under_load_fails_no_request_beyond_those_in_flight_and_one_added_joins(fleet, image, versions):
+    victim = fleet.member_dir(fleet.members[0])
+    with Load(fleet.client, image, concurrency=8) as load:
+        time.sleep(2)
+        os.kill(running_pid(victim), signal.SIGKILL)
+        time.sleep(4)
+    failed = [a for a in load.answers if a[0] != 200]
+    assert len(failed) <= 8, f"{len(failed)} failed requests; at most the 8 in flight may fail: {failed[:3]}"
+    assert len(load.answers) > 50
+    show = gateway.runtime(fleet.gateway_dir, "show servers state stable")
+    assert f" {fleet.members[0]} " in show
+
+    output = run_cli("fleet", "add", "--state-dir", fleet.state_dir).output
+    added = next(line.split()[1] for line in output.splitlines() if "serves beside" in line)
+    fleet = Fleet.of(fleet.state_dir)
+    workers = {fleet.client.predict_file("resnet", image).headers["x-dlops-worker"] for _ in range(12)}
+    assert len(workers) == 2, "the added server takes no requests"
+    joined = fleet.member(added).management("GET", "/models/resnet/all").data
+    assert [v["modelVersion"] for v in joined] == [stable_version(fleet)]
+    assert added == fleet.members[-1] == "ts-3"
