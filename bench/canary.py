@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import tempfile
 import threading
@@ -31,9 +32,10 @@ from PIL import Image
 from release.canary import CanaryPolicy, RolloutEnded, rollout
 from release.controller import follow_once
 from release.deploy import candidate_from_archive, serve
+from serving import served
 from serving.fleet import Fleet, stop_fleet
 from serving.server import ServeOptions
-from tests.test_fleet import faulty_archive  # the same fault the tests inject
+from tests.faults import rewrite_archive  # the same fault the tests inject
 from training.tracking import store_client
 
 
@@ -83,6 +85,8 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=5.0, help="seconds per canary step")
     args = parser.parse_args()
     policy = CanaryPolicy(interval_s=args.interval, min_requests=30, max_wait_s=max(60.0, 4 * args.interval))
+    policy_path = Path(tempfile.mkdtemp()) / "policy.json"
+    policy_path.write_text(json.dumps(policy.as_dict()))
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (120, 30, 200)).save(buffer, "JPEG")
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,11 +101,12 @@ def main() -> int:
 
                 moved = time.time()
                 store_client().set_registered_model_alias(args.name, "bench-champion", "2")
-                said = follow_once(fleet, "bench-champion", policy)
+                said = follow_once(fleet, "bench-champion", policy_path)
                 promoted = time.time()
                 during = [s for s in load.window(moved, promoted) if s[3] == "1"]
 
-                bad = faulty_archive(fleet, Path(tmp) / "resnet-bad.mar", "bad", "errors")
+                serving = options.model_store / served.current(fleet.state_dir, "resnet").mar
+                bad = rewrite_archive(serving, Path(tmp) / "resnet-bad.mar", "bad", "errors")
                 bad_start = time.time()
                 try:
                     rollout(fleet, candidate_from_archive(bad, options.model_store), policy=policy)

@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from release import history
 from release.deploy import (
     Candidate,
     DeployError,
@@ -68,17 +69,21 @@ class CanaryPolicy:
             raise ValueError("a canary policy needs min_requests >= 1, interval_s > 0 and max_wait_s >= interval_s")
 
     @classmethod
-    def from_file(cls, path: Path) -> CanaryPolicy:
-        """A policy from YAML (or JSON): any of the fields, the rest default."""
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    def for_job(cls, kind: str | None, path: Path | None = None) -> CanaryPolicy:
+        """The defaults, then the thresholds job `kind` declares (its Serving.canary), then the file's keys
+        (YAML or JSON) when one is given."""
+        declared = dict(job_for(kind).serving.canary) if kind else {}
+        raw = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}) if path else {}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known) if isinstance(raw, dict) else ["(not a mapping)"]
+        unknown += sorted(f"{k} (declared by the {kind} job)" for k in set(declared) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown canary policy key(s) {', '.join(unknown)}; known: "
+            raise ValueError(f"{path or kind}: unknown canary policy key(s) {', '.join(unknown)}; known: "
                              f"{', '.join(sorted(known))}")  # fmt: skip
-        if "steps" in raw:
-            raw["steps"] = tuple(int(s) for s in raw["steps"])
-        return cls(**raw)
+        chosen = {**declared, **raw}
+        if "steps" in chosen:
+            chosen["steps"] = tuple(int(s) for s in chosen["steps"])
+        return cls(**chosen)
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "steps": list(self.steps)}
@@ -142,11 +147,12 @@ def _interruptible() -> Iterator[None]:
 
 
 def _figures(weight: int, verdict: Verdict) -> dict[str, float]:
-    figures = {"weight_percent": weight}
-    for name, seen in (("canary", verdict.canary), ("stable", verdict.stable)):
-        figures.update({f"{name}_requests": seen.requests, f"{name}_error_rate": seen.error_rate,
-                        f"{name}_p99_ms": seen.p99_ms})  # fmt: skip
-    return figures
+    canary, stable = verdict.canary, verdict.stable
+    return {history.WEIGHT: weight,
+            history.CANARY_REQUESTS: canary.requests, history.CANARY_ERROR_RATE: canary.error_rate,
+            history.CANARY_P99_MS: canary.p99_ms,
+            history.STABLE_REQUESTS: stable.requests, history.STABLE_ERROR_RATE: stable.error_rate,
+            history.STABLE_P99_MS: stable.p99_ms}  # fmt: skip
 
 
 def run_steps(fleet: Fleet, model: str, canary_version: str, policy: CanaryPolicy, run: DeploymentRun) -> str:

@@ -43,9 +43,10 @@ def wanted(fleet: Fleet, alias: str) -> dict[str, tuple[str, str]]:
     return found
 
 
-def follow_once(fleet: Fleet, alias: str, policy: CanaryPolicy, *, settings: ModelSettings | None = None,
+def follow_once(fleet: Fleet, alias: str, policy: Path | None = None, *, settings: ModelSettings | None = None,
                 serving_alias: str = SERVING_ALIAS, timeout_s: float = 180.0) -> list[str]:  # fmt: skip
-    """One look at the registry; roll out what moved. Return what happened, a line per model acted on."""
+    """One look at the registry; roll out what moved, through a canary with the policy its job declares (and
+    the `policy` file's keys). Return what happened, a line per model acted on."""
     said = []
     store = Path(read_server_file(fleet.state_dir)["model_store"])
     for model, (name, version) in wanted(fleet, alias).items():
@@ -55,7 +56,8 @@ def follow_once(fleet: Fleet, alias: str, policy: CanaryPolicy, *, settings: Mod
         print(f"=> {name}@{alias} moved to version {version}: rolling it out", flush=True)
         try:
             candidate = prepare(f"models:/{name}/{version}", store, settings)
-            deployed = rollout(fleet, candidate, policy=policy, alias=serving_alias, timeout_s=timeout_s)
+            chosen = CanaryPolicy.for_job(candidate.kind, policy)
+            deployed = rollout(fleet, candidate, policy=chosen, alias=serving_alias, timeout_s=timeout_s)
             said.append(f"{model}: {deployed.describe()} promoted")
         except RolloutEnded as e:
             if e.outcome == "interrupted":
@@ -67,7 +69,7 @@ def follow_once(fleet: Fleet, alias: str, policy: CanaryPolicy, *, settings: Mod
     return said
 
 
-def follow(fleet: Fleet, alias: str, policy: CanaryPolicy, *, interval_s: float = 10.0,
+def follow(fleet: Fleet, alias: str, policy: Path | None = None, *, interval_s: float = 10.0,
            settings: ModelSettings | None = None, serving_alias: str = SERVING_ALIAS) -> None:  # fmt: skip
     """Follow `alias` until interrupted (Ctrl-C, SIGTERM: a canary under way ends with the stable version)."""
     print(f"=> following @{alias} every {interval_s:g} s (Ctrl-C stops)", flush=True)

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from release.history import DeploymentRun
 from release.package import ModelSettings, build_mar, read_archive_meta, resolve_source
 from release.priority import LOWEST, StartingWorkers, local_server, may_raise_priority
 from serving import served
@@ -292,6 +293,9 @@ def deploy(client: ServerClient, candidate: Candidate, alias: str = SERVING_ALIA
         return old
     print(f"=> {event} {new.describe()} to {client.urls['management']}"
           + (f"; {old.describe()} answers until it is ready" if old else ""), flush=True)  # fmt: skip
+    run = DeploymentRun(model=candidate.model, event=event, to_version=candidate.version,
+                        from_version=old.version if old else None, registered=candidate.registered,
+                        where=str(Path(client.state_dir).resolve()))  # fmt: skip
     if _is_registered(client, candidate.model, candidate.version):  # a leftover, not the default
         remove_version(client, candidate.model, candidate.version)
     try:
@@ -304,6 +308,7 @@ def deploy(client: ServerClient, candidate: Candidate, alias: str = SERVING_ALIA
         if old is not None or _is_registered(client, candidate.model, candidate.version):
             remove_version(client, candidate.model, candidate.version)
         record_failure(candidate, client.state_dir, str(e))
+        run.end("failed", str(e))
         still = f"{old.describe()} still serves" if old else "nothing served it before"
         raise DeployError(f"deploy of {new.describe()} failed: {e}. {still}; the new version was removed") from e
     print(f"=> {new.describe()} answers /predictions/{candidate.model} "
@@ -317,6 +322,7 @@ def deploy(client: ServerClient, candidate: Candidate, alias: str = SERVING_ALIA
             print(f"warning: {old.describe()} still had requests after {timeout_s:.0f} s; it stays registered "
                   "(no longer the default). `dlops deploy` again later retires it")  # fmt: skip
     record_deploy(client.state_dir, new, alias, old)
+    run.end("deployed", "the check passed")
     return new
 
 

@@ -17,6 +17,14 @@ from training.tracking import ensure_experiment, store_client
 from training.tracking.tags import DEPLOYMENT, DEPLOYMENT_RUN, JOB_TAG, OUTCOME, REASON
 
 DEPLOYMENTS = "deployments"  # the experiment of deploy runs
+# its params
+SERVED_MODEL, DEPLOY_EVENT, FROM_VERSION, TO_VERSION = "served_model", "deploy_event", "from_version", "to_version"
+REGISTERED_VERSION, SERVED_FROM, CANARY_POLICY = "registered_version", "served_from", "canary_policy"
+# its metrics, by step: the canary's share, and what each version's requests saw in the step's window
+WEIGHT = "weight_percent"
+CANARY_REQUESTS, CANARY_ERROR_RATE, CANARY_P99_MS = "canary_requests", "canary_error_rate", "canary_p99_ms"
+STABLE_REQUESTS, STABLE_ERROR_RATE, STABLE_P99_MS = "stable_requests", "stable_error_rate", "stable_p99_ms"
+
 FINISHED_OUTCOMES = ("deployed", "promoted")  # the version answers; any other outcome leaves the old one serving
 
 
@@ -33,9 +41,9 @@ class DeploymentRun:
             run = self.client.create_run(experiment, run_name=f"{event} {model} {from_version or '-'} -> {to_version}",
                                          tags={JOB_TAG: DEPLOYMENT})  # fmt: skip
             self.run_id = run.info.run_id
-            params = {"model": model, "event": event, "from_version": from_version or "", "to_version": to_version,
-                      "registered": registered or "", "state_dir": where,
-                      "policy": json.dumps(policy) if policy else "none"}  # fmt: skip
+            params = {SERVED_MODEL: model, DEPLOY_EVENT: event, FROM_VERSION: from_version or "",
+                      TO_VERSION: to_version, REGISTERED_VERSION: registered or "", SERVED_FROM: where,
+                      CANARY_POLICY: json.dumps(policy) if policy else "none"}  # fmt: skip
             self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         except Exception as e:  # noqa: BLE001 - a deploy does not stop for its record
             print(f"warning: the deploy is not recorded as an MLflow run ({e}); serving.json records it")

@@ -7,7 +7,9 @@
     MLflow server on PostgreSQL; the MLflow container is restarted once mid-training) -> registered
     MLflow model -> `dlops deploy` from the host to the running TorchServe container (no restart) ->
     a classification and a generation request from the host on 127.0.0.1 with the server's key ->
-    from a teammate's machine (the `client` service: another container on the compose network, not
+    a fleet (the gateway, HAProxy, in front of 2 TorchServe containers, all driven from the host through
+    their shared folder): the ResNet deployed to both, a canary promoted, a canary failing 5% of its
+    requests aborted, under load through the gateway -> from a teammate's machine (the `client` service: another container on the compose network, not
     the host) a run logged with the teammate's login and a prediction with the handed-over key; the
     same without the login gets 401 from MLflow, without the key a 4xx from TorchServe -> the
     trainer container writes a report -> everything torn down, volumes too.
@@ -17,7 +19,8 @@ installed but not running and this runs as root), `docker compose` or Debian's `
 and the project's venv (the host side: data, deploy, requests). Base images: the official ones when
 they can be pulled, else the stand-ins `docker/bases.sh` builds from Debian's packages. pip in the
 builds uses the host's pip index settings and CA bundle (docker/Dockerfile.train says how).
-The stack publishes 127.0.0.1:5000 (MLflow) and 8080-8082 (TorchServe): they must be free.
+The stack publishes 127.0.0.1:5000 (MLflow), 8080-8082 (TorchServe) and 8090 (the fleet's gateway): they
+must be free.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,8 +42,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from serving import environment
+from serving.client import ServerClient
 from serving.secrets import private_dir
 from serving.tls import machine_hosts, urlopen
+from tests.faults import rewrite_archive
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
@@ -50,11 +56,12 @@ OFFICIAL = {
     "postgres": "postgres:16-bookworm@sha256:efedf3595f1d6f415c08568ba171029bf54052e754cc9f030e3f2412b21f3d67",
 }
 STAND_INS = {"python": "local/bookworm-python:3.11", "postgres": "local/postgres:15-bookworm"}
-PORTS = (5000, 8080, 8081, 8082)
+PORTS = (5000, 8080, 8081, 8082, 8090)
 # the variables docker/compose.yaml substitutes (its ${...}), set by this check
 PYTHON_BASE, POSTGRES_IMAGE, DATA_DIR, STATE_DIR = "PYTHON_BASE", "POSTGRES_IMAGE", "DATA_DIR", "DLOPS_STATE"
 ADMIN_PASSWORD_FILE, POSTGRES_PASSWORD_FILE = "MLFLOW_ADMIN_PASSWORD_FILE", "POSTGRES_PASSWORD_FILE"
 TLS_DIR = "TLS_DIR"
+FLEET_DIR, FLEET_MODEL_STORE = "FLEET_DIR", "FLEET_MODEL_STORE"
 times: dict[str, float] = {}
 
 
@@ -243,11 +250,74 @@ def team_check(compose: list[str], env: dict, host_env: dict, image: str) -> Non
     print(f"=> without the key TorchServe refused: {next(x for x in said.splitlines() if 'refused' in x)[:160]}")
 
 
+class FleetLoad:
+    """Classification requests through the fleet's gateway from 4 host threads until stopped (bounded)."""
+
+    def __init__(self, fleet: Path, image: Path):
+        self.client, self.body = ServerClient.of(fleet), image.read_bytes()
+        self.answers: list[tuple[int, str | None]] = []
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self.send, daemon=True) for _ in range(4)]
+
+    def send(self) -> None:
+        while not self.stopping.is_set() and len(self.answers) < 20_000:
+            try:
+                answer = self.client.predict("resnet", self.body, "application/octet-stream")
+                self.answers.append((answer.status, answer.headers.get("x-dlops-model-version")))
+            except OSError:
+                self.answers.append((-1, None))
+
+    def __enter__(self) -> FleetLoad:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=130)
+
+
+def fleet_check(compose: list[str], env: dict, dlops_env: dict, image: Path, tmp: Path) -> None:
+    """The gateway and two servers in containers, driven from the host through the shared folder: the ResNet
+    deployed to both, a canary of the same weights promoted, one failing 5% of requests aborted."""
+    fleet, store = STATE / "fleet", STATE / "fleet-store"
+    sh(*compose, "--profile", "fleet", "up", "-d", "fleet-1", "fleet-2", "gateway", env=env)
+    deadline = time.monotonic() + 300
+    while not (fleet / "server.json").is_file() and time.monotonic() < deadline:
+        time.sleep(1)
+    wait_http("https://127.0.0.1:8090/ping", 60, "the fleet's gateway", fleet / "tls-ca.pem")
+    deploy = ("deploy", "--state-dir", str(fleet), "--model-store", str(store))
+    dlops(*deploy, "models:/resnet-tinyimagenet/latest", env=dlops_env)
+    stable = (fleet / "gateway" / "stable.map").read_text().split()[1]
+    policy = tmp / "canary.json"
+    policy.write_text(json.dumps({"steps": [50], "interval_s": 3, "min_requests": 60, "max_wait_s": 120}))
+    good = rewrite_archive(store / f"resnet-{stable}.mar", tmp / "resnet-again.mar", "again")
+    bad = rewrite_archive(store / f"resnet-{stable}.mar", tmp / "resnet-bad.mar", "bad", "errors")
+    with FleetLoad(fleet, image) as load:
+        time.sleep(2)
+        dlops(*deploy, str(good), "--canary", "--policy", str(policy), env=dlops_env)
+        aborted = dlops(*deploy, str(bad), "--canary", "--policy", str(policy), env=dlops_env, check=False,
+                        capture=True)  # fmt: skip
+    said = (aborted.stdout or "") + (aborted.stderr or "")
+    if aborted.returncode != 1 or "aborted: step 1 (50%): error rate" not in said:
+        raise CheckFailed(f"the faulty canary was not aborted:\n{said[-3000:]}")
+    failed = [version for status, version in load.answers if status != 200]
+    served_by = sorted({version for _, version in load.answers if version})
+    if set(failed) - {"bad"} or set(served_by) != {"again", "bad", stable}:
+        raise CheckFailed(f"requests failed outside the faulty canary ({failed[:5]}) or versions {served_by}")
+    reason = next(line for line in said.splitlines() if "aborted" in line)
+    print(
+        f"=> {len(load.answers)} requests through the gateway, answered by versions {served_by}; "
+        f"{len(failed)} failed, all the faulty canary's; {reason[:200]}"
+    )
+
+
 def main() -> int:
     started = time.perf_counter()
     busy = [p for p in PORTS if socket.socket().connect_ex(("127.0.0.1", p)) == 0]
     if busy:
-        raise CheckFailed(f"ports {busy} on 127.0.0.1 are in use: the stack publishes 5000 and 8080-8082")
+        raise CheckFailed(f"ports {busy} on 127.0.0.1 are in use: the stack publishes 5000, 8080-8082 and 8090")
     with step("engine"):
         engine()
         compose = [*compose_command(), "-p", PROJECT, "-f", str(DOCKER / "compose.yaml")]
@@ -263,7 +333,7 @@ def main() -> int:
         dlops("data", "synth-corpus", str(data / "corpus"))
         os.chmod(tmp, 0o755)
         shutil.rmtree(STATE, ignore_errors=True)
-        for folder in ("torchserve", "model-store"):
+        for folder in ("torchserve", "model-store", "fleet", "fleet-store"):
             (STATE / folder).mkdir(parents=True)
             os.chown(STATE / folder, 1000, 1000)  # the serving container's user writes its keys there
         with step("the stack's secrets: passwords, a CA and a certificate"):
@@ -274,6 +344,8 @@ def main() -> int:
             POSTGRES_IMAGE: bases["postgres"],
             DATA_DIR: str(data),
             STATE_DIR: str(STATE),
+            FLEET_DIR: str(STATE / "fleet"),
+            FLEET_MODEL_STORE: str(STATE / "fleet-store"),
             **secret_files,
             environment.ALLOWED_HOSTS: ",".join(machine_hosts()),
         }
@@ -329,6 +401,8 @@ def main() -> int:
                 top = json.loads(answer)[0]
                 words = json.loads(text)["words"]
                 print(f"=> classified {image.name}: {top['class']} ({top['probability']:.3f}); generated {words} words")
+            with step("a fleet: the gateway and 2 TorchServe containers, a canary promoted and one aborted"):
+                fleet_check(compose, env, dlops_env, image, Path(tmp))
             with step("a teammate's machine: the client container logs a run and asks TorchServe"):
                 team_check(compose, env, dlops_env, image.name)
             with step("the trainer container writes a report"):
@@ -339,7 +413,8 @@ def main() -> int:
                 print(said.strip().splitlines()[-1])
         finally:
             with step("tear down (containers and volumes)"):
-                sh(*compose, "--profile", "tools", "down", "-v", "--remove-orphans", check=False, env=env)
+                sh(*compose, "--profile", "tools", "--profile", "fleet", "down", "-v", "--remove-orphans", check=False,
+                   env=env)  # fmt: skip
                 shutil.rmtree(STATE, ignore_errors=True)
     total = time.perf_counter() - started
     print(

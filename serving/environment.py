@@ -45,3 +45,6 @@ SERVE_STATE_DIR, SERVE_MODEL_STORE = "DLOPS_SERVE_STATE_DIR", "DLOPS_SERVE_MODEL
 SERVE_TOKEN_MINUTES = "DLOPS_SERVE_TOKEN_EXPIRATION_MIN"
 SERVE_TORCH_THREADS = "DLOPS_SERVE_TORCH_THREADS"
 SERVE_TLS_PREFIX = "DLOPS_SERVE_TLS_"  # + CERT, KEY, CA
+# a fleet in compose: its folder (bind-mounted at the same path as on the host: sockets and paths
+# in it are the host's too), its members' names (the gateway's), the gateway's published port
+FLEET_DIR, FLEET_MEMBERS, FLEET_PORT = "DLOPS_FLEET_DIR", "DLOPS_FLEET_MEMBERS", "DLOPS_FLEET_PORT"

@@ -28,7 +28,7 @@ from serving import gateway, served
 from serving.client import SERVER_FILE, ServerClient, read_server_file
 from serving.keys import key_file
 from serving.secrets import private_dir
-from serving.server import ServeError, ServeOptions, local_url, mar_identity, start, stop
+from serving.server import LOOPBACK, ServeError, ServeOptions, local_url, mar_identity, start, stop
 
 FLEET_FILE = "fleet.json"
 GATEWAY_DIR = "gateway"
@@ -87,7 +87,7 @@ def is_fleet(state_dir: Path) -> bool:
     return (Path(state_dir) / FLEET_FILE).is_file()
 
 
-def _member_options(options: ServeOptions, state_dir: Path) -> ServeOptions:
+def member_options(options: ServeOptions, state_dir: Path) -> ServeOptions:
     """A member: its own ports (metrics, gRPC) on loopback and Unix sockets in an owner-only folder."""
     free = ServeOptions.on_free_ports()
     loopback = {f"{api}_address": "127.0.0.1" for api in ("inference", "metrics", "management")}
@@ -129,25 +129,34 @@ def start_fleet(options: ServeOptions, mars: list[Path], servers: int) -> Fleet:
     fleet = Fleet(state_dir=state, members=[f"ts-{i}" for i in range(1, servers + 1)],
                   address=options.inference_address, port=options.inference_port, metrics_port=options.metrics_port,
                   auth=options.auth)  # fmt: skip
+    if options.inference_address not in LOOPBACK and not (options.tls or options.insecure_http):
+        raise ServeError(f"the gateway would listen on {options.inference_address} and take keys and requests in "
+                         "clear: give --tls auto (or --tls-cert/--tls-key), or --insecure-http on purpose")  # fmt: skip
     if gateway.running_pid(fleet.gateway_dir):
         raise ServeError(f"a fleet started from {state} is running: `dlops stop --state-dir {state}` first")
     started: list[str] = []
     try:
         for name in fleet.members:
-            start(_member_options(options, fleet.member_dir(name)), mars)
+            start(member_options(options, fleet.member_dir(name)), mars)
             started.append(name)
-        if options.auth:
-            new_key(fleet)
-        fleet.tls_pem = _tls_pem(options, private_dir(fleet.gateway_dir))
-        fleet.save()
-        for mar in mars:
-            model, version = mar_identity(mar)
-            gateway.route(fleet.gateway_dir, model, stable=version, clear_canary=True)
-        gateway.start(fleet.gateway_dir, fleet.gateway_settings())
+        open_gateway(fleet, options, [mar_identity(mar) for mar in mars])
     except (ServeError, gateway.GatewayError, OSError):
         for name in started:
             stop(fleet.member_dir(name))
         raise
+    return fleet
+
+
+def open_gateway(fleet: Fleet, options: ServeOptions, versions: list[tuple[str, str]]) -> int:
+    """The gateway in front of the fleet's running members: its key, certificate and routes (`versions`: each
+    model's stable version), HAProxy started, and server.json for the fleet's clients. Return HAProxy's pid."""
+    if options.auth:
+        new_key(fleet)
+    fleet.tls_pem = _tls_pem(options, private_dir(fleet.gateway_dir))
+    fleet.save()
+    for model, version in versions:
+        gateway.route(fleet.gateway_dir, model, stable=version, clear_canary=True)
+    pid = gateway.start(fleet.gateway_dir, fleet.gateway_settings())
     scheme = "https" if options.tls else "http"
     record = {"urls": {"inference": local_url(options.inference_address, options.inference_port, scheme),
                        "metrics": local_url("127.0.0.1", options.metrics_port),
@@ -155,10 +164,11 @@ def start_fleet(options: ServeOptions, mars: list[Path], servers: int) -> Fleet:
               "model_store": str(options.model_store.resolve()), "fleet": fleet.members,
               "ca": str(Path(options.tls_ca or options.tls_cert).resolve()) if options.tls else None,
               "options": {k: str(v) for k, v in asdict(options).items()}}  # fmt: skip
-    (state / SERVER_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
-    print(f"=> the gateway (HAProxy) answers {record['urls']['inference']} for {servers} TorchServe server(s); "
-          f"its Prometheus metrics: {record['urls']['metrics']}/metrics; state dir {state}")  # fmt: skip
-    return fleet
+    (fleet.state_dir / SERVER_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+    urls = record["urls"]
+    print(f"=> the gateway (HAProxy) answers {urls['inference']} for {len(fleet.members)} TorchServe server(s); "
+          f"its Prometheus metrics: {urls['metrics']}/metrics; state dir {fleet.state_dir}")  # fmt: skip
+    return pid
 
 
 def add_member(fleet: Fleet) -> str:
@@ -170,7 +180,7 @@ def add_member(fleet: Fleet) -> str:
                            torch_threads=int(settings.get("torch_threads", 1)))  # fmt: skip
     mars = [options.model_store / d.mar for d in served.serving_now(fleet.state_dir)]
     name = f"ts-{max(int(n.split('-')[1]) for n in fleet.members) + 1}"
-    start(_member_options(options, fleet.member_dir(name)), mars)
+    start(member_options(options, fleet.member_dir(name)), mars)
     fleet.members.append(name)
     fleet.save()
     gateway.reload(fleet.gateway_dir, fleet.gateway_settings())
@@ -182,4 +192,6 @@ def stop_fleet(fleet: Fleet) -> str:
     """The gateway first (it answers what it holds), then every member."""
     said = [gateway.stop(fleet.gateway_dir)]
     said += [stop(fleet.member_dir(name)) for name in fleet.members]
+    for directory in (fleet.gateway_dir, *map(fleet.member_dir, fleet.members)):
+        gateway.forget_sockets_dir(directory)
     return "\n".join(said)

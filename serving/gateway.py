@@ -43,6 +43,7 @@ PID_FILE = "haproxy.pid"
 # A request is retried on another server when it could not be delivered; HAProxy keeps a copy of
 # requests up to this size to do so (bigger ones are not retried)
 BUFFER_BYTES = 131072
+HAPROXY_SOCKET_MAX = 97  # characters of a server's socket path HAProxy 2.6 takes (less than Linux's 107)
 REQUEST_TIMEOUT_S = 130  # past TorchServe's own default_response_timeout (120 s): its answer, not ours
 LOG_FORMAT = "%Ts.%ms %[var(txn.model)] %[var(txn.version)] %b %ST %Ta %tsc"
 
@@ -70,9 +71,10 @@ def haproxy() -> str:
 
 def sockets_dir(directory: Path) -> Path:
     """An owner-only folder for Unix sockets: in `directory` when its path is short enough for a socket's
-    (108 bytes on Linux), else a short one under the temporary folder, recorded in `directory`."""
+    (HAProxy takes at most HAPROXY_SOCKET_MAX characters), else a short one under the temporary folder,
+    recorded in `directory`."""
     directory = Path(directory).resolve()
-    if len(str(directory / "s" / "management.sock")) < 100:
+    if len(str(directory / "s" / "management.sock")) <= HAPROXY_SOCKET_MAX:
         return private_dir(directory / "s")
     recorded = directory / "sockets-dir"
     if recorded.is_file() and Path(recorded.read_text().strip()).is_dir():
@@ -82,6 +84,14 @@ def sockets_dir(directory: Path) -> Path:
     short = Path(tempfile.mkdtemp(prefix="dlops-"))
     recorded.write_text(str(short))
     return private_dir(short)
+
+
+def forget_sockets_dir(directory: Path) -> None:
+    """Remove the short sockets folder `directory` had under the temporary folder, if any (its server stopped)."""
+    recorded = Path(directory) / "sockets-dir"
+    if recorded.is_file():
+        shutil.rmtree(recorded.read_text().strip(), ignore_errors=True)
+        recorded.unlink()
 
 
 def _admin_socket(directory: Path) -> Path:
@@ -182,9 +192,10 @@ def write_config(directory: Path, settings: GatewaySettings) -> Path:
     )
     config = directory / "haproxy.cfg"
     config.write_text(config_text(directory, settings), encoding="utf-8")
-    checked = subprocess.run([haproxy(), "-c", "-q", "-f", str(config)], capture_output=True, text=True)
+    checked = subprocess.run([haproxy(), "-c", "-f", str(config)], capture_output=True, text=True)
     if checked.returncode != 0:
-        raise GatewayError(f"HAProxy refused {config}: {(checked.stdout + checked.stderr).strip()[-2000:]}")
+        alerts = [line for line in (checked.stdout + checked.stderr).splitlines() if "ALERT" in line]
+        raise GatewayError(f"HAProxy refused {config}: {' '.join(alerts)[-2000:]}")
     return config
 
 
@@ -296,14 +307,16 @@ def set_entry(directory: Path, name: str, key: str, value: str | None) -> None:
     tmp.write_text("".join(f"{k} {v}\n" for k, v in entries.items()))
     tmp.chmod(0o600)
     os.replace(tmp, path)
-    if running_pid(directory) is None:
-        return
-    # the runtime API has no "set or add": clear the key, then add it
-    runtime(directory, f"del map {path} {key}")
-    if value is not None:
-        answer = runtime(directory, f"add map {path} {key} {value}")
-        if answer.strip():
-            raise GatewayError(f"HAProxy refused the route {name} {key} -> {value}: {answer.strip()}")
+    try:
+        # "set map" changes a key in place (no request sees it missing); a new key needs "add map"
+        command = f"del map {path} {key}" if value is None else f"set map {path} {key} {value}"
+        answer = runtime(directory, command).strip()
+    except (FileNotFoundError, ConnectionRefusedError):
+        return  # no gateway runs: it reads the file when it starts
+    if value is not None and answer:  # the key was not there yet
+        answer = runtime(directory, f"add map {path} {key} {value}").strip()
+        if answer:
+            raise GatewayError(f"HAProxy refused the route {name} {key} -> {value}: {answer}")
 
 
 def route(directory: Path, model: str, *, stable: str | None = None, canary: str | None = None,

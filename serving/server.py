@@ -45,6 +45,8 @@ METRICS_CONFIG = Path(__file__).resolve().parent / "metrics.yaml"  # TorchServe'
 JAVA_HINT = "TorchServe needs Java 17: sudo apt-get install -y openjdk-17-jre-headless"
 PID_FILE = ".model_server.pid"  # TorchServe's launcher: tempfile.gettempdir() / this
 DEFAULT_STATE_DIR = Path("logs/torchserve")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # addresses that keep an API on this machine
+UNIX_SOCKET_MAX = 107  # characters of a Unix socket's path (Linux: 108 bytes with the final NUL)
 MODEL_LOG = Path("logs") / "model_log.log"  # in a state dir: what TorchServe's Python workers print
 TRUSTED_CA = "tls-ca.pem"  # in a container's state dir: the CA its certificate is checked against
 # Keys last a day and the keeper renews them every 12 hours: a leaked key works for a day at most.
@@ -244,11 +246,16 @@ def _check_can_start(options: ServeOptions, mars: list[Path], *, allow_empty: bo
                          "publishing it needs token authorization (drop --no-auth)")  # fmt: skip
     published = [f"--{api}-address {address}" for api, address in
                  (("inference", options.inference_address), ("metrics", options.metrics_address))
-                 if address not in ("127.0.0.1", "localhost", "::1")]  # fmt: skip
+                 if address not in LOOPBACK]  # fmt: skip
     if published and not options.tls and not options.insecure_http:
         raise ServeError(f"{' and '.join(published)} would send keys and requests over the network in clear: give "
                          "--tls-cert/--tls-key, or --tls auto (a CA and certificate made for this server), or say "
                          "--insecure-http on purpose")  # fmt: skip
+    worker_socket = options.state_dir.resolve() / "tmp" / ".ts.sock.65535"  # in its TMPDIR: see _environment
+    if len(str(worker_socket)) > UNIX_SOCKET_MAX:
+        raise ServeError(f"--state-dir {options.state_dir.resolve()} is too long a path: TorchServe's workers talk "
+                         f"over Unix sockets in its tmp/ folder, whose paths may not pass {UNIX_SOCKET_MAX} characters "
+                         f"({len(str(worker_socket))} here); choose a shorter one")  # fmt: skip
     busy = [f"{name} port {port}" for name, port in options.ports.items() if _port_in_use(port)]
     if busy:
         raise ServeError(f"{', '.join(busy)} already in use on 127.0.0.1 (another server?); choose other ports")

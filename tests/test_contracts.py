@@ -22,6 +22,7 @@ NAMING_MODULES = (
     "training/jobs/resnet/metrics.py",  # the classifier's metrics
     "training/jobs/resnet/compare.py",  # what a comparison run holds
     "training/jobs/lm/__init__.py",  # the language model's metrics
+    "release/history.py",  # a deploy run's params and metrics
 )
 ENVIRONMENT = re.compile(r"^(DLOPS|MLFLOW)_[A-Z0-9_]+$")  # a variable's name: named where it is assigned
 CODE = ("training", "release", "serving", "scripts", "bench")

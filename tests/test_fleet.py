@@ -12,21 +12,21 @@ import signal
 import threading
 import time
 import urllib.request
-import zipfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from release import history
 from release.canary import CanaryPolicy
 from release.controller import follow_once
-from release.history import DEPLOYMENTS
 from serving import gateway
 from serving.client import ServerClient
 from serving.fleet import Fleet, stop_fleet
 from serving.keys import REFUSED
 from serving.server import ServeOptions, running_pid
 from tests.conftest import cli_error, dlops_process, run_cli
+from tests.faults import rewrite_archive
 from training.jobs.resnet.data.tinyimagenet import load_tinyimagenet
 from training.tracking.tags import CANARY_ABORTED, DEPLOYMENT_RUN, OUTCOME, SERVING_ALIAS
 
@@ -120,33 +120,13 @@ def registered_versions(fleet: Fleet) -> list[set[str]]:
 
 
 def faulty_archive(fleet: Fleet, target: Path, version: str, fault: str) -> Path:
-    """A copy of the serving archive under another version whose handler answers every 20th request with
-    a 500 (5% errors), or sleeps 0.4 s before each answer (slow)."""
+    """The serving archive as `version`, with `fault` (tests/faults.py)."""
     store = Path(json.loads((fleet.state_dir / "server.json").read_text())["model_store"])
-    source = next(store.glob(f"resnet-{stable_version(fleet)}.mar"))
-    inject = {
-        "errors": "        self.served = getattr(self, 'served', 0) + len(answers)\n"
-        "        if self.served % 20 < len(answers):\n"
-        "            answers[-1] = error_answer(context, len(answers) - 1, RuntimeError('injected fault'))\n",
-        "slow": "        __import__('time').sleep(0.4)\n",
-    }[fault]
-    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
-        for item in zin.infolist():
-            data = zin.read(item.filename)
-            if item.filename == "MAR-INF/MANIFEST.json":
-                manifest = json.loads(data)
-                manifest["model"]["modelVersion"] = version
-                data = json.dumps(manifest).encode()
-            elif item.filename == "handler_common.py":
-                anchor = "        count_requests(context, answers)\n"
-                assert anchor in data.decode()
-                data = data.decode().replace(anchor, inject + anchor).encode()
-            zout.writestr(item, data)
-    return target
+    return rewrite_archive(store / f"resnet-{stable_version(fleet)}.mar", target, version, fault)
 
 
 def deployment_runs(client, outcome: str):
-    experiment = client.get_experiment_by_name(DEPLOYMENTS)
+    experiment = client.get_experiment_by_name(history.DEPLOYMENTS)
     query = f"tags.{OUTCOME} = '{outcome}'"
     return client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time DESC"])
 
@@ -173,7 +153,35 @@ def test_the_gateway_balances_over_both_servers_checks_the_key_and_exports_metri
         assert sockets.stat().st_mode & 0o077 == 0
 
 
+def test_tls_ends_at_the_gateway(versions, tmp_path, image):
+    options = ServeOptions.on_free_ports(model_store=tmp_path / "store", state_dir=tmp_path / "tls")
+    run_cli("serve", "--model", f"models:/{MODEL}/1", "--servers", "1", "--tls", "auto", "--state-dir",
+            options.state_dir, "--model-store", options.model_store, "--inference-port", options.inference_port,
+            "--metrics-port", options.metrics_port)  # fmt: skip
+    try:
+        client = Fleet.of(options.state_dir).client
+        assert client.urls["inference"].startswith("https://")
+        answer = client.predict_file("resnet", image)  # the certificate checked against the fleet's CA
+        assert answer.status == 200 and answer.headers["x-dlops-model-version"] == "1"
+        with pytest.raises(OSError):  # plain HTTP on the TLS port: no answer
+            urllib.request.urlopen(f"http://127.0.0.1:{options.inference_port}/ping", timeout=10)  # noqa: S310
+    finally:
+        stop_fleet(Fleet.of(options.state_dir))
+
+
 # --- canaries ---------------------------------------------------------------------------------------------------
+
+
+def test_a_policy_is_the_defaults_then_what_the_job_declares_then_the_file(tmp_path):
+    assert CanaryPolicy.for_job("resnet").max_p99_ratio == CanaryPolicy().max_p99_ratio == 2.0
+    assert CanaryPolicy.for_job("lm").max_p99_ratio == 3.0  # the LM job's own threshold
+    chosen = CanaryPolicy.for_job("lm", policy_file(tmp_path, max_p99_ratio=1.5))
+    assert chosen.max_p99_ratio == 1.5 and chosen.steps == (20, 50)
+    (tmp_path / "bad.yaml").write_text("steps: [5, 10]\nmax_latency: 3\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown canary policy key\(s\) max_latency"):
+        CanaryPolicy.for_job("resnet", tmp_path / "bad.yaml")
+    with pytest.raises(ValueError, match="rising shares"):
+        CanaryPolicy(steps=(50, 10))
 
 
 def test_a_good_canary_is_promoted_through_every_step_and_recorded(fleet, image, tmp_path, client):
@@ -191,11 +199,13 @@ def test_a_good_canary_is_promoted_through_every_step_and_recorded(fleet, image,
     assert str(client.get_model_version_by_alias(MODEL, SERVING_ALIAS).version) == "2"
 
     run = deployment_runs(client, outcome="promoted")[0]
-    assert run.info.status == "FINISHED" and run.data.params["to_version"] == "2"
-    assert run.data.params["from_version"] == "1" and json.loads(run.data.params["policy"])["steps"] == [20, 50]
-    weights = client.get_metric_history(run.info.run_id, "weight_percent")
+    assert run.info.status == "FINISHED" and run.data.params[history.TO_VERSION] == "2"
+    assert run.data.params[history.FROM_VERSION] == "1"
+    assert json.loads(run.data.params[history.CANARY_POLICY])["steps"] == [20, 50]
+    weights = client.get_metric_history(run.info.run_id, history.WEIGHT)
     assert [(m.step, m.value) for m in sorted(weights, key=lambda m: m.step)] == [(1, 20.0), (2, 50.0)]
-    assert all(m.value >= QUICK["min_requests"] for m in client.get_metric_history(run.info.run_id, "canary_requests"))
+    requests = client.get_metric_history(run.info.run_id, history.CANARY_REQUESTS)
+    assert len(requests) == 2 and all(m.value >= QUICK["min_requests"] for m in requests)
     assert client.get_model_version(MODEL, "2").tags[DEPLOYMENT_RUN] == run.info.run_id
 
 
@@ -266,7 +276,7 @@ def test_sigterm_mid_canary_leaves_the_stable_version_serving(fleet, image, tmp_
 def test_the_controller_rolls_out_where_champion_moves_and_does_not_retry_an_aborted_version(
     fleet, image, tmp_path, client
 ):
-    policy = CanaryPolicy.from_file(policy_file(tmp_path))
+    policy = policy_file(tmp_path)
     client.set_registered_model_alias(MODEL, "champion", "3")
     with Load(fleet.client, image):
         said = follow_once(fleet, "champion", policy)
@@ -277,6 +287,19 @@ def test_the_controller_rolls_out_where_champion_moves_and_does_not_retry_an_abo
     client.set_model_version_tag(MODEL, "1", CANARY_ABORTED, "error rate 9%")
     client.set_registered_model_alias(MODEL, "champion", "1")
     assert follow_once(fleet, "champion", policy) == [] and stable_version(fleet) == "3"
+
+
+def test_the_report_shows_the_deployment_history(fleet, tmp_path):
+    run_cli("report", "--experiment", history.DEPLOYMENTS, "--out", tmp_path / "report")
+    page = (tmp_path / "report" / "report.md").read_text()
+    table = page.split("## Deployments", 1)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| 20")]
+    outcomes = [row.split(" | ")[5] for row in rows]
+    assert outcomes[0] == "promoted" and "aborted" in outcomes, rows
+    assert {"inconclusive", "interrupted"} <= set(outcomes), rows
+    aborted = next(row for row in rows if " aborted " in row)
+    assert "| errors |" in aborted and "20%: canary p99" in aborted and "error rate" in aborted, aborted
+    assert '<h2 id="deployments">' in (tmp_path / "report" / "report.html").read_text()
 
 
 # --- servers that die and join ---------------------------------------------------------------------------------

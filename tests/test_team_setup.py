@@ -226,7 +226,7 @@ def test_the_serving_image_copies_every_module_its_entry_point_imports():
 def test_compose_file_names_the_services_volumes_and_ports():
     compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"postgres", "mlflow", "trainer", "torchserve", "client"}
+    assert set(services) == {"postgres", "mlflow", "trainer", "torchserve", "client", "fleet-1", "fleet-2", "gateway"}
     assert set(compose["volumes"]) == {"pgdata", "mlflow-artifacts", "runs"}
     assert "pgdata:/var/lib/postgresql/data" in services["postgres"]["volumes"]
     assert any(v.startswith("mlflow-artifacts:") for v in services["mlflow"]["volumes"])
@@ -264,6 +264,14 @@ def test_compose_file_names_the_services_volumes_and_ports():
     assert services["client"]["environment"]["DLOPS_INFERENCE_URL"] == "https://torchserve:8080"
     assert services["torchserve"]["environment"]["DLOPS_SERVE_TLS_CERT"] == "/run/secrets/tls_cert"
     assert "healthcheck" in services["mlflow"] and "healthcheck" in services["postgres"]
+    # a fleet: servers without any network (their APIs are sockets in the shared folder), the gateway published
+    # on loopback unless BIND_ADDRESS says otherwise, TLS ending there; the folders at the host's own paths
+    for name in ("fleet-1", "fleet-2"):
+        assert services[name]["network_mode"] == "none" and "ports" not in services[name]
+    assert services["gateway"]["ports"] == ["${BIND_ADDRESS:-127.0.0.1}:8090:8090"]
+    assert services["gateway"]["environment"]["DLOPS_SERVE_TLS_CERT"] == "/run/secrets/tls_cert"
+    for name in ("fleet-1", "fleet-2", "gateway"):
+        assert all(a + "}" == b for a, b in (v.split("}:", 1) for v in services[name]["volumes"])), name
     for name, service in services.items():
         for dependency in service.get("depends_on", {}):
             assert dependency in services, f"{name} depends on unknown {dependency}"

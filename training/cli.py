@@ -418,11 +418,12 @@ _canary_policy_option = click.option(
 )  # fmt: skip
 
 
-def _canary_policy(path: Path | None) -> Any:
+def _canary_policy(kind: str | None, path: Path | None) -> Any:
+    """The canary policy for a version of `kind` (None: the file alone, to check it early)."""
     from release.canary import CanaryPolicy
 
     try:
-        return CanaryPolicy.from_file(path) if path else CanaryPolicy()
+        return CanaryPolicy.for_job(kind, path)
     except (ValueError, TypeError) as e:
         raise click.BadParameter(str(e), param_hint="--policy") from e
 
@@ -487,13 +488,13 @@ def serve_command(*, models: tuple[str, ...], no_auth: bool, alias: str, tls: st
         options.update(tls_cert=files.cert, tls_key=files.key, tls_ca=files.ca)
     if follow_alias and not servers:
         raise click.UsageError("--follow rolls versions out through canaries: it needs a fleet (--servers N)")
+    _canary_policy(None, policy)  # a wrong policy file fails now, not at the first rollout
     serve(ServeOptions(auth=not no_auth, **options), list(models), settings, alias, servers=servers)
     if follow_alias:
         from release.controller import follow
         from serving.fleet import Fleet
 
-        follow(Fleet.of(options["state_dir"]), follow_alias, _canary_policy(policy), settings=settings,
-               serving_alias=alias)  # fmt: skip
+        follow(Fleet.of(options["state_dir"]), follow_alias, policy, settings=settings, serving_alias=alias)
 
 
 @main.group(cls=Group)
@@ -572,7 +573,7 @@ def deploy_command(source: str, state_dir: Path, model_store: Path | None, alias
         raise click.UsageError(f"--canary needs a fleet: {state_dir} holds one server (`dlops serve --servers N`)")
     candidate = prepare(source, store, _settings(settings))
     if fleet is not None:
-        chosen = _canary_policy(policy) if canary or policy else None
+        chosen = _canary_policy(candidate.kind, policy) if canary or policy else None
         deployed = rollout(fleet, candidate, policy=chosen, alias=alias, timeout_s=timeout)
     else:
         deployed = deploy(client, candidate, alias, timeout, yield_cpu=yield_cpu)

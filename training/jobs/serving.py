@@ -79,6 +79,9 @@ class Serving:
     answer_mismatch: Callable[[Any, Any, str], str | None] = lambda served, offline, amp: numbers_close(served, offline)
     http_request: Callable[[str, dict[str, Any]], Request] | None = None
     extra_files: tuple[Path, ...] = ()  # more modules the handler imports, shipped under their own names
+    # The job's canary thresholds: keys of release/canary.py's CanaryPolicy it sets for its own versions
+    # (a --policy file still overrides them), e.g. {"max_p99_ratio": 3.0}
+    canary: dict[str, Any] = field(default_factory=dict)
 
     def files(self) -> dict[Path, str]:
         """The code a .mar or an MLflow model of this job ships: source file -> name inside it. None of

@@ -67,6 +67,7 @@ def gather(client, runs: list[collect.RunFacts], mlflow_url: str | None) -> tupl
         "evaluation": collect.evaluation_section(client, runs),
         "epochs": collect.epoch_tables_section(client, runs),
         "environment": collect.environment_section(runs),
+        "deploys": collect.deployments_section(runs),
     }
     pictures: list[Picture] = []
     if sections["curves"]:

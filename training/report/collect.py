@@ -7,12 +7,15 @@ what MLflow recorded, nothing recomputed from checkpoints.
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 from dataclasses import dataclass, field
 
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from release import history
 from training.jobs import JobSpec, jobs
 from training.jobs.spec import Column
 from training.metrics import BEST_EPOCH, EVAL_PREFIX, TOTAL_SECONDS, VAL_LOSS, eval_metric_name
@@ -20,8 +23,11 @@ from training.tracking.artifacts import MODEL_SUMMARY
 from training.tracking.store import download_text
 from training.tracking.tags import (
     COMPARISON_ID,
+    DEPLOYMENT,
     EVALUATE,
     JOB_TAG,
+    OUTCOME,
+    REASON,
     SOURCE_RUN_TAG,
     SWEEP_ID,
     trained_kind,
@@ -250,3 +256,29 @@ def environment_section(runs: list[RunFacts]) -> dict | None:
     keys = [k for k in (*ENVIRONMENT_TAGS, *CPU_PARAMS) if any(k in row["values"] for row in rows)]
     distinct = {json.dumps(row["values"], sort_keys=True) for row in rows}
     return {"columns": keys, "rows": rows, "same_everywhere": len(distinct) == 1}
+
+
+def _last_canary_step(metrics: dict[str, float]) -> str:
+    """The last value of each step metric: the last step a canary reached ("–" for a plain deploy)."""
+    if history.WEIGHT not in metrics:
+        return "–"
+    canary_p99, stable_p99 = (metrics.get(m, math.nan) for m in (history.CANARY_P99_MS, history.STABLE_P99_MS))
+    return (f"{metrics[history.WEIGHT]:g}%: canary p99 {canary_p99:.0f} ms, errors "
+            f"{metrics.get(history.CANARY_ERROR_RATE, 0):.1%}; stable p99 {stable_p99:.0f} ms")  # fmt: skip
+
+
+def deployments_section(runs: list[RunFacts]) -> dict | None:
+    """The deploys among the runs (`dlops report --experiment deployments`), oldest first: what went where, how
+    it ended and why, and the canary's last step."""
+    deploys = sorted((r for r in runs if r.kind == DEPLOYMENT), key=lambda r: r.run.info.start_time)
+    if not deploys:
+        return None
+    rows = []
+    for r in deploys:
+        started = datetime.datetime.fromtimestamp(r.run.info.start_time / 1000)
+        rows.append({"when": started.strftime("%Y-%m-%d %H:%M"), "model": r.params.get(history.SERVED_MODEL, ""),
+                     "event": r.params.get(history.DEPLOY_EVENT, ""), "from": r.params.get(history.FROM_VERSION) or "–",
+                     "to": r.params.get(history.TO_VERSION, ""), "registered": r.params.get(history.REGISTERED_VERSION),
+                     "last_step": _last_canary_step(r.metrics), "outcome": r.tags.get(OUTCOME, "(under way)"),
+                     "reason": r.tags.get(REASON, "")})  # fmt: skip
+    return {"rows": rows}
