@@ -29,14 +29,17 @@ from pathlib import Path
 
 from PIL import Image
 
-from release.canary import CanaryPolicy, RolloutEnded, rollout
-from release.controller import follow_once
-from release.deploy import candidate_from_archive, serve
-from serving import served
-from serving.fleet import Fleet, stop_fleet
-from serving.server import ServeOptions
-from tests.faults import rewrite_archive  # the same fault the tests inject
-from training.tracking import store_client
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # this checkout's code, and tests/ (no installed package) for its faulty archives
+
+from release.canary import CanaryPolicy, RolloutEnded, rollout  # noqa: E402
+from release.controller import follow_once  # noqa: E402
+from release.deploy import candidate_from_archive, serve  # noqa: E402
+from serving import served  # noqa: E402
+from serving.fleet import Fleet, stop_fleet  # noqa: E402
+from serving.server import ServeOptions  # noqa: E402
+from tests.faults import rewrite_archive  # noqa: E402 - the same fault the tests inject
+from training.tracking import store_client  # noqa: E402
 
 
 class Load:

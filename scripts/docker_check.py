@@ -9,10 +9,11 @@
     a classification and a generation request from the host on 127.0.0.1 with the server's key ->
     a fleet (the gateway, HAProxy, in front of 2 TorchServe containers, all driven from the host through
     their shared folder): the ResNet deployed to both, a canary promoted, a canary failing 5% of its
-    requests aborted, under load through the gateway -> from a teammate's machine (the `client` service: another container on the compose network, not
-    the host) a run logged with the teammate's login and a prediction with the handed-over key; the
-    same without the login gets 401 from MLflow, without the key a 4xx from TorchServe -> the
-    trainer container writes a report -> everything torn down, volumes too.
+    requests aborted, under load through the gateway -> from a teammate's machine (the `client`
+    service: another container on the compose network, not the host) a run logged with the teammate's
+    login and a prediction with the handed-over key; the same without the login gets 401 from MLflow,
+    without the key a 4xx from TorchServe -> the trainer container writes a report -> everything torn
+    down, volumes too.
 
 Each step prints its time; the last line sums it up. Needs a Docker engine (started here when it is
 installed but not running and this runs as root), `docker compose` or Debian's `docker-compose`,
@@ -45,9 +46,12 @@ from serving import environment
 from serving.client import ServerClient
 from serving.secrets import private_dir
 from serving.tls import machine_hosts, urlopen
-from tests.faults import rewrite_archive
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # tests/ is no installed package: its faulty archives are imported from the checkout
+
+from tests.faults import rewrite_archive  # noqa: E402 - the same faults the tests inject
+
 DOCKER = REPO / "docker"
 STATE = DOCKER / "state"
 PROJECT = "dlops-check"
