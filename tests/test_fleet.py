@@ -141,6 +141,10 @@ def test_the_gateway_balances_over_both_servers_checks_the_key_and_exports_metri
     assert {a.headers["x-dlops-model-version"] for a in answers} == {"1"}
     assert len({a.headers["x-dlops-worker"] for a in answers}) == 2, "one server answered everything"
 
+    status = run_cli("fleet", "status", "--state-dir", fleet.state_dir).output
+    assert "resnet: stable 1" in status and "stable (version 1): 8 requests, 0 errors, p99" in status, status
+    assert "ts-1" in status and "ts-2" in status  # HAProxy's view of each server
+
     stranger = ServerClient.remote(client.urls["inference"], "not-the-key")
     refused = stranger.predict_file("resnet", image)
     assert refused.status == 401 and REFUSED in json.dumps(refused.data)
@@ -287,6 +291,22 @@ def test_the_controller_rolls_out_where_champion_moves_and_does_not_retry_an_abo
     client.set_model_version_tag(MODEL, "1", CANARY_ABORTED, "error rate 9%")
     client.set_registered_model_alias(MODEL, "champion", "1")
     assert follow_once(fleet, "champion", policy) == [] and stable_version(fleet) == "3"
+
+
+def test_dlops_fleet_follow_rolls_out_where_the_alias_moves_until_stopped(fleet, image, tmp_path, client):
+    process = dlops_process("fleet", "follow", "champion", "--state-dir", fleet.state_dir, "--policy",
+                            policy_file(tmp_path), "--interval", "1")  # fmt: skip
+    try:
+        with Load(fleet.client, image):
+            client.set_registered_model_alias(MODEL, "champion", "2")
+            deadline = time.monotonic() + 240
+            while stable_version(fleet) != "2" and time.monotonic() < deadline and process.poll() is None:
+                time.sleep(1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    assert stable_version(fleet) == "2", output
+    assert "@champion moved to version 2" in output and "resnet version 2 (test-fleet-resnet/2) promoted" in output
 
 
 def test_the_report_shows_the_deployment_history(fleet, tmp_path):

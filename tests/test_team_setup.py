@@ -226,7 +226,8 @@ def test_the_serving_image_copies_every_module_its_entry_point_imports():
 def test_compose_file_names_the_services_volumes_and_ports():
     compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"postgres", "mlflow", "trainer", "torchserve", "client", "fleet-1", "fleet-2", "gateway"}
+    fleet = {"fleet-1", "fleet-2", "gateway", "controller"}
+    assert set(services) == {"postgres", "mlflow", "trainer", "torchserve", "client", *fleet}
     assert set(compose["volumes"]) == {"pgdata", "mlflow-artifacts", "runs"}
     assert "pgdata:/var/lib/postgresql/data" in services["postgres"]["volumes"]
     assert any(v.startswith("mlflow-artifacts:") for v in services["mlflow"]["volumes"])
@@ -270,7 +271,8 @@ def test_compose_file_names_the_services_volumes_and_ports():
         assert services[name]["network_mode"] == "none" and "ports" not in services[name]
     assert services["gateway"]["ports"] == ["${BIND_ADDRESS:-127.0.0.1}:8090:8090"]
     assert services["gateway"]["environment"]["DLOPS_SERVE_TLS_CERT"] == "/run/secrets/tls_cert"
-    for name in ("fleet-1", "fleet-2", "gateway"):
+    assert services["controller"]["command"][:3] == ["fleet", "follow", "champion"]
+    for name in fleet:
         assert all(a + "}" == b for a, b in (v.split("}:", 1) for v in services[name]["volumes"])), name
     for name, service in services.items():
         for dependency in service.get("depends_on", {}):

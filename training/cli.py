@@ -684,17 +684,40 @@ def fleet() -> None:
     """A running fleet (`dlops serve --servers N`): servers behind the gateway."""
 
 
+def _fleet(state_dir: Path) -> Any:
+    from serving.fleet import Fleet
+
+    found = Fleet.of(state_dir)
+    if found is None:
+        raise click.BadParameter(f"{state_dir} holds no fleet (`dlops serve --servers N`)", param_hint="--state-dir")
+    return found
+
+
 @fleet.command("add")
 @state_dir_option
 def fleet_add_command(state_dir: Path) -> None:
     """Start one more server with the versions the fleet serves; the gateway sends it requests once they are
     READY on it."""
-    from serving.fleet import Fleet, add_member
+    from serving.fleet import add_member
 
-    found = Fleet.of(state_dir)
-    if found is None:
-        raise click.BadParameter(f"{state_dir} holds no fleet (`dlops serve --servers N`)", param_hint="--state-dir")
+    found = _fleet(state_dir)
     add_member(found)
+
+
+@fleet.command("follow")
+@click.argument("alias")
+@state_dir_option
+@_canary_policy_option
+@click.option("--interval", type=click.FloatRange(0.1), default=10.0, show_default=True,
+              help="seconds between two looks at the registry")  # fmt: skip
+def fleet_follow_command(alias: str, state_dir: Path, policy: Path | None, interval: float) -> None:
+    """Roll out, through a canary, each version the registry alias ALIAS moves to, on the running fleet of
+    --state-dir, until stopped (the controller of `dlops serve --follow`, for a fleet already up)."""
+    from release.controller import follow
+
+    found = _fleet(state_dir)
+    _canary_policy(None, policy)
+    follow(found, alias, policy, interval_s=interval)
 
 
 @fleet.command("status")
@@ -707,11 +730,8 @@ def fleet_status_command(state_dir: Path, window: float) -> None:
     import time
 
     from serving import gateway
-    from serving.fleet import Fleet
 
-    found = Fleet.of(state_dir)
-    if found is None:
-        raise click.BadParameter(f"{state_dir} holds no fleet (`dlops serve --servers N`)", param_hint="--state-dir")
+    found = _fleet(state_dir)
     click.echo(gateway.runtime(found.gateway_dir, f"show servers state {gateway.STABLE}").strip())
     stable, canary = (gateway.read_map(found.gateway_dir, name) for name in ("stable", "canary"))
     weights = gateway.read_map(found.gateway_dir, "weights")
