@@ -43,9 +43,10 @@ pytestmark = pytest.mark.skipif(shutil.which("java") is None or not _haproxy_fou
 
 MODEL = "test-fleet-resnet"
 FAST = ["-b", "16", "-j", "0", "-p", "0", "--epochs", "1", "--experiment", "test-fleet", "--lr", "0.02"]
-# Short steps for tests: two shares, judged after 2 s on at least 40 canary requests
+# Short steps for tests: two shares, judged after 2 s on at least 40 canary requests; a p99 up to 3x the
+# stable one's passes (a p99 of 40 requests is nearly their maximum, and the other tests share the CPU)
 QUICK = {"steps": [20, 50], "interval_s": 2, "min_requests": 40, "max_wait_s": 30, "max_error_rate": 0.01,
-         "max_p99_ratio": 2.0}  # fmt: skip
+         "max_p99_ratio": 3.0}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +181,7 @@ def test_a_policy_is_the_defaults_then_what_the_job_declares_then_the_file(tmp_p
     assert CanaryPolicy.for_job("resnet").max_p99_ratio == CanaryPolicy().max_p99_ratio == 2.0
     assert CanaryPolicy.for_job("lm").max_p99_ratio == 3.0  # the LM job's own threshold
     chosen = CanaryPolicy.for_job("lm", policy_file(tmp_path, max_p99_ratio=1.5))
-    assert chosen.max_p99_ratio == 1.5 and chosen.steps == (20, 50)
+    assert chosen.max_p99_ratio == 1.5 and chosen.steps == (20, 50) and chosen.min_requests == 40
     (tmp_path / "bad.yaml").write_text("steps: [5, 10]\nmax_latency: 3\n")
     with pytest.raises(ValueError, match=r"bad.yaml: unknown canary policy key\(s\) max_latency"):
         CanaryPolicy.for_job("resnet", tmp_path / "bad.yaml")
@@ -238,7 +239,7 @@ def test_a_canary_three_times_slower_is_aborted_on_p99(fleet, image, tmp_path):
     with Load(fleet.client, image, concurrency=4):
         time.sleep(1)
         output = cli_error("deploy", mar, "--state-dir", fleet.state_dir, "--canary", "--policy",
-                           policy_file(tmp_path, min_requests=20))  # fmt: skip
+                           policy_file(tmp_path, min_requests=20, max_p99_ratio=2.0))  # fmt: skip
     assert "aborted: step 1 (20%): p99" in output and "the stable version's" in output, output
     assert stable_version(fleet) == before and registered_versions(fleet) == [{before}, {before}]
 
