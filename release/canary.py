@@ -192,7 +192,7 @@ def _stable(fleet: Fleet, model: str) -> Deployment | None:
 
 def _start_everywhere(fleet: Fleet, candidate: Candidate, timeout_s: float) -> None:
     started = time.perf_counter()
-    for server in fleet.servers():
+    for server in fleet.live_servers():
         if server.management("GET", f"/models/{candidate.model}/{candidate.version}", timeout_s=30).ok:
             remove_version(server, candidate.model, candidate.version)  # a leftover of an earlier try
         start_candidate(server, candidate, timeout_s, yield_cpu=False, started=started)
@@ -201,7 +201,7 @@ def _start_everywhere(fleet: Fleet, candidate: Candidate, timeout_s: float) -> N
 def _retire(fleet: Fleet, candidate: Candidate, old: Deployment, timeout_s: float) -> None:
     """Every server: the new version is the default, the old one drained and unregistered."""
     request = job_for(candidate.kind).serving.example_request(candidate.state)
-    for server in fleet.servers():
+    for server in fleet.live_servers():
         server.management("PUT", f"/models/{candidate.model}/{candidate.version}/set-default", timeout_s=60)
         if drain(server, candidate.model, old.version, request, timeout_s):
             remove_version(server, candidate.model, old.version)
@@ -215,7 +215,7 @@ def _abandon(fleet: Fleet, candidate: Candidate, timeout_s: float) -> None:
     unanswered), and leaves every server."""
     gateway.route(fleet.gateway_dir, candidate.model, clear_canary=True)
     request = job_for(candidate.kind).serving.example_request(candidate.state)
-    for server in fleet.servers():
+    for server in fleet.live_servers():
         try:
             if server.management("GET", f"/models/{candidate.model}/{candidate.version}", timeout_s=30).ok:
                 drain(server, candidate.model, candidate.version, request, timeout_s)

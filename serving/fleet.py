@@ -71,6 +71,19 @@ class Fleet:
         """A client of every member (each acts on that server alone)."""
         return [self.member(name) for name in self.members]
 
+    def live_servers(self) -> list[ServerClient]:
+        """The members that answer now (the gateway keeps the others out); each one that does not is said."""
+        live = []
+        for name, server in zip(self.members, self.servers(), strict=True):
+            try:
+                server.management("GET", "/models", timeout_s=10)
+                live.append(server)
+            except OSError as e:
+                print(f"warning: server {name} of the fleet does not answer ({e}); left out until it is back")
+        if not live:
+            raise ServeError(f"no server of the fleet in {self.state_dir} answers")
+        return live
+
     def gateway_settings(self) -> gateway.GatewaySettings:
         sockets = {name: Path(self.member(name).urls["inference"].removeprefix("unix:")) for name in self.members}
         return gateway.GatewaySettings(address=self.address, port=self.port, metrics_port=self.metrics_port,

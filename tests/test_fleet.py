@@ -335,8 +335,13 @@ def test_a_server_killed_under_load_fails_no_request_beyond_those_in_flight_and_
     failed = [a for a in load.answers if a[0] != 200]
     assert len(failed) <= 8, f"{len(failed)} failed requests; at most the 8 in flight may fail: {failed[:3]}"
     assert len(load.answers) > 50
-    show = gateway.runtime(fleet.gateway_dir, "show servers state stable")
-    assert f" {fleet.members[0]} " in show
+    states = {f[3]: f[5] for f in (line.split() for line in gateway.runtime(fleet.gateway_dir,
+              "show servers state stable").splitlines()) if len(f) > 5 and f[1] == "stable"}  # fmt: skip
+    assert states == {fleet.members[0]: "0", fleet.members[1]: "2"}, states  # 0: down, 2: running
+
+    # a deploy goes on with the servers that answer, and says which one it left out
+    output = run_cli("deploy", f"models:/{MODEL}/3", "--state-dir", fleet.state_dir).output
+    assert f"server {fleet.members[0]} of the fleet does not answer" in output and stable_version(fleet) == "3"
 
     output = run_cli("fleet", "add", "--state-dir", fleet.state_dir).output
     added = next(line.split()[1] for line in output.splitlines() if "serves beside" in line)
@@ -344,5 +349,5 @@ def test_a_server_killed_under_load_fails_no_request_beyond_those_in_flight_and_
     workers = {fleet.client.predict_file("resnet", image).headers["x-dlops-worker"] for _ in range(12)}
     assert len(workers) == 2, "the added server takes no requests"
     joined = fleet.member(added).management("GET", "/models/resnet/all").data
-    assert [v["modelVersion"] for v in joined] == [stable_version(fleet)]
+    assert [v["modelVersion"] for v in joined] == ["3"], "the added server does not serve what the fleet serves"
     assert added == fleet.members[-1] == "ts-3"
