@@ -301,8 +301,8 @@ def fleet_check(compose: list[str], env: dict, dlops_env: dict, image: Path, tmp
     with FleetLoad(fleet, image) as load:
         time.sleep(2)
         dlops(*deploy, str(good), "--canary", "--policy", str(policy), env=dlops_env)
-        aborted = dlops(*deploy, str(bad), "--canary", "--policy", str(policy), env=dlops_env, check=False,
-                        capture=True)  # fmt: skip
+        aborted = sh(sys.executable, "-m", "training.cli", *deploy, str(bad), "--canary", "--policy", str(policy),
+                     env=dlops_env, check=False, capture=True)  # fmt: skip
     said = (aborted.stdout or "") + (aborted.stderr or "")
     if aborted.returncode != 1 or "aborted: step 1 (50%): error rate" not in said:
         raise CheckFailed(f"the faulty canary was not aborted:\n{said[-3000:]}")
