@@ -8,8 +8,8 @@ Run by hand (not a test), with a registered classifier that has at least two ver
    64x64 JPEG classification requests through the gateway from --concurrency threads: --seconds of
    steady load give the baseline p99.
 2. Moves the alias `bench-champion` to version 2 and lets the controller (release/controller.py)
-   roll it out through the default steps (5, 10, 25, 50 %; --interval s each, 30 requests
-   minimum): the p99 of the requests the stable version answered during the canary, against the
+   roll it out through the default steps (5, 10, 25, 50 %; --interval s each, --min-requests
+   canary requests, 50 by default): the p99 of the requests the stable version answered during the canary, against the
    baseline, and the seconds from the alias move to full promotion.
 3. Rolls out a copy of version 2 whose handler fails every 20th request (5%): how many requests the
    bad version answered (and failed) before the abort, as a share of all requests in its window.
@@ -86,8 +86,11 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--interval", type=float, default=5.0, help="seconds per canary step")
+    parser.add_argument("--min-requests", type=int, default=CanaryPolicy().min_requests,
+                        help="canary requests a step needs (the policy's default)")  # fmt: skip
     args = parser.parse_args()
-    policy = CanaryPolicy(interval_s=args.interval, min_requests=30, max_wait_s=max(60.0, 4 * args.interval))
+    policy = CanaryPolicy(interval_s=args.interval, min_requests=args.min_requests,
+                          max_wait_s=max(60.0, 4 * args.interval))  # fmt: skip
     policy_path = Path(tempfile.mkdtemp()) / "policy.json"
     policy_path.write_text(json.dumps(policy.as_dict()))
     buffer = io.BytesIO()
