@@ -23,7 +23,6 @@ import io
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -39,44 +38,12 @@ from serving import served  # noqa: E402
 from serving.fleet import Fleet, stop_fleet  # noqa: E402
 from serving.server import ServeOptions  # noqa: E402
 from tests.faults import rewrite_archive  # noqa: E402 - the same fault the tests inject
+from tests.load import Load, Sample  # noqa: E402
 from training.tracking import store_client  # noqa: E402
 
 
-class Load:
-    """Requests from `concurrency` threads; every answer kept with when it was sent, its time, status, version."""
-
-    def __init__(self, client, body: bytes, concurrency: int):
-        self.client, self.body = client, body
-        self.samples: list[tuple[float, float, int, str | None]] = []
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self.send, daemon=True) for _ in range(concurrency)]
-
-    def send(self) -> None:
-        while not self.stopping.is_set():
-            sent = time.time()
-            try:
-                answer = self.client.predict("resnet", self.body, "application/octet-stream")
-                status, version = answer.status, answer.headers.get("x-dlops-model-version")
-            except OSError:
-                status, version = -1, None
-            self.samples.append((sent, time.time() - sent, status, version))
-
-    def window(self, start: float, end: float) -> list[tuple[float, float, int, str | None]]:
-        return [s for s in self.samples if start <= s[0] < end]
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(timeout=150)
-
-
-def p99_ms(samples: list) -> float:
-    ordered = sorted(s[1] for s in samples)
+def p99_ms(samples: list[Sample]) -> float:
+    ordered = sorted(s.seconds for s in samples)
     return 1000 * ordered[max(0, int(0.99 * len(ordered) + 0.5) - 1)] if ordered else float("nan")
 
 
@@ -100,7 +67,8 @@ def main() -> int:
         serve(options, [f"models:/{args.name}/1"], servers=2)
         fleet = Fleet.of(options.state_dir)
         try:
-            with Load(fleet.client, buffer.getvalue(), args.concurrency) as load:
+            client, body = fleet.client, buffer.getvalue()
+            with Load(lambda: client.predict("resnet", body, "application/octet-stream"), args.concurrency) as load:
                 began = time.time()
                 time.sleep(args.seconds)
                 steady = load.window(began, time.time())
@@ -109,7 +77,7 @@ def main() -> int:
                 store_client().set_registered_model_alias(args.name, "bench-champion", "2")
                 said = follow_once(fleet, "bench-champion", policy_path)
                 promoted = time.time()
-                during = [s for s in load.window(moved, promoted) if s[3] == "1"]
+                during = [s for s in load.window(moved, promoted) if s.version == "1"]
 
                 serving = options.model_store / served.current(fleet.state_dir, "resnet").mar
                 bad = rewrite_archive(serving, Path(tmp) / "resnet-bad.mar", "bad", "errors")
@@ -122,8 +90,8 @@ def main() -> int:
                 window = load.window(bad_start, time.time())
         finally:
             stop_fleet(fleet)
-    by_bad = [s for s in window if s[3] == "bad"]
-    failed = [s for s in window if s[2] != 200]
+    by_bad = [s for s in window if s.version == "bad"]
+    failed = [s for s in window if s.status != 200]
     print(f"\n## Canary on a fleet of 2 servers, {args.concurrency} clients, steps {list(policy.steps)} % of "
           f"{args.interval:g} s (min {policy.min_requests} requests)\n")  # fmt: skip
     print("| measure | value |\n|---|---|")

@@ -28,7 +28,6 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,39 +35,12 @@ import psutil
 import torch
 from PIL import Image
 
-from release.deploy import deploy, prepare, serve
-from serving.server import ServeOptions, stop
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # this checkout's code, and tests/ (no installed package) for its load
 
-
-class Load:
-    """Requests from `concurrency` threads; every answer kept with its time, status and version."""
-
-    def __init__(self, client, image: Path, concurrency: int):
-        self.client, self.image = client, image
-        self.samples: list[tuple[float, float, int, str | None]] = []  # (sent, seconds, status, version)
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self.send, daemon=True) for _ in range(concurrency)]
-
-    def send(self) -> None:
-        while not self.stopping.is_set():
-            sent = time.perf_counter()
-            try:
-                answer = self.client.predict_file("resnet", self.image)
-                status, version = answer.status, answer.headers.get("x-dlops-model-version")
-            except OSError:
-                status, version = -1, None
-            self.samples.append((sent, time.perf_counter() - sent, status, version))
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(timeout=150)
-
+from release.deploy import deploy, prepare, serve  # noqa: E402
+from serving.server import ServeOptions, stop  # noqa: E402
+from tests.load import Load  # noqa: E402 - the same load the tests send
 
 # The ways a deploy can start the new version, measured by turns in one run
 WAYS = {
@@ -87,7 +59,7 @@ class PhaseClock(io.TextIOBase):
     def write(self, text: str) -> int:
         for line in text.splitlines():
             if line.startswith("=> "):
-                self.lines.append((time.perf_counter(), line[3:80]))
+                self.lines.append((time.time(), line[3:80]))
         return self.out.write(text)
 
     def flush(self) -> None:
@@ -141,19 +113,19 @@ def main() -> None:
               f"{', '.join(c.version for c in candidates)}", flush=True)  # fmt: skip
         rows = []
         try:
-            with Load(client, image, args.concurrency) as load:
+            with Load(lambda: client.predict_file("resnet", image), args.concurrency) as load:
                 time.sleep(2)  # warm-up: connections, the worker's first batches
-                begin = time.perf_counter()
+                begin = time.time()
                 time.sleep(args.seconds)
-                rows.append({"phase": "no deploy", **window(load.samples, begin, time.perf_counter())})
+                rows.append({"phase": "no deploy", **window(load.samples, begin, time.time())})
                 clock = PhaseClock(sys.stdout)
                 for n in range(len(WAYS) * args.deploys):
                     candidate = candidates[(n + 1) % 2]
                     way, settings = list(WAYS.items())[n % len(WAYS)]
-                    start = time.perf_counter()
+                    start = time.time()
                     with contextlib.redirect_stdout(clock):
                         deploy(client, candidate, **settings)
-                    end = time.perf_counter()
+                    end = time.time()
                     for note in slow_requests(load.samples, start, end, 2 * rows[0]["p99_ms"], clock.lines):
                         print(f"   slow: {note}", flush=True)
                     first = min((s[0] + s[1] for s in load.samples if s[0] >= start and s[3] == candidate.version),

@@ -38,7 +38,7 @@ from release.history import DeploymentRun
 from release.package import ModelSettings, build_mar, read_archive_meta, resolve_source
 from release.priority import LOWEST, StartingWorkers, local_server, may_raise_priority
 from serving import served
-from serving.client import Answer, ServerClient, read_server_file
+from serving.client import WORKER_HEADER, Answer, ServerClient, read_server_file
 from serving.fleet import start_fleet
 from serving.served import Deployment
 from serving.server import (
@@ -58,7 +58,6 @@ from training.jobs import job_for
 from training.tracking import registry
 from training.tracking.tags import SERVING_ALIAS
 
-WORKER_HEADER = "x-dlops-worker"  # set by every answer of our handlers (handler_common.py)
 DRAIN_GRACE_S = 0.5  # a request that read the old default just before the switch is queued by then
 
 

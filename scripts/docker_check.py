@@ -35,7 +35,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -51,6 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # tests/ is no installed package: its faulty archives are imported from the checkout
 
 from tests.faults import rewrite_archive  # noqa: E402 - the same faults the tests inject
+from tests.load import Load  # noqa: E402
 
 DOCKER = REPO / "docker"
 STATE = DOCKER / "state"
@@ -254,34 +254,6 @@ def team_check(compose: list[str], env: dict, host_env: dict, image: str) -> Non
     print(f"=> without the key TorchServe refused: {next(x for x in said.splitlines() if 'refused' in x)[:160]}")
 
 
-class FleetLoad:
-    """Classification requests through the fleet's gateway from 4 host threads until stopped (bounded)."""
-
-    def __init__(self, fleet: Path, image: Path):
-        self.client, self.body = ServerClient.of(fleet), image.read_bytes()
-        self.answers: list[tuple[int, str | None]] = []
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self.send, daemon=True) for _ in range(4)]
-
-    def send(self) -> None:
-        while not self.stopping.is_set() and len(self.answers) < 20_000:
-            try:
-                answer = self.client.predict("resnet", self.body, "application/octet-stream")
-                self.answers.append((answer.status, answer.headers.get("x-dlops-model-version")))
-            except OSError:
-                self.answers.append((-1, None))
-
-    def __enter__(self) -> FleetLoad:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(timeout=130)
-
-
 def fleet_check(compose: list[str], env: dict, dlops_env: dict, image: Path, tmp: Path) -> None:
     """The gateway and two servers in containers, driven from the host through the shared folder: the ResNet
     deployed to both, a canary of the same weights promoted, one failing 5% of requests aborted."""
@@ -298,7 +270,8 @@ def fleet_check(compose: list[str], env: dict, dlops_env: dict, image: Path, tmp
     policy.write_text(json.dumps({"steps": [50], "interval_s": 3, "min_requests": 60, "max_wait_s": 120}))
     good = rewrite_archive(store / f"resnet-{stable}.mar", tmp / "resnet-again.mar", "again")
     bad = rewrite_archive(store / f"resnet-{stable}.mar", tmp / "resnet-bad.mar", "bad", "errors")
-    with FleetLoad(fleet, image) as load:
+    client, body = ServerClient.of(fleet), image.read_bytes()
+    with Load(lambda: client.predict("resnet", body, "application/octet-stream"), concurrency=4) as load:
         time.sleep(2)
         dlops(*deploy, str(good), "--canary", "--policy", str(policy), env=dlops_env)
         aborted = sh(sys.executable, "-m", "training.cli", *deploy, str(bad), "--canary", "--policy", str(policy),
@@ -306,13 +279,13 @@ def fleet_check(compose: list[str], env: dict, dlops_env: dict, image: Path, tmp
     said = (aborted.stdout or "") + (aborted.stderr or "")
     if aborted.returncode != 1 or "aborted: step 1 (50%): error rate" not in said:
         raise CheckFailed(f"the faulty canary was not aborted:\n{said[-3000:]}")
-    failed = [version for status, version in load.answers if status != 200]
-    served_by = sorted({version for _, version in load.answers if version})
+    failed = [s.version for s in load.samples if s.status != 200]
+    served_by = sorted({s.version for s in load.samples if s.version})
     if set(failed) - {"bad"} or set(served_by) != {"again", "bad", stable}:
         raise CheckFailed(f"requests failed outside the faulty canary ({failed[:5]}) or versions {served_by}")
     reason = next(line for line in said.splitlines() if "aborted" in line)
     print(
-        f"=> {len(load.answers)} requests through the gateway, answered by versions {served_by}; "
+        f"=> {len(load.samples)} requests through the gateway, answered by versions {served_by}; "
         f"{len(failed)} failed, all the faulty canary's; {reason[:200]}"
     )
 

@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 import urllib.request
-import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +27,8 @@ from serving.client import ServerClient
 from serving.keys import read_keys
 from serving.server import ServeOptions, running_pid, stop
 from tests.conftest import cli_error, latest_run, run_cli
+from tests.faults import rewrite_archive
+from tests.load import Load
 from training.checkpoint import load_checkpoint
 from training.jobs import job_for
 from training.jobs.lm.synthetic import write_synthetic_corpus
@@ -203,47 +204,24 @@ def test_promote_if_better_compares_the_validation_metric(registered, client):
 # --- deploys ------------------------------------------------------------------------------------------------
 
 
-class Load:
-    """Classification requests from `concurrency` threads until stopped (or `max_requests`)."""
-
-    def __init__(self, server: ServerClient, image: Path, concurrency: int = 8, max_requests: int = 20_000):
-        self.server, self.image, self.max_requests = server, image, max_requests
-        self.answers: list[tuple[int, str | None]] = []
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self.send, daemon=True) for _ in range(concurrency)]
-
-    def send(self) -> None:
-        while not self.stopping.is_set() and len(self.answers) < self.max_requests:
-            try:
-                answer = self.server.predict_file("resnet", self.image)
-                self.answers.append((answer.status, answer.headers.get("x-dlops-model-version")))
-            except OSError as e:  # a refused or reset connection is a failed request too
-                self.answers.append((-1, str(e)))
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(timeout=130)
+def loaded(server: ServerClient, image: Path, concurrency: int = 8) -> Load:
+    """Classification requests to `server` (tests/load.py)."""
+    return Load(lambda: server.predict_file("resnet", image), concurrency)
 
 
 def test_three_deploys_under_load_drop_no_request_and_rollback_restores(server, tiny_dataset, client):
     image = load_tinyimagenet(tiny_dataset).val[0][0]
     deploys = [f"models:/{RESNET}/2", f"models:/{RESNET}/1", f"models:/{RESNET}/latest"]
-    with Load(server, image) as load:
+    with loaded(server, image) as load:
         time.sleep(1)
         for uri in deploys:
             run_cli("deploy", uri, "--state-dir", server.state_dir)
             assert served_version(server) == str(registry.resolve(uri).version)
         time.sleep(1)
-    statuses = Counter(status for status, _ in load.answers)
-    versions = Counter(version for _, version in load.answers)
-    assert statuses == {200: len(load.answers)}, statuses
-    assert set(versions) == {"1", "2"} and len(load.answers) > 50, versions
+    statuses = Counter(s.status for s in load.samples)
+    versions = Counter(s.version for s in load.samples)
+    assert statuses == {200: len(load.samples)}, statuses
+    assert set(versions) == {"1", "2"} and len(load.samples) > 50, versions
     history = [(d.version, d.event) for d in served.history(server.state_dir)["resnet"]]
     assert history == [("1", "serve"), ("2", "deploy"), ("1", "deploy"), ("2", "deploy")]
     assert str(client.get_model_version_by_alias(RESNET, SERVING_ALIAS).version) == "2"
@@ -309,41 +287,19 @@ def test_new_workers_start_at_the_lowest_priority_and_answer_at_their_own(server
         assert all(now[pid] == 0 for pid in watch.seen if pid in now), "the new version answers at normal priority"
 
 
-def broken_archive(source: Path, target: Path, version: str, fault: str) -> Path:
-    """A copy of a .mar under another version whose handler fails at load, or answers wrongly."""
-    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
-        for item in zin.infolist():
-            data = zin.read(item.filename)
-            if item.filename == "MAR-INF/MANIFEST.json":
-                manifest = json.loads(data)
-                manifest["model"]["modelVersion"] = version
-                data = json.dumps(manifest).encode()
-            elif item.filename == "image_classifier.py":
-                text = data.decode()
-                if fault == "load":
-                    setup = "    def setup(self) -> None:\n"
-                    text = text.replace(setup, f"{setup}        raise RuntimeError('broken')\n")
-                else:
-                    text = text.replace('"class": classes[c]', '"class": classes[-1 - c]')
-                assert text != data.decode()
-                data = text.encode()
-            zout.writestr(item, data)
-    return target
-
-
 @pytest.mark.parametrize(("fault", "reason"), [("load", "failed to load: RuntimeError: broken"),
                                                ("answer", "answers the check request differently")])  # fmt: skip
 def test_a_broken_version_never_answers_and_the_old_one_keeps_serving(server, tiny_dataset, tmp_path, fault, reason):
     store = Path(json.loads((server.state_dir / "server.json").read_text())["model_store"])
     before = served_version(server)
-    mar = broken_archive(store / f"resnet-{before}.mar", tmp_path / f"resnet-{fault}.mar", f"broken-{fault}", fault)
+    mar = rewrite_archive(store / f"resnet-{before}.mar", tmp_path / f"resnet-{fault}.mar", f"broken-{fault}", fault)
     image = load_tinyimagenet(tiny_dataset).val[0][0]
-    with Load(server, image, concurrency=2) as load:
+    with loaded(server, image, concurrency=2) as load:
         output = cli_error("deploy", mar, "--state-dir", server.state_dir, "--timeout", "60")
     assert reason in output and f"resnet version {before}" in output and "still serves" in output, output
     assert served_version(server) == before
     assert not server.management("GET", f"/models/resnet/broken-{fault}").ok, "the broken version stayed registered"
-    assert {status for status, _ in load.answers} == {200} and {v for _, v in load.answers} == {before}
+    assert {s.status for s in load.samples} == {200} and {s.version for s in load.samples} == {before}
 
 
 # --- keys and servers addressed by their state dir -----------------------------------------------------------

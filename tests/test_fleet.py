@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import threading
 import time
 import urllib.request
 from collections import Counter
@@ -27,6 +26,7 @@ from serving.keys import REFUSED
 from serving.server import ServeOptions, running_pid
 from tests.conftest import cli_error, dlops_process, run_cli
 from tests.faults import rewrite_archive
+from tests.load import Load
 from training.jobs.resnet.data.tinyimagenet import load_tinyimagenet
 from training.tracking.tags import CANARY_ABORTED, DEPLOYMENT_RUN, OUTCOME, SERVING_ALIAS
 
@@ -81,33 +81,10 @@ def policy_file(tmp_path: Path, **changes) -> Path:
     return path
 
 
-class Load:
-    """Classification requests through the gateway from `concurrency` threads until stopped (bounded)."""
-
-    def __init__(self, client: ServerClient, image: Path, concurrency: int = 8, max_requests: int = 20_000):
-        self.client, self.body, self.max_requests = client, image.read_bytes(), max_requests
-        self.answers: list[tuple[int, str | None, str | None]] = []  # status, version, worker
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self.send, daemon=True) for _ in range(concurrency)]
-
-    def send(self) -> None:
-        while not self.stopping.is_set() and len(self.answers) < self.max_requests:
-            try:
-                answer = self.client.predict("resnet", self.body, "application/octet-stream")
-                self.answers.append((answer.status, answer.headers.get("x-dlops-model-version"),
-                                     answer.headers.get("x-dlops-worker")))  # fmt: skip
-            except OSError as e:
-                self.answers.append((-1, None, str(e)))
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(timeout=130)
+def loaded(fleet: Fleet, image: Path, concurrency: int = 8) -> Load:
+    """Classification requests through the gateway (tests/load.py)."""
+    body = image.read_bytes()
+    return Load(lambda: fleet.client.predict("resnet", body, "application/octet-stream"), concurrency)
 
 
 def stable_version(fleet: Fleet) -> str:
@@ -190,15 +167,15 @@ def test_a_policy_is_the_defaults_then_what_the_job_declares_then_the_file(tmp_p
 
 
 def test_a_good_canary_is_promoted_through_every_step_and_recorded(fleet, image, tmp_path, client):
-    with Load(fleet.client, image) as load:
+    with loaded(fleet, image) as load:
         time.sleep(1)
         output = run_cli("deploy", f"models:/{MODEL}/2", "--state-dir", fleet.state_dir, "--canary",
                          "--policy", policy_file(tmp_path)).output  # fmt: skip
         time.sleep(1)
     assert "step 1/2: 20%" in output and "step 2/2: 50%" in output and "step 2 passed" in output, output
-    statuses = Counter(status for status, _, _ in load.answers)
-    assert statuses == {200: len(load.answers)}, statuses
-    assert {v for _, v, _ in load.answers} == {"1", "2"}
+    statuses = Counter(s.status for s in load.samples)
+    assert statuses == {200: len(load.samples)}, statuses
+    assert {s.version for s in load.samples} == {"1", "2"}
     assert stable_version(fleet) == "2" and registered_versions(fleet) == [{"2"}, {"2"}]
     assert not gateway.read_map(fleet.gateway_dir, "canary")
     assert str(client.get_model_version_by_alias(MODEL, SERVING_ALIAS).version) == "2"
@@ -217,7 +194,7 @@ def test_a_good_canary_is_promoted_through_every_step_and_recorded(fleet, image,
 def test_a_canary_failing_5_percent_is_aborted_at_its_first_step(fleet, image, tmp_path, client):
     before = stable_version(fleet)
     mar = faulty_archive(fleet, tmp_path / "resnet-errors.mar", "errors", "errors")
-    with Load(fleet.client, image) as load:
+    with loaded(fleet, image) as load:
         time.sleep(1)
         output = cli_error("deploy", mar, "--state-dir", fleet.state_dir, "--canary", "--policy",
                            policy_file(tmp_path, min_requests=100))  # fmt: skip
@@ -225,10 +202,10 @@ def test_a_canary_failing_5_percent_is_aborted_at_its_first_step(fleet, image, t
     assert "aborted: step 1 (20%): error rate" in output and "step 2/2" not in output, output
     assert f"resnet version {before}" in output and "still answers every request" in output
     assert stable_version(fleet) == before and registered_versions(fleet) == [{before}, {before}]
-    by_version = Counter(v for _, v, _ in load.answers)
-    failed = [a for a in load.answers if a[0] != 200]
-    assert failed and all(version == "errors" for _, version, _ in failed), Counter(a[:2] for a in failed)
-    share = by_version["errors"] / len(load.answers)
+    by_version = Counter(s.version for s in load.samples)
+    failed = [s for s in load.samples if s.status != 200]
+    assert failed and all(s.version == "errors" for s in failed), Counter((s.status, s.version) for s in failed)
+    share = by_version["errors"] / len(load.samples)
     assert share <= 0.3, f"the bad version answered {share:.0%} of requests (its step's share is 20%)"
     assert deployment_runs(client, outcome="aborted")[0].info.status == "FAILED"
 
@@ -236,7 +213,7 @@ def test_a_canary_failing_5_percent_is_aborted_at_its_first_step(fleet, image, t
 def test_a_canary_three_times_slower_is_aborted_on_p99(fleet, image, tmp_path):
     before = stable_version(fleet)
     mar = faulty_archive(fleet, tmp_path / "resnet-slow.mar", "slow", "slow")
-    with Load(fleet.client, image, concurrency=4):
+    with loaded(fleet, image, concurrency=4):
         time.sleep(1)
         output = cli_error("deploy", mar, "--state-dir", fleet.state_dir, "--canary", "--policy",
                            policy_file(tmp_path, min_requests=20, max_p99_ratio=2.0))  # fmt: skip
@@ -259,7 +236,7 @@ def test_sigterm_mid_canary_leaves_the_stable_version_serving(fleet, image, tmp_
     process = dlops_process("deploy", f"models:/{MODEL}/3", "--state-dir", fleet.state_dir, "--canary",
                             "--policy", policy_file(tmp_path, interval_s=300, max_wait_s=300))  # fmt: skip
     said = []
-    with Load(fleet.client, image, concurrency=2) as load:
+    with loaded(fleet, image, concurrency=2) as load:
         deadline = time.monotonic() + 240
         for line in process.stdout:
             said.append(line)
@@ -273,8 +250,8 @@ def test_sigterm_mid_canary_leaves_the_stable_version_serving(fleet, image, tmp_
     output = "".join(said) + rest
     assert process.returncode != 0 and "interrupted: stopped by SIGTERM" in output, output
     assert stable_version(fleet) == before and registered_versions(fleet) == [{before}, {before}]
-    assert {status for status, _, _ in load.answers} == {200}
-    assert Counter(v for _, v, _ in load.answers)[before] > 0
+    assert {s.status for s in load.samples} == {200}
+    assert Counter(s.version for s in load.samples)[before] > 0
     assert deployment_runs(client, outcome="interrupted")[0].info.status == "KILLED"
 
 
@@ -283,7 +260,7 @@ def test_the_controller_rolls_out_where_champion_moves_and_does_not_retry_an_abo
 ):
     policy = policy_file(tmp_path)
     client.set_registered_model_alias(MODEL, "champion", "3")
-    with Load(fleet.client, image):
+    with loaded(fleet, image):
         said = follow_once(fleet, "champion", policy)
     assert said == ["resnet: resnet version 3 (test-fleet-resnet/3) promoted"], said
     assert stable_version(fleet) == "3"
@@ -298,7 +275,7 @@ def test_dlops_fleet_follow_rolls_out_where_the_alias_moves_until_stopped(fleet,
     process = dlops_process("fleet", "follow", "champion", "--state-dir", fleet.state_dir, "--policy",
                             policy_file(tmp_path), "--interval", "1")  # fmt: skip
     try:
-        with Load(fleet.client, image):
+        with loaded(fleet, image):
             client.set_registered_model_alias(MODEL, "champion", "2")
             deadline = time.monotonic() + 240
             while stable_version(fleet) != "2" and time.monotonic() < deadline and process.poll() is None:
@@ -328,13 +305,13 @@ def test_the_report_shows_the_deployment_history(fleet, tmp_path):
 
 def test_a_server_killed_under_load_fails_no_request_beyond_those_in_flight_and_one_added_joins(fleet, image, versions):
     victim = fleet.member_dir(fleet.members[0])
-    with Load(fleet.client, image, concurrency=8) as load:
+    with loaded(fleet, image, concurrency=8) as load:
         time.sleep(2)
         os.kill(running_pid(victim), signal.SIGKILL)
         time.sleep(4)
-    failed = [a for a in load.answers if a[0] != 200]
+    failed = [s for s in load.samples if s.status != 200]
     assert len(failed) <= 8, f"{len(failed)} failed requests; at most the 8 in flight may fail: {failed[:3]}"
-    assert len(load.answers) > 50
+    assert len(load.samples) > 50
     states = {f[3]: f[5] for f in (line.split() for line in gateway.runtime(fleet.gateway_dir,
               "show servers state stable").splitlines()) if len(f) > 5 and f[1] == "stable"}  # fmt: skip
     assert states == {fleet.members[0]: "0", fleet.members[1]: "2"}, states  # 0: down, 2: running
