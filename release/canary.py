@@ -118,6 +118,23 @@ def judge(policy: CanaryPolicy, canary: gateway.Traffic, stable: gateway.Traffic
                    canary=canary, stable=stable)  # fmt: skip
 
 
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGTERM and SIGINT wait until the block is done (the gateway already sends everything to the new version:
+    the servers must follow), then take effect."""
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}  # fmt: skip
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        print(f"=> {signal.Signals(received[0]).name} arrived while the promotion finished; stopping now", flush=True)
+        signal.raise_signal(received[0])
+
+
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM during a rollout."""
 
@@ -271,8 +288,9 @@ def rollout(fleet: Fleet, candidate: Candidate, *, policy: CanaryPolicy | None =
         raise RolloutEnded(outcome, f"{event} of {new.describe()} {outcome}: {message}. {still}; the new version "
                            "was removed from every server") from e  # fmt: skip
     print(f"=> {new.describe()} answers every request of /predictions/{candidate.model}", flush=True)
-    if old is not None:
-        _retire(fleet, candidate, old, timeout_s)
-    record_deploy(fleet.state_dir, new, alias, old)
-    run.end("promoted" if policy and old else "deployed", reason or "the check passed on every server")
+    with _signals_deferred():
+        if old is not None:
+            _retire(fleet, candidate, old, timeout_s)
+        record_deploy(fleet.state_dir, new, alias, old)
+        run.end("promoted" if policy and old else "deployed", reason or "the check passed on every server")
     return new

@@ -274,17 +274,20 @@ def test_the_controller_rolls_out_where_champion_moves_and_does_not_retry_an_abo
 def test_dlops_fleet_follow_rolls_out_where_the_alias_moves_until_stopped(fleet, image, tmp_path, client):
     process = dlops_process("fleet", "follow", "champion", "--state-dir", fleet.state_dir, "--policy",
                             policy_file(tmp_path), "--interval", "1")  # fmt: skip
+    said = []
     try:
         with loaded(fleet, image):
             client.set_registered_model_alias(MODEL, "champion", "2")
-            deadline = time.monotonic() + 240
-            while stable_version(fleet) != "2" and time.monotonic() < deadline and process.poll() is None:
-                time.sleep(1)
+            for line in process.stdout:  # until the rollout has ended (or the process)
+                said.append(line)
+                if "resnet: " in line:
+                    break
     finally:
         process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=120)
-    assert stable_version(fleet) == "2", output
+        rest, _ = process.communicate(timeout=120)
+    output = "".join(said) + rest
     assert "@champion moved to version 2" in output and "resnet version 2 (test-fleet-resnet/2) promoted" in output
+    assert stable_version(fleet) == "2" and registered_versions(fleet) == [{"2"}, {"2"}], output
 
 
 def test_the_report_shows_the_deployment_history(fleet, tmp_path):
