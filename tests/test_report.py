@@ -9,8 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import artifact_paths, latest_run, run_cli
+from training.checkpoint import load_checkpoint, save_checkpoint
 from training.jobs.lm.synthetic import write_synthetic_corpus
 from training.report.collect import overfitting_epoch
 
@@ -102,10 +104,23 @@ def test_device_benchmark_section(tiny_dataset, tmp_path, client):
     assert 'id="bench"' in html and f'<td class="num">{fmt(rate, 1)}</td>' in html
 
 
-def test_names_from_runs_write_nothing_outside_out_and_land_escaped(recorded, tmp_path, client):
+def disagreeing_copy(checkpoint: Path, target: Path) -> Path:
+    """`checkpoint` with its classifier's rows rolled by one class: it predicts the next class for every image,
+    so a comparison with the original disagrees everywhere (two barely trained models may agree everywhere)."""
+    state = load_checkpoint(checkpoint)
+    for name in [k for k in state["model"] if k.endswith(("fc.weight", "fc.bias"))]:
+        state["model"][name] = torch.roll(state["model"][name], 1, dims=0)
+    save_checkpoint(state, target)
+    return target
+
+
+def test_names_from_runs_write_nothing_outside_out_and_land_escaped(recorded, tiny_dataset, tmp_path, client):
     """A run's name is chosen by whoever logs it: `../../x` must not place a picture outside --out, and
     HTML or Markdown in it must show as text in report.md."""
-    compare = latest_run(client, "report-resnet", job="compare")
+    a = recorded["out"] / recorded["resnet"][0].info.run_id / "best.pt"  # (tmp_path holds the report alone)
+    run_cli("compare", a, disagreeing_copy(a, recorded["out"] / "rolled.pt"), tiny_dataset, "-b", "8", "-j", "0",
+            "--out-dir", recorded["out"] / "compare-names", "--experiment", "report-names")  # fmt: skip
+    compare = latest_run(client, "report-names", job="compare")
     assert compare.data.metrics["disagreements"] > 0, "the comparison needs disagreements: their thumbnails"
     run = recorded["resnet"][0]
     evil = "<script>alert(1)</script> | [x](http://evil.example)"
@@ -113,7 +128,7 @@ def test_names_from_runs_write_nothing_outside_out_and_land_escaped(recorded, tm
     client.update_run(run.info.run_id, name=evil)
     try:
         out = tmp_path / "a" / "b" / "report"
-        run_cli("report", "--experiment", "report-resnet", "--out", out)
+        run_cli("report", "--experiment", "report-resnet", "--experiment", "report-names", "--out", out)
     finally:
         client.update_run(compare.info.run_id, name=compare.info.run_name)
         client.update_run(run.info.run_id, name=run.info.run_name)
