@@ -316,7 +316,8 @@ def set_entry(directory: Path, name: str, key: str, value: str | None) -> None:
     if value is not None and answer:  # the key was not there yet
         answer = runtime(directory, f"add map {path} {key} {value}").strip()
         if answer:
-            raise GatewayError(f"HAProxy refused the route {name} {key} -> {value}: {answer}")
+            shown = "(the fleet's key)" if name == "keys" else key  # a key is never printed
+            raise GatewayError(f"HAProxy refused the entry {name} {shown} -> {value}: {answer}")
 
 
 def route(directory: Path, model: str, *, stable: str | None = None, canary: str | None = None,
