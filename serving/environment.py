@@ -34,9 +34,12 @@ WEIGHTS_MIRROR = "DLOPS_TORCHVISION_WEIGHTS_URL"
 SWEEP_STORAGE = "DLOPS_SWEEP_STORAGE"  # Optuna's database URL
 ARTIFACT_STORES = "DLOPS_ARTIFACT_STORES"  # where registered models may come from
 
-# ours: serving (the handlers read the first two inside TorchServe's workers)
+# ours: serving (the handlers read the first five inside TorchServe's workers)
 TORCH_THREADS = "DLOPS_TORCH_THREADS"
 SERVE_AMP = "DLOPS_SERVE_AMP"
+# the prediction log (serving/handlers/prediction_log.py reads them): folder, sampled share, file cap
+PREDICTION_LOG, PREDICTION_SAMPLE = "DLOPS_PREDICTION_LOG", "DLOPS_PREDICTION_SAMPLE"
+PREDICTION_LOG_MB = "DLOPS_PREDICTION_LOG_MB"
 INFERENCE_URL, INFERENCE_KEY = "DLOPS_INFERENCE_URL", "DLOPS_INFERENCE_KEY"
 INFERENCE_KEY_FILE, INFERENCE_CA = "DLOPS_INFERENCE_KEY_FILE", "DLOPS_INFERENCE_CA"
 

@@ -28,7 +28,7 @@ from serving import gateway, served
 from serving.client import SERVER_FILE, ServerClient, read_server_file
 from serving.keys import key_file
 from serving.secrets import private_dir
-from serving.server import LOOPBACK, ServeError, ServeOptions, local_url, mar_identity, start, stop
+from serving.server import LOOPBACK, PREDICTIONS, ServeError, ServeOptions, local_url, mar_identity, start, stop
 
 FLEET_FILE = "fleet.json"
 GATEWAY_DIR = "gateway"
@@ -105,8 +105,10 @@ def member_options(options: ServeOptions, state_dir: Path) -> ServeOptions:
     free = ServeOptions.on_free_ports()
     loopback = {f"{api}_address": "127.0.0.1" for api in ("inference", "metrics", "management")}
     ports = {name: getattr(free, name) for name in ("metrics_port", "grpc_inference_port", "grpc_management_port")}
+    # one prediction log for the fleet: each worker writes its own file, named by host and process
     return replace(options, state_dir=state_dir, sockets=gateway.sockets_dir(private_dir(state_dir)), auth=False,
-                   tls_cert=None, tls_key=None, tls_ca=None, **loopback, **ports)  # fmt: skip
+                   tls_cert=None, tls_key=None, tls_ca=None, prediction_log=options.prediction_folder,
+                   **loopback, **ports)  # fmt: skip
 
 
 def _tls_pem(options: ServeOptions, directory: Path) -> str | None:
@@ -189,8 +191,12 @@ def add_member(fleet: Fleet) -> str:
     once every version is READY on it, the gateway sends it requests too."""
     record = read_server_file(fleet.state_dir)
     settings = record.get("options", {})
+    logged = read_server_file(fleet.member_dir(fleet.members[0])).get("options", {})  # a member's prediction log
     options = ServeOptions(model_store=Path(record["model_store"]), amp=settings.get("amp", "auto"),
-                           torch_threads=int(settings.get("torch_threads", 1)))  # fmt: skip
+                           torch_threads=int(settings.get("torch_threads", 1)),
+                           prediction_sample=float(logged.get("prediction_sample", 0)),
+                           prediction_log=Path(logged.get("prediction_log") or fleet.state_dir / PREDICTIONS),
+                           prediction_log_mb=float(logged.get("prediction_log_mb", 64)))  # fmt: skip
     mars = [options.model_store / d.mar for d in served.serving_now(fleet.state_dir)]
     name = f"ts-{max(int(n.split('-')[1]) for n in fleet.members) + 1}"
     start(member_options(options, fleet.member_dir(name)), mars)

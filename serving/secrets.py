@@ -94,7 +94,7 @@ def _allowed(name: str, kind: str, store_uri: str | None) -> bool:
     secret = bool(SECRET_NAME.search(name))
     if name.startswith(BASE_PREFIXES) and not secret:
         return True
-    if kind in ("torchserve", "gateway"):  # archive code, a proxy: nothing beyond the base
+    if kind in ("torchserve", "gateway", "prometheus"):  # archive code, a proxy, a scraper: nothing beyond the base
         return False
     if name in PROXIES:
         return True
@@ -110,8 +110,9 @@ def _allowed(name: str, kind: str, store_uri: str | None) -> bool:
 
 def child_environment(kind: str, *, store_uri: str | None = None, extra: Mapping[str, str] | None = None,
                       environ: Mapping[str, str] | None = None) -> dict[str, str]:  # fmt: skip
-    """The environment for a child process of `kind` (torchserve, gateway, mlflow, training): the allow-listed part
-    of `environ` (default os.environ), then `extra`. `store_uri`: where an MLflow server's artifacts go."""
+    """The environment for a child process of `kind` (torchserve, gateway, prometheus, mlflow, training): the
+    allow-listed part of `environ` (default os.environ), then `extra`. `store_uri`: where an MLflow server's
+    artifacts go."""
     source = os.environ if environ is None else environ
     chosen = {name: value for name, value in source.items() if _allowed(name, kind, store_uri)}
     return {**chosen, **(extra or {})}

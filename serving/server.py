@@ -49,6 +49,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")  # addresses that keep an API on th
 UNIX_SOCKET_MAX = 107  # characters of a Unix socket's path (Linux: 108 bytes with the final NUL)
 MODEL_LOG = Path("logs") / "model_log.log"  # in a state dir: what TorchServe's Python workers print
 TRUSTED_CA = "tls-ca.pem"  # in a container's state dir: the CA its certificate is checked against
+PREDICTIONS = "predictions"  # in a state dir: the prediction log's default folder
 # Keys last a day and the keeper renews them every 12 hours: a leaked key works for a day at most.
 DEFAULT_TOKEN_EXPIRATION_MIN = 1440.0
 
@@ -70,6 +71,11 @@ class ServeOptions:
     token_expiration_min: float = DEFAULT_TOKEN_EXPIRATION_MIN
     torch_threads: int = 1
     amp: str = "auto"  # the classifier's precision: auto (bf16 where native), off, bf16
+    # the prediction log (serving/handlers/prediction_log.py): the share of requests logged (0: none),
+    # its folder (default: <state dir>/predictions) and one worker file's cap before it rotates
+    prediction_sample: float = 0.1
+    prediction_log: Path | None = None
+    prediction_log_mb: float = 64.0
     timeout_s: float = 180.0
     # Where each API listens: loopback unless published on request. The management API is never
     # published, except from inside a container (management_address 0.0.0.0, the container's own
@@ -112,6 +118,10 @@ class ServeOptions:
             "inference": self.inference_port, "management": self.management_port, "metrics": self.metrics_port,
             "gRPC inference": self.grpc_inference_port, "gRPC management": self.grpc_management_port,
         }.items() if name not in on_sockets}  # fmt: skip
+
+    @property
+    def prediction_folder(self) -> Path:
+        return Path(self.prediction_log or Path(self.state_dir) / PREDICTIONS).resolve()
 
     def socket(self, api: str) -> Path:
         """The Unix socket of a fleet member's `api` (inference or management)."""
@@ -211,6 +221,9 @@ def _environment(state: Path, options: ServeOptions) -> dict[str, str]:
         "METRICS_LOCATION": str(state / "logs"),
         environment.TORCH_THREADS: str(options.torch_threads),
         environment.SERVE_AMP: options.amp,
+        environment.PREDICTION_LOG: str(options.prediction_folder),
+        environment.PREDICTION_SAMPLE: str(options.prediction_sample),
+        environment.PREDICTION_LOG_MB: str(options.prediction_log_mb),
     })  # fmt: skip
 
 

@@ -19,6 +19,7 @@ from training import tracking, trainer
 from training.checkpoint import CheckpointError
 from training.clitools import (
     CHECKPOINT,
+    Duration,
     client_options,
     options,
     server_client,
@@ -460,6 +461,29 @@ def _canary_policy(kind: str | None, path: Path | None) -> Any:
 @click.option(
     "--alias", default=SERVING_ALIAS, show_default=True, help="registry alias of the versions this server serves"
 )
+@click.option(
+    "--log-sample",
+    "prediction_sample",
+    type=click.FloatRange(0, 1),
+    default=0.1,
+    show_default=True,
+    help="the share of requests the prediction log keeps (a summary of each, and its answer); 0: none",
+)
+@click.option(
+    "--log-dir",
+    "prediction_log",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="the prediction log's folder (default: <state dir>/predictions)",
+)
+@click.option(
+    "--log-max-mb",
+    "prediction_log_mb",
+    type=click.FloatRange(0.01),
+    default=64.0,
+    show_default=True,
+    help="one worker's log file rotates past this size; a worker keeps two files at most",
+)
 @tls_options
 @click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="the CA clients trust the certificate by (recorded for this machine's clients)")  # fmt: skip
@@ -792,6 +816,132 @@ def keys_rotate_command(state_dir: Path, api: str) -> None:
     else:
         click.echo(renew(state_dir, ServerClient.of(state_dir).urls["management"], api).value)
     click.echo(f"(the new {api} key; the old one is refused from now on)", err=True)
+
+
+@main.group(cls=Group, invoke_without_command=True)
+@state_dir_option
+@click.option(
+    "--prometheus",
+    "url",
+    default=None,
+    metavar="URL",
+    help="Prometheus's URL (default: the one `dlops monitor prometheus start` started for --state-dir)",
+)
+@click.option("--window", type=Duration(), default="1h", show_default=True, help="how far back: 90s, 30m, 1h, 2d")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("monitor"), show_default=True)
+@click.pass_context
+def monitor(ctx: click.Context, state_dir: Path, url: str | None, window: float, out: Path) -> None:
+    """Served versions watched (docs/monitoring.md). Without a subcommand: write OUT/monitor.html, each
+    model's request rate, error rate and p50/p99 latency per version over the window, from Prometheus."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from monitoring import MonitorError, prometheus
+    from monitoring.page import write_page
+
+    url = url or prometheus.read_record(state_dir).get("url")
+    if not url:
+        raise click.UsageError(f"no Prometheus runs for {state_dir}: start one (dlops monitor prometheus start) "
+                               "or name it with --prometheus URL")  # fmt: skip
+    try:
+        click.echo(f"=> wrote {write_page(out, url=url, window_s=window)}")
+    except MonitorError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@monitor.command("drift")
+@click.argument("model_uri")
+@click.option("--window", type=Duration(), default="1h", show_default=True, help="the logged requests of the last ...")
+@state_dir_option
+@click.option(
+    "--log-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="the prediction log (default: where the server of --state-dir writes it)",
+)
+@click.option(
+    "--report-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("monitor"),
+    show_default=True,
+    help="where Evidently's HTML report is written (and logged to MLflow)",
+)
+def monitor_drift_command(model_uri: str, window: float, state_dir: Path, log_dir: Path | None,
+                          report_dir: Path) -> None:  # fmt: skip
+    """Compare what MODEL_URI (models:/NAME/VERSION) was asked in the window with its validation data, with
+    Evidently; log the check to MLflow and tag the version. Exit 1 on drift, 3 when the window holds too
+    few logged requests to judge, 0 for no drift."""
+    from monitoring import MonitorError
+    from monitoring.drift import DRIFT, NOT_ENOUGH, check_drift
+    from monitoring.predictions import Window, log_folder
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        found, run_id = check_drift(model_uri, window=Window.last(window), log=log_folder(state_dir, log_dir),
+                                    report_dir=report_dir)  # fmt: skip
+    except MonitorError as e:
+        raise click.ClickException(str(e)) from e
+    share = f", {found.drift_share:.0%} of the columns drifted" if found.drift_share is not None else ""
+    drifted = f" ({', '.join(found.drifted)})" if found.drifted else ""
+    click.echo(f"=> {model_uri}: {found.verdict}{share}{drifted}; {found.requests} logged requests against "
+               f"{found.reference} of the reference; MLflow run {run_id}")  # fmt: skip
+    if found.verdict == DRIFT:
+        sys.exit(1)
+    if found.verdict == NOT_ENOUGH:
+        sys.exit(3)
+
+
+@monitor.group("prometheus", cls=Group)
+def monitor_prometheus() -> None:
+    """A Prometheus server (Debian's package) scraping the server or fleet of --state-dir."""
+
+
+@monitor_prometheus.command("start")
+@state_dir_option
+@click.option("--port", type=click.IntRange(1, 65535), default=9090, show_default=True, help="on 127.0.0.1")
+@click.option("--interval", type=click.FloatRange(0.1), default=15.0, show_default=True, help="seconds between scrapes")
+def monitor_prometheus_start_command(state_dir: Path, port: int, interval: float) -> None:
+    from monitoring import MonitorError, prometheus
+
+    try:
+        url = prometheus.start(state_dir, port=port, interval_s=interval)
+    except MonitorError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"=> Prometheus scrapes {state_dir} every {interval:g} s: {url} (dlops monitor writes the page)")
+
+
+@monitor_prometheus.command("stop")
+@state_dir_option
+def monitor_prometheus_stop_command(state_dir: Path) -> None:
+    from monitoring import prometheus
+
+    click.echo(prometheus.stop(state_dir))
+
+
+@main.command("feedback")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model", required=True, metavar="NAME", help="the registered model the answers came from")
+@state_dir_option
+@click.option(
+    "--log-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="the prediction log (default: where the server of --state-dir writes it)",
+)
+def feedback_command(path: Path, model: str, state_dir: Path, log_dir: Path | None) -> None:
+    """Join true answers (PATH: CSV with request_id,truth or JSON lines) to the logged answers of MODEL and
+    log each version's live quality to MLflow, beside the figure it was registered with."""
+    from monitoring import MonitorError
+    from monitoring.feedback import live_quality
+    from monitoring.predictions import log_folder
+
+    try:
+        results = live_quality(path, model=model, log=log_folder(state_dir, log_dir))
+    except MonitorError as e:
+        raise click.ClickException(str(e)) from e
+    for r in results:
+        registered = f" (registered with {r.registered:.3f})" if r.registered is not None else ""
+        click.echo(f"=> {model}/{r.version}: live {r.name} {r.live:.3f} on {r.matched} answers{registered}; "
+                   f"MLflow run {r.run_id}")  # fmt: skip
 
 
 def run() -> None:

@@ -38,6 +38,26 @@ class CheckpointSource(click.ParamType):
 CHECKPOINT = CheckpointSource()
 
 
+class Duration(click.ParamType):
+    """A span of time as seconds: 90, 90s, 30m, 1h, 2d."""
+
+    name = "duration"
+    UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        text = str(value).strip().lower()
+        factor = self.UNITS.get(text[-1:], None)
+        try:
+            seconds = float(text[:-1] if factor else text) * (factor or 1)
+        except ValueError:
+            seconds = -1.0
+        if seconds <= 0:
+            self.fail(f"{value!r} is not a duration (e.g. 90s, 30m, 1h, 2d)", param, ctx)
+        return seconds
+
+
 def options(*decorators: Callable) -> Callable:
     """One decorator applying several click options: a group of options declared once."""
 

@@ -33,6 +33,8 @@ from training.tracking.artifacts import (
     LAST,
     LEARNING_CURVES,
     MLFLOW_MODEL,
+    MONITORING,
+    REFERENCE_PROFILE,
     TENSORBOARD,
 )
 from training.tracking.journal import write_atomic
@@ -73,6 +75,27 @@ def build_mlflow_model(job: JobSpec, checkpoint: Path, directory: Path) -> Path:
         return save_mlflow_model(directory, python_model=HANDLERS / "mlflow_model.py", checkpoint=weights,
                                  code=serving.files(), handler=serving.handler, handler_class=serving.handler_class,
                                  example=example, answer=serving.answer(state, example))  # fmt: skip
+
+
+def reference_profile(job: JobSpec, checkpoint: Path, folder: Path) -> Path | None:
+    """The reference profile of a version about to be registered: requests made from its validation data,
+    summarized by the job's handler as it summarizes served requests (the drift checks' baseline). None
+    (said why) when the job declares no monitoring or its data is not there any more."""
+    monitoring = job.serving.monitoring if job.serving else None
+    if monitoring is None:
+        return None
+    state = load_checkpoint(checkpoint, kind=job.kind)
+    try:
+        requests = monitoring.reference_requests(state, monitoring.reference_size)
+    except (OSError, ValueError) as e:  # DatasetError is a ValueError
+        print(f"=> no reference profile for drift checks ({e}): `dlops monitor drift` cannot judge this version")
+        return None
+    summaries = job.serving.profile(inference_checkpoint(state, job.serving.inference_keys), requests)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / REFERENCE_PROFILE
+    write_atomic(path, "".join(json.dumps(summary, separators=(",", ":")) + "\n" for summary in summaries))
+    print(f"=> reference profile for drift checks: {len(summaries)} validation requests summarized ({path})")
+    return path
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -151,6 +174,9 @@ class TrainingSession:
             return
         if job.serving is not None:
             model_dir = build_mlflow_model(job, self.best, self.run_dir / MLFLOW_MODEL)
+            profile = reference_profile(job, self.best, self.run_dir / MONITORING)
+            if profile is not None:
+                self.run.log_artifact(profile, MONITORING)
             self.run.log_model(model_dir, model_name, tags, step=best_epoch)
         else:
             self.run.register_model(model_name, BEST_ARTIFACT, {**tags, **digest_tag(self.best)})

@@ -11,7 +11,10 @@ the .mar, `handle(batch, context)` answers HTTP requests), and the MLflow pyfunc
 (mlflow_model.py: `load(meta, weights)`, then `answer(list of fields)`): both answer the same
 request the same way. Each bad request of a batch gets its own 4xx JSON while the others are
 served. Every answer carries the model version and the worker's process id as headers
-(X-Dlops-Model-Version, X-Dlops-Worker), which `dlops deploy` reads to drain an old version.
+(X-Dlops-Model-Version, X-Dlops-Worker), which `dlops deploy` reads to drain an old version, and
+its request id (X-Dlops-Request-Id), the key of the prediction log (prediction_log.py) and of
+`dlops feedback`. Per request, TorchServe's metrics get its status and the batch's time in the
+handler, labelled with the model version (metrics.yaml: DlopsRequests, DlopsLatencySeconds).
 Shipped inside each .mar and MLflow model: it imports only the standard library and torch.
 """
 
@@ -20,10 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
+from prediction_log import PredictionLog
 from request_fields import BadRequest, non_finite_path
 
 log = logging.getLogger(__name__)
@@ -32,6 +38,7 @@ __all__ = ["BadRequest", "BaseHandler", "error_answer", "form_field", "json_obje
 # Keys under which TorchServe hands over a request body: raw body, or common multipart field names.
 BODY_KEYS = ("body", "data", "file", "image")
 VERSION_HEADER, WORKER_HEADER = "X-Dlops-Model-Version", "X-Dlops-Worker"
+REQUEST_ID_HEADER = "X-Dlops-Request-Id"
 
 
 PHRASES = {400: "Bad Request", 413: "Payload Too Large", 500: "Internal Server Error"}
@@ -94,6 +101,9 @@ class BaseHandler:
 
     mixed_precision = False
     version = ""
+    prediction_log = PredictionLog(None, sample=0.0, cap_bytes=0, model="", version="")
+    summarizing = False  # summaries are made only while someone reads them (the log; a reference profile)
+    summaries: list[dict | None] = []  # answer(): each request's summary (None for a failed one)
 
     def initialize(self, context: Any) -> None:
         properties = context.system_properties
@@ -106,6 +116,8 @@ class BaseHandler:
         weights = torch.load(model_dir / context.manifest["model"]["serializedFile"], map_location="cpu",
                              weights_only=True)  # fmt: skip
         self.version = context.manifest["model"].get("modelVersion", "")
+        self.prediction_log = PredictionLog.from_environment(context.manifest["model"]["modelName"], self.version)
+        self.summarizing = self.prediction_log.on
         self.load(meta, weights, device, os.environ.get("DLOPS_SERVE_AMP", "auto"))
         log.info("dlops handler %s running on %s, precision %s", type(self).__name__, self.device, self.amp)
         self.initialized = True
@@ -149,6 +161,12 @@ class BaseHandler:
     def infer(self, inputs: list[Any]) -> list[Any]:
         raise NotImplementedError
 
+    def summarize(self, inputs: list[Any], answers: list[Any]) -> list[dict]:
+        """What the prediction log and the drift check keep of each answered request, right after infer:
+        {"input": numbers the job picks (an image's size and colours, a prompt's length), "answer": ...};
+        JSON-ready, compact, never the raw input. Default: nothing but the answer's first class."""
+        return [{"input": {}, "answer": answer_class(answer)} for answer in answers]
+
     @torch.no_grad()
     def answer(self, requests: list[dict]) -> list:
         """Answers for requests given as named fields; a bad one gets its exception (a BadRequest
@@ -161,9 +179,26 @@ class BaseHandler:
                 indices.append(i)
             except Exception as e:  # any bad input answers that request only
                 answers[i] = e
-        for i, answer in zip(indices, self.infer_each(inputs), strict=True):
+        results = self.infer_each(inputs)
+        for i, answer in zip(indices, results, strict=True):
             answers[i] = answer
+        self.summaries = [None] * len(requests)
+        if self.summarizing:
+            for i, summary in zip(indices, self.summarize_answered(inputs, results), strict=True):
+                self.summaries[i] = summary
         return answers
+
+    def summarize_answered(self, inputs: list[Any], results: list[Any]) -> list[dict | None]:
+        """The summaries of the answered inputs; a failure here costs the summaries, never the answers."""
+        answered = [i for i, result in enumerate(results) if not isinstance(result, Exception)]
+        summaries: list[dict | None] = [None] * len(inputs)
+        try:
+            made = self.summarize([inputs[i] for i in answered], [results[i] for i in answered])
+            for i, summary in zip(answered, made, strict=True):
+                summaries[i] = summary
+        except Exception:  # noqa: BLE001 - a summary is never worth a request
+            log.exception("summarizing a batch of %d failed; its requests are answered without a record", len(inputs))
+        return summaries
 
     def infer_each(self, inputs: list[Any]) -> list[Any]:
         """The batch's answers; if the batch fails, each input alone, so that an input the checks let
@@ -184,6 +219,7 @@ class BaseHandler:
 
     @torch.no_grad()
     def handle(self, data: list[dict], context: Any) -> list:
+        started = time.perf_counter()
         fields: list = []
         for i, request in enumerate(data):
             try:
@@ -192,28 +228,52 @@ class BaseHandler:
             except Exception as e:  # any bad input answers that request only
                 fields.append(e)
         good = [f for f in fields if not isinstance(f, Exception)]
-        answered = iter(self.answer(good))
-        answers = []
+        answered, summaries = iter(self.answer(good)), iter(self.summaries)
+        answers, records = [], []
         for i, item in enumerate(fields):
             result = item if isinstance(item, Exception) else next(answered)
+            summary = None if isinstance(item, Exception) else next(summaries)
             answers.append(error_answer(context, i, result) if isinstance(result, Exception) else result)
+            request_id = context.get_request_id(i) or uuid.uuid4().hex
             context.set_response_header(i, VERSION_HEADER, self.version)
             context.set_response_header(i, WORKER_HEADER, str(os.getpid()))
-        count_requests(context, answers)
+            context.set_response_header(i, REQUEST_ID_HEADER, request_id)
+            if summary is not None and self.prediction_log.sampled():
+                records.append({"id": request_id, "version": self.version, **summary})
+        seconds = time.perf_counter() - started
+        count_requests(context, answers, self.version, seconds)
+        now = time.time()
+        self.prediction_log.append([{**record, "time": round(now, 3), "latency_ms": round(seconds * 1000, 2)}
+                                    for record in records])  # fmt: skip
         return answers
 
 
-def count_requests(context: Any, answers: list) -> None:
-    """Per-model counters for the metrics endpoint: requests by the status we answered, and batches."""
+def answer_class(answer: Any) -> Any:
+    """The class an answer names first: a top-k list's first "class" (classifiers), else None."""
+    if isinstance(answer, list) and answer and isinstance(answer[0], dict):
+        return {"class": answer[0].get("class"), "probability": answer[0].get("probability")}
+    return None
+
+
+def count_requests(context: Any, answers: list, version: str, seconds: float) -> None:
+    """Per-model metrics for the metrics endpoint, labelled with the version: requests by the status we
+    answered, each request's time in the handler (its batch's: a histogram, so p50/p99 by version), and
+    batches."""
     metrics = getattr(context, "metrics", None)
     if metrics is None:  # outside TorchServe (tests that run the handler directly)
         return
     from ts.metrics.dimension import Dimension
+    from ts.metrics.metric_type_enum import MetricTypes
 
     statuses: dict[int, int] = {}
     for answer in answers:
         status = answer["status"] if isinstance(answer, dict) and "error" in answer else 200
         statuses[status] = statuses.get(status, 0) + 1
     for status, count in statuses.items():
-        metrics.add_counter("DlopsRequests", count, None, [Dimension("Status", str(status))])
+        metrics.add_counter(
+            "DlopsRequests", count, None, [Dimension("Status", str(status)), Dimension("Version", version)]
+        )
+    for _ in answers:
+        metrics.add_metric("DlopsLatencySeconds", seconds, "s", None, [Dimension("Version", version)],
+                           MetricTypes.HISTOGRAM)  # fmt: skip
     metrics.add_counter("DlopsBatches", 1, None, [])

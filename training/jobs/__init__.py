@@ -25,15 +25,15 @@ from typing import Any
 from training.checkpoint import V1_CONVERSIONS, CheckpointError, config_for_resume, load_checkpoint
 from training.jobs.config import RunConfig
 from training.jobs.run import JobRun, Optimization
-from training.jobs.serving import Serving
+from training.jobs.serving import Monitoring, Quality, Serving
 from training.jobs.spec import JobSpec
 from training.metrics import Metric
 from training.options import resumable_fields
 
 ENTRY_POINT_GROUP = "dlops.jobs"
 
-__all__ = ["JobRun", "JobSpec", "Metric", "Optimization", "RunConfig", "Serving", "broken_jobs", "job_for",
-           "job_serving", "jobs", "make_config"]  # fmt: skip
+__all__ = ["JobRun", "JobSpec", "Metric", "Monitoring", "Optimization", "Quality", "RunConfig", "Serving",
+           "broken_jobs", "job_for", "job_serving", "jobs", "make_config"]  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,6 +15,9 @@ The adapter, each part with a default but the example request:
     answer_mismatch(served, offline, amp)  why a served answer differs; default: numbers within 1e-4
     http_request(given, fields)        what `dlops predict INPUT` sends; default: a file's bytes
                                        (input "file"), or JSON {request_field: INPUT, **fields}
+
+and, to be watched once served (docs/monitoring.md), a Monitoring declaration: which requests stand
+for its validation data, which of its handler's summaries drift is judged on, what quality means.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import serving
 import training.hardware
 
 # The code every served model ships beside its handler (serving/handlers/): loading, batching, errors
-COMMON_HANDLER_FILES = ("handler_common.py", "request_fields.py")
+COMMON_HANDLER_FILES = ("handler_common.py", "request_fields.py", "prediction_log.py")
 HANDLERS = Path(serving.__file__).resolve().parent / "handlers"
 TOLERANCE = 1e-4  # the default answer_mismatch: rounding between two computations of the same numbers
 
@@ -66,6 +69,42 @@ def numbers_close(served: Any, offline: Any, tolerance: float = TOLERANCE) -> st
 
 
 @dataclass(frozen=True, kw_only=True)
+class Quality:
+    """What `dlops feedback` measures: the share of logged answers whose `answer_field` equals the truth."""
+
+    answer_field: str = "class"
+    name: str = "accuracy"
+    registered_metric: str | None = None  # the training run's figure of the same quality, shown beside it
+    registered_scale: float = 1.0  # that metric in the unit of `name` (a percentage: 0.01)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Monitoring:
+    """How a served version of the job is watched. The handler's summarize() says what a request's summary
+    holds; this says which parts drift is judged on and how, and what quality means.
+
+    reference_requests(state, n)  up to n requests made from the checkpoint's validation data (its
+                                  config names the data): profiled when a version is registered
+    numeric                       summary["input"] numbers compared column by column (Evidently's
+                                  default test per column: K-S, Wasserstein on large samples);
+                                  None: every number the summary holds (a table's features)
+    categorical                   summary["answer"] fields compared as categories (the predicted class)
+    embedding                     a summary["input"] list compared as one embedding (Evidently's
+                                  EmbeddingsDrift: a classifier told to tell the two sets apart)
+    drift_share                   "drift" when at least this share of the columns drifted (or the embedding)
+    """
+
+    reference_requests: Callable[[dict[str, Any], int], list[dict[str, Any]]]
+    numeric: tuple[str, ...] | None = None
+    categorical: tuple[str, ...] = ()
+    embedding: str | None = None
+    drift_share: float = 0.5
+    min_requests: int = 50  # fewer logged requests in a window: "not enough data", never "no drift"
+    reference_size: int = 300
+    quality: Quality | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Serving:
     name: str  # the TorchServe model name: /predictions/<name>
     handler: Path  # the handler module (a BaseHandler of serving/handlers/handler_common.py)
@@ -82,6 +121,7 @@ class Serving:
     # The job's canary thresholds: keys of release/canary.py's CanaryPolicy it sets for its own versions
     # (a --policy file still overrides them), e.g. {"max_p99_ratio": 3.0}
     canary: dict[str, Any] = field(default_factory=dict)
+    monitoring: Monitoring | None = None  # None: served versions are counted and timed, not judged for drift
 
     def files(self) -> dict[Path, str]:
         """The code a .mar or an MLflow model of this job ships: source file -> name inside it. None of
@@ -108,15 +148,31 @@ class Serving:
         """The answer to `request` from checkpoint `state`, computed in this process."""
         if self.offline_answer is not None:
             return self.offline_answer(state, request, amp)
-        handler = self.load_handler()
-        meta = {key: state[key] for key in self.inference_keys} | {"model_config": state["model_config"]}
-        import torch
-
-        handler.load(meta, state["model"], torch.device("cpu"), amp)
-        (answer,) = handler.answer([request])
+        (answer,) = self.loaded_handler(state, amp).answer([request])
         if isinstance(answer, Exception):
             raise answer
         return answer
+
+    def profile(self, state: dict[str, Any], requests: list[dict[str, Any]], batch: int = 32) -> list[dict]:
+        """The summaries the job's handler makes of `requests` (those it answers), as it makes them when
+        serving (at the precision `dlops serve --amp auto` picks on this machine, so that a barely trained
+        model's near-ties fall the same way): what a reference profile and the prediction log both hold."""
+        handler = self.loaded_handler(state, "auto")
+        handler.summarizing = True
+        summaries = []
+        for start in range(0, len(requests), batch):
+            handler.answer(requests[start : start + batch])
+            summaries += [summary for summary in handler.summaries if summary is not None]
+        return summaries
+
+    def loaded_handler(self, state: dict[str, Any], amp: str) -> Any:
+        """The job's handler with the checkpoint's model loaded, on the CPU."""
+        import torch
+
+        handler = self.load_handler()
+        meta = {key: state[key] for key in self.inference_keys} | {"model_config": state["model_config"]}
+        handler.load(meta, state["model"], torch.device("cpu"), amp)
+        return handler
 
     def mismatch(self, served: Any, offline: Any, amp: str = "off") -> str | None:
         return self.answer_mismatch(served, offline, amp)

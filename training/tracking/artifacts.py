@@ -6,6 +6,8 @@ sweeps, packaging and `--resume auto` read them.
     learning_curves.png, model_summary.txt     the run's pictures and layer table
     tensorboard/                          the TensorBoard event files
     serving/<name>-<version>.mar          archives packaged from the run
+    monitoring/reference.jsonl            the registered version's reference profile: its validation data
+                                          summarized as its handler summarizes requests (drift checks)
 
 and, in the run folder only, the tracking journal (training/tracking/journal.py):
 
@@ -22,5 +24,7 @@ MODEL_SUMMARY = "model_summary.txt"
 TENSORBOARD = "tensorboard"
 ARCHIVES = "serving"
 MLFLOW_MODEL = "mlflow-model"  # in the run folder: the MLflow model built from best.pt
+MONITORING = "monitoring"
+REFERENCE_PROFILE = "reference.jsonl"  # under MONITORING, in the run folder and as an artifact
 JOURNAL, JOURNAL_RECORDS, JOURNAL_SPOOL = "journal", "records.jsonl", "spool"
 JOURNAL_DELIVERED, JOURNAL_STATE, JOURNAL_LOCK = "delivered", "run.json", "lock"

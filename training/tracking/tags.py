@@ -1,7 +1,8 @@
 """Run tags that one part of dlops writes and another reads: declared once, here.
 
 job            what the run is: train-<kind> (a training run of a job), sweep-<kind> (a sweep's
-               parent), evaluate, compare, deployment (a deploy's run: release/history.py)
+               parent), evaluate, compare, deployment (a deploy's run: release/history.py), monitor
+               (a drift or feedback check: monitoring/runs.py)
 deploy_outcome, deploy_reason   how a deploy ended (deployed, promoted, aborted, inconclusive,
                      interrupted, failed) and why, for people
 sweep_id       the sweep (Optuna study) a trial or parent belongs to
@@ -16,6 +17,8 @@ checkpoint_sha256  the SHA-256 of the version's checkpoint file, recorded when i
                    `dlops package` and `dlops deploy` refuse a download that does not match it
 deployment_run     the MLflow run (experiment `deployments`) of the version's last deploy
 canary_aborted     why a canary of the version was aborted: the controller does not try it again
+drift_verdict      the last drift check's verdict (drift, no drift, not enough data); also on its run
+monitor_run        the MLflow run (experiment `monitoring`) of the version's last drift or feedback check
 
 And one registry alias:
 serving            the version of a model that `dlops serve` starts and `dlops deploy` moves
@@ -26,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 JOB_TAG = "job"
-EVALUATE, COMPARE, DEPLOYMENT = "evaluate", "compare", "deployment"
+EVALUATE, COMPARE, DEPLOYMENT, MONITOR = "evaluate", "compare", "deployment", "monitor"
 OUTCOME, REASON = "deploy_outcome", "deploy_reason"
 SWEEP_ID = "sweep_id"
 COMPARISON_ID, BENCH_CONFIG = "comparison_id", "bench_config"
@@ -39,6 +42,7 @@ REGISTERED_MODEL = "registered_model"  # the version a run's best checkpoint bec
 SERVING_ALIAS = "serving"
 DEPLOYMENT_RUN = "deployment_run"
 CANARY_ABORTED = "canary_aborted"
+DRIFT_VERDICT, MONITOR_RUN = "drift_verdict", "monitor_run"
 
 
 def training_job(kind: str) -> str:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dlops_tabular import mlp
-from training.jobs import JobRun, JobSpec, Metric, Optimization, RunConfig, Serving
+from training.jobs import JobRun, JobSpec, Metric, Monitoring, Optimization, Quality, RunConfig, Serving
 from training.jobs.run import EpochContext
 from training.metrics import TRAIN_LOSS, VAL_LOSS
 from training.options import option
@@ -136,6 +136,12 @@ def mean_row(meta: dict[str, Any]) -> dict[str, Any]:
     return {"row": ",".join(f"{v:.6g}" for v in meta["mean"]), "topk": min(3, len(meta["classes"]))}
 
 
+def val_rows(state: dict[str, Any], count: int) -> list[dict[str, Any]]:
+    """The reference profile's requests: val.csv's rows (its features, as a client sends them)."""
+    table = read_table(Path(state["config"]["data"]) / "val.csv", state["config"]["label"])
+    return [{"row": row} for row in table.x[:count].tolist()]
+
+
 @click.command("tabular-synth")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--rows", type=click.IntRange(10), default=600, show_default=True, help="rows in train.csv")
@@ -174,6 +180,9 @@ SPEC = JobSpec(
         input="text",
         request_field="row",
         example_request=mean_row,
+        # drift: every feature column and the predicted class; quality: the class against the truth
+        monitoring=Monitoring(reference_requests=val_rows, categorical=("class",),
+                              quality=Quality(registered_metric=ACCURACY.name, registered_scale=0.01)),
     ),  # fmt: skip
     commands=(synth_command,),
 )

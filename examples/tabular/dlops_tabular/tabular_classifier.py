@@ -44,6 +44,16 @@ class TabularClassifier(BaseHandler):
         probabilities = torch.softmax(self.model(rows).float(), dim=1).cpu()
         return [top_k(p, k, self.meta["classes"]) for p, (_, k) in zip(probabilities, inputs, strict=True)]
 
+    def summarize(self, inputs: list[tuple[torch.Tensor, int]], answers: list[list[dict]]) -> list[dict]:
+        """A table's summary is its row: each feature as sent (un-standardized), and the top class."""
+        summaries = []
+        for (row, _), answer in zip(inputs, answers, strict=True):
+            values = (row * self.std + self.mean).tolist()
+            summary = {name: round(v, 6) for name, v in zip(self.meta["features"], values, strict=True)}
+            summaries.append({"input": summary, "answer": {"class": answer[0]["class"],
+                                                           "probability": answer[0]["probability"]}})  # fmt: skip
+        return summaries
+
 
 def top_k(probabilities: torch.Tensor, k: int, classes: list[str]) -> list[dict]:
     values, indices = probabilities.topk(k)

@@ -19,13 +19,13 @@ from training.checkpoint import load_checkpoint
 from training.jobs.config import RunConfig
 from training.jobs.evaluate import EvaluateOptions
 from training.jobs.lm.commands import COMMANDS, DATA_COMMANDS, SERVED_AS
-from training.jobs.lm.corpus import EOS, UNK, batchify, load_corpus
+from training.jobs.lm.corpus import EOS, UNK, batchify, load_corpus, sample_prompts, split_path
 from training.jobs.lm.loop import LMStep, evaluate_lm, perplexity, train_lm_epoch
 from training.jobs.lm.wordlm import MODEL_TYPES, build_language_model, generate_batch, lm_from_checkpoint
 from training.jobs.run import EpochContext, JobRun, Optimization
 from training.jobs.serving import HANDLERS as HANDLERS
+from training.jobs.serving import Monitoring, Serving
 from training.jobs.serving import Request as Request
-from training.jobs.serving import Serving
 from training.jobs.spec import Column, EpochTable, JobSpec, ReportSpec
 from training.metrics import EPOCH_SECONDS, TRAIN_LOSS, VAL_LOSS, Metric
 from training.options import option
@@ -197,6 +197,15 @@ def example_request(meta: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": " ".join(words), "max_words": 8, "temperature": 1.0, "seed": 0}
 
 
+def reference_requests(state: dict[str, Any], count: int) -> list[dict[str, Any]]:
+    """Prompts drawn from the validation split, one generated word each (the summary is the prompt's)."""
+    data = state["config"].get("data")
+    if not data:
+        raise ValueError("the run had no DATA folder")
+    prompts = sample_prompts(split_path(Path(data), "valid"), count)
+    return [{"prompt": prompt, "max_words": 1, "seed": 0} for prompt in prompts]
+
+
 def offline_answer(state: dict[str, Any], request: dict[str, Any], amp: str = "off") -> dict[str, Any]:
     """The text `dlops generate` writes for the same prompt and seed (generation runs in fp32)."""
     settings = {"prompt": request.get("prompt", ""), "n_words": request["max_words"],
@@ -247,6 +256,10 @@ SPEC = JobSpec(
         answer_mismatch=lambda served, offline, amp: None if served == offline else f"served {served!r}",
         # a request's time grows with the words it asks for, so one window's p99 varies more than a classifier's
         canary={"max_p99_ratio": 3.0},
+        # prompts in another language or of another field raise the unknown-word share first
+        monitoring=Monitoring(
+            reference_requests=reference_requests, numeric=("prompt_words", "unknown_share", "mean_word_length")
+        ),
     ),  # fmt: skip
     commands=tuple(COMMANDS),
     data_commands=tuple(DATA_COMMANDS),

@@ -76,6 +76,25 @@ def split_path(root: Path, split: str) -> Path:
     raise DatasetError(f"{root}: the {split} split is missing (expected {names})")
 
 
+def sample_prompts(path: Path, count: int, *, seed: int = 0, words: tuple[int, int] = (3, 12)) -> list[str]:
+    """`count` prompts as users write them: runs of `words` (at least, at most) consecutive words of a
+    text file's lines (WikiText's `= headings =` and empty lines left out), drawn with `seed`."""
+    import random
+
+    lines = [line.split() for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines()]
+    lines = [line for line in lines if len(line) >= words[0] and not line[0].startswith("=")]
+    if not lines:
+        raise DatasetError(f"{path}: no line of {words[0]} words or more to draw prompts from")
+    draw = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        line = draw.choice(lines)
+        length = draw.randint(words[0], min(words[1], len(line)))
+        start = draw.randint(0, len(line) - length)
+        prompts.append(" ".join(line[start : start + length]))
+    return prompts
+
+
 @dataclass(kw_only=True)
 class Corpus:
     vocab: Vocabulary

@@ -8,6 +8,10 @@ Request: a JSON object with the fields of request_fields.GENERATION_FIELDS (prom
 temperature, seed; each optional). Answer: {"text": str, "words": int, "unknown_words": [str, ...]}.
 All requests of a TorchServe batch are sampled together, one forward pass per step for the whole
 batch; each draws from its own seeded generator, so its text does not depend on its neighbours.
+
+What the prediction log and the drift check keep of a request (summarize): the prompt's length in
+words and the share of them outside the vocabulary (text in another language, or of another
+field, shows there first), the mean word length; and how many words were generated.
 """
 
 from __future__ import annotations
@@ -30,3 +34,14 @@ class TextGenerator(BaseHandler):
 
     def infer(self, inputs: list[dict]) -> list[dict]:
         return generate_batch(self.model, self.meta["vocab"], inputs, self.meta["window"])
+
+    def summarize(self, inputs: list[dict], answers: list[dict]) -> list[dict]:
+        summaries = []
+        for request, answer in zip(inputs, answers, strict=True):
+            words = request["prompt"].split()
+            outside = set(answer["unknown_words"])
+            unknown = sum(1 for w in words if w in outside)
+            summary = {"prompt_words": len(words), "unknown_share": round(unknown / len(words), 4) if words else 0.0,
+                       "mean_word_length": round(sum(map(len, words)) / len(words), 3) if words else 0.0}  # fmt: skip
+            summaries.append({"input": summary, "answer": {"words": answer["words"]}})
+        return summaries

@@ -27,6 +27,7 @@ from training.jobs.evaluate import EvaluateOptions
 from training.jobs.resnet.classifier import ARCHS, STEMS, build_classifier, classifier_from_checkpoint
 from training.jobs.resnet.commands import COMMANDS, DATA_COMMANDS
 from training.jobs.resnet.data.images import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from training.jobs.resnet.data.index import load_image_dataset
 from training.jobs.resnet.data.pipeline import JPEG_WORKERS, ImagePipeline, build_pipeline
 from training.jobs.resnet.data.synthetic import draw_example
 from training.jobs.resnet.doctor import check
@@ -39,7 +40,7 @@ from training.jobs.resnet.tiny_maps import use_matmul_for_tiny_maps
 from training.jobs.resnet.weights import load_pretrained
 from training.jobs.run import EpochContext, JobRun, Optimization
 from training.jobs.serving import HANDLERS as HANDLERS
-from training.jobs.serving import Request, Serving
+from training.jobs.serving import Monitoring, Quality, Request, Serving
 from training.jobs.spec import Column, JobSpec, ReportSection, ReportSpec
 from training.metrics import EPOCH_SECONDS, TRAIN_LOSS, VAL_LOSS
 from training.metrics import Metric as Metric
@@ -292,6 +293,15 @@ def example_request(meta: dict[str, Any]) -> dict[str, Any]:
     return {"image": encoded.getvalue(), "topk": min(5, len(meta["classes"]))}
 
 
+def reference_requests(state: dict[str, Any], count: int) -> list[dict[str, Any]]:
+    """Validation images spread over the split (every len/count-th), as their files' bytes."""
+    data = state["config"].get("data")
+    if not data or state["config"].get("dummy"):
+        raise ValueError("the run had no DATA folder (--dummy)")
+    val = load_image_dataset(data, verify=False).val
+    return [{"image": Path(path).read_bytes()} for path, _ in val[:: max(1, len(val) // count)][:count]]
+
+
 def offline_answer(state: dict[str, Any], request: dict[str, Any], amp: str = "off") -> list[dict[str, Any]]:
     """The top-k of `request["image"]` through the evaluation transform and the checkpoint's model (not the
     handler: a deploy's check then proves the handler too)."""
@@ -362,6 +372,14 @@ SPEC = JobSpec(
         offline_answer=offline_answer,
         answer_mismatch=answer_mismatch,
         http_request=http_request,
+        monitoring=Monitoring(
+            reference_requests=reference_requests,
+            numeric=("width", "height", "mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "edges"),
+            categorical=("class",),
+            embedding="embedding",
+            drift_share=0.2,  # two of its ten columns: turned photos move only the edges and the classes
+            quality=Quality(answer_field="class", name="accuracy", registered_metric=ACC1.name, registered_scale=0.01),
+        ),
     ),  # fmt: skip
     commands=tuple(COMMANDS),
     data_commands=tuple(DATA_COMMANDS),

@@ -8,6 +8,12 @@ Request: image bytes (JPEG, PNG, anything Pillow reads) as the raw body or a mul
 multipart field `topk` or the header `X-TopK` (TorchServe 0.12 does not pass query strings such as
 `?topk=` on to handlers). Answer: [{"class", "label", "probability"}, ...], best first: "class"
 is the class's folder name (the wnid for Tiny-ImageNet), "label" its human-readable name.
+
+What the prediction log and the drift check keep of a request (summarize): the image's size, its
+colours' mean and spread per channel as the model sees them (normalized), its edges' direction
+(log of horizontal over vertical change: photos turned on their side flip its sign), and the
+model's penultimate-layer embedding projected onto EMBEDDING_DIMS fixed random directions (a few
+numbers rather than 512, with distances kept: the Johnson-Lindenstrauss projection); and the top class.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from torchvision import transforms  # noqa: E402
 
 MAX_PIXELS = 4096 * 4096  # larger images are refused before being decoded (decompression bombs)
 DEFAULT_TOPK = 5
+EMBEDDING_DIMS = 16
+CHANNELS = ("r", "g", "b")
 
 
 class ImageClassifier(BaseHandler):
@@ -50,6 +58,15 @@ class ImageClassifier(BaseHandler):
                 transforms.Normalize(normalization["mean"], normalization["std"]),
             ]
         )
+        self.embeddings: torch.Tensor | None = None
+        # the penultimate layer is the input of the last Linear (ResNet's fc, other models' classifier)
+        last_linear = [module for module in self.model.modules() if isinstance(module, torch.nn.Linear)][-1]
+        last_linear.register_forward_pre_hook(self._keep_embeddings)
+        seeded = torch.Generator().manual_seed(0)  # the same directions in every worker and profile
+        self.projection = torch.randn(last_linear.in_features, EMBEDDING_DIMS, generator=seeded) / EMBEDDING_DIMS**0.5
+
+    def _keep_embeddings(self, module: torch.nn.Module, args: tuple) -> None:
+        self.embeddings = args[0].detach().float().cpu() if self.summarizing else None
 
     def parse(self, request: dict, headers: dict[str, str]) -> dict:
         """Raw image bytes, a multipart field `data` (+ `topk`), or JSON {"image": base64, "topk": N}."""
@@ -66,8 +83,8 @@ class ImageClassifier(BaseHandler):
             return {"image": image, "topk": body.get("topk", topk)}
         return {"image": body.encode("utf-8") if isinstance(body, str) else body, "topk": topk}
 
-    def prepare(self, fields: dict) -> tuple[torch.Tensor, int]:
-        """{"image": bytes, "topk": N (optional)} -> the normalized image and k."""
+    def prepare(self, fields: dict) -> tuple[torch.Tensor, int, tuple[int, int]]:
+        """{"image": bytes, "topk": N (optional)} -> the normalized image, k and the image's size."""
         unknown = sorted(set(fields) - {"image", "topk"})
         if unknown:
             raise BadRequest(f"unknown field(s) {unknown}; accepted: ['image', 'topk']")
@@ -82,15 +99,43 @@ class ImageClassifier(BaseHandler):
             k = Field(name="topk", kind=int, default=k, help="classes to return", low=1, high=n_classes).check(
                 fields["topk"]
             )
-        return self.transform(open_image(bytes(image))), k
+        picture = open_image(bytes(image))
+        return self.transform(picture), k, picture.size
 
-    def infer(self, inputs: list[tuple[torch.Tensor, int]]) -> list[list[dict]]:
-        images = torch.stack([image for image, _ in inputs]).to(self.device)
+    def infer(self, inputs: list[tuple[torch.Tensor, int, tuple[int, int]]]) -> list[list[dict]]:
+        images = torch.stack([image for image, _, _ in inputs]).to(self.device)
         with self.autocast():
             logits = self.model(images)  # one forward pass for the batch
         probabilities = torch.softmax(logits.float(), dim=1).cpu()
         return [top_k(row, k, self.meta["classes"], self.meta["labels"])
-                for row, (_, k) in zip(probabilities, inputs, strict=True)]  # fmt: skip
+                for row, (_, k, _) in zip(probabilities, inputs, strict=True)]  # fmt: skip
+
+    def summarize(self, inputs: list, answers: list) -> list[dict]:
+        embeddings = self.embeddings
+        if embeddings is not None and len(embeddings) != len(inputs):  # answered one by one after a failure
+            embeddings = None
+        projected = (embeddings @ self.projection).tolist() if embeddings is not None else [None] * len(inputs)
+        summaries = []
+        for (image, _, (width, height)), answer, embedding in zip(inputs, answers, projected, strict=True):
+            means, spreads = image.mean(dim=(1, 2)).tolist(), image.std(dim=(1, 2)).tolist()
+            summary = {"width": width, "height": height}
+            summary |= {f"mean_{c}": round(m, 4) for c, m in zip(CHANNELS, means, strict=True)}
+            summary |= {f"std_{c}": round(v, 4) for c, v in zip(CHANNELS, spreads, strict=True)}
+            summary["edges"] = round(edge_direction(image), 4)
+            if embedding is not None:
+                summary["embedding"] = [round(x, 4) for x in embedding]
+            summaries.append({"input": summary, "answer": {"class": answer[0]["class"],
+                                                           "probability": answer[0]["probability"]}})  # fmt: skip
+        return summaries
+
+
+def edge_direction(image: torch.Tensor) -> float:
+    """log(mean horizontal change / mean vertical change) of the image's gray levels: 0 for no preferred
+    direction; a quarter turn flips its sign."""
+    gray = image.mean(dim=0)
+    across = (gray[:, 1:] - gray[:, :-1]).abs().mean()
+    down = (gray[1:, :] - gray[:-1, :]).abs().mean()
+    return float(torch.log((across + 1e-6) / (down + 1e-6)))
 
 
 def top_k(probabilities: torch.Tensor, k: int, classes: list[str], labels: list[str]) -> list[dict]:
