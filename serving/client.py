@@ -32,9 +32,11 @@ from serving.tls import client_context
 
 SERVER_FILE = "server.json"  # written by `dlops serve`: the server's URLs, model store and settings
 DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}
-# every answer of our handlers names the version and the worker process that computed it (handler_common.py
-# sets them; it imports nothing of the project): lower case, as Answer.headers has them
+# every answer of our handlers names the version and the worker process that computed it, and its request id
+# (the prediction log's key; handler_common.py sets them; it imports nothing of the project): lower case, as
+# Answer.headers has them
 VERSION_HEADER, WORKER_HEADER = "x-dlops-model-version", "x-dlops-worker"
+REQUEST_ID_HEADER = "x-dlops-request-id"
 UNIX_PREFIX = "unix:"  # an API on a Unix socket: unix:/absolute/path.sock (TorchServe's own notation)
 
 

@@ -118,6 +118,7 @@ class BaseHandler:
         self.version = context.manifest["model"].get("modelVersion", "")
         self.prediction_log = PredictionLog.from_environment(context.manifest["model"]["modelName"], self.version)
         self.summarizing = self.prediction_log.on
+        start_counters(context, self.version)
         self.load(meta, weights, device, os.environ.get("DLOPS_SERVE_AMP", "auto"))
         log.info("dlops handler %s running on %s, precision %s", type(self).__name__, self.device, self.amp)
         self.initialized = True
@@ -253,6 +254,20 @@ def answer_class(answer: Any) -> Any:
     if isinstance(answer, list) and answer and isinstance(answer[0], dict):
         return {"class": answer[0].get("class"), "probability": answer[0].get("probability")}
     return None
+
+
+def start_counters(context: Any, version: str) -> None:
+    """Each status's request counter at 0 from the start: Prometheus's rate() counts a series' increases,
+    and a series first seen at 5 (the first five 400s) would show no error at all."""
+    metrics = getattr(context, "metrics", None)
+    if metrics is None:
+        return
+    from ts.metrics.dimension import Dimension
+
+    for status in (200, *PHRASES):  # the dimensions in the order metrics.yaml declares them
+        dimensions = [Dimension("Status", str(status)), Dimension("Version", version),
+                      Dimension("ModelName", context.model_name), Dimension("Level", "Model")]  # fmt: skip
+        metrics.add_counter("DlopsRequests", 0, None, dimensions)
 
 
 def count_requests(context: Any, answers: list, version: str, seconds: float) -> None:
