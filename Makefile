@@ -206,13 +206,13 @@ docker-check: setup
 	$(BIN)/python scripts/docker_check.py
 
 lint: setup
-	$(BIN)/ruff check training serving release examples tests bench scripts
-	$(BIN)/ruff format --check training serving release examples tests bench scripts
+	$(BIN)/ruff check training serving release monitoring examples tests bench scripts
+	$(BIN)/ruff format --check training serving release monitoring examples tests bench scripts
 	$(BIN)/hadolint --failure-threshold info docker/Dockerfile.train docker/Dockerfile.serve docker/Dockerfile.postgres
 
 format: setup
-	$(BIN)/ruff format training serving release examples tests bench scripts
-	$(BIN)/ruff check --fix training serving release examples tests bench scripts
+	$(BIN)/ruff format training serving release monitoring examples tests bench scripts
+	$(BIN)/ruff check --fix training serving release monitoring examples tests bench scripts
 
 # Everything the commands generate (the demo's data, decoded caches); downloaded datasets in data/ stay
 clean:

@@ -23,18 +23,20 @@ from typing import Any
 from monitoring import MonitorError
 from monitoring.predictions import Window, records
 from monitoring.runs import (
+    DRIFT,
+    DRIFT_CHECK,
     DRIFT_SCORE_PREFIX,
     DRIFT_SHARE,
     EMBEDDING_DRIFT,
     LOGGED_REQUESTS,
+    NO_DRIFT,
+    NOT_ENOUGH,
     REFERENCE_REQUESTS,
     record_check,
 )
 from training.jobs.serving import Monitoring
 from training.tracking.artifacts import MONITORING, REFERENCE_PROFILE
 from training.tracking.tags import DRIFT_VERDICT
-
-DRIFT, NO_DRIFT, NOT_ENOUGH = "drift", "no drift", "not enough data"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,7 +175,7 @@ def check_drift(uri: str, *, window: Window, log: Path, report_dir: Path) -> tup
     if comparison.embedding_score is not None:
         metrics[EMBEDDING_DRIFT] = comparison.embedding_score
     metrics |= {DRIFT_SCORE_PREFIX + column: score for column, score in comparison.scores.items()}
-    run_id = record_check(name=version.name, version=str(version.version), check="drift",
+    run_id = record_check(name=version.name, version=str(version.version), check=DRIFT_CHECK,
                           window=(window.start, window.end), metrics=metrics,
                           tags={DRIFT_VERDICT: comparison.verdict}, artifact=report, client=client)  # fmt: skip
     return comparison, run_id

@@ -19,7 +19,14 @@ from pathlib import Path
 
 from monitoring import MonitorError
 from monitoring.predictions import by_id
-from monitoring.runs import FEEDBACK_MATCHED, FEEDBACK_UNMATCHED, LIVE_PREFIX, REGISTERED_PREFIX, record_check
+from monitoring.runs import (
+    FEEDBACK_CHECK,
+    FEEDBACK_MATCHED,
+    FEEDBACK_UNMATCHED,
+    LIVE_PREFIX,
+    REGISTERED_PREFIX,
+    record_check,
+)
 
 ID, TRUTH = "request_id", "truth"
 
@@ -99,7 +106,7 @@ def live_quality(path: Path, *, model: str, log: Path) -> list[LiveQuality]:
         }
         if registered is not None:
             metrics[REGISTERED_PREFIX + quality.name] = registered
-        run_id = record_check(name=model, version=served_version, check="feedback", window=result.window,
+        run_id = record_check(name=model, version=served_version, check=FEEDBACK_CHECK, window=result.window,
                               metrics=metrics, client=client)  # fmt: skip
         results.append(dataclasses.replace(result, run_id=run_id))
     return results

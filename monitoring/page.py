@@ -87,7 +87,7 @@ def recent_checks(limit: int = 20) -> list[dict[str, Any]]:
         live = next(((k.removeprefix(LIVE_PREFIX), v) for k, v in metrics.items() if k.startswith(LIVE_PREFIX)), None)
         checks.append({"when": datetime.datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M"),
                        "version": run.data.params.get(MODEL_VERSION), "check": run.data.params.get(CHECK),
-                       "verdict": run.data.tags.get(DRIFT_VERDICT, ""), "drift_share": metrics.get(DRIFT_SHARE),
+                       "verdict": run.data.tags.get(DRIFT_VERDICT, ""), "share": metrics.get(DRIFT_SHARE),
                        "requests": metrics.get(LOGGED_REQUESTS), "live": live, "run_id": run.info.run_id})  # fmt: skip
     return checks
 

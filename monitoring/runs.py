@@ -6,7 +6,7 @@ metrics  drift:    logged_requests, reference_requests, drift_share, embedding_d
          feedback: feedback_matched, feedback_unmatched, live_<quality> (0..1), and
                    registered_<quality>: the validation figure the version was registered with
 tags     job=monitor, drift_verdict (drift checks); on the version: monitor_run, drift_verdict
-artifacts  drift/evidently_report.html (Evidently's own report)
+artifacts  drift_report/evidently_report.html (Evidently's own report)
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ LOGGED_REQUESTS, REFERENCE_REQUESTS = "logged_requests", "reference_requests"
 DRIFT_SHARE, EMBEDDING_DRIFT, DRIFT_SCORE_PREFIX = "drift_share", "embedding_drift_score", "drift_score/"
 FEEDBACK_MATCHED, FEEDBACK_UNMATCHED = "feedback_matched", "feedback_unmatched"
 LIVE_PREFIX, REGISTERED_PREFIX = "live_", "registered_"
-REPORT_FOLDER = "drift"
+REPORT_FOLDER = "drift_report"
+DRIFT_CHECK, FEEDBACK_CHECK = "drift", "feedback"  # the monitor_check param
+DRIFT, NO_DRIFT, NOT_ENOUGH = "drift", "no drift", "not enough data"  # the drift_verdict tag
 
 
 def record_check(*, name: str, version: str, check: str, window: tuple[float, float], metrics: dict[str, float],

@@ -7,6 +7,9 @@
     MLflow server on PostgreSQL; the MLflow container is restarted once mid-training) -> registered
     MLflow model -> `dlops deploy` from the host to the running TorchServe container (no restart) ->
     a classification and a generation request from the host on 127.0.0.1 with the server's key ->
+    the val images classified: the stack's Prometheus counts them per version, and a drift check of the
+    prediction log (written by the container into its state dir) against the version's reference
+    profile is logged to MLflow ->
     a fleet (the gateway, HAProxy, in front of 2 TorchServe containers, all driven from the host through
     their shared folder): the ResNet deployed to both, a canary promoted, a canary failing 5% of its
     requests aborted, under load through the gateway -> from a teammate's machine (the `client`
@@ -20,8 +23,8 @@ installed but not running and this runs as root), `docker compose` or Debian's `
 and the project's venv (the host side: data, deploy, requests). Base images: the official ones when
 they can be pulled, else the stand-ins `docker/bases.sh` builds from Debian's packages. pip in the
 builds uses the host's pip index settings and CA bundle (docker/Dockerfile.train says how).
-The stack publishes 127.0.0.1:5000 (MLflow), 8080-8082 (TorchServe) and 8090 (the fleet's gateway): they
-must be free.
+The stack publishes 127.0.0.1:5000 (MLflow), 8080-8082 (TorchServe), 8090 (the fleet's gateway) and 9090
+(Prometheus): they must be free.
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 from serving import environment
-from serving.client import ServerClient
+from serving.client import VERSION_HEADER, ServerClient
 from serving.secrets import private_dir
 from serving.tls import machine_hosts, urlopen
 
@@ -60,11 +64,11 @@ OFFICIAL = {
     "postgres": "postgres:16-bookworm@sha256:efedf3595f1d6f415c08568ba171029bf54052e754cc9f030e3f2412b21f3d67",
 }
 STAND_INS = {"python": "local/bookworm-python:3.11", "postgres": "local/postgres:15-bookworm"}
-PORTS = (5000, 8080, 8081, 8082, 8090)
+PORTS = (5000, 8080, 8081, 8082, 8090, 9090)
 # the variables docker/compose.yaml substitutes (its ${...}), set by this check
 PYTHON_BASE, POSTGRES_IMAGE, DATA_DIR, STATE_DIR = "PYTHON_BASE", "POSTGRES_IMAGE", "DATA_DIR", "DLOPS_STATE"
 ADMIN_PASSWORD_FILE, POSTGRES_PASSWORD_FILE = "MLFLOW_ADMIN_PASSWORD_FILE", "POSTGRES_PASSWORD_FILE"
-TLS_DIR = "TLS_DIR"
+TLS_DIR, LOG_SAMPLE = "TLS_DIR", "LOG_SAMPLE"
 FLEET_DIR, FLEET_MODEL_STORE = "FLEET_DIR", "FLEET_MODEL_STORE"
 times: dict[str, float] = {}
 
@@ -254,6 +258,43 @@ def team_check(compose: list[str], env: dict, host_env: dict, image: str) -> Non
     print(f"=> without the key TorchServe refused: {next(x for x in said.splitlines() if 'refused' in x)[:160]}")
 
 
+def monitoring_check(compose: list[str], env: dict, dlops_env: dict, val_images: Path, tmp: Path) -> None:
+    """The stack's Prometheus scrapes TorchServe over TLS and counts the host's requests per version; the
+    prediction log (the state dir, written by the container) feeds a drift check of the deployed ResNet
+    against its reference profile (recorded by the trainer container), logged to MLflow."""
+    state = STATE / "torchserve"
+    client = ServerClient.of(state)
+    images = sorted(val_images.iterdir())
+    answers = [client.predict_file("resnet", path) for path in images]
+    if {a.status for a in answers} != {200}:
+        raise CheckFailed(f"the val images were answered {sorted({a.status for a in answers})}")
+    version = answers[0].headers[VERSION_HEADER]
+    sh(*compose, "up", "-d", "prometheus", env=env)
+    query = "http://127.0.0.1:9090/api/v1/query?query=" + urllib.parse.quote('dlops:requests:total{ModelName="resnet"}')
+    deadline, counted = time.monotonic() + 120, {}
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(query, timeout=5) as answer:
+                counted = {r["metric"]["Version"]: float(r["value"][1]) for r in json.load(answer)["data"]["result"]}
+        except OSError:
+            counted = {}
+        if counted.get(version, 0) >= len(answers):
+            break
+        time.sleep(2)
+    else:
+        raise CheckFailed(f"Prometheus counted {counted} resnet requests, the host sent {len(answers)} to {version}")
+    logged = sum(1 for _ in (state / "predictions" / "resnet" / version).glob("predictions-*.jsonl"))
+    said = sh(sys.executable, "-m", "training.cli", "monitor", "drift", f"models:/resnet-tinyimagenet/{version}",
+              "--window", "30m", "--state-dir", str(state), "--report-dir", str(tmp / "drift"), check=False,
+              capture=True, env=dlops_env)  # fmt: skip
+    if said.returncode not in (0, 1):  # a verdict: no drift or drift
+        raise CheckFailed(f"the drift check failed ({said.returncode}):\n{said.stdout[-2000:]}{said.stderr[-2000:]}")
+    print(
+        f"=> Prometheus counted {counted[version]:.0f} requests of resnet version {version} (the host sent "
+        f"{len(answers)} and a few more); {logged} log file(s); {said.stdout.strip().splitlines()[-1]}"
+    )
+
+
 def fleet_check(compose: list[str], env: dict, dlops_env: dict, image: Path, tmp: Path) -> None:
     """The gateway and two servers in containers, driven from the host through the shared folder: the ResNet
     deployed to both, a canary of the same weights promoted, one failing 5% of requests aborted."""
@@ -294,7 +335,7 @@ def main() -> int:
     started = time.perf_counter()
     busy = [p for p in PORTS if socket.socket().connect_ex(("127.0.0.1", p)) == 0]
     if busy:
-        raise CheckFailed(f"ports {busy} on 127.0.0.1 are in use: the stack publishes 5000, 8080-8082 and 8090")
+        raise CheckFailed(f"ports {busy} on 127.0.0.1 are in use: the stack publishes 5000, 8080-8082, 8090, 9090")
     with step("engine"):
         engine()
         compose = [*compose_command(), "-p", PROJECT, "-f", str(DOCKER / "compose.yaml")]
@@ -319,6 +360,7 @@ def main() -> int:
         env = {
             PYTHON_BASE: bases["python"],
             POSTGRES_IMAGE: bases["postgres"],
+            LOG_SAMPLE: "1",  # every request in the prediction log: the drift check has the val set's worth
             DATA_DIR: str(data),
             STATE_DIR: str(STATE),
             FLEET_DIR: str(STATE / "fleet"),
@@ -378,6 +420,8 @@ def main() -> int:
                 top = json.loads(answer)[0]
                 words = json.loads(text)["words"]
                 print(f"=> classified {image.name}: {top['class']} ({top['probability']:.3f}); generated {words} words")
+            with step("monitoring: the stack's Prometheus counts the requests, a drift check of the prediction log"):
+                monitoring_check(compose, env, dlops_env, data / "images" / "val" / "images", Path(tmp))
             with step("a fleet: the gateway and 2 TorchServe containers, a canary promoted and one aborted"):
                 fleet_check(compose, env, dlops_env, image, Path(tmp))
             with step("a teammate's machine: the client container logs a run and asks TorchServe"):

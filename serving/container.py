@@ -70,7 +70,8 @@ def tls_settings(state_dir: Path) -> dict[str, Path]:
 def _settings() -> dict:
     """What every server of the container takes from its variables."""
     return {"model_store": MODEL_STORE, "torch_threads": int(os.environ.get(environment.SERVE_TORCH_THREADS, "1")),
-            "amp": os.environ.get(environment.SERVE_AMP, "auto")}  # fmt: skip
+            "amp": os.environ.get(environment.SERVE_AMP, "auto"),
+            "prediction_sample": float(os.environ.get(environment.SERVE_LOG_SAMPLE, "0.1"))}  # fmt: skip
 
 
 def _run_until_stopped(pid: int | None, stop_all) -> int:
@@ -88,7 +89,7 @@ def fleet_member(name: str) -> int:
     """One server of the fleet in DLOPS_FLEET_DIR: its APIs on Unix sockets in the shared folder (the gateway's
     container and the host's `dlops deploy` reach them there), with what the fleet serves."""
     fleet_dir = Path(os.environ[environment.FLEET_DIR])
-    options = member_options(ServeOptions(**_settings()), fleet_dir / MEMBERS_DIR / name)
+    options = member_options(ServeOptions(state_dir=fleet_dir, **_settings()), fleet_dir / MEMBERS_DIR / name)
     if fleet_dir.resolve() not in Path(options.sockets).parents:
         raise SystemExit(f"{fleet_dir} is too long a path for Unix sockets: mount the fleet's folder at a shorter one")
     state = fleet_dir / MEMBERS_DIR / name

@@ -47,6 +47,7 @@ INFERENCE_KEY_FILE, INFERENCE_CA = "DLOPS_INFERENCE_KEY_FILE", "DLOPS_INFERENCE_
 SERVE_STATE_DIR, SERVE_MODEL_STORE = "DLOPS_SERVE_STATE_DIR", "DLOPS_SERVE_MODEL_STORE"
 SERVE_TOKEN_MINUTES = "DLOPS_SERVE_TOKEN_EXPIRATION_MIN"
 SERVE_TORCH_THREADS = "DLOPS_SERVE_TORCH_THREADS"
+SERVE_LOG_SAMPLE = "DLOPS_SERVE_LOG_SAMPLE"  # the prediction log's share (dlops serve --log-sample)
 SERVE_TLS_PREFIX = "DLOPS_SERVE_TLS_"  # + CERT, KEY, CA
 # a fleet in compose: its folder (bind-mounted at the same path as on the host: sockets and paths
 # in it are the host's too), its members' names (the gateway's), the gateway's published port

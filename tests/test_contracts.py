@@ -23,13 +23,17 @@ NAMING_MODULES = (
     "training/jobs/resnet/compare.py",  # what a comparison run holds
     "training/jobs/lm/__init__.py",  # the language model's metrics
     "release/history.py",  # a deploy run's params and metrics
+    "monitoring/runs.py",  # a drift or feedback check's params and metrics
 )
 ENVIRONMENT = re.compile(r"^(DLOPS|MLFLOW)_[A-Z0-9_]+$")  # a variable's name: named where it is assigned
-CODE = ("training", "release", "serving", "scripts", "bench")
+CODE = ("training", "release", "serving", "monitoring", "scripts", "bench")
 # A literal equal to a contract outside its module, on purpose: "path:literal" -> why
 EXCEPTIONS: dict[str, str] = {
     "serving/handlers/handler_common.py:DLOPS_TORCH_THREADS": "handlers import nothing of the project",
     "serving/handlers/handler_common.py:DLOPS_SERVE_AMP": "handlers import nothing of the project",
+    "serving/handlers/prediction_log.py:DLOPS_PREDICTION_LOG": "handlers import nothing of the project",
+    "serving/handlers/prediction_log.py:DLOPS_PREDICTION_SAMPLE": "handlers import nothing of the project",
+    "serving/handlers/prediction_log.py:DLOPS_PREDICTION_LOG_MB": "handlers import nothing of the project",
     "training/hardware.py:DLOPS_CPU_NATIVE_BF16": "shipped inside every .mar as dlops_hardware.py: imports nothing",
     # the same spelling, another contract: PyTorch's optimizer key param_groups[i]["lr"], a job's state
     # and recipes' option named lr, the UI's params column; the metric is training.metrics.LR

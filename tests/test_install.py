@@ -17,7 +17,7 @@ import pytest
 
 from serving.client import ServerClient
 from serving.server import ServeOptions
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from training.jobs.lm.synthetic import write_synthetic_corpus
 
 JAVA = shutil.which("java") is not None
@@ -31,7 +31,7 @@ def installed(module_tmp) -> Path:
     sources = module_tmp.mktemp("sources")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, sources)
-    for package in ("training", "serving", "release"):
+    for package in ("training", "serving", "release", "monitoring"):
         shutil.copytree(REPO / package, sources / package, ignore=shutil.ignore_patterns("__pycache__"))
     plugin = module_tmp.mktemp("plugin")
     shutil.copytree(REPO / "examples" / "tabular", plugin, dirs_exist_ok=True,
@@ -101,7 +101,13 @@ def test_train_report_package_and_serve_from_the_wheel_outside_the_checkout(inst
         answer = dlops(installed, tmp_path, "generate-http", "--state-dir", "ts", "--prompt", "the", "--max-words", "5",
                        "--seed", "1")  # fmt: skip
         assert json.loads(answer.stdout)["words"] == 5
+        if shutil.which("prometheus"):  # the recording rules and the monitor page's template
+            dlops(installed, tmp_path, "monitor", "prometheus", "start", "--state-dir", "ts", "--port", free_port(),
+                  "--interval", "1")  # fmt: skip
+            dlops(installed, tmp_path, "monitor", "--state-dir", "ts", "--out", "page")
+            assert "Served models" in (tmp_path / "page" / "monitor.html").read_text(encoding="utf-8")
     finally:
+        dlops(installed, tmp_path, "monitor", "prometheus", "stop", "--state-dir", "ts")
         dlops(installed, tmp_path, "stop", "--state-dir", "ts")
 
 

@@ -19,7 +19,8 @@ from tests.conftest import REPO
 LAYERS: list[tuple[str, ...]] = [
     ("training.cli", "serving.container"),  # entry points: parse options, call the layers below
     # releasing a model reads checkpoints and job declarations (training) and drives a server (serving)
-    ("release", "training.sweep", "training.report", "training.doctor", "training.evaluation"),
+    # so does watching served versions (monitoring: Prometheus, the prediction log, drift, feedback)
+    ("release", "monitoring", "training.sweep", "training.report", "training.doctor", "training.evaluation"),
     ("release.package", "release.priority", "training.trainer"),
     ("training.session",),  # one training run's checkpoints and tracking
     ("training.jobs",),  # the declarations the trainer runs, each job with its own commands (plug-ins)
@@ -34,7 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 
 
-PACKAGES = ("training", "serving", "release")
+PACKAGES = ("training", "serving", "release", "monitoring")
 
 
 def layer_of(module: str) -> int:

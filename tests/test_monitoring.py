@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageEnhance
 
 from monitoring import prometheus
-from monitoring.runs import DRIFT_SHARE, LIVE_PREFIX, LOGGED_REQUESTS, REGISTERED_PREFIX
+from monitoring.runs import DRIFT_SHARE, LIVE_PREFIX, LOGGED_REQUESTS, REGISTERED_PREFIX, REPORT_FOLDER
 from serving.client import REQUEST_ID_HEADER, VERSION_HEADER, ServerClient
 from serving.server import ServeOptions, stop
 from tests.conftest import MINI_TINYIMAGENET, SHARED_DATA, free_port, run_cli
@@ -241,7 +241,7 @@ def test_the_resnets_drift_check_tells_val_images_from_darker_turned_or_foreign_
         run = client.get_run(version.tags[MONITOR_RUN])
         assert version.tags[DRIFT_VERDICT] == ("no drift" if code == 0 else "drift")
         assert run.data.metrics[LOGGED_REQUESTS] >= 50 and DRIFT_SHARE in run.data.metrics
-    assert any(a.path.endswith("evidently_report.html") for a in client.list_artifacts(run.info.run_id, "drift"))
+    assert any(a.path.endswith("evidently_report.html") for a in client.list_artifacts(run.info.run_id, REPORT_FOLDER))
 
 
 def test_the_lms_drift_check_tells_its_corpus_from_another_language(server, data, client, tmp_path):

@@ -828,7 +828,9 @@ def keys_rotate_command(state_dir: Path, api: str) -> None:
     help="Prometheus's URL (default: the one `dlops monitor prometheus start` started for --state-dir)",
 )
 @click.option("--window", type=Duration(), default="1h", show_default=True, help="how far back: 90s, 30m, 1h, 2d")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("monitor"), show_default=True)
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("monitor-page"), show_default=True
+)
 @click.pass_context
 def monitor(ctx: click.Context, state_dir: Path, url: str | None, window: float, out: Path) -> None:
     """Served versions watched (docs/monitoring.md). Without a subcommand: write OUT/monitor.html, each
@@ -861,7 +863,7 @@ def monitor(ctx: click.Context, state_dir: Path, url: str | None, window: float,
 @click.option(
     "--report-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path("monitor"),
+    default=Path("drift-report"),
     show_default=True,
     help="where Evidently's HTML report is written (and logged to MLflow)",
 )
@@ -871,8 +873,9 @@ def monitor_drift_command(model_uri: str, window: float, state_dir: Path, log_di
     Evidently; log the check to MLflow and tag the version. Exit 1 on drift, 3 when the window holds too
     few logged requests to judge, 0 for no drift."""
     from monitoring import MonitorError
-    from monitoring.drift import DRIFT, NOT_ENOUGH, check_drift
+    from monitoring.drift import check_drift
     from monitoring.predictions import Window, log_folder
+    from monitoring.runs import DRIFT, NOT_ENOUGH
 
     report_dir.mkdir(parents=True, exist_ok=True)
     try:

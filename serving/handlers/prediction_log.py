@@ -29,7 +29,6 @@ import socket
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-FOLDER, SAMPLE, CAP_MB = "DLOPS_PREDICTION_LOG", "DLOPS_PREDICTION_SAMPLE", "DLOPS_PREDICTION_LOG_MB"
 ROTATED_SUFFIX = ".1"
 
 
@@ -46,8 +45,8 @@ class PredictionLog:
 
     @classmethod
     def from_environment(cls, model: str, version: str) -> PredictionLog:
-        folder, cap_mb = os.environ.get(FOLDER), float(os.environ.get(CAP_MB) or 64)
-        return cls(Path(folder) if folder else None, sample=float(os.environ.get(SAMPLE) or 0),
+        folder, cap_mb = os.environ.get("DLOPS_PREDICTION_LOG"), float(os.environ.get("DLOPS_PREDICTION_LOG_MB") or 64)
+        return cls(Path(folder) if folder else None, sample=float(os.environ.get("DLOPS_PREDICTION_SAMPLE") or 0),
                    cap_bytes=int(cap_mb * 2**20), model=model, version=version)  # fmt: skip
 
     @property

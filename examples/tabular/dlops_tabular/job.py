@@ -181,8 +181,11 @@ SPEC = JobSpec(
         request_field="row",
         example_request=mean_row,
         # drift: every feature column and the predicted class; quality: the class against the truth
-        monitoring=Monitoring(reference_requests=val_rows, categorical=("class",),
-                              quality=Quality(registered_metric=ACCURACY.name, registered_scale=0.01)),
+        monitoring=Monitoring(
+            reference_requests=val_rows,
+            categorical=("class",),
+            quality=Quality(registered_metric=ACCURACY.name, registered_scale=0.01),
+        ),
     ),  # fmt: skip
     commands=(synth_command,),
 )
