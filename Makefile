@@ -56,8 +56,11 @@ $(STAMP): requirements.lock pyproject.toml
 # After changing a pin in requirements.in: the hashed locks, for this project and its serving image
 PIP_COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe \
 	--strip-extras --no-annotate --no-emit-index-url --no-emit-find-links
+# pip's hash-checking mode refuses a dependency's extra (evidently needs pandas[parquet], uvicorn[standard])
+# unless the lock pins the package with that extra too: scripts/lock_extras.py adds those entries.
 lock: setup
 	$(PIP_COMPILE) -o requirements.lock requirements.in
+	$(BIN)/python scripts/lock_extras.py requirements.lock 'pandas[parquet]' 'uvicorn[standard]'
 	$(PIP_COMPILE) -c requirements.in -o docker/serve.lock docker/serve.in
 
 data/synthetic/wnids.txt: | $(STAMP)

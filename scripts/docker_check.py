@@ -285,7 +285,7 @@ def monitoring_check(compose: list[str], env: dict, dlops_env: dict, val_images:
         raise CheckFailed(f"Prometheus counted {counted} resnet requests, the host sent {len(answers)} to {version}")
     logged = sum(1 for _ in (state / "predictions" / "resnet" / version).glob("predictions-*.jsonl"))
     said = sh(sys.executable, "-m", "training.cli", "monitor", "drift", f"models:/resnet-tinyimagenet/{version}",
-              "--window", "30m", "--state-dir", str(state), "--report-dir", str(tmp / "drift"), check=False,
+              "--window", "30m", "--state-dir", str(state), "--report-dir", str(tmp / "drift-report"), check=False,
               capture=True, env=dlops_env)  # fmt: skip
     if said.returncode not in (0, 1):  # a verdict: no drift or drift
         raise CheckFailed(f"the drift check failed ({said.returncode}):\n{said.stdout[-2000:]}{said.stderr[-2000:]}")

@@ -47,6 +47,8 @@ EXCEPTIONS: dict[str, str] = {
     "training/sweep.py:registered_model": "the --registered-model option a trial does not vary",
     "training/tracking/users.py:registered_model": "MLflow's permission resource kind",
     "training/jobs/resnet/weights.py:checkpoints": "torch.hub's folder of downloaded weights",
+    "scripts/docker_check.py:monitor": "the CLI's command `dlops monitor drift`",
+    "scripts/docker_check.py:drift": "the CLI's command `dlops monitor drift`",
 }
 
 

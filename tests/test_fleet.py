@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from monitoring import prometheus
 from release import history
 from release.canary import CanaryPolicy
 from release.controller import follow_once
@@ -128,6 +129,13 @@ def test_the_gateway_balances_over_both_servers_checks_the_key_and_exports_metri
     assert refused.status == 401 and REFUSED in json.dumps(refused.data)
     direct = urllib.request.urlopen(f"{client.urls['metrics']}/metrics", timeout=10).read().decode()  # noqa: S310
     assert 'haproxy_backend_http_responses_total{proxy="stable",code="2xx"}' in direct
+
+    # what a Prometheus for the fleet scrapes: the gateway's exporter and each server's per-version counts
+    targets = prometheus.targets(fleet.state_dir)
+    assert sorted(t.job for t in targets) == [prometheus.GATEWAY_JOB, *[prometheus.TORCHSERVE_JOB] * 2]
+    counted = [urllib.request.urlopen(f"{t.url}/metrics", timeout=10).read().decode()  # noqa: S310
+               for t in targets if t.job == prometheus.TORCHSERVE_JOB]  # fmt: skip
+    assert all('DlopsRequests{Status="200",Version="1",ModelName="resnet"' in text for text in counted)
 
     # the servers themselves are reachable only through their owner-only sockets
     for server in fleet.servers():

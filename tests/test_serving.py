@@ -443,3 +443,15 @@ def test_two_packagings_of_one_model_at_once_both_succeed(checkpoints, tmp_path)
     for i in range(3):
         with zipfile.ZipFile(mar_of(tmp_path / f"store{i}", "resnet")) as zf:
             assert {"weights.pt", "dlops_classifier.py", "meta.json"} <= set(zf.namelist())
+
+
+def test_the_prediction_log_rotates_at_its_cap_and_keeps_the_newest_records(tmp_path):
+    from serving.handlers.prediction_log import PredictionLog
+
+    log = PredictionLog(tmp_path, sample=1.0, cap_bytes=4096, model="m", version="3")
+    for n in range(200):
+        log.append([{"id": f"{n:032d}", "input": {"a": 1.0}, "answer": {"class": "c"}, "n": n}])
+    live, rotated = sorted((tmp_path / "m" / "3").iterdir())
+    assert rotated.name == live.name + ".1" and max(live.stat().st_size, rotated.stat().st_size) <= 4096
+    kept = [json.loads(line)["n"] for path in (rotated, live) for line in path.read_text().splitlines()]
+    assert kept == list(range(200 - len(kept), 200)) and len(kept) > 30, "not the newest records, in order"
