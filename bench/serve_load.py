@@ -2,7 +2,7 @@
 
 Run by hand (not a test), after `make demo` (or any `dlops package` of both models):
 
-    .venv/bin/python bench/serve_load.py [--model-store model_store] [--torch-threads 1]
+    .venv/bin/python bench/serve_load.py [--model-store model_store] [--torch-threads 1] [--log-sample 0.1]
 
 Starts TorchServe on free 127.0.0.1 ports (token auth on) with the newest .mar of each model in the
 store, served with the settings each archive carries (workers, batching: `dlops package --workers
@@ -12,7 +12,8 @@ classification, then text generation (--words words per request). Reports reques
 latency and errors; the memory (RSS and PSS) of each TorchServe worker; and, as baselines, the same
 handlers run in this process on batches of the archive's batch size with --torch-threads threads (the
 served code path without TorchServe's frontend, queue and IPC), so each served figure reads as a
-share of what the model code can do. Only 127.0.0.1 is contacted.
+share of what the model code can do. --log-sample 0 and 1 give the prediction log's cost (summaries
+of every request, and their writes). Only 127.0.0.1 is contacted.
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="at most this long per level")
     parser.add_argument("--words", type=int, default=50, help="words per generation request")
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--log-sample", type=float, default=0.1, help="the prediction log's share (dlops serve's)")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -154,13 +156,15 @@ def main() -> None:
         Image.effect_noise((64, 64), 64).convert("RGB").save(buffer, "JPEG")
         image.write_bytes(buffer.getvalue())
         options = ServeOptions.on_free_ports(model_store=args.model_store, state_dir=tmp_path / "ts",
-                                             torch_threads=args.torch_threads)  # fmt: skip
+                                             torch_threads=args.torch_threads,
+                                             prediction_sample=args.log_sample)  # fmt: skip
         mars = {mar_identity(m)[0]: m for m in mars_to_serve(args.model_store, options.state_dir)}
         with zipfile.ZipFile(mars["resnet"]) as zf:
             config = zf.read("model-config.yaml").decode()
         batch_size = int(next(line.split(":")[1] for line in config.splitlines() if line.startswith("batchSize")))
         print(f"# {psutil.cpu_count()} CPUs, torch {torch.__version__}; {', '.join(m.name for m in mars.values())}; "
-              f"per-model settings {config.strip().replace(chr(10), ', ')}; torch threads {args.torch_threads}",
+              f"per-model settings {config.strip().replace(chr(10), ', ')}; torch threads {args.torch_threads}; "
+              f"prediction log share {args.log_sample}",
               flush=True)  # fmt: skip
         client = start(options, list(mars.values()))
         try:

@@ -51,7 +51,7 @@ def series(url: str, *, start: float, end: float, step_s: float) -> dict[str, di
 
 
 def picture(model: str, panels: dict[str, dict[tuple[str, str], list]]) -> Picture:
-    from matplotlib.dates import DateFormatter
+    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(12, 6.5))
@@ -62,7 +62,9 @@ def picture(model: str, panels: dict[str, dict[tuple[str, str], list]]) -> Pictu
                 times = [datetime.datetime.fromtimestamp(t) for t, _ in points]
                 ax.plot(times, [v for _, v in points], marker=".", markersize=3, label=f"version {version}")
         ax.set_title(title)
-        ax.xaxis.set_major_formatter(DateFormatter("%H:%M"))
+        locator = AutoDateLocator()
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -92,6 +94,12 @@ def recent_checks(limit: int = 20) -> list[dict[str, Any]]:
     return checks
 
 
+def last_value(panels: dict[str, dict[tuple[str, str], list]], title: str, key: tuple[str, str]) -> float | None:
+    """A version's latest value of a panel's series in the window (None: no sample)."""
+    points = panels.get(title, {}).get(key)
+    return points[-1][1] if points else None
+
+
 def write_page(out: Path, *, url: str, window_s: float, now: float | None = None) -> Path:
     """Query Prometheus for the window ending now and write out/monitor.html."""
     import jinja2
@@ -103,7 +111,7 @@ def write_page(out: Path, *, url: str, window_s: float, now: float | None = None
               for r in prometheus.query(url, TOTAL, at=end)}  # fmt: skip
     keys = sorted(set(totals) | {key for found in panels.values() for key in found})
     figures = [VersionFigures(model=m, version=v, requests=totals.get((m, v), 0.0),
-                              latest={t: (panels.get(t, {}).get((m, v)) or [(0, None)])[-1][1] for t in PANELS})
+                              latest={title: last_value(panels, title, (m, v)) for title in PANELS})
                for m, v in keys]  # fmt: skip
     pictures = [picture(model, panels) for model in sorted({m for m, _ in keys})]
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,

@@ -83,6 +83,7 @@ def test_a_study_in_two_processes_prunes_records_and_registers(corpus, tmp_path,
     assert "optimization_history.png" in artifact_paths(client, parent.info.run_id)
     versions = client.search_model_versions("name = 'sweep-two-procs'")
     assert [v.run_id for v in versions] == [best.user_attrs["run_id"]] == [parent.data.tags["best_run_id"]]
+    assert "monitoring/reference.jsonl" in artifact_paths(client, best_run.info.run_id, "monitoring")  # drift baseline
 
 
 def kill_mid_trial(command: list[str], storage: str) -> set[int]:

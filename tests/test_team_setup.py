@@ -227,8 +227,14 @@ def test_compose_file_names_the_services_volumes_and_ports():
     compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
     services = compose["services"]
     fleet = {"fleet-1", "fleet-2", "gateway", "controller"}
-    assert set(services) == {"postgres", "mlflow", "trainer", "torchserve", "client", *fleet}
-    assert set(compose["volumes"]) == {"pgdata", "mlflow-artifacts", "runs"}
+    assert set(services) == {"postgres", "mlflow", "trainer", "torchserve", "prometheus", "client", *fleet}
+    assert set(compose["volumes"]) == {"pgdata", "mlflow-artifacts", "runs", "prometheus-data"}
+    # Prometheus scrapes TorchServe over TLS with the stack's CA, on the host's loopback only, with the rules
+    prometheus = services["prometheus"]
+    assert prometheus["ports"] == ["127.0.0.1:9090:9090"] and prometheus["secrets"] == ["tls_ca"]
+    scrape = yaml.safe_load((REPO / "docker" / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert scrape["scheme"] == "https" and scrape["tls_config"]["ca_file"] == "/run/secrets/tls_ca"
+    assert "../monitoring/rules.yml:/etc/dlops/rules.yml:ro" in prometheus["volumes"]
     assert "pgdata:/var/lib/postgresql/data" in services["postgres"]["volumes"]
     assert any(v.startswith("mlflow-artifacts:") for v in services["mlflow"]["volumes"])
     # the host reads the server's keys and ports, and writes archives, through bind mounts

@@ -38,9 +38,9 @@ from training import tracking
 from training.jobs import JobSpec, job_for, make_config
 from training.metrics import BEST_EPOCH, SWEEP_BEST, TRIALS_COMPLETE, TRIALS_PRUNED
 from training.options import cli_fields, display_flag
-from training.session import build_mlflow_model
+from training.session import build_mlflow_model, reference_profile
 from training.tracking import registry
-from training.tracking.artifacts import BEST, BEST_ARTIFACT, MLFLOW_MODEL
+from training.tracking.artifacts import BEST, BEST_ARTIFACT, MLFLOW_MODEL, MONITORING
 from training.tracking.tags import JOB_TAG, REGISTERED_MODEL, SWEEP_ID, SWEEP_PREFIX, sweep_job
 from training.trainer import StopCause, StopTraining, train
 
@@ -376,6 +376,9 @@ def register_trial(spec: SweepSpec, run_id: str, tags: dict[str, str], client: A
             return tracking.register_model(run_id, BEST_ARTIFACT, spec.registered_model,
                                            {**tags, **registry.digest_tag(checkpoint)}, client)  # fmt: skip
         model_dir = build_mlflow_model(spec.job, checkpoint, Path(tmp) / MLFLOW_MODEL)
+        profile = reference_profile(spec.job, checkpoint, Path(tmp) / MONITORING)
+        if profile is not None:  # the drift checks' baseline, as a training run records it
+            client.log_artifact(run_id, str(profile), MONITORING)
         step = int(client.get_run(run_id).data.metrics.get(BEST_EPOCH, 0))
         return registry.log_mlflow_model(
             client,
