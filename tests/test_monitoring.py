@@ -63,7 +63,7 @@ def image_subset(root: Path, classes: int = 30, train_per_class: int = 20) -> Pa
     return root
 
 
-def corpus_subset(root: Path, lines: int = 3000) -> Path:
+def corpus_subset(root: Path, lines: int = 1000) -> Path:
     """The first `lines` lines of each WikiText-2 split (a vocabulary small enough to train in seconds)."""
     root.mkdir(parents=True)
     for split in ("train", "valid", "test"):

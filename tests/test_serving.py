@@ -289,6 +289,7 @@ class Context:
     def get_all_request_header(self, idx): return {{}}
     def set_response_status(self, code, phrase, idx): self.statuses[idx] = code
     def set_response_header(self, idx, key, value): pass
+    def get_request_id(self, idx): return None  # TorchServe's Context: the frontend's id
 sys.path.insert(0, {str(tmp_path / "resnet.mar")!r})
 from image_classifier import ImageClassifier
 handler = ImageClassifier(); ctx = Context({str(tmp_path / "resnet.mar")!r}); handler.initialize(ctx)
@@ -413,6 +414,7 @@ class Context:
     manifest = json.load(open({str(tmp_path / "resnet" / "MAR-INF" / "MANIFEST.json")!r}))
     def get_all_request_header(self, idx): return {{}}
     def set_response_header(self, idx, key, value): pass
+    def get_request_id(self, idx): return None  # TorchServe's Context: the frontend's id
 handler = ImageClassifier(); handler.initialize(Context())
 answers = handler.handle([{{"body": open(p, "rb").read()}} for p in {images!r}], Context())
 print(json.dumps({{"amp": handler.amp, "top1": [a[0]["class"] for a in answers]}}))
