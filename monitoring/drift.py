@@ -3,9 +3,10 @@
 The two sides are summaries in one form (the job's handler makes both, training/jobs/serving.py):
 the version's reference profile (its training run's monitoring/reference.jsonl, recorded when it
 was registered) and the prediction log's records of a window. Evidently tests each declared
-column (numbers: K-S, or Wasserstein past 1000 rows; categories such as the predicted class:
-chi-square, or Jensen-Shannon), and the embedding as a whole (a classifier trained to tell the
-two sets apart: ROC AUC past 0.55 is drift). The verdict, as the job declares it (Monitoring):
+column (numbers: Kolmogorov-Smirnov; categories such as the predicted class: chi-square; a column
+drifted when the p-value is under the job's p_value), and the embedding as a whole (a classifier
+trained to tell the two sets apart: drifted when its ROC AUC passes the job's embedding_auc). The
+verdict, as the job declares it (Monitoring):
 
     "drift"             the drifted columns' share reached drift_share, or the embedding drifted
     "no drift"          neither
@@ -95,9 +96,13 @@ def compare(reference: list[dict], current: list[dict], monitoring: Monitoring) 
     definition = DataDefinition(numerical_columns=groups["numeric"], categorical_columns=groups["categorical"],
                                 embeddings=embeddings)  # fmt: skip
     columns = groups["numeric"] + groups["categorical"]
-    metrics: list[Any] = [DataDriftPreset(columns=columns, drift_share=monitoring.drift_share)]
+    # p-value tests at any size (Evidently would switch to distances past 1000 rows): the job's p_value holds
+    preset = DataDriftPreset(columns=columns, drift_share=monitoring.drift_share, num_method="ks",
+                             cat_method="chisquare", threshold=monitoring.p_value)  # fmt: skip
+    metrics: list[Any] = [preset]
     if embeddings:
-        metrics.append(EmbeddingsDrift(embeddings_name=monitoring.embedding, drift_method=ModelDriftMethod()))
+        method = ModelDriftMethod(threshold=monitoring.embedding_auc)
+        metrics.append(EmbeddingsDrift(embeddings_name=monitoring.embedding, drift_method=method))
     with warnings.catch_warnings():  # its correlations divide by zero on constant columns (a fixed image size)
         warnings.simplefilter("ignore", RuntimeWarning)
         snapshot = Report(metrics).run(
@@ -113,13 +118,12 @@ def _judged(snapshot: Any, requests: int, reference: int, monitoring: Monitoring
     for metric in snapshot.dict()["metrics"]:
         config, value = metric["config"], metric["value"]
         if config["type"].endswith("ValueDrift") and config["column"] in columns:
-            scores[config["column"]] = float(value)
-            p_value = "p_value" in config["method"]  # p-values drift below the threshold, distances above it
-            if (value < config["threshold"]) if p_value else (value >= config["threshold"]):
+            scores[config["column"]] = float(value)  # a p-value: compare() asks for K-S and chi-square only
+            if value < monitoring.p_value:
                 drifted.append(config["column"])
         elif config["type"].endswith("EmbeddingsDrift"):
             embedding_score = float(value)
-            if value > (config.get("drift_method") or {}).get("threshold", 0.55):
+            if value > monitoring.embedding_auc:
                 drifted.append(monitoring.embedding)
     share = sum(1 for c in drifted if c in columns) / len(columns) if columns else 0.0
     is_drift = share >= monitoring.drift_share or (monitoring.embedding in drifted)

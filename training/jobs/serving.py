@@ -85,20 +85,23 @@ class Monitoring:
 
     reference_requests(state, n)  up to n requests made from the checkpoint's validation data (its
                                   config names the data): profiled when a version is registered
-    numeric                       summary["input"] numbers compared column by column (Evidently's
-                                  default test per column: K-S, Wasserstein on large samples);
+    numeric                       summary["input"] numbers compared column by column (Kolmogorov-Smirnov);
                                   None: every number the summary holds (a table's features)
     categorical                   summary["answer"] fields compared as categories (the predicted class)
     embedding                     a summary["input"] list compared as one embedding (Evidently's
                                   EmbeddingsDrift: a classifier told to tell the two sets apart)
-    drift_share                   "drift" when at least this share of the columns drifted (or the embedding)
+    p_value                       a column drifted when its test's p-value is under this
+    drift_share                   "drift" when at least this share of the columns drifted, or
+    embedding_auc                 the embedding's classifier told the two sets apart with a ROC AUC above it
     """
 
     reference_requests: Callable[[dict[str, Any], int], list[dict[str, Any]]]
     numeric: tuple[str, ...] | None = None
     categorical: tuple[str, ...] = ()
     embedding: str | None = None
+    p_value: float = 0.05
     drift_share: float = 0.5
+    embedding_auc: float = 0.55
     min_requests: int = 50  # fewer logged requests in a window: "not enough data", never "no drift"
     reference_size: int = 300
     quality: Quality | None = None
