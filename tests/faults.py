@@ -9,7 +9,8 @@ import json
 import zipfile
 from pathlib import Path
 
-ANCHOR = "        count_requests(context, answers, self.version, seconds)\n"  # serving/handlers/handler_common.py: BaseHandler.handle's end
+# serving/handlers/handler_common.py: BaseHandler.handle's end
+ANCHOR = "        count_requests(context, answers, self.version, seconds)\n"
 SETUP = "    def setup(self) -> None:\n"  # the classifier handler's
 # fault -> (the file of the archive it changes, what it finds there, what it puts instead)
 FAULTS = {
