@@ -818,6 +818,15 @@ def keys_rotate_command(state_dir: Path, api: str) -> None:
     click.echo(f"(the new {api} key; the old one is refused from now on)", err=True)
 
 
+# where `dlops monitor drift` and `dlops feedback` read the prediction log
+log_dir_option = click.option(
+    "--log-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="the prediction log (default: where the server of --state-dir writes it)",
+)
+
+
 @main.group(cls=Group, invoke_without_command=True)
 @state_dir_option
 @click.option(
@@ -854,12 +863,7 @@ def monitor(ctx: click.Context, state_dir: Path, url: str | None, window: float,
 @click.argument("model_uri")
 @click.option("--window", type=Duration(), default="1h", show_default=True, help="the logged requests of the last ...")
 @state_dir_option
-@click.option(
-    "--log-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="the prediction log (default: where the server of --state-dir writes it)",
-)
+@log_dir_option
 @click.option(
     "--report-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -924,12 +928,7 @@ def monitor_prometheus_stop_command(state_dir: Path) -> None:
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--model", required=True, metavar="NAME", help="the registered model the answers came from")
 @state_dir_option
-@click.option(
-    "--log-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="the prediction log (default: where the server of --state-dir writes it)",
-)
+@log_dir_option
 def feedback_command(path: Path, model: str, state_dir: Path, log_dir: Path | None) -> None:
     """Join true answers (PATH: CSV with request_id,truth or JSON lines) to the logged answers of MODEL and
     log each version's live quality to MLflow, beside the figure it was registered with."""
