@@ -5,7 +5,9 @@
     of TorchServe's reach -> the MLflow server starts with logins -> the admin adds a
     teammate with editor rights -> train as that teammate (in the trainer container, against the
     MLflow server on PostgreSQL; the MLflow container is restarted once mid-training) -> registered
-    MLflow model -> `dlops deploy` from the host to the running TorchServe container (no restart) ->
+    MLflow model -> the same job across 2 trainer containers (nodes) through torchrun's rendezvous,
+    one killed mid-epoch (SIGKILL) and started again: the one run resumed and finished ->
+    `dlops deploy` from the host to the running TorchServe container (no restart) ->
     a classification and a generation request from the host on 127.0.0.1 with the server's key ->
     the val images classified: the stack's Prometheus counts them per version, and a drift check of the
     prediction log (written by the container into its state dir) against the version's reference
@@ -55,6 +57,7 @@ sys.path.insert(0, str(REPO))  # tests/ is no installed package: its faulty arch
 
 from tests.faults import rewrite_archive  # noqa: E402 - the same faults the tests inject
 from tests.load import Load  # noqa: E402
+from training.tracking.tags import RESTARTS  # noqa: E402
 
 DOCKER = REPO / "docker"
 STATE = DOCKER / "state"
@@ -295,6 +298,49 @@ def monitoring_check(compose: list[str], env: dict, dlops_env: dict, val_images:
     )
 
 
+def nodes_check(compose: list[str], env: dict, dlops_env: dict) -> None:
+    """Two trainer containers (nodes) through torchrun's c10d rendezvous; trainer-1 SIGKILLed mid-epoch (its
+    container) and started again, as a scheduler replaces a node: the one run resumes and finishes, every
+    epoch logged once, both nodes' system metrics in it."""
+    epochs, run_id = 3, f"docker-check-nodes-{int(time.time())}"
+    nodes_env = {**env, "NODES_DATA": "/data/images", "NODES_RUN_ID": run_id,
+                 "NODES_ARGS": f"--epochs {epochs} -b 32 -j 0 --lr 0.02 -p 1 --checkpoint-every 2 "
+                               f"--experiment docker-nodes --run-name {run_id}"}  # fmt: skip
+    nodes = [*compose, "--profile", "nodes"]
+    sh(*nodes, "up", "-d", "trainer-0", "trainer-1", env=nodes_env)
+    ids = {n: sh(*nodes, "ps", "-q", n, env=nodes_env, capture=True).stdout.strip() for n in ("trainer-0", "trainer-1")}
+    deadline = time.monotonic() + 600
+    while "Epoch: [2]" not in (said := sh(*nodes, "logs", env=nodes_env, capture=True).stdout):
+        if time.monotonic() > deadline:
+            raise CheckFailed(f"the nodes never reached epoch 2:\n{said[-3000:]}")
+        time.sleep(2)
+    sh("docker", "kill", "--signal", "KILL", ids["trainer-1"])
+    print("=> trainer-1 killed (SIGKILL) mid-epoch 2; starting it again", flush=True)
+    time.sleep(3)
+    sh("docker", "start", ids["trainer-1"])
+    codes = {n: sh("docker", "wait", i, capture=True, timeout=900).stdout.strip() for n, i in ids.items()}
+    said = sh(*nodes, "logs", env=nodes_env, capture=True).stdout
+    print("".join(f"   | {line}\n" for line in said.splitlines() if line.split("|")[-1].lstrip().startswith("=>")))
+    if set(codes.values()) != {"0"}:
+        raise CheckFailed(f"the nodes exited {codes}:\n{said[-4000:]}")
+    script = f"""
+import json
+from mlflow import MlflowClient
+c = MlflowClient()
+r = c.search_runs([c.get_experiment_by_name("docker-nodes").experiment_id], "tags.mlflow.runName = '{run_id}'")[0]
+print(json.dumps({{"status": r.info.status, "restart_count": r.data.tags.get({RESTARTS!r}),
+                  "nodes": r.data.params.get("nodes"),
+                  "epochs": sorted(m.step for m in c.get_metric_history(r.info.run_id, "val/acc1")),
+                  "system": sorted({{k.split("/")[1] for k in r.data.metrics if k.startswith("system/")}})}}))
+"""
+    found = json.loads(sh(sys.executable, "-c", script, env=dlops_env, capture=True).stdout)
+    expected = {"status": "FINISHED", "restart_count": "1", "nodes": "2", "epochs": list(range(1, epochs + 1)),
+                "system": ["trainer-0", "trainer-1"]}  # fmt: skip
+    if found != expected:
+        raise CheckFailed(f"the two-node run: {found}, expected {expected}")
+    print(f"=> one run across 2 nodes, resumed after trainer-1 was killed: {found}", flush=True)
+
+
 def fleet_check(compose: list[str], env: dict, dlops_env: dict, image: Path, tmp: Path) -> None:
     """The gateway and two servers in containers, driven from the host through the shared folder: the ResNet
     deployed to both, a canary of the same weights promoted, one failing 5% of requests aborted."""
@@ -407,6 +453,8 @@ def main() -> int:
                     raise CheckFailed(f"the run is {status} with {logged} of {epochs} epochs logged")
                 sh(*compose, "run", "--rm", "trainer", "train", "lm", "/data/corpus", "--epochs", "1", "--emsize",
                    "32", "--nhid", "32", "--run-name", "docker-check-lm", env=env)  # fmt: skip
+            with step("training across 2 nodes (containers), one killed mid-epoch and started again"):
+                nodes_check(compose, env, dlops_env)
             with step("deploy from the host to the running TorchServe container"):
                 for uri in ("models:/resnet-tinyimagenet/latest", "models:/wordlm-wikitext2/latest"):
                     dlops("deploy", uri, "--state-dir", str(STATE / "torchserve"), "--model-store",
@@ -434,8 +482,8 @@ def main() -> int:
                 print(said.strip().splitlines()[-1])
         finally:
             with step("tear down (containers and volumes)"):
-                sh(*compose, "--profile", "tools", "--profile", "fleet", "down", "-v", "--remove-orphans", check=False,
-                   env=env)  # fmt: skip
+                profiles = ["--profile", "tools", "--profile", "fleet", "--profile", "nodes"]
+                sh(*compose, *profiles, "down", "-v", "--remove-orphans", check=False, env=env)
                 shutil.rmtree(STATE, ignore_errors=True)
     total = time.perf_counter() - started
     print(

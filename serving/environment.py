@@ -26,8 +26,12 @@ ALLOWED_HOSTS = "MLFLOW_ALLOWED_HOSTS"
 SOURCE_REGEX = "MLFLOW_CREATE_MODEL_VERSION_SOURCE_VALIDATION_REGEX"
 JOB_EXECUTION = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
 
+# MLflow's system metrics: the node id a machine's are logged under (system/NODE/...)
+SYSTEM_METRICS_NODE_ID = "MLFLOW_SYSTEM_METRICS_NODE_ID"
+
 # ours: training
 OFFLINE = "DLOPS_OFFLINE"  # journal only, deliver later with `dlops sync`
+NODES = "DLOPS_NODES"  # the launcher's resolved nodes (JSON), for the processes torchrun starts
 SYNC_TIMEOUT = "DLOPS_SYNC_TIMEOUT"
 CACHE_DIR = "DLOPS_CACHE_DIR"  # where decoded image caches live
 WEIGHTS_MIRROR = "DLOPS_TORCHVISION_WEIGHTS_URL"

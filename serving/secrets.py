@@ -102,9 +102,9 @@ def _allowed(name: str, kind: str, store_uri: str | None) -> bool:
         if name.startswith("MLFLOW_"):
             return name not in MLFLOW_CLIENT_LOGIN
         return name.startswith(_cloud_prefixes(store_uri))
-    if kind == "training":
+    if kind == "training":  # a scheduler's variables say the nodes (training/distributed.py)
         cloud = tuple(prefix for prefixes in CLOUD_CREDENTIALS.values() for prefix in prefixes)
-        return name.startswith(("MLFLOW_", *cloud))
+        return name.startswith(("MLFLOW_", "SLURM_", "SKYPILOT_", *cloud)) or name == "MASTER_PORT"
     raise ValueError(f"unknown kind of child process {kind!r}")
 
 

@@ -227,7 +227,15 @@ def test_compose_file_names_the_services_volumes_and_ports():
     compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
     services = compose["services"]
     fleet = {"fleet-1", "fleet-2", "gateway", "controller"}
-    assert set(services) == {"postgres", "mlflow", "trainer", "torchserve", "prometheus", "client", *fleet}
+    nodes = {"trainer-0", "trainer-1"}
+    assert set(services) == {"postgres", "mlflow", "trainer", "torchserve", "prometheus", "client", *fleet, *nodes}
+    # two training nodes: the same command, a rendezvous at trainer-0 (its hostname), one shared runs volume
+    for name in nodes:
+        node = services[name]
+        assert node["hostname"] == name and node["profiles"] == ["nodes"] and "runs:/home/dlops/work/runs" in node[
+            "volumes"]  # fmt: skip
+        assert "--nnodes 2 --rdzv-endpoint trainer-0:29500" in node["command"][0]
+        assert node["environment"]["MLFLOW_TRACKING_URI"] == "https://mlflow:5000"
     assert set(compose["volumes"]) == {"pgdata", "mlflow-artifacts", "runs", "prometheus-data"}
     # Prometheus scrapes TorchServe over TLS with the stack's CA, on the host's loopback only, with the rules
     prometheus = services["prometheus"]

@@ -30,7 +30,7 @@ from training.clitools import (
 from training.data import LOADER_WORKERS
 from training.data.errors import DatasetError
 from training.devices import DeviceError
-from training.distributed import check_process_count, launch, under_torchrun
+from training.distributed import Nodes, check_process_count, launch, node_id, resolve_nodes, under_torchrun
 from training.evaluation import evaluate_checkpoint
 from training.jobs import JobSpec, broken_jobs, job_for, job_serving, jobs, make_config
 from training.jobs.evaluate import EvaluateOptions
@@ -108,10 +108,26 @@ def train_command(job: JobSpec, group: click.Group) -> None:
         if not data and not resume and job.data_required(given):
             raise click.UsageError(f"give DATA: {job.data_hint}")
         config = make_config(job, given, resume)
-        if job.distributed and config.nproc_per_node > 1 and not under_torchrun():
-            check_process_count(config.nproc_per_node, config.device, insist=config.allow_oversubscribe)
-            ctx.exit(launch(job.kind, config, config.nproc_per_node, resume))
+        if job.distributed and not under_torchrun():
+            nodes = _nodes(job, config)
+            if nodes or config.nproc_per_node > 1:
+                check_process_count(config.nproc_per_node, config.device, insist=config.allow_oversubscribe)
+                ctx.exit(launch(job.kind, config, config.nproc_per_node, resume, nodes))
         trainer.train(job, config, resume=resume)
+
+
+def _nodes(job: JobSpec, config: Any) -> Nodes | None:
+    """The machines this run trains on (None: this one alone). A node without the data says so now, not
+    after the others waited for it at the rendezvous."""
+    try:
+        nodes = resolve_nodes(config, job.kind)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    if nodes and config.data and not Path(config.data).is_dir():
+        raise click.ClickException(f"node {node_id()} has no DATA folder {config.data}: every node needs the data at "
+                                   "the same path (a shared volume, or a copy on each). The other nodes wait for this "
+                                   f"one at the rendezvous until --rdzv-timeout ({config.rdzv_timeout} s)")  # fmt: skip
+    return nodes
 
 
 def _resume_path(job: JobSpec, resume: str | None, given: dict[str, Any]) -> Path | None:

@@ -44,8 +44,11 @@ from training.tracking.tags import JOB_TAG, training_job
 LAST_NOTE = "last.json"
 
 
-def find_resumable(out_dir: Path, kind: str, run_name: str | None) -> Path | None:
-    """The newest last.pt under `out_dir` of an unfinished `kind` run named `run_name` (`--resume auto`)."""
+def find_resumable(
+    out_dir: Path, kind: str, run_name: str | None = None, *, rendezvous: str | None = None
+) -> Path | None:
+    """The newest last.pt under `out_dir` of an unfinished `kind` run named `run_name` (`--resume auto`), or,
+    given `rendezvous`, of the run of that torchrun rendezvous id (a restarted process group)."""
     found = []
     for note_path in Path(out_dir).glob(f"*/{LAST_NOTE}"):
         try:
@@ -53,12 +56,8 @@ def find_resumable(out_dir: Path, kind: str, run_name: str | None) -> Path | Non
         except (OSError, json.JSONDecodeError):
             continue
         last = note_path.with_name(LAST)
-        if (
-            note.get("kind") == kind
-            and note.get("run_name") == run_name
-            and not note.get("finished")
-            and last.is_file()
-        ):
+        same = note.get("rendezvous") == rendezvous if rendezvous else note.get("run_name") == run_name
+        if note.get("kind") == kind and same and not note.get("finished") and last.is_file():
             found.append((note.get("time", 0), last))
     return max(found)[1] if found else None
 
@@ -103,6 +102,7 @@ class TrainingSession:
     run: tracking.RunTracker
     run_dir: Path
     active: bool = True  # False on processes other than rank 0: they neither log nor write checkpoints
+    rendezvous: str | None = None  # torchrun's rendezvous id: a restarted process group finds the run by it
     registering: str | None = None
 
     @property
@@ -140,6 +140,7 @@ class TrainingSession:
         """last.json beside last.pt: what `--resume auto` looks for without loading checkpoints."""
         position = state.get("position") or {}
         note = {"kind": state["kind"], "run_name": state["config"].get("run_name"), "run_id": self.run.run_id,
+                "rendezvous": self.rendezvous,
                 "epoch": state["epoch"], "position": {"epoch": position.get("epoch"), "step": position.get("step")},
                 "finished": finished, "time": time.time()}  # fmt: skip
         write_atomic(self.run_dir / LAST_NOTE, json.dumps(note, indent=1))
@@ -194,11 +195,13 @@ def training_session(
     tags: dict[str, Any],
     params: dict[str, Any] | None = None,
     active: bool = True,
+    rendezvous: str | None = None,
+    system_metrics: bool = True,
 ) -> Iterator[TrainingSession]:
     """Start (or continue, when `saved` is a checkpoint) the MLflow run of a `kind` training job.
 
     `params` are logged beside the config's fields; `active=False` (ranks other than 0) yields a
-    session that logs and writes nothing.
+    session that logs and writes nothing; `system_metrics=False` leaves them to each node's sampler.
     """
     if not active:
         yield TrainingSession(run=tracking.NullTracker(), run_dir=Path(config.out_dir), active=False)
@@ -214,6 +217,7 @@ def training_session(
         saved_run_id=saved["run_id"] if saved else None,
         offline=config.offline,
         sync_timeout_s=config.sync_timeout,
+        system_metrics=system_metrics,
     ) as run:
         run_dir = run.journal.dir.parent
         run.open_tensorboard(run_dir / TENSORBOARD)
@@ -228,7 +232,7 @@ def training_session(
                           "device_reason": device.reason, **tags})  # fmt: skip
         where = "offline" if config.offline else f"MLflow run {run.run_id}"
         print(f"=> {where}; checkpoints, TensorBoard logs and the tracking journal in {run_dir}", flush=True)
-        session = TrainingSession(run=run, run_dir=run_dir)
+        session = TrainingSession(run=run, run_dir=run_dir, rendezvous=rendezvous)
         yield session
     version = run.registered_version()
     if session.registering and version:

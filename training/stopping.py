@@ -43,6 +43,19 @@ class TrainingStopped(KeyboardInterrupt):  # an interruption, as Ctrl-C is: `exc
         return 128 + self.signum
 
 
+class NodeLost(TrainingStopped):
+    """A peer process, or a whole node, died under a collective: the run ends KILLED and resumable, and this
+    process exits 1, so that torchrun restarts the group (--max-restarts) or gives up."""
+
+    def __init__(self, checkpoint: str, where: str):
+        KeyboardInterrupt.__init__(self, f"a peer process or node was lost {where}; checkpoint {checkpoint}")
+        self.signum, self.checkpoint, self.where = 0, checkpoint, where
+
+    @property
+    def exit_code(self) -> int:
+        return 1
+
+
 class StopRequest:
     """Set by SIGTERM/SIGINT (or `request()`); the loop asks `requested` (one process) or `agreed`."""
 

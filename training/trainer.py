@@ -9,6 +9,7 @@ A job (training/jobs/) declares what differs; nothing here knows images from wor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import math
@@ -35,18 +36,28 @@ from training.checkpoint import (
     seed_everything,
 )
 from training.devices import choose_device, configure_backend, grad_scaler
-from training.distributed import close_process_group, init_process_group
+from training.distributed import (
+    ProcessGroup,
+    close_process_group,
+    init_process_group,
+    launched_nodes,
+    node_id,
+    peer_lost,
+    rendezvous_id,
+    topology,
+)
 from training.jobs.config import RunConfig
 from training.jobs.run import EpochContext, JobRun
 from training.jobs.spec import JobSpec
 from training.metrics import BEST_EPOCH, EPOCH_SECONDS, LR, TO_BEST_SECONDS, TOTAL_SECONDS, best_metric_name
 from training.models.summary import layer_table
 from training.runtime import Runtime
-from training.session import TrainingSession, training_session
-from training.stopping import StopRequest, TrainingStopped, exit_now, stop_on_signals
+from training.session import TrainingSession, find_resumable, training_session
+from training.stopping import NodeLost, StopRequest, TrainingStopped, exit_now, stop_on_signals
 from training.tracking import registry
 from training.tracking.artifacts import MODEL_SUMMARY
-from training.tracking.tags import STOP_REASON
+from training.tracking.run import node_system_metrics
+from training.tracking.tags import NODE_LOST, RESTARTS, STOP_REASON
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,6 +102,7 @@ class TrainState:
     epochs_since_improvement: int = 0
     train_seconds: float = 0.0
     seconds_to_best: float = 0.0
+    restarts: int = 0  # resumes by a restarted process group (a lost process or node)
 
     def update(self, epoch: int, metrics: dict[str, float], seconds: float, spec: JobSpec) -> bool:
         """Record a finished epoch; return whether it is the best so far by the job's metric."""
@@ -201,12 +213,31 @@ def train(
     saved = load_checkpoint(resume, kind=spec.kind) if resume else None
     runtime, config = start_runtime(config)
     try:
+        restarted = saved is None and (resume := restarted_from(spec.kind, config, runtime.group)) is not None
+        if restarted:
+            saved = load_checkpoint(resume, kind=spec.kind)
         with stop_on_signals() as stop:
             trainer = Trainer(spec.run(spec=spec, config=config, runtime=runtime), saved=saved, resume=resume,
-                              stop=stop)  # fmt: skip
+                              stop=stop, restarted=restarted)  # fmt: skip
             return trainer.run(on_epoch=on_epoch, register=register)
     finally:
         close_process_group(runtime.group)
+
+
+def restarted_from(kind: str, config: RunConfig, group: ProcessGroup) -> Path | None:
+    """Where a restarted process group resumes: the last.pt of the unfinished run of this rendezvous id (torchrun
+    restarts every process with the same command after one, or a node, is lost), as rank 0 finds it; None for
+    a first start. Every node must see it: --out-dir is a folder they share."""
+    run_id = rendezvous_id()
+    if run_id is None:
+        return None
+    found = group.broadcast(find_resumable(Path(config.out_dir), kind, rendezvous=run_id) if group.is_main else None)
+    if found is not None and not Path(found).is_file():
+        raise CheckpointError(f"rank {group.rank} on node {node_id()}: rank 0 resumes from {found}, which this node "
+                              "does not see: give every node the same shared --out-dir (a shared volume)")  # fmt: skip
+    if found is not None:
+        print(f"=> rendezvous {run_id}: the process group was restarted; resuming its run from {found}", flush=True)
+    return None if found is None else Path(found)
 
 
 class Trainer:
@@ -219,9 +250,12 @@ class Trainer:
     epoch's metrics (what a mid-epoch checkpoint records).
     """
 
-    def __init__(self, job: JobRun, *, saved: dict[str, Any] | None, resume: Path | None, stop: StopRequest):
+    def __init__(self, job: JobRun, *, saved: dict[str, Any] | None, resume: Path | None, stop: StopRequest,
+                 restarted: bool = False):  # fmt: skip
         self.job, self.spec, self.runtime = job, job.spec, job.runtime
-        self.saved, self.resume, self.stop = saved, resume, stop
+        self.saved, self.resume, self.stop, self.restarted = saved, resume, stop, restarted
+        # several machines: each samples its own system metrics into the run (system/NODE/...)
+        self.nodes = launched_nodes()
         self.tags = {**job.build_data(), **job.config.tags, "amp_reason": self.runtime.precision.reason}
         self.model_config = job.model_config()
         self.model = self.spec.build_model(**self.model_config)
@@ -265,19 +299,46 @@ class Trainer:
     def run(self, *, on_epoch: EpochHook | None, register: bool) -> TrainResult:
         job, runtime = self.job, self.runtime
         params = {**job.run_params(), **self.warm, **runtime.choice.features()}
+        if self.nodes:
+            params.update({**topology(), **self.nodes.params()})
         with training_session(self.config, self.spec.kind, self.saved, resume=self.resume, device=runtime.choice,
-                              tags=self.tags, params=params, active=runtime.group.is_main) as session:  # fmt: skip
+                              tags=self.tags, params=params, active=runtime.group.is_main, rendezvous=rendezvous_id(),
+                              system_metrics=not self.nodes) as session, self._node_metrics(session):  # fmt: skip
             self.session = session
             self._begin()
-            stop_reason, stop_cause = self._epochs(on_epoch)
+            try:
+                stop_reason, stop_cause = self._epochs(on_epoch)
+            except RuntimeError as error:
+                if not peer_lost(error):
+                    raise
+                self._peer_lost(error)
             if session.active:
                 self._publish(stop_reason, register=register)
         state = self.state
         return TrainResult(run_dir=session.run_dir, run_id=session.run.run_id, best_value=state.best_value,
                            best_epoch=state.best_epoch, stop_reason=stop_reason, stop_cause=stop_cause)  # fmt: skip
 
+    def _node_metrics(self, session: TrainingSession) -> contextlib.AbstractContextManager:
+        """Several machines: the first process of each node samples the node into the run (its own journal)."""
+        group = self.runtime.group
+        where = group.broadcast((session.run.run_id, str(session.run_dir), self.config.offline) if group.is_main
+                                else None) if self.nodes else None  # fmt: skip
+        if where is None or not group.node_leader:
+            return contextlib.nullcontext()
+        run_id, run_dir, offline = where
+        if offline:
+            print(f"=> offline: node {node_id()}'s system metrics are not recorded", flush=True)
+            return contextlib.nullcontext()
+        return node_system_metrics(run_id, Path(run_dir), node_id())
+
     def _begin(self) -> None:
         session, spec = self.session, self.spec
+        if self.restarted:
+            self.state.restarts += 1
+            shape = topology()
+            session.run.set_tags({RESTARTS: self.state.restarts})
+            print(f"=> restart {self.state.restarts} of this run, on {shape['nodes']} nodes x "
+                  f"{shape['processes_per_node']} processes", flush=True)  # fmt: skip
         if self.saved:
             session.catch_up(self.saved, spec.early_stop.name)
         elif session.active:
@@ -351,6 +412,18 @@ class Trainer:
         print(f"=> {self.stop.name}: stopped {where}; resume with: dlops train {self.spec.kind} --resume "
               f"{checkpoint}", flush=True)  # fmt: skip
         raise TrainingStopped(self.stop.signum, str(checkpoint), where)
+
+    def _peer_lost(self, error: RuntimeError) -> None:
+        """A collective failed because another process or node died: end the run KILLED, resumable from the
+        last checkpoint, and exit so that torchrun restarts the group (or gives up, and the run stays KILLED)."""
+        where = f"in epoch {self.state.epoch + 1}"
+        said = str(error).strip().splitlines()[0][:300]
+        resume = "torchrun restarts the group (--max-restarts); else run the same command again on every node"
+        self.session.run.set_tags({NODE_LOST: f"{where}: {said}", STOP_REASON: f"a peer process or node was lost "
+                                   f"{where}: resumable from {self.session.last}; {resume}"})  # fmt: skip
+        print(f"=> a peer process or node was lost {where} ({said}); resumable from {self.session.last}: {resume} "
+              "(the same --rdzv-id resumes this run)", flush=True)  # fmt: skip
+        raise NodeLost(str(self.session.last), where) from error
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def _checkpoint(self, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:

@@ -79,3 +79,53 @@ class RunConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+class NodeCount(click.ParamType):
+    """torchrun's --nnodes: N, or MIN:MAX (an elastic group that goes on with MIN after losing nodes)."""
+
+    name = "N|MIN:MAX"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        low, sep, high = str(value).partition(":")
+        if not low.isdigit() or (sep and not high.isdigit()) or int(low) < 1 or (sep and int(high) < int(low)):
+            self.fail(f"{value!r} is not a node count: N, or MIN:MAX with 1 <= MIN <= MAX", param, ctx)
+        return str(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistributedConfig(RunConfig):
+    """The options of a job that trains with DDP through torchrun (JobSpec.distributed): processes on this
+    machine, and the machines (nodes) training together (training/distributed.py)."""
+
+    nproc_per_node: int = option(
+        1, type=click.IntRange(1),
+        help="processes on this machine (DDP through torchrun; one per GPU, or gloo on the CPU)",
+    )  # fmt: skip
+    allow_oversubscribe: bool = option(
+        False, is_flag=True, help="start --nproc-per-node processes even beyond the CPU cores or GPUs"
+    )
+    nnodes: str = option(
+        "1", type=NodeCount(), resumable=True,
+        help="machines training together, each running this same command: N, or MIN:MAX to go on with fewer "
+        "after one is lost [default: what Slurm's or SkyPilot's environment says, else 1]",
+    )  # fmt: skip
+    rdzv_endpoint: str | None = option(
+        None, metavar="HOST[:PORT]", resumable=True,
+        help="where the nodes meet (torchrun's c10d rendezvous, port 29500 unless given): a node every node "
+        "reaches, which must stay up [default: the first node of the Slurm or SkyPilot job]",
+    )  # fmt: skip
+    rdzv_id: str | None = option(
+        None, resumable=True,
+        help="the job's id, the same on every node: restarted processes find their run by it [default: the "
+        "Slurm job id or SkyPilot task id, else dlops-KIND]",
+    )  # fmt: skip
+    max_restarts: int = option(
+        3, type=click.IntRange(0), resumable=True,
+        help="times torchrun restarts the processes after one (or a node) is lost; each restart resumes the run "
+        "from its last checkpoint",
+    )  # fmt: skip
+    rdzv_timeout: int = option(
+        600, type=click.IntRange(1), resumable=True, metavar="SECONDS",
+        help="how long the nodes wait for each other at a (re)start before giving up",
+    )  # fmt: skip

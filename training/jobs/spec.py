@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from torch import nn
 
-from training.jobs.config import RunConfig
+from training.jobs.config import DistributedConfig, RunConfig
 from training.metrics import TRAIN_LOSS, VAL_LOSS, Metric
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ class JobSpec:
     doctor: Callable[[Machine], dict[str, Any]] | None = None  # its part of `dlops doctor` (with "lines")
     summary_graph: bool = False  # also trace the model into TensorBoard
     step_metrics: tuple[str, ...] = ()  # metrics logged per global step inside an epoch
-    distributed: bool = False  # its config has nproc_per_node and allow_oversubscribe (DDP via torchrun)
+    distributed: bool = False  # DDP through torchrun, on one or several machines: its config is a DistributedConfig
 
     def __post_init__(self) -> None:
         """Fill in what was not declared (the report, the learning curves); then check that what a job
@@ -140,6 +140,9 @@ class JobSpec:
             raise TypeError(f"job {self.kind!r} names metrics it does not declare: {sorted(set(named) - declared)}")
         if not (isinstance(self.config, type) and issubclass(self.config, RunConfig)):
             raise TypeError(f"job {self.kind!r}: config must be a RunConfig subclass, got {self.config!r}")
+        if self.distributed and not issubclass(self.config, DistributedConfig):
+            raise TypeError(f"job {self.kind!r} is distributed: its config must be a DistributedConfig subclass "
+                            "(processes and nodes)")  # fmt: skip
 
     @property
     def sweep_metric(self) -> Metric:

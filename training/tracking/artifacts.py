@@ -27,4 +27,5 @@ MLFLOW_MODEL = "mlflow-model"  # in the run folder: the MLflow model built from 
 MONITORING = "monitoring"
 REFERENCE_PROFILE = "reference.jsonl"  # under MONITORING, in the run folder and as an artifact
 JOURNAL, JOURNAL_RECORDS, JOURNAL_SPOOL = "journal", "records.jsonl", "spool"
+NODE_METRICS = "node-metrics"  # in a multi-node run's folder: NODE_METRICS/<node>/journal, each node's system metrics
 JOURNAL_DELIVERED, JOURNAL_STATE, JOURNAL_LOCK = "delivered", "run.json", "lock"

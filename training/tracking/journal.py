@@ -146,11 +146,9 @@ class Journal:
 
 
 def find_journals(path: Path) -> list[Path]:
-    """Run folders under `path` (or `path` itself) that hold a journal."""
-    path = Path(path)
-    if (path / JOURNAL / JOURNAL_RECORDS).exists():
-        return [path]
-    return sorted(p.parent.parent for p in path.glob(f"**/{JOURNAL}/{JOURNAL_RECORDS}"))
+    """Folders under `path` (or `path` itself) that hold a journal: runs, and a multi-node run's node journals
+    (after their run, which sorts first)."""
+    return sorted(p.parent.parent for p in Path(path).glob(f"**/{JOURNAL}/{JOURNAL_RECORDS}"))
 
 
 def server_run_id(run_dir: Path, recorded: str | None) -> str | None:

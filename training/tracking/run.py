@@ -28,8 +28,8 @@ from torch.utils.tensorboard import SummaryWriter
 from serving.secrets import redact
 from training.metrics import SYSTEM_PREFIX
 from training.tracking import records
-from training.tracking.artifacts import TENSORBOARD
-from training.tracking.journal import Journal
+from training.tracking.artifacts import NODE_METRICS, TENSORBOARD
+from training.tracking.journal import Journal, JournalBusy
 from training.tracking.sender import Delivery, Sender, http_client_settings
 from training.tracking.store import (
     check_access,
@@ -162,9 +162,9 @@ class JournalSystemMetrics:
     aggregate_metrics, monitors, clear_metrics); the thread and the step count are ours, so an MLflow
     release that reworks its own logging loop cannot break this one silently."""
 
-    def __init__(self, run: RunTracker):
+    def __init__(self, run: RunTracker, node: str | None = None):
         self.run = run
-        self.sampler = SystemMetricsMonitor(run.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S)
+        self.sampler = SystemMetricsMonitor(run.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, node_id=node)
         steps = [r.step for r in run.journal.records if isinstance(r, records.Metrics) and r.system]
         self.step = max(steps) + 1 if steps else 0  # a resumed run goes on where it stopped
         self.stopping = threading.Event()
@@ -240,8 +240,10 @@ def open_run(
     saved_run_id: str | None = None,
     offline: bool = False,
     sync_timeout_s: float = 60.0,
+    system_metrics: bool = True,
 ) -> Iterator[RunTracker]:
-    """Start (or continue) a training run tracked through its journal; end it FINISHED, FAILED or KILLED."""
+    """Start (or continue) a training run tracked through its journal; end it FINISHED, FAILED or KILLED.
+    `system_metrics=False`: this machine's are sampled elsewhere (node_system_metrics)."""
     uri = tracking_uri()
     if not offline:
         check_reachable(uri)
@@ -264,11 +266,13 @@ def open_run(
             sender = Sender(Delivery(journal, uri))
             sender.start()
         run = RunTracker(journal, run_id, sender)
-        monitor = JournalSystemMetrics(run)
-        monitor.start()
+        monitor = JournalSystemMetrics(run) if system_metrics else None
+        if monitor:
+            monitor.start()
 
         def end(status: str) -> None:
-            monitor.finish()
+            if monitor:
+                monitor.finish()
             run.end(status)
             # a run stopped by a signal has a grace period to live: the journal keeps what is late
             _finish_delivery(journal, sender, uri, min(sync_timeout_s, KILLED_SYNC_S) if status == "KILLED"
@@ -276,6 +280,34 @@ def open_run(
 
         with ending(end):
             yield run
+
+
+@contextmanager
+def node_system_metrics(run_id: str, run_dir: Path, node: str) -> Iterator[None]:
+    """This machine's system metrics in run `run_id` as system/NODE/..., through a journal of its own
+    (RUN_DIR/node-metrics/NODE/journal): in a multi-node run each node samples itself into the one run, rank 0
+    logs everything else. A restarted node goes on from its journal's last step."""
+    uri = tracking_uri()
+    journal = Journal(Path(run_dir) / NODE_METRICS / node)
+    journal.update_state(run_id=run_id, tracking_uri=uri)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(journal.delivery_lock())
+        except JournalBusy as e:  # two nodes of one name: the second says so and goes on without sampling
+            print(f"=> node {node}'s system metrics are already sampled ({e}): give each node its own "
+                  "MLFLOW_SYSTEM_METRICS_NODE_ID", flush=True)  # fmt: skip
+            journal.close()
+            yield
+            return
+        sender = Sender(Delivery(journal, uri))
+        sender.start()
+        monitor = JournalSystemMetrics(RunTracker(journal, run_id, sender), node=node)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+            _finish_delivery(journal, sender, uri, KILLED_SYNC_S)
 
 
 def _finish_delivery(journal: Journal, sender: Sender | None, uri: str, timeout_s: float) -> None:

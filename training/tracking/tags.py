@@ -9,6 +9,8 @@ sweep_id       the sweep (Optuna study) a trial or parent belongs to
 comparison_id  the device benchmark a run belongs to (bench_config: its configuration)
 source_run_id  the training run an evaluation evaluated (source_run_a/_b: a comparison's two)
 stop_reason    why the run ended, for people
+node_lost      where a multi-node run lost a peer process or node, and what the collective said
+restarts       how many times the run was resumed by its restarted process group (torchrun's --max-restarts)
 dlops_local_run_id   an offline run's local id (its server-side run is found again by it)
 registered_model     NAME/VERSION of the version the run's best checkpoint became
 
@@ -35,6 +37,7 @@ SWEEP_ID = "sweep_id"
 COMPARISON_ID, BENCH_CONFIG = "comparison_id", "bench_config"
 SOURCE_RUN_TAG = "source_run_id"
 STOP_REASON = "stop_reason"
+NODE_LOST, RESTARTS = "node_lost", "restarts"
 TRAIN_PREFIX, SWEEP_PREFIX = "train-", "sweep-"
 CHECKPOINT_DIGEST = "checkpoint_sha256"
 LOCAL_RUN_ID = "dlops_local_run_id"  # an offline run's own id, on the server-side run made at delivery

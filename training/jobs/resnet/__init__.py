@@ -22,7 +22,7 @@ from torch import nn
 
 from training.devices import autocast, choose_device, default_print_freq
 from training.hardware import device_class
-from training.jobs.config import RunConfig
+from training.jobs.config import DistributedConfig
 from training.jobs.evaluate import EvaluateOptions
 from training.jobs.resnet.classifier import ARCHS, STEMS, build_classifier, classifier_from_checkpoint
 from training.jobs.resnet.commands import COMMANDS, DATA_COMMANDS
@@ -53,7 +53,7 @@ TINY_MAPS = ("auto", "matmul", "conv")
 
 
 @dataclass(frozen=True, kw_only=True)
-class ResNetConfig(RunConfig):
+class ResNetConfig(DistributedConfig):
     arch: str = option(
         "resnet18", "-a", "--arch", type=click.Choice(ARCHS), show_choices=False,
         help="any torchvision classification model (dlops summary --list)",
@@ -115,13 +115,6 @@ class ResNetConfig(RunConfig):
     )  # fmt: skip
     experiment: str = option("resnet-tinyimagenet")
     registered_model: str = option("resnet-tinyimagenet")
-    nproc_per_node: int = option(
-        1, type=click.IntRange(1),
-        help="processes on this machine (DDP through torchrun; one per GPU, or gloo on the CPU)",
-    )  # fmt: skip
-    allow_oversubscribe: bool = option(
-        False, is_flag=True, help="start --nproc-per-node processes even beyond the CPU cores or GPUs"
-    )
     recipe_device_class: str | None = internal()  # which column of the recipe table applied
 
 

@@ -95,13 +95,9 @@ def build_pipeline(config: Any, batch_size: int, device: torch.device, group: Pr
     augment = resolve_augment(config.augment, ds.layout)
     val_resize = resolve_resize(config.val_resize, config.image_size, ds.layout)
     config = dataclasses.replace(config, augment=augment, val_resize=val_resize)
-    # With a cache to build, rank 0 decodes while the others wait, then they find it finished.
-    builds = config.data_cache != "off" and group.enabled
-    if builds and not group.is_main:
-        group.barrier()
+    # A cache to build is built once per cache folder: the first process takes its lock and decodes, the
+    # others (this machine's, or every node's where the folder is shared) wait for it (data/cache.py)
     caches = _find_caches(config, ds)
-    if builds and group.is_main:
-        group.barrier()
     if caches is None:
         config = dataclasses.replace(config, workers=JPEG_WORKERS if config.workers is None else config.workers)
         return _jpeg(config, ds, batch_size, device=device, rank=rank, world_size=world_size)
