@@ -104,7 +104,7 @@ def _allowed(name: str, kind: str, store_uri: str | None) -> bool:
         return name.startswith(_cloud_prefixes(store_uri))
     if kind == "training":  # a scheduler's variables say the nodes (training/distributed.py)
         cloud = tuple(prefix for prefixes in CLOUD_CREDENTIALS.values() for prefix in prefixes)
-        return name.startswith(("MLFLOW_", "SLURM_", "SKYPILOT_", *cloud)) or name == "MASTER_PORT"
+        return name.startswith(("MLFLOW_", "SLURM_", "SKYPILOT_", *cloud)) or name in ("MASTER_PORT", "LOGLEVEL")
     raise ValueError(f"unknown kind of child process {kind!r}")
 
 

@@ -132,6 +132,29 @@ def test_two_nodes_one_killed_mid_epoch_and_replaced_the_run_resumes_and_finishe
     assert {p.name for p in (out / run.info.run_id / NODE_METRICS).iterdir()} == {"node-a", "node-b"}
 
 
+def test_a_node_lost_for_good_leaves_the_run_killed_with_the_way_to_resume(tiny_dataset, tmp_path, client):
+    port, out = free_port(), tmp_path / "shared-runs"
+    args = ["train", "resnet", tiny_dataset, *FAST, "-p", "1", "--epochs", "2", "--nnodes", "2", "--rdzv-endpoint",
+            f"127.0.0.1:{port}", "--rdzv-id", "lost-for-good", "--rdzv-timeout", "15", "--checkpoint-every", "0.5",
+            "--out-dir", out, "--experiment", "test-nodes-lost"]  # fmt: skip
+    first = Node("node-a", args, log=tmp_path / "a.log", env={})
+    listening(port, first)
+    second = Node("node-b", args, log=tmp_path / "b.log", env={})
+    deadline = time.monotonic() + 240
+    while "Epoch: [1][3/6]" not in first.output + second.output:
+        assert time.monotonic() < deadline and first.process.poll() is None, first.output[-2000:] + second.output
+        time.sleep(0.2)
+    second.kill()  # and no replacement comes: the survivor waits --rdzv-timeout at the rendezvous, then gives up
+    assert first.process.wait(timeout=240) != 0
+    run = the_run(client, "test-nodes-lost")
+    last = out / run.info.run_id / "last.pt"
+    assert run.info.status == "KILLED", first.output[-3000:]
+    assert run.data.tags["stop_reason"] == (f"the node group gave up after losing a node; resumable from {last}: the "
+                                            "same command on every node (the same --rdzv-id lost-for-good) "
+                                            "continues the run")  # fmt: skip
+    assert f"=> the node group gave up; run {run.info.run_id} ended KILLED" in first.output
+
+
 def slurm_script() -> tuple[int, list[list[str]]]:
     """docs/training.md's Slurm batch script: its node count and the commands its `srun` lines run."""
     script = next(b for lang, b in code_blocks() if lang == "bash" and b.startswith("#!/bin/bash\n#SBATCH"))

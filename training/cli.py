@@ -35,7 +35,7 @@ from training.evaluation import evaluate_checkpoint
 from training.jobs import JobSpec, broken_jobs, job_for, job_serving, jobs, make_config
 from training.jobs.evaluate import EvaluateOptions
 from training.options import click_options
-from training.stopping import TrainingStopped, exit_now
+from training.stopping import STOPPED_BY_SIGNAL, TrainingStopped, exit_now
 from training.tracking import JournalBusy, TrackingRefused, TrackingUnavailable
 from training.tracking.registry import URI_FORMS
 from training.tracking.server import ServerSetupError
@@ -112,7 +112,12 @@ def train_command(job: JobSpec, group: click.Group) -> None:
             nodes = _nodes(job, config)
             if nodes or config.nproc_per_node > 1:
                 check_process_count(config.nproc_per_node, config.device, insist=config.allow_oversubscribe)
-                ctx.exit(launch(job.kind, config, config.nproc_per_node, resume, nodes))
+                code = launch(job.kind, config, config.nproc_per_node, resume, nodes)
+                if nodes and code not in (0, *STOPPED_BY_SIGNAL):  # torchrun gave up: a node was lost for good
+                    from training.session import end_lost_run
+
+                    end_lost_run(Path(config.out_dir), job.kind, nodes.run_id)
+                ctx.exit(code)
         trainer.train(job, config, resume=resume)
 
 

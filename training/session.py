@@ -39,7 +39,7 @@ from training.tracking.artifacts import (
 )
 from training.tracking.journal import write_atomic
 from training.tracking.registry import CHECKPOINT_ARTIFACT, digest_tag, save_mlflow_model
-from training.tracking.tags import JOB_TAG, training_job
+from training.tracking.tags import JOB_TAG, STOP_REASON, training_job
 
 LAST_NOTE = "last.json"
 
@@ -60,6 +60,18 @@ def find_resumable(
         if note.get("kind") == kind and same and not note.get("finished") and last.is_file():
             found.append((note.get("time", 0), last))
     return max(found)[1] if found else None
+
+
+def end_lost_run(out_dir: Path, kind: str, rendezvous: str) -> None:
+    """After torchrun gave up on a node group (a node lost for good): the run ends KILLED (its survivors may
+    have ended it already; not if rank 0's node was the one lost), saying how to resume it."""
+    last = find_resumable(out_dir, kind, rendezvous=rendezvous)
+    if last is None:
+        return
+    how = (f"resumable from {last}: the same command on every node (the same --rdzv-id {rendezvous}) continues "
+           "the run")  # fmt: skip
+    if tracking.end_abandoned(last.parent, {STOP_REASON: f"the node group gave up after losing a node; {how}"}):
+        print(f"=> the node group gave up; run {last.parent.name} ended KILLED, {how}", flush=True)
 
 
 def build_mlflow_model(job: JobSpec, checkpoint: Path, directory: Path) -> Path:

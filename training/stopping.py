@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
+STOPPED_BY_SIGNAL = tuple(128 + signum for signum in HANDLED)  # how a run these stopped exits (143, 130)
 REPEAT_S = 1.0  # a signal this soon after the first is the same request (torchrun forwards what a worker got)
 
 

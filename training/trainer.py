@@ -54,9 +54,8 @@ from training.models.summary import layer_table
 from training.runtime import Runtime
 from training.session import TrainingSession, find_resumable, training_session
 from training.stopping import NodeLost, StopRequest, TrainingStopped, exit_now, stop_on_signals
-from training.tracking import registry
+from training.tracking import node_system_metrics, registry
 from training.tracking.artifacts import MODEL_SUMMARY
-from training.tracking.run import node_system_metrics
 from training.tracking.tags import NODE_LOST, RESTARTS, STOP_REASON
 
 

@@ -310,6 +310,30 @@ def node_system_metrics(run_id: str, run_dir: Path, node: str) -> Iterator[None]
             _finish_delivery(journal, sender, uri, KILLED_SYNC_S)
 
 
+def end_abandoned(run_dir: Path, tags: Mapping[str, str], timeout_s: float = KILLED_SYNC_S) -> bool:
+    """Set `tags` on a run none of whose processes lives any more (a multi-node run that torchrun gave up on),
+    ending it KILLED if none of them could (rank 0's node was lost), and deliver now what the server will
+    take. False when another process is doing it."""
+    journal = Journal(run_dir)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(journal.delivery_lock())
+        except JournalBusy:
+            journal.close()
+            return False
+        last = next((r for r in reversed(journal.records) if isinstance(r, records.End | records.Status)), None)
+        journal.append(records.Tags(tags=dict(tags)))
+        if not isinstance(last, records.End):
+            journal.append(records.End(status="KILLED"))
+        uri, state = tracking_uri(), journal.state()
+        # a journal that names another server is left for `dlops sync`, as sync itself would
+        sender = Sender(Delivery(journal, uri)) if state.get("run_id") and state.get("tracking_uri") == uri else None
+        if sender:
+            sender.start()
+        _finish_delivery(journal, sender, uri, timeout_s)
+    return True
+
+
 def _finish_delivery(journal: Journal, sender: Sender | None, uri: str, timeout_s: float) -> None:
     """Wait (at most `timeout_s`) for the run's records to reach the server; say what is left and how to send it."""
     run_dir = journal.dir.parent
