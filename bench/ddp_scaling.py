@@ -8,7 +8,9 @@ Run by hand (not a test):
 Trains the same ResNet run (resnet18, the decoded cache, `--amp auto`) three ways on this machine:
 1 node x 1 process (the baseline), 1 node x 2 processes (`--nproc-per-node 2`, torchrun --standalone)
 and 2 nodes x 1 process (two `dlops train --nnodes 2` launchers meeting at a c10d rendezvous on
-127.0.0.1, each with its own decoded cache, standing for two machines). Images/s is the last epoch's
+127.0.0.1, each with its own decoded cache, standing for two machines of one core each: each node is
+pinned to a core of its own and runs one thread, as torchrun gives each of its processes in the
+1 x 2 configuration; unpinned, two 2-thread processes on 2 cores ran 7x slower than 1 x 2). Images/s is the last epoch's
 `time/images_per_second` (the first includes warm-up), read back from MLflow; the rendezvous time
 is read from torchrun's own log lines (LOGLEVEL=INFO): from the later node's "Rendezvous'ing worker
 group" to its "Rendezvous complete". Without --data it uses ../shared/data/tiny-imagenet-200-mini when
@@ -57,9 +59,11 @@ def train_args(data: Path, out: Path, config: str, args: argparse.Namespace) -> 
             "--experiment", EXPERIMENT, "--run-name", config]  # fmt: skip
 
 
-def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+def start(command: list[str], env: dict[str, str], log: Path, core: int | None = None) -> subprocess.Popen:
+    """`command` with its output in `log`; pinned to CPU `core` (a machine of one core) when given."""
+    pin = (lambda: os.sched_setaffinity(0, {core})) if core is not None else None
     with log.open("w") as out:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=pin)
 
 
 def finish(process: subprocess.Popen, log: Path) -> None:
@@ -85,8 +89,10 @@ def run_config(config: str, data: Path, root: Path, env: dict[str, str], args: a
         endpoint = f"127.0.0.1:{free_port()}"
         nodes = ["--nnodes", "2", "--rdzv-endpoint", endpoint, "--rdzv-id", f"bench-{endpoint}"]
         logs = [root / f"node-{i}.log" for i in range(2)]
+        cores = sorted(os.sched_getaffinity(0))
         processes = [start([*command, *nodes], {**env, environment.SYSTEM_METRICS_NODE_ID: f"node-{i}",
-                                               environment.CACHE_DIR: str(root / f"cache-{i}")}, log)
+                                               environment.CACHE_DIR: str(root / f"cache-{i}"), "OMP_NUM_THREADS": "1"},
+                           log, core=cores[i % len(cores)])
                      for i, log in enumerate(logs)]  # fmt: skip
         for process, log in zip(processes, logs, strict=True):
             finish(process, log)

@@ -18,6 +18,7 @@ import psutil
 import pytest
 import yaml
 
+from serving import environment
 from tests.conftest import REPO, cli_error, free_port, metric_steps
 from training.distributed import first_slurm_host, resolve_nodes
 from training.jobs.resnet import ResNetConfig
@@ -29,14 +30,16 @@ CPU = "system/{node}/cpu_utilization_percentage"
 
 
 class Node:
-    """One machine: `dlops ARGS` in a session of its own, its output in a file."""
+    """One machine: `dlops ARGS` in a session of its own, its output in a file. One thread each: two
+    2-thread processes on this machine's 2 cores ran 7x slower than two of one (bench/ddp_scaling.py)."""
 
     def __init__(self, name: str, args: list, *, log: Path, env: dict[str, str]):
         self.name, self.log = name, log
-        environment = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_SYSTEM_METRICS_NODE_ID": name, **env}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", environment.SYSTEM_METRICS_NODE_ID: name,
+               "OMP_NUM_THREADS": "1", **env}  # fmt: skip
         with log.open("w") as out:
             self.process = subprocess.Popen([sys.executable, "-m", "training.cli", *map(str, args)], stdout=out,
-                                            stderr=subprocess.STDOUT, env=environment, cwd=REPO,
+                                            stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                             start_new_session=True)  # fmt: skip
 
     @property
