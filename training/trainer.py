@@ -336,8 +336,8 @@ class Trainer:
             self.state.restarts += 1
             shape = topology()
             session.run.set_tags({RESTARTS: self.state.restarts})
-            print(f"=> restart {self.state.restarts} of this run, on {shape['nodes']} nodes x "
-                  f"{shape['processes_per_node']} processes", flush=True)  # fmt: skip
+            print(f"=> restart {self.state.restarts} of this run, on {shape['nodes']} node(s) x "
+                  f"{shape['processes_per_node']} process(es)", flush=True)  # fmt: skip
         if self.saved:
             session.catch_up(self.saved, spec.early_stop.name)
         elif session.active:
