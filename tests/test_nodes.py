@@ -46,13 +46,6 @@ class Node:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_for(self, needle: str, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while needle not in self.output:
-            assert self.process.poll() is None, f"{self.name} exited before {needle!r}:\n{self.output[-3000:]}"
-            assert time.monotonic() < deadline, f"{self.name} never printed {needle!r}:\n{self.output[-3000:]}"
-            time.sleep(0.2)
-
     def kill(self) -> None:
         """SIGKILL every process of the node at once (launcher, torchrun's agent, workers): a machine dies."""
         root = psutil.Process(self.process.pid)
@@ -68,6 +61,18 @@ class Node:
                 self.kill()
         assert code == 0, f"{self.name} exited {code}:\n{self.output[-4000:]}"
         return self.output
+
+
+def first_to_print(nodes: list[Node], needle: str, timeout_s: float = 240) -> Node:
+    """The node whose output first holds `needle` (rank 0 prints for the group: either node may be it); none may
+    exit before."""
+    deadline = time.monotonic() + timeout_s
+    while not (printed := [node for node in nodes if needle in node.output]):
+        said = "".join(f"{node.name}:\n{node.output[-2000:]}\n" for node in nodes)
+        assert all(node.process.poll() is None for node in nodes), f"a node exited before {needle!r}:\n{said}"
+        assert time.monotonic() < deadline, f"no node printed {needle!r}:\n{said}"
+        time.sleep(0.2)
+    return printed[0]
 
 
 def listening(port: int, node: Node, timeout_s: float = 120) -> None:
@@ -102,14 +107,8 @@ def test_two_nodes_one_killed_mid_epoch_and_replaced_the_run_resumes_and_finishe
     first = start("node-a")  # its agent hosts the rendezvous store (on one host, the first to bind the port)
     listening(port, first)
     second = start("node-b")
-    deadline = time.monotonic() + 240
-    while "MLflow run" not in first.output + second.output:  # both joined; rank 0 (either) opened the run
-        assert time.monotonic() < deadline and first.process.poll() is None and second.process.poll() is None, (
-            first.output[-2000:] + second.output[-2000:]
-        )
-        time.sleep(0.2)
-    rank0 = "node-a" if "MLflow run" in first.output else "node-b"
-    (first if rank0 == "node-a" else second).wait_for("Epoch: [2][3/6]", 240)
+    rank0 = first_to_print([first, second], "MLflow run")  # both joined; rank 0 (either) opened the run
+    first_to_print([rank0], "Epoch: [2][3/6]")
     second.kill()
     replacement = start("node-b", "-replacement")  # the scheduler restarts the lost node
     said = first.finish(300)
@@ -121,7 +120,7 @@ def test_two_nodes_one_killed_mid_epoch_and_replaced_the_run_resumes_and_finishe
     assert tags["restarts"] == "1" and "epoch 2" in tags["resumed_at"]
     assert (params["nodes"], params["processes_per_node"], params["world_size"]) == ("2", "1", "2")
     assert params["rendezvous"] == f"c10d {endpoint} id nodes-test (the options)"
-    if rank0 == "node-a":  # the survivor held the run: it says what it lost, and resumes it
+    if rank0 is first:  # the survivor held the run: it says what it lost, and resumes it
         assert tags["node_lost"].startswith("in epoch 2: ") and "resumable from" in said
         assert "rendezvous nodes-test: the process group was restarted; resuming its run" in said
     for metric in ("train/loss", "val/acc1", "lr"):
@@ -143,10 +142,7 @@ def test_a_node_lost_for_good_leaves_the_run_killed_with_the_way_to_resume(tiny_
     first = Node("node-a", args, log=tmp_path / "a.log", env={})
     listening(port, first)
     second = Node("node-b", args, log=tmp_path / "b.log", env={})
-    deadline = time.monotonic() + 240
-    while "Epoch: [1][3/6]" not in first.output + second.output:
-        assert time.monotonic() < deadline and first.process.poll() is None, first.output[-2000:] + second.output
-        time.sleep(0.2)
+    first_to_print([first, second], "Epoch: [1][3/6]")
     second.kill()  # and no replacement comes: the survivor waits --rdzv-timeout at the rendezvous, then gives up
     assert first.process.wait(timeout=240) != 0
     run = the_run(client, "test-nodes-lost")

@@ -320,15 +320,14 @@ class Trainer:
     def _node_metrics(self, session: TrainingSession) -> contextlib.AbstractContextManager:
         """Several machines: the first process of each node samples the node into the run (its own journal)."""
         group = self.runtime.group
-        where = group.broadcast((session.run.run_id, str(session.run_dir), self.config.offline) if group.is_main
-                                else None) if self.nodes else None  # fmt: skip
-        if where is None or not group.node_leader:
+        if not self.nodes:
             return contextlib.nullcontext()
-        run_id, run_dir, offline = where
-        if offline:
-            print(f"=> offline: node {node_id()}'s system metrics are not recorded", flush=True)
+        if self.config.offline:  # the same on every process: no run on the server to log into yet
+            if group.node_leader:
+                print(f"=> offline: node {node_id()}'s system metrics are not recorded", flush=True)
             return contextlib.nullcontext()
-        return node_system_metrics(run_id, Path(run_dir), node_id())
+        run_id, run_dir = group.broadcast((session.run.run_id, str(session.run_dir)) if group.is_main else None)
+        return node_system_metrics(run_id, Path(run_dir), node_id()) if group.node_leader else contextlib.nullcontext()
 
     def _begin(self) -> None:
         session, spec = self.session, self.spec

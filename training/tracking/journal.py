@@ -151,6 +151,13 @@ def find_journals(path: Path) -> list[Path]:
     return sorted(p.parent.parent for p in Path(path).glob(f"**/{JOURNAL}/{JOURNAL_RECORDS}"))
 
 
+def names_other_server(state: dict[str, Any], uri: str) -> bool:
+    """Whether a journal's state (run.json) puts its run on another tracking server than `uri`: its records are
+    never sent to `uri` (a folder is data, not an instruction where to send a login)."""
+    named = state.get("tracking_uri")
+    return bool(state.get("run_id") and named and named.rstrip("/") != uri.rstrip("/"))
+
+
 def server_run_id(run_dir: Path, recorded: str | None) -> str | None:
     """The tracking server's id of the run whose folder is `run_dir`: an offline run's checkpoints
     carry a local id until `dlops sync` creates the run; its journal then knows the server's."""

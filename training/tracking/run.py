@@ -29,7 +29,7 @@ from serving.secrets import redact
 from training.metrics import SYSTEM_PREFIX
 from training.tracking import records
 from training.tracking.artifacts import NODE_METRICS, TENSORBOARD
-from training.tracking.journal import Journal, JournalBusy
+from training.tracking.journal import Journal, JournalBusy, names_other_server
 from training.tracking.sender import Delivery, Sender, http_client_settings
 from training.tracking.store import (
     check_access,
@@ -326,8 +326,8 @@ def end_abandoned(run_dir: Path, tags: Mapping[str, str], timeout_s: float = KIL
         if not isinstance(last, records.End):
             journal.append(records.End(status="KILLED"))
         uri, state = tracking_uri(), journal.state()
-        # a journal that names another server is left for `dlops sync`, as sync itself would
-        sender = Sender(Delivery(journal, uri)) if state.get("run_id") and state.get("tracking_uri") == uri else None
+        # an offline run, or one that names another server, is left for `dlops sync` (which says why)
+        sender = Sender(Delivery(journal, uri)) if state.get("run_id") and not names_other_server(state, uri) else None
         if sender:
             sender.start()
         _finish_delivery(journal, sender, uri, timeout_s)

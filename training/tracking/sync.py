@@ -7,7 +7,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from serving.secrets import redact
-from training.tracking.journal import Journal, find_journals
+from training.tracking.journal import Journal, find_journals, names_other_server
 from training.tracking.sender import Delivery
 from training.tracking.store import check_access, check_reachable, refusals_explained, tracking_uri
 
@@ -28,11 +28,10 @@ def sync_runs(path: Path) -> int:
         if journal.pending == 0:
             print(f"=> {run_dir}: nothing pending (run {state.get('run_id')})")
             continue
-        named = state.get("tracking_uri")
-        if state.get("run_id") and named and named.rstrip("/") != uri.rstrip("/"):
-            print(f"=> {run_dir}: not sent: its run {state['run_id']} lives on {redact(named)}, and this environment's "
-                  f"tracking server is {redact(uri)}. To deliver it there, set MLFLOW_TRACKING_URI to that server "
-                  "yourself if you trust it", flush=True)  # fmt: skip
+        if names_other_server(state, uri):
+            print(f"=> {run_dir}: not sent: its run {state['run_id']} lives on {redact(state['tracking_uri'])}, and "
+                  f"this environment's tracking server is {redact(uri)}. To deliver it there, set MLFLOW_TRACKING_URI "
+                  "to that server yourself if you trust it", flush=True)  # fmt: skip
             elsewhere.append(run_dir)
             continue
         with journal.delivery_lock(), tqdm(total=journal.pending, desc=run_dir.name, unit="record") as bar:
